@@ -1,0 +1,3 @@
+from abstain.cli import main
+
+main()

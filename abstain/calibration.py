@@ -1,0 +1,201 @@
+"""``calibration.json``: the schema, reading with validation, atomic writing.
+
+A calibration is bound to one exact graph by the graph's sha256; the service refuses to
+serve a graph whose hash differs. Schema (version 1)::
+
+    {
+      "schema_version": 1,
+      "graph_sha256": "<hex sha256 of model.onnx>",
+      "code_version": "0.1.0+g1234abc",
+      "created_at": "2026-11-22T13:00:00+00:00",
+      "data": {"source": "digits/val", "fingerprint": "sha256:...", "size": 359},
+      "scores": {"selection": {"aurc": 0.01, ...}, "softmax_response": {...}, "combined": {...}},
+      "operating_points": [
+        {"name": "coverage-0.9", "method": "coverage", "score": "selection",
+         "threshold": 0.73, "target_coverage": 0.9, "target_risk": null, "delta": 0.05,
+         "coverage": 0.9, "coverage_interval": [0.86, 0.93],
+         "risk": 0.012, "risk_interval": [0.004, 0.03], "n_selected": 323},
+        {"name": "risk-0.02", "method": "risk", ..., "target_risk": 0.02, "delta": 0.05,
+         "risk_bound": 0.019, ...}
+      ],
+      "default_operating_point": "coverage-0.9"
+    }
+
+A sample is answered iff ``score(sample) >= threshold``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abstain.contract import CALIBRATION_SCHEMA_VERSION, SCORE_NAMES
+from abstain.io import atomic_write_json, sha256_file
+
+METHODS = ("coverage", "risk")
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, malformed, or belongs to another graph."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One named threshold and what calibration measured for it.
+
+    ``extra`` keeps any further measured fields (intervals, bounds, sample counts) verbatim.
+    """
+
+    name: str
+    method: str  # "coverage" | "risk"
+    score: str  # one of SCORE_NAMES
+    threshold: float
+    target_coverage: float | None = None
+    target_risk: float | None = None
+    delta: float | None = None
+    coverage: float | None = None  # measured on the calibration data
+    risk: float | None = None  # measured selective risk on the calibration data
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OperatingPoint:
+        names = set(cls.__dataclass_fields__) - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The parsed contents of a ``calibration.json``."""
+
+    graph_sha256: str
+    operating_points: tuple[OperatingPoint, ...]
+    default_operating_point: str
+    schema_version: int = CALIBRATION_SCHEMA_VERSION
+    code_version: str = ""
+    created_at: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    def operating_point(self, name: str | None = None) -> OperatingPoint:
+        """The named operating point (the default when ``name`` is None)."""
+        wanted = self.default_operating_point if name is None else name
+        for point in self.operating_points:
+            if point.name == wanted:
+                return point
+        raise KeyError(
+            f"unknown operating point {wanted!r}; valid: {', '.join(self.names)}"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.operating_points]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "graph_sha256": self.graph_sha256,
+            "code_version": self.code_version,
+            "created_at": self.created_at,
+            "data": self.data,
+            "scores": self.scores,
+            "operating_points": [p.to_dict() for p in self.operating_points],
+            "default_operating_point": self.default_operating_point,
+        }
+
+
+def _validate_point(raw: Any, where: str) -> OperatingPoint:
+    if not isinstance(raw, dict):
+        raise CalibrationError(f"{where}: each operating point should be an object, but got {raw!r}")
+    for key in ("name", "method", "score", "threshold"):
+        if key not in raw:
+            raise CalibrationError(f"{where}: operating point {raw.get('name', '?')!r} lacks {key!r}")
+    if raw["method"] not in METHODS:
+        raise CalibrationError(
+            f"{where}: operating point {raw['name']!r} has method {raw['method']!r}; valid: {METHODS}"
+        )
+    if raw["score"] not in SCORE_NAMES:
+        raise CalibrationError(
+            f"{where}: operating point {raw['name']!r} has score {raw['score']!r}; valid: {SCORE_NAMES}"
+        )
+    threshold = raw["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise CalibrationError(f"{where}: threshold of {raw['name']!r} should be a number, got {threshold!r}")
+    return OperatingPoint.from_dict(raw)
+
+
+def calibration_from_dict(raw: Any, where: str = "calibration") -> Calibration:
+    """Validate a parsed JSON object; ``CalibrationError`` names the first problem found."""
+    if not isinstance(raw, dict):
+        raise CalibrationError(f"{where}: expected a JSON object, but got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != CALIBRATION_SCHEMA_VERSION:
+        raise CalibrationError(
+            f"{where}: schema_version should be {CALIBRATION_SCHEMA_VERSION}, but got {version!r}"
+        )
+    sha = raw.get("graph_sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise CalibrationError(f"{where}: graph_sha256 should be a 64-character hex digest, got {sha!r}")
+    points_raw = raw.get("operating_points")
+    if not isinstance(points_raw, list) or not points_raw:
+        raise CalibrationError(f"{where}: operating_points should be a non-empty list")
+    points = tuple(_validate_point(p, where) for p in points_raw)
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise CalibrationError(f"{where}: operating point names should be unique, got {names}")
+    default = raw.get("default_operating_point")
+    if default not in names:
+        raise CalibrationError(
+            f"{where}: default_operating_point {default!r} is not one of the operating points {names}"
+        )
+    return Calibration(
+        graph_sha256=sha, operating_points=points, default_operating_point=default,
+        schema_version=version, code_version=str(raw.get("code_version", "")),
+        created_at=str(raw.get("created_at", "")), data=dict(raw.get("data") or {}),
+        scores=dict(raw.get("scores") or {}),
+    )
+
+
+def load_calibration(path: Path) -> Calibration:
+    """Read and validate ``calibration.json``; ``CalibrationError`` says what is wrong and how to fix it."""
+    path = Path(path)
+    fix = f"create it with: abstain calibrate {path.parent.parent} --dataset ... --split val"
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} is missing; {fix}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"calibration file {path} is not valid JSON ({exc}); {fix}") from exc
+    return calibration_from_dict(raw, where=str(path))
+
+
+def verify_graph(calibration: Calibration, graph_path: Path, graph_sha256: str | None = None) -> str:
+    """Check that ``calibration`` was fitted on the graph at ``graph_path``; return the graph's sha256.
+
+    Raises ``CalibrationError`` if the hashes differ: thresholds of one graph mean nothing
+    for another, so serving such a pair would silently break the promised coverage/risk.
+    """
+    actual = graph_sha256 or sha256_file(graph_path)
+    if actual != calibration.graph_sha256:
+        raise CalibrationError(
+            f"calibration is for another graph: it records sha256 {calibration.graph_sha256[:12]}…, "
+            f"but {graph_path} has sha256 {actual[:12]}…; re-run `abstain calibrate` on this model "
+            "directory (or restore the graph it was fitted on)"
+        )
+    return actual
+
+
+def save_calibration(path: Path, calibration: Calibration) -> None:
+    """Validate, then write atomically."""
+    data = calibration.to_dict()
+    calibration_from_dict(json.loads(json.dumps(data)), where=str(path))
+    atomic_write_json(Path(path), data)
