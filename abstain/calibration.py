@@ -18,15 +18,22 @@ serve a graph whose hash differs. Schema (version 1)::
         {"name": "risk-0.02", "method": "risk", ..., "target_risk": 0.02, "delta": 0.05,
          "risk_bound": 0.019, ...}
       ],
-      "default_operating_point": "coverage-0.9"
+      "default_operating_point": "coverage-0.9",
+      "unmet_targets": [
+        {"name": "risk-0.001", "method": "risk", "target_risk": 0.001, "delta": 0.05,
+         "reason": "no threshold meets the target ...", "samples_needed": 26000, ...}
+      ]
     }
 
-A sample is answered iff ``score(sample) >= threshold``.
+A sample is answered iff ``score(sample) >= threshold``. ``unmet_targets`` (optional, may be
+empty) lists requested risk targets that SGR could not certify with the data given: they have
+no threshold and are not operating points.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +92,7 @@ class Calibration:
     created_at: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    unmet_targets: tuple[dict[str, Any], ...] = ()
 
     def operating_point(self, name: str | None = None) -> OperatingPoint:
         """The named operating point (the default when ``name`` is None)."""
@@ -110,6 +118,7 @@ class Calibration:
             "scores": self.scores,
             "operating_points": [p.to_dict() for p in self.operating_points],
             "default_operating_point": self.default_operating_point,
+            "unmet_targets": list(self.unmet_targets),
         }
 
 
@@ -128,8 +137,10 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
             f"{where}: operating point {raw['name']!r} has score {raw['score']!r}; valid: {SCORE_NAMES}"
         )
     threshold = raw["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise CalibrationError(f"{where}: threshold of {raw['name']!r} should be a number, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise CalibrationError(
+            f"{where}: threshold of {raw['name']!r} should be a finite number, got {threshold!r}"
+        )
     return OperatingPoint.from_dict(raw)
 
 
@@ -157,11 +168,14 @@ def calibration_from_dict(raw: Any, where: str = "calibration") -> Calibration:
         raise CalibrationError(
             f"{where}: default_operating_point {default!r} is not one of the operating points {names}"
         )
+    unmet = raw.get("unmet_targets") or []
+    if not isinstance(unmet, list) or not all(isinstance(u, dict) for u in unmet):
+        raise CalibrationError(f"{where}: unmet_targets should be a list of objects, got {unmet!r}")
     return Calibration(
         graph_sha256=sha, operating_points=points, default_operating_point=default,
         schema_version=version, code_version=str(raw.get("code_version", "")),
         created_at=str(raw.get("created_at", "")), data=dict(raw.get("data") or {}),
-        scores=dict(raw.get("scores") or {}),
+        scores=dict(raw.get("scores") or {}), unmet_targets=tuple(unmet),
     )
 
 

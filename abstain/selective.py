@@ -57,6 +57,7 @@ def selection_scores(logits: np.ndarray, selection: np.ndarray, score: str) -> n
 
 
 def _check_pair(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and flatten ``scores [N]`` (finite) and ``errors [N]`` (in [0, 1]) as float64."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     errors = np.asarray(errors, dtype=np.float64).reshape(-1)
     if scores.shape != errors.shape:
@@ -65,7 +66,57 @@ def _check_pair(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.
         )
     if scores.size == 0:
         raise ValueError("scores should hold at least one sample, but got none")
+    # NaN scores would sort arbitrarily and silently corrupt every threshold
+    if not np.isfinite(scores).all():
+        raise ValueError("scores should be finite, but got NaN or Inf")
+    if not ((errors >= 0.0) & (errors <= 1.0)).all():
+        raise ValueError("errors should be 0/1 losses (values in [0, 1]), but got values outside [0, 1]")
     return scores, errors
+
+
+def _sorted_desc(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores in descending order and the errors in the same order (stable for ties)."""
+    # argsort of the negation, not [::-1], so that equal scores keep input order
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], errors[order]
+
+
+def _tie_expected_errors(s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Each error of a descending-sorted sample replaced by its tie group's mean error.
+
+    This is the expectation over random tie-breaking, so metrics built on it do not depend
+    on the sort order of tied scores.
+    """
+    group_start = np.r_[True, s[1:] != s[:-1]]
+    group_id = np.cumsum(group_start) - 1
+    group_mean = np.bincount(group_id, weights=e) / np.bincount(group_id)
+    return group_mean[group_id]
+
+
+def selection_counts(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts behind the risk–coverage curve at every distinct threshold.
+
+    Returns ``(thresholds, n_selected, n_errors)``, each ``[U]`` for the ``U`` distinct scores
+    in descending order: the selector ``scores >= thresholds[j]`` answers ``n_selected[j]``
+    samples (int64, increasing) of which ``n_errors[j]`` are wrong. Tied scores enter together.
+    """
+    scores, errors = _check_pair(scores, errors)
+    s, e = _sorted_desc(scores, errors)
+    cum_err = np.cumsum(e)
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last index of each tie run
+    return s[last], (last + 1).astype(np.int64), cum_err[last]
+
+
+def coverage_and_risk(scores: np.ndarray, errors: np.ndarray, threshold: float) -> tuple[float, float, int]:
+    """``(coverage, selective risk, n_selected)`` of the selector ``scores >= threshold``.
+
+    The selective risk of an empty selection is undefined and returned as NaN.
+    """
+    scores, errors = _check_pair(scores, errors)
+    selected = scores >= threshold
+    n_sel = int(selected.sum())
+    risk = float(errors[selected].sum() / n_sel) if n_sel else float("nan")
+    return n_sel / scores.size, risk, n_sel
 
 
 def risk_coverage_curve(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,14 +126,8 @@ def risk_coverage_curve(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndar
     descending order: the selector ``scores >= thresholds[j]`` has coverage ``coverages[j]``
     and selective risk ``risks[j]``. Tied scores enter together (a threshold cannot split them).
     """
-    scores, errors = _check_pair(scores, errors)
-    order = np.argsort(-scores, kind="stable")
-    s, e = scores[order], errors[order]
-    cum_err = np.cumsum(e)
-    # last index of each run of equal scores
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    kept = last + 1
-    return kept / s.size, cum_err[last] / kept, s[last]
+    thresholds, n_sel, n_err = selection_counts(scores, errors)
+    return n_sel / n_sel[-1], n_err / n_sel, thresholds
 
 
 def risk_at_coverage(scores: np.ndarray, errors: np.ndarray, coverage: float) -> float:
@@ -96,8 +141,7 @@ def risk_at_coverage(scores: np.ndarray, errors: np.ndarray, coverage: float) ->
         raise ValueError(f"coverage should be in (0, 1], but got {coverage}")
     n = scores.size
     m = max(1, math.ceil(coverage * n - 1e-9))
-    order = np.argsort(-scores, kind="stable")
-    s, e = scores[order], errors[order]
+    s, e = _sorted_desc(scores, errors)
     cut = s[m - 1]
     above = s > cut
     tied = s == cut
@@ -115,17 +159,52 @@ def risk_at_coverages(scores: np.ndarray, errors: np.ndarray,
 def aurc(scores: np.ndarray, errors: np.ndarray) -> float:
     """Area under the risk–coverage curve: mean over m = 1..N of the risk of the top-m samples.
 
+    ``AURC = (1/N) Σ_m (errors among the m highest scores) / m`` (Geifman, Uziel & El-Yaniv,
+    "Bias-reduced uncertainty estimation for deep neural classifiers", ICLR 2019).
     Ties are resolved in expectation (each tied group contributes its mean error), so the
     value does not depend on sort order. Lower is better; a perfect ranking of e errors in
     N samples gives the E-AURC baseline (see ``eaurc``).
     """
     scores, errors = _check_pair(scores, errors)
-    order = np.argsort(-scores, kind="stable")
-    s, e = scores[order], errors[order]
-    # replace each error by its tie-group mean: expectation over random tie-breaking
-    group_start = np.r_[True, s[1:] != s[:-1]]
-    group_id = np.cumsum(group_start) - 1
-    group_mean = np.bincount(group_id, weights=e) / np.bincount(group_id)
-    e_exp = group_mean[group_id]
+    s, e = _sorted_desc(scores, errors)
     m = np.arange(1, s.size + 1)
-    return float(np.mean(np.cumsum(e_exp) / m))
+    return float(np.mean(np.cumsum(_tie_expected_errors(s, e)) / m))
+
+
+def optimal_aurc(n: int, n_errors: float) -> float:
+    """AURC of a perfect ranking (all correct samples first) of ``n`` samples with ``n_errors`` wrong.
+
+    ``AURC* = (1/n) Σ_{m = n-e+1}^{n} (m - (n - e)) / m`` — the discrete form of Geifman et
+    al.'s ``r + (1 - r) ln(1 - r)``, matching :func:`aurc`'s discretisation exactly.
+    """
+    if n < 1:
+        raise ValueError(f"n should be at least 1, but got {n}")
+    if not 0 <= n_errors <= n:
+        raise ValueError(f"n_errors should be in [0, n={n}], but got {n_errors}")
+    n_correct = n - n_errors
+    m = np.arange(1, n + 1, dtype=np.float64)
+    return float(np.mean(np.maximum(m - n_correct, 0.0) / m))
+
+
+def eaurc(scores: np.ndarray, errors: np.ndarray) -> float:
+    """Excess AURC: ``aurc - optimal_aurc`` (Geifman et al., ICLR 2019); 0 for a perfect ranking.
+
+    Removes the part of AURC that only reflects the classifier's accuracy, leaving the
+    quality of the ranking. Always ``>= 0`` (up to rounding).
+    """
+    scores, errors = _check_pair(scores, errors)
+    return aurc(scores, errors) - optimal_aurc(scores.size, float(errors.sum()))
+
+
+def augrc(scores: np.ndarray, errors: np.ndarray) -> float:
+    """Area under the *generalized* risk–coverage curve (Traub et al., NeurIPS 2024,
+    "Overcoming common flaws in the evaluation of selective classification systems").
+
+    The generalized risk at coverage m/N is the fraction of *all* N samples that are both
+    answered and wrong: ``(errors among the top m) / N``. With the same discretisation as
+    :func:`aurc`: ``AUGRC = (1/N) Σ_{m=1..N} (errors among top m) / N``, ties in expectation.
+    A random ranking gives about ``r / 2`` for error rate ``r``, a perfect one about ``r² / 2``.
+    """
+    scores, errors = _check_pair(scores, errors)
+    s, e = _sorted_desc(scores, errors)
+    return float(np.mean(np.cumsum(_tie_expected_errors(s, e)) / s.size))

@@ -1,11 +1,148 @@
-"""PLACEHOLDER — replaced by the calibration work (issue 4)."""
+"""``abstain calibrate`` and ``abstain evaluate``: offline, torch-free (numpy + ONNX Runtime).
+
+Only typer and the standard library are imported here; numpy, ONNX Runtime, matplotlib and
+rich tables are imported inside the commands so ``abstain --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ModelDir = Annotated[Path, typer.Argument(help="models/<name> (latest version) or models/<name>/<version>.")]
+DatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="Built-in dataset: digits or fashion-mnist (with --split).")]
+DataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="An .npz with arrays x [N, C, H, W] in [0, 1] and y [N], or an ImageFolder "
+                   "directory <class>/<image>.")]
+DataRootOpt = Annotated[Path | None, typer.Option(
+    "--data-root", help="Folder with the Fashion-MNIST IDX files (default: Debian's).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Inference batch size.")]
 
 
-def calibrate(model_dir: str) -> None:
-    """Calibrate thresholds (not yet implemented)."""
-    raise NotImplementedError
+def parse_targets(values: list[str] | None) -> list[float]:
+    """``["0.8,0.9", "0.95"]`` → ``[0.8, 0.9, 0.95]``: repeated options and comma lists both work."""
+    out: list[float] = []
+    for value in values or []:
+        for part in value.replace(" ", ",").split(","):
+            if not part:
+                continue
+            try:
+                out.append(float(part))
+            except ValueError as exc:
+                raise ValueError(f"targets should be numbers in (0, 1], but got {part!r}") from exc
+    return out
 
 
-def evaluate(model_dir: str) -> None:
-    """Evaluate operating points (not yet implemented)."""
-    raise NotImplementedError
+def calibrate(
+    model_dir: ModelDir,
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "val",
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    coverage: Annotated[list[str] | None, typer.Option(
+        "--coverage", help="Target coverage(s) in (0, 1]; repeat or comma-separate "
+                           "(default 0.8,0.9,0.95 unless only --risk is given).")] = None,
+    risk: Annotated[list[str] | None, typer.Option(
+        "--risk", help="Target selective risk(s) in (0, 1], certified by SGR with probability "
+                       "1 - delta; repeat or comma-separate.")] = None,
+    delta: Annotated[float, typer.Option(
+        "--delta", help="SGR failure probability; 1 - delta is also the interval confidence.")] = 0.05,
+    score: Annotated[str | None, typer.Option(
+        "--score", help="selection, softmax_response or combined (default: lowest AURC).")] = None,
+    batch_size: BatchOpt = 256,
+) -> None:
+    """Fit operating points on held-out labelled data; write calibration.json next to the graph.
+
+    Example: abstain calibrate models/digits --dataset digits --split val --coverage 0.8,0.9,0.95 --risk 0.02
+    """
+    from serving.calibrate import DEFAULT_COVERAGES, run_calibration
+
+    coverages = parse_targets(coverage)
+    risks = parse_targets(risk)
+    if not coverage and not risks:
+        coverages = list(DEFAULT_COVERAGES)
+    result = run_calibration(model_dir, dataset=dataset, split=split, data=data, data_root=data_root,
+                             coverages=coverages, risks=risks, delta=delta, score=score,
+                             batch_size=batch_size)
+    _print_calibration(result)
+
+
+def _print_calibration(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cal = result.calibration
+    console = Console()
+    scores = Table(title=f"scores on {cal.data['source']} (n={result.n}, accuracy {result.accuracy:.4f})")
+    for col in ("score", "AURC", "E-AURC", "AUGRC"):
+        scores.add_column(col)
+    for name, m in cal.scores.items():
+        mark = " ←" if name == result.chosen_score else ""
+        scores.add_row(name + mark, f"{m['aurc']:.5f}", f"{m['eaurc']:.5f}", f"{m['augrc']:.5f}")
+    console.print(scores)
+    table = Table(title="operating points")
+    for col in ("name", "threshold", "coverage", "coverage CI", "risk", "risk CI / bound"):
+        table.add_column(col)
+    for p in cal.operating_points:
+        default = " (default)" if p.name == cal.default_operating_point else ""
+        if p.method == "coverage":
+            ci = p.extra["coverage_interval"]
+            rci = p.extra["risk_interval"]
+            table.add_row(p.name + default, f"{p.threshold:.6g}", f"{p.coverage:.4f}",
+                          f"[{ci[0]:.4f}, {ci[1]:.4f}]", f"{p.risk:.4f}", f"[{rci[0]:.4f}, {rci[1]:.4f}]")
+        else:
+            table.add_row(p.name + default, f"{p.threshold:.6g}", f"{p.coverage:.4f}", "",
+                          f"{p.risk:.4f}", f"≤ {p.extra['risk_bound']:.4f}")
+    console.print(table)
+    for u in cal.unmet_targets:
+        console.print(f"[bold yellow]{u['name']}: not met[/] — {u['reason']}; at least "
+                      f"{u['samples_needed']} answered samples with zero errors would be needed.",
+                      highlight=False)
+    console.print(f"wrote {result.path}")
+
+
+def evaluate(
+    model_dir: ModelDir,
+    out: Annotated[Path, typer.Option("--out", help="Directory for evaluation.json and risk_coverage.png.")],
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    batch_size: BatchOpt = 256,
+) -> None:
+    """Show what the calibrated operating points do on test data (JSON, PNG and a table).
+
+    Example: abstain evaluate models/digits --dataset digits --split test --out runs/eval
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from abstain.contract import TABLE_COVERAGES
+    from serving.evaluate import run_evaluation
+
+    result = run_evaluation(model_dir, out, dataset=dataset, split=split, data=data,
+                            data_root=data_root, batch_size=batch_size)
+    report = result.report
+    console = Console()
+    points = Table(title=f"operating points on {report['data']['source']} (n={report['data']['size']})")
+    for col in ("name", "target", "realized coverage", "selective risk", "guarantee held"):
+        points.add_column(col)
+    for row in report["operating_points"]:
+        target = row.get("target_coverage", row.get("target_risk"))
+        risk = "—" if row["selective_risk"] is None else f"{row['selective_risk']:.4f}"
+        held = "[green]yes[/]" if row["guarantee_held"] else "[red]no[/]"
+        points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk, held)
+    console.print(points)
+    scores = Table(title="risk (%) at coverage, and areas (×100)")
+    for col in ("score", *[f"{float(c) * 100:g}%" for c in TABLE_COVERAGES], "AURC", "E-AURC", "AUGRC"):
+        scores.add_column(col)
+    for name, m in report["scores"].items():
+        scores.add_row(name, *[f"{m['risk_at_coverage'][c] * 100:.2f}" for c in TABLE_COVERAGES],
+                       f"{m['aurc'] * 100:.3f}", f"{m['eaurc'] * 100:.3f}", f"{m['augrc'] * 100:.3f}")
+    console.print(scores)
+    for warning in report["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"wrote {result.json_path} and {result.plot_path}")

@@ -1,0 +1,216 @@
+"""``abstain calibrate``: fit operating points on held-out labelled data against the served graph.
+
+Flow: resolve ``MODEL_DIR`` → load ``model.onnx`` in ONNX Runtime (the service's own code,
+:class:`serving.inference.OnnxModel`) → load and check the data → refuse the training split
+(fingerprint recorded in the graph) → batched inference → the three scores and their AURC /
+E-AURC / AUGRC → one sort of the chosen score → coverage points and SGR risk points
+(:mod:`abstain.thresholds`) → ``calibration.json`` next to the graph, written atomically.
+
+Default operating point: the first coverage point whose target is closest to 0.9 (the
+serving default most operators ask for), else the first risk point that could be certified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from abstain.calibration import Calibration, OperatingPoint, save_calibration
+from abstain.contract import (
+    CALIBRATION_FILENAME,
+    META_TRAIN_DATA_FINGERPRINT,
+    SCORE_NAMES,
+    resolve_version_dir,
+)
+from abstain.datasets import ArraySplit, fingerprint
+from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_scores
+from abstain.thresholds import RankedScores, coverage_point, sgr_point
+from abstain.version import code_version
+from serving.data_sources import load_labelled_data
+from serving.inference import GraphOutputs, OnnxModel
+
+#: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
+#: on 30 samples is already about ±0.15 wide, and a threshold on fewer means little.
+MIN_CALIBRATION_SAMPLES = 30
+DEFAULT_COVERAGES = (0.8, 0.9, 0.95)
+DEFAULT_DELTA = 0.05
+#: The default operating point is the coverage point nearest this target.
+PREFERRED_DEFAULT_COVERAGE = 0.9
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Graph outputs on labelled data: ``errors`` ``[N]`` 0/1 of argmax(logits) vs ``y``."""
+
+    outputs: GraphOutputs
+    errors: np.ndarray
+
+    def scores(self, name: str) -> np.ndarray:
+        return selection_scores(self.outputs.logits, self.outputs.selection, name)
+
+
+def predict(model: OnnxModel, data: ArraySplit, batch_size: int = 256) -> Predictions:
+    """Batched inference through the service's code path; ``errors[i] = argmax != y[i]``."""
+    outputs = model.run_batched(data.x, batch_size=batch_size)
+    errors = (outputs.logits.argmax(axis=1) != data.y).astype(np.int64)
+    return Predictions(outputs=outputs, errors=errors)
+
+
+def score_metrics(scores: np.ndarray, errors: np.ndarray) -> dict[str, Any]:
+    """AURC, E-AURC, AUGRC and the paper's risk-at-coverage table for one score."""
+    return {
+        "aurc": aurc(scores, errors),
+        "eaurc": eaurc(scores, errors),
+        "augrc": augrc(scores, errors),
+        "risk_at_coverage": risk_at_coverages(scores, errors),
+    }
+
+
+def _check_targets(values: Sequence[float], name: str) -> list[float]:
+    out = [float(v) for v in values]
+    for v in out:
+        if math.isnan(v) or not 0.0 < v <= 1.0:
+            raise ValueError(f"{name} targets should be in (0, 1], but got {v!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} targets should be distinct, but got {out}")
+    return out
+
+
+def point_name(method: str, target: float) -> str:
+    """``coverage-0.9`` / ``risk-0.02``: the method and the target as written (``%g``)."""
+    return f"{method}-{target:g}"
+
+
+def choose_default(points: Sequence[OperatingPoint]) -> str:
+    """First coverage point closest to 0.9, else the first (risk) point."""
+    coverage = [p for p in points if p.method == "coverage"]
+    if coverage:
+        # min() keeps the first of equals, so the order given on the command line breaks ties
+        return min(coverage, key=lambda p: abs(p.target_coverage - PREFERRED_DEFAULT_COVERAGE)).name
+    return points[0].name
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """What :func:`run_calibration` wrote, for the command line to report."""
+
+    calibration: Calibration
+    path: Path
+    chosen_score: str
+    n: int
+    accuracy: float
+
+
+def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str = "val",
+                    data: Path | None = None, data_root: Path | None = None,
+                    coverages: Sequence[float] = DEFAULT_COVERAGES, risks: Sequence[float] = (),
+                    delta: float = DEFAULT_DELTA, score: str | None = None,
+                    batch_size: int = 256) -> CalibrationRun:
+    """Calibrate the graph in ``model_dir`` and write ``calibration.json`` next to it.
+
+    Args:
+        model_dir: ``models/<name>`` (latest version) or ``models/<name>/<version>``.
+        dataset, split, data, data_root: the labelled held-out data (see
+            :func:`serving.data_sources.load_labelled_data`).
+        coverages: target coverages in (0, 1] (SelectiveNet's calibration).
+        risks: target selective risks in (0, 1] certified by SGR at confidence ``1 - delta``.
+        delta: SGR's failure probability, and ``1 - delta`` is the confidence of the
+            Clopper–Pearson intervals reported for the coverage points.
+        score: one of ``SCORE_NAMES``; default the one with the lowest AURC on this data.
+
+    Raises:
+        ValueError: bad targets/delta/score, data problems, too few samples, the training
+            split, or no operating point at all could be calibrated.
+    """
+    coverages = _check_targets(coverages, "coverage")
+    risks = _check_targets(risks, "risk")
+    if not coverages and not risks:
+        raise ValueError("give at least one target: --coverage and/or --risk")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta should be in (0, 1), but got {delta!r}")
+    if score is not None and score not in SCORE_NAMES:
+        raise ValueError(f"score should be one of {', '.join(SCORE_NAMES)}, but got {score!r}")
+
+    version_dir = resolve_version_dir(Path(model_dir))
+    model = OnnxModel(version_dir / "model.onnx")
+    labelled = load_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
+                                  data=data, data_root=data_root)
+    n = len(labelled)
+    if n < MIN_CALIBRATION_SAMPLES:
+        raise ValueError(
+            f"{labelled.name}: too few samples to calibrate ({n}); give at least {MIN_CALIBRATION_SAMPLES}"
+        )
+    data_fp = fingerprint(labelled.x, labelled.y)
+    if model.metadata.get(META_TRAIN_DATA_FINGERPRINT) == data_fp:
+        raise ValueError(
+            f"{labelled.name} is the graph's training data (same fingerprint {data_fp[:19]}…); "
+            "calibrate on held-out data, e.g. --split val"
+        )
+
+    preds = predict(model, labelled, batch_size)
+    per_score = {name: score_metrics(preds.scores(name), preds.errors) for name in SCORE_NAMES}
+    # lowest AURC wins; SCORE_NAMES order breaks exact ties (min keeps the first)
+    chosen = score or min(SCORE_NAMES, key=lambda name: per_score[name]["aurc"])
+    ranked = RankedScores.from_arrays(preds.scores(chosen), preds.errors)
+
+    points: list[OperatingPoint] = []
+    confidence = 1.0 - delta
+    for target in coverages:
+        res = coverage_point(ranked, target, confidence)
+        points.append(OperatingPoint(
+            name=point_name("coverage", target), method="coverage", score=chosen,
+            threshold=res.threshold, target_coverage=target, delta=delta,
+            coverage=res.coverage, risk=res.risk,
+            extra={"coverage_interval": list(res.coverage_interval),
+                   "risk_interval": list(res.risk_interval), "confidence": confidence,
+                   "n_selected": res.n_selected, "n_errors": res.n_errors},
+        ))
+    unmet: list[dict[str, Any]] = []
+    for target in risks:
+        res = sgr_point(ranked, target, delta)
+        common = {"n_probes": res.n_probes, "delta_per_probe": res.delta_per_probe}
+        if res.feasible:
+            points.append(OperatingPoint(
+                name=point_name("risk", target), method="risk", score=chosen,
+                threshold=res.threshold, target_risk=target, delta=delta,  # type: ignore[arg-type]
+                coverage=res.coverage, risk=res.risk,
+                extra={"risk_bound": res.risk_bound, "n_selected": res.n_selected,
+                       "n_errors": res.n_errors, **common},
+            ))
+        else:
+            unmet.append({
+                "name": point_name("risk", target), "method": "risk", "score": chosen,
+                "target_risk": target, "delta": delta,
+                "reason": (
+                    f"no threshold has a selective-risk bound <= {target:g} at confidence "
+                    f"{confidence:g} with these {n} samples (lowest bound reached: {res.best_bound:.4g})"
+                ),
+                "best_bound": res.best_bound, "samples_needed": res.samples_needed, **common,
+            })
+    if not points:
+        raise ValueError("no operating point could be calibrated: " + "; ".join(
+            f"{u['name']}: {u['reason']}; at least {u['samples_needed']} answered samples with "
+            "zero errors would be needed" for u in unmet))
+
+    calibration = Calibration(
+        graph_sha256=model.sha256,
+        operating_points=tuple(points),
+        default_operating_point=choose_default(points),
+        code_version=code_version(),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data={"source": labelled.name, "fingerprint": data_fp, "size": n,
+              "accuracy": float(1.0 - preds.errors.mean()), "score": chosen,
+              "score_choice": "given" if score else "lowest AURC"},
+        scores=per_score,
+        unmet_targets=tuple(unmet),
+    )
+    path = version_dir / CALIBRATION_FILENAME
+    save_calibration(path, calibration)
+    return CalibrationRun(calibration=calibration, path=path, chosen_score=chosen, n=n,
+                          accuracy=float(1.0 - preds.errors.mean()))

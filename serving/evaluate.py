@@ -1,0 +1,150 @@
+"""``abstain evaluate``: what the calibrated operating points do on test data.
+
+Writes ``DIR/evaluation.json`` (interface of issue 4) and ``DIR/risk_coverage.png``:
+
+* per operating point: ``name``, ``target_coverage`` or ``target_risk``, ``realized_coverage``,
+  ``selective_risk`` (null when nothing is answered), ``guarantee_held``, and context
+  (``method``, ``score``, ``threshold``, ``n_selected``, the calibration-time interval/bound);
+* per score: ``aurc``, ``eaurc``, ``augrc`` and ``risk_at_coverage`` at the paper's table
+  coverages 100 … 70 %.
+
+``guarantee_held`` — risk points: the realised selective risk is ``<= target_risk`` (what SGR
+promises, with probability ``1 - δ``, for the *population*; on a finite test set it may
+still fail by chance). Coverage points: the realised coverage lies inside the coverage
+interval reported by calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abstain.calibration import Calibration, OperatingPoint, load_calibration, verify_graph
+from abstain.contract import (
+    CALIBRATION_FILENAME,
+    EVALUATION_FILENAME,
+    MODEL_FILENAME,
+    SCORE_NAMES,
+    resolve_version_dir,
+)
+from abstain.io import atomic_write_json, atomic_writer
+from abstain.selective import coverage_and_risk, risk_coverage_curve
+from abstain.version import code_version
+from serving.calibrate import Predictions, predict, score_metrics
+from serving.data_sources import load_labelled_data
+from serving.inference import OnnxModel
+
+PLOT_FILENAME = "risk_coverage.png"
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def evaluate_point(point: OperatingPoint, preds: Predictions) -> dict[str, Any]:
+    """One operating point's row of ``evaluation.json`` on these predictions."""
+    cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)
+    row: dict[str, Any] = {"name": point.name, "method": point.method, "score": point.score,
+                           "threshold": point.threshold}
+    if point.method == "risk":
+        row["target_risk"] = point.target_risk
+        # nothing answered → nothing wrong: the risk promise holds vacuously
+        held = n_sel == 0 or risk <= float(point.target_risk)  # type: ignore[arg-type]
+        row["risk_bound"] = point.extra.get("risk_bound")
+    else:
+        row["target_coverage"] = point.target_coverage
+        lo, hi = point.extra.get("coverage_interval", (point.coverage, point.coverage))
+        held = bool(lo <= cov <= hi)
+        row["coverage_interval"] = [lo, hi]
+    row.update({
+        "realized_coverage": cov,
+        "selective_risk": _nan_to_none(risk),
+        "guarantee_held": bool(held),
+        "n_selected": n_sel,
+        "calibration_coverage": point.coverage,
+        "calibration_risk": point.risk,
+    })
+    return row
+
+
+def plot_risk_coverage(path: Path, preds: Predictions, rows: list[dict[str, Any]], title: str) -> None:
+    """Risk–coverage curves of every score, operating points marked; PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a container or CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in SCORE_NAMES:
+        coverages, risks, _ = risk_coverage_curve(preds.scores(name), preds.errors)
+        ax.step(coverages, risks, where="post", label=name, linewidth=1.2)
+    for row in rows:
+        if row["selective_risk"] is None:
+            continue
+        marker = "o" if row["method"] == "coverage" else "s"
+        ax.plot(row["realized_coverage"], row["selective_risk"], marker, color="black", markersize=5)
+        ax.annotate(row["name"], (row["realized_coverage"], row["selective_risk"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("coverage (fraction answered)")
+    ax.set_ylabel("selective risk (error on answered)")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(bottom=0.0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    with atomic_writer(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    """What :func:`run_evaluation` wrote."""
+
+    report: dict[str, Any]
+    json_path: Path
+    plot_path: Path
+
+
+def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None, split: str = "test",
+                   data: Path | None = None, data_root: Path | None = None,
+                   batch_size: int = 256) -> EvaluationRun:
+    """Evaluate the calibrated graph in ``model_dir`` on labelled data; write JSON and PNG to ``out_dir``.
+
+    Raises ``CalibrationError`` (a ``ValueError``) when ``calibration.json`` is missing or was
+    fitted on another graph, and ``ValueError`` for data problems.
+    """
+    version_dir = resolve_version_dir(Path(model_dir))
+    graph = version_dir / MODEL_FILENAME
+    calibration: Calibration = load_calibration(version_dir / CALIBRATION_FILENAME)
+    model = OnnxModel(graph)
+    verify_graph(calibration, graph, model.sha256)
+    labelled = load_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
+                                  data=data, data_root=data_root)
+    preds = predict(model, labelled, batch_size)
+    rows = [evaluate_point(p, preds) for p in calibration.operating_points]
+    data_fp = labelled.fingerprint
+    warnings = []
+    if data_fp == calibration.data.get("fingerprint"):
+        warnings.append("the evaluation data is the calibration data: these numbers are optimistic")
+    report = {
+        "graph_sha256": model.sha256,
+        "code_version": code_version(),
+        "data": {"source": labelled.name, "fingerprint": data_fp, "size": len(labelled),
+                 "accuracy": float(1.0 - preds.errors.mean())},
+        "calibration_data": calibration.data,
+        "default_operating_point": calibration.default_operating_point,
+        "operating_points": rows,
+        "scores": {name: score_metrics(preds.scores(name), preds.errors) for name in SCORE_NAMES},
+        "warnings": warnings,
+    }
+    out_dir = Path(out_dir)
+    json_path, plot_path = out_dir / EVALUATION_FILENAME, out_dir / PLOT_FILENAME
+    atomic_write_json(json_path, report)
+    title = f"{version_dir.parent.name}/{version_dir.name} on {labelled.name} (n={len(labelled)})"
+    plot_risk_coverage(plot_path, preds, rows, title)
+    return EvaluationRun(report=report, json_path=json_path, plot_path=plot_path)
+

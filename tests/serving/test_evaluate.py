@@ -1,0 +1,121 @@
+"""``abstain evaluate``: evaluation.json (issue 4's interface), the plot, and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abstain.calibration import CalibrationError
+from abstain.contract import TABLE_COVERAGES
+from abstain.datasets import load_digits
+from abstain.selective import augrc, aurc, eaurc, risk_at_coverage
+from serving.calibrate import predict, run_calibration
+from serving.evaluate import run_evaluation
+from serving.inference import OnnxModel
+from tests.graph_factory import write_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "models" / "digits"
+#: The documented command that made the shipped calibration (docs/calibration.md).
+SHIPPED_TARGETS = {"coverages": [0.8, 0.9, 0.95], "risks": [0.02], "delta": 0.05}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory):
+    version = write_model_dir(tmp_path_factory.mktemp("repo"))
+    run_calibration(version, dataset="digits", split="val", coverages=[0.8, 0.9], risks=[0.2])
+    out = tmp_path_factory.mktemp("eval")
+    return version, run_evaluation(version, out, dataset="digits", split="test")
+
+
+def test_evaluation_json_interface(evaluated) -> None:
+    version, run = evaluated
+    report = json.loads(run.json_path.read_text())
+    test = load_digits("test")
+    preds = predict(OnnxModel(version / "model.onnx"), test)
+    assert report["data"]["size"] == 360 and report["data"]["fingerprint"] == test.fingerprint
+    points = {p["name"]: p for p in report["operating_points"]}
+    assert set(points) == {"coverage-0.8", "coverage-0.9", "risk-0.2"}
+    assert points["coverage-0.9"]["target_coverage"] == 0.9 and "target_risk" not in points["coverage-0.9"]
+    assert points["risk-0.2"]["target_risk"] == 0.2 and "target_coverage" not in points["risk-0.2"]
+    for p in points.values():
+        selected = preds.scores(p["score"]) >= p["threshold"]
+        assert p["realized_coverage"] == pytest.approx(selected.mean())
+        assert p["selective_risk"] == pytest.approx(preds.errors[selected].mean())
+        if p["method"] == "risk":
+            assert p["guarantee_held"] == (p["selective_risk"] <= 0.2)
+        else:
+            lo, hi = p["coverage_interval"]
+            assert p["guarantee_held"] == (lo <= p["realized_coverage"] <= hi)
+    for name, m in report["scores"].items():
+        s = preds.scores(name)
+        assert m["aurc"] == pytest.approx(aurc(s, preds.errors))
+        assert m["eaurc"] == pytest.approx(eaurc(s, preds.errors))
+        assert m["augrc"] == pytest.approx(augrc(s, preds.errors))
+        assert list(m["risk_at_coverage"]) == list(TABLE_COVERAGES)
+        assert m["risk_at_coverage"]["0.9"] == pytest.approx(risk_at_coverage(s, preds.errors, 0.9))
+        assert m["risk_at_coverage"]["1.0"] == pytest.approx(preds.errors.mean())
+    assert report["warnings"] == []
+
+
+def test_plot_is_a_png(evaluated) -> None:
+    _, run = evaluated
+    data = run.plot_path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_evaluating_on_the_calibration_data_warns(evaluated, tmp_path: Path) -> None:
+    version, _ = evaluated
+    run = run_evaluation(version, tmp_path, dataset="digits", split="val")
+    (warning,) = run.report["warnings"]
+    assert warning == "the evaluation data is the calibration data: these numbers are optimistic"
+
+
+def test_refuses_a_calibration_of_another_graph(evaluated, tmp_path: Path) -> None:
+    version, _ = evaluated
+    other = write_model_dir(tmp_path / "models", train_fingerprint="sha256:other")  # different bytes
+    with pytest.raises(CalibrationError, match="missing"):
+        run_evaluation(other, tmp_path / "out", dataset="digits", split="test")
+    shutil.copy(version / "calibration.json", other / "calibration.json")
+    with pytest.raises(CalibrationError, match="calibration is for another graph"):
+        run_evaluation(other, tmp_path / "out", dataset="digits", split="test")
+
+
+def _coverage_within_interval(version: Path, out: Path) -> None:
+    report = run_evaluation(version, out, dataset="digits", split="test").report
+    coverage_points = [p for p in report["operating_points"] if p["method"] == "coverage"]
+    assert coverage_points
+    for p in coverage_points:
+        lo, hi = p["coverage_interval"]
+        assert lo <= p["realized_coverage"] <= hi, p
+        assert p["guarantee_held"]
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="models/digits does not exist yet (abstain train → export)")
+def test_shipped_model_calibrated_by_the_documented_command(tmp_path: Path) -> None:
+    """The documented command on a copy of the shipped graph, then evaluate on digits/test."""
+    copy = tmp_path / "digits"
+    shutil.copytree(SHIPPED, copy)
+    version = sorted(p for p in copy.iterdir() if p.name.isdigit())[-1]
+    (version / "calibration.json").unlink(missing_ok=True)
+    run_calibration(copy, dataset="digits", split="val", **SHIPPED_TARGETS)
+    _coverage_within_interval(version, tmp_path / "eval")
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="models/digits does not exist yet (abstain train → export)")
+def test_shipped_calibration_holds_on_the_test_split(tmp_path: Path) -> None:
+    """The calibration.json that ships: realised coverage on digits/test inside its interval."""
+    from abstain.calibration import load_calibration
+    from abstain.contract import resolve_version_dir
+
+    version = resolve_version_dir(SHIPPED)
+    cal = load_calibration(version / "calibration.json")
+    if not all("coverage_interval" in p.extra for p in cal.operating_points if p.method == "coverage"):
+        pytest.skip(f"{version}/calibration.json was not made by `abstain calibrate` (no coverage "
+                    "intervals); regenerate it with the command in docs/calibration.md")
+    _coverage_within_interval(version, tmp_path)
+    assert np.isfinite(cal.operating_point().threshold)
