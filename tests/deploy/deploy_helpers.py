@@ -1,0 +1,20 @@
+"""Constants the deploy/ tests share: paths and the metric names the service exports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+#: The metric families the service exports (serving/metrics.py), as named in the contract
+#: the serving and deploy work share. Histograms also expose _bucket, _sum and _count.
+COUNTERS = ("abstain_decisions_total", "abstain_rejected_inputs_total")
+GAUGES = ("abstain_target_coverage", "abstain_abstention_rate")
+HISTOGRAMS = ("abstain_selection_score", "abstain_inference_seconds", "abstain_batch_size")
+
+#: Raw metric names (the `abstain_...` identifiers PromQL may use); recording rules are
+#: `abstain:...` and are checked against rules.yml instead.
+METRIC_NAME = re.compile(r"\babstain_[a-z_]+\b")
+RECORDING_NAME = re.compile(r"\babstain:[a-z0-9_:]+\b")
