@@ -1,0 +1,177 @@
+"""``abstain export`` end to end: checkpoint → checked, verified ONNX graph → repository entry.
+
+Order matters for "a failed export leaves the repository as it was": everything that can
+fail — reading the checkpoint, planning the entry, exporting, ``onnx.checker``, the parity
+check — happens before the first byte is written; only then is the entry committed atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abstain.contract import (
+    META_CHECKPOINT_SHA256,
+    META_CLASS_NAMES,
+    META_CODE_VERSION,
+    META_INPUT_SPEC,
+    META_TEST_METRICS,
+    META_TRAIN_DATA_FINGERPRINT,
+    META_TRAINING,
+    InputSpec,
+    class_names_json,
+)
+from abstain.io import sha256_bytes, sha256_file
+from abstain.version import code_version
+from export.onnx_export import (
+    IR_VERSION,
+    OPSET,
+    check_graph,
+    export_graph,
+    metadata_json,
+    optimize_graph,
+    set_metadata,
+)
+from export.repository import DEFAULT_MAX_BATCH_SIZE, commit_entry, plan_entry, render_triton_config
+from export.verify import FP16_TOLERANCE, FP32_TOLERANCE, ParityReport, verification_inputs, verify_parity
+
+#: How this graph was made (exporter, opset, precision, optimisation, tolerance) and by which
+#: training code: JSON. Not in abstain.contract because only export writes it and people read it.
+META_EXPORT = "abstain.export"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how well it matched PyTorch."""
+
+    model_path: Path
+    version: int
+    sha256: str
+    size_bytes: int
+    parity: ParityReport
+    replaced: bool
+
+
+def _consistent_spec(checkpoint: dict[str, Any], path: Path) -> tuple[InputSpec, list[str]]:
+    """The checkpoint's input spec and class names, checked against its model config."""
+    from training.checkpoint import input_spec_from_checkpoint
+
+    spec = input_spec_from_checkpoint(checkpoint)
+    config = checkpoint["model_config"]
+    class_names = [str(c) for c in checkpoint["class_names"]]
+    if len(class_names) != int(config.get("num_classes", -1)):
+        raise ValueError(
+            f"{path}: class_names has {len(class_names)} entries but the model has "
+            f"num_classes={config.get('num_classes')}"
+        )
+    size = int(config.get("image_size", -1))
+    if (spec.channels, spec.height, spec.width) != (int(config.get("in_channels", -1)), size, size):
+        raise ValueError(
+            f"{path}: input_spec {list(spec.shape)} does not match the model's "
+            f"in_channels={config.get('in_channels')} image_size={size}"
+        )
+    return spec, class_names
+
+
+def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: InputSpec,
+                   class_names: list[str], fp16: bool, optimize: bool) -> dict[str, str]:
+    """The graph's ``metadata_props`` (keys from :mod:`abstain.contract`, plus :data:`META_EXPORT`)."""
+    import torch
+
+    meta = {
+        META_CLASS_NAMES: class_names_json(class_names),
+        META_INPUT_SPEC: spec.to_json(),
+        META_TRAINING: metadata_json(checkpoint["train_config"]),
+        META_CHECKPOINT_SHA256: checkpoint_sha256,
+        META_CODE_VERSION: code_version(),
+        META_EXPORT: metadata_json({
+            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+            "opset": OPSET, "ir_version": IR_VERSION,
+            "precision": "fp16" if fp16 else "fp32",
+            "optimized": "onnxruntime basic" if optimize else None,
+            "tolerance": (FP16_TOLERANCE if fp16 else FP32_TOLERANCE).__dict__,
+            "training_code_version": checkpoint.get("code_version"),
+            "epoch": checkpoint.get("epoch"),
+        }),
+    }
+    if checkpoint.get("data_fingerprint"):
+        meta[META_TRAIN_DATA_FINGERPRINT] = str(checkpoint["data_fingerprint"])
+    if checkpoint.get("metrics") is not None:
+        meta[META_TEST_METRICS] = metadata_json(checkpoint["metrics"])
+    return meta
+
+
+def build_verified_graph(checkpoint: dict[str, Any], checkpoint_sha256: str, fp16: bool = False,
+                         optimize: bool = False, path: Path = Path("checkpoint"),
+                         ) -> tuple[bytes, ParityReport]:
+    """Export, annotate, optionally optimise, check and verify one checkpoint; write nothing.
+
+    Returns the serialised graph and its parity report; raises ``ValueError`` (``ParityError``)
+    if the graph fails ``onnx.checker``, the contract's shapes, or the parity check.
+    """
+    import onnx
+
+    from training.checkpoint import model_from_checkpoint
+
+    spec, class_names = _consistent_spec(checkpoint, path)
+    model = model_from_checkpoint(checkpoint)
+    proto = export_graph(model, spec, fp16=fp16)
+    metadata = graph_metadata(checkpoint, checkpoint_sha256, spec, class_names, fp16, optimize)
+    if optimize:
+        proto = onnx.load_from_string(optimize_graph(proto.SerializeToString()))
+        proto.ir_version = IR_VERSION  # ORT saves with its own newest IR version
+    set_metadata(proto, metadata)
+    check_graph(proto, spec, len(class_names))
+    model_bytes = proto.SerializeToString()
+    x, source = verification_inputs(spec, checkpoint["train_config"].get("dataset"))
+    report = verify_parity(model, model_bytes, x, source, FP16_TOLERANCE if fp16 else FP32_TOLERANCE)
+    return model_bytes, report
+
+
+def export_checkpoint(checkpoint_path: Path, name: str, repository: Path = Path("models"),
+                      version: int | None = None, force: bool = False, optimize: bool = False,
+                      fp16: bool = False, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ExportResult:
+    """Export ``checkpoint_path`` to ``repository/name/<version>/model.onnx`` (+ config, labels).
+
+    Raises (nothing written in every case): ``FileNotFoundError`` (no checkpoint),
+    ``ValueError`` (corrupted or foreign checkpoint, bad name/version, mismatching entry,
+    failed check or parity), ``FileExistsError`` (version exists, no ``force``),
+    ``NotADirectoryError``/``PermissionError`` (repository not writable).
+    """
+    from training.checkpoint import load_checkpoint
+
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    spec, class_names = _consistent_spec(checkpoint, checkpoint_path)
+    config_text = render_triton_config(name, spec, len(class_names), max_batch_size)
+    # plan first: a wrong name or a full version fails in milliseconds, not after the export
+    plan = plan_entry(Path(repository), name, class_names, config_text, version=version, force=force)
+    model_bytes, report = build_verified_graph(
+        checkpoint, sha256_file(checkpoint_path), fp16=fp16, optimize=optimize, path=checkpoint_path
+    )
+    model_path = commit_entry(plan, model_bytes, config_text, class_names)
+    return ExportResult(model_path, plan.version, sha256_bytes(model_bytes), len(model_bytes), report,
+                        plan.replace_version)
+
+
+def describe(result: ExportResult) -> str:
+    """A few human-readable lines about an export (what the CLI prints)."""
+    p = result.parity
+    return "\n".join([
+        f"wrote {result.model_path} (version {result.version}{', replaced' if result.replaced else ''}, "
+        f"{result.size_bytes / 1e6:.2f} MB, sha256 {result.sha256})",
+        f"parity vs PyTorch on {p.num_images} images ({p.inputs}) at batch sizes "
+        f"{', '.join(map(str, p.batch_sizes))}: max |Δlogits| = {p.max_abs_logits:.2e}, "
+        f"max |Δselection| = {p.max_abs_selection:.2e} "
+        f"(tolerance atol={p.tolerance.atol:g}, rtol={p.tolerance.rtol:g})",
+    ])
+
+
+def report_json(result: ExportResult) -> str:
+    """The result as JSON (``abstain export --json``)."""
+    return json.dumps({
+        "model_path": str(result.model_path), "version": result.version, "sha256": result.sha256,
+        "size_bytes": result.size_bytes, "replaced": result.replaced, "parity": result.parity.to_dict(),
+    }, indent=2)
