@@ -1,0 +1,145 @@
+"""Inference backends: the graph's forward pass, embedded (ONNX Runtime) or remote (Triton).
+
+Both take a validated float32 batch ``[N, C, H, W]`` and return
+:class:`serving.inference.GraphOutputs` (``logits [N, K]``, ``selection [N]``); everything
+after that (scores, thresholds, decisions) is shared, so a backend cannot change what a
+threshold means.
+
+The remote backend must never apply a calibration to a graph other than the one it was
+fitted on. Triton does not expose a graph's hash, so :class:`TritonBackend` (1) pins the
+model *version* (the version directory of the calibrated graph; Triton's "latest" could move
+under us) and (2) at start-up runs a fixed probe batch through Triton and through the
+calibrated graph in local ONNX Runtime, refusing to start unless the outputs agree
+(``atol=1e-4``). A different graph — retrained, re-exported, another model under the same
+name — gives different outputs on the probe and is refused with a message naming both.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
+from serving.inference import GraphOutputs, OnnxModel
+
+PROBE_ATOL = 1e-4
+
+
+class Backend(Protocol):
+    """What the service needs from a backend."""
+
+    name: str
+
+    def infer(self, x: np.ndarray) -> GraphOutputs:
+        """Forward pass of a validated float32 batch ``[N, C, H, W]``."""
+        ...
+
+
+class OnnxRuntimeBackend:
+    """The graph in this process: ONNX Runtime, CUDA provider when present, else CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+
+    def infer(self, x: np.ndarray) -> GraphOutputs:
+        return self.model.run(x)
+
+
+def probe_batch(spec: InputSpec, n: int = 8) -> np.ndarray:
+    """A fixed float32 ``[n + 2, C, H, W]`` batch: seeded uniform pixels, then all-black and all-white."""
+    rng = np.random.default_rng(20260211)
+    x = rng.random((n, *spec.shape), dtype=np.float32)
+    return np.concatenate([x, np.zeros((1, *spec.shape), np.float32), np.ones((1, *spec.shape), np.float32)])
+
+
+class TritonBackend:
+    """Triton Inference Server through ``tritonclient`` (HTTP, or gRPC for ``grpc://host:port``).
+
+    Args:
+        url: ``host:port`` of Triton's HTTP endpoint, or ``grpc://host:port``.
+        model_name: the model-repository entry Triton serves (e.g. ``"digits"``).
+        model_version: pinned version, the calibrated graph's version directory.
+        timeout_s: network timeout of each call.
+    """
+
+    name = "triton"
+
+    def __init__(self, url: str, model_name: str, model_version: str, timeout_s: float = 30.0) -> None:
+        self.protocol = "grpc" if url.startswith("grpc://") else "http"
+        self.url = url.removeprefix("grpc://").removeprefix("http://")
+        self.model_name, self.model_version = model_name, str(model_version)
+        self.timeout_s = timeout_s
+        # the HTTP client (geventhttpclient) must not be shared between threads: one per thread
+        self._local = threading.local()
+
+    def _client(self):  # tritonclient.{http,grpc}.InferenceServerClient
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                import tritonclient.grpc as triton
+            else:
+                import tritonclient.http as triton  # type: ignore[no-redef]
+            client = triton.InferenceServerClient(self.url)
+            self._local.client, self._local.module = client, triton
+        return client
+
+    def infer(self, x: np.ndarray) -> GraphOutputs:
+        client = self._client()
+        triton = self._local.module
+        inp = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        outputs = [triton.InferRequestedOutput(LOGITS_NAME), triton.InferRequestedOutput(SELECTION_NAME)]
+        result = client.infer(self.model_name, [inp], model_version=self.model_version, outputs=outputs)
+        return GraphOutputs(
+            logits=result.as_numpy(LOGITS_NAME),
+            selection=result.as_numpy(SELECTION_NAME).reshape(-1),
+        )
+
+    def verify(self, reference: OnnxModel) -> None:
+        """Refuse (``ValueError``) unless Triton serves the calibrated graph ``reference``.
+
+        Checks that the pinned version is ready, then compares outputs on :func:`probe_batch`.
+        """
+        where = (
+            f"Triton at {self.url} ({self.protocol}) model {self.model_name!r} version {self.model_version}"
+        )
+        try:
+            ready = self._client().is_model_ready(self.model_name, self.model_version)
+        except Exception as exc:  # connection refused, DNS, protocol errors: all mean "not there"
+            raise ValueError(f"cannot reach {where}: {exc}") from exc
+        if not ready:
+            raise ValueError(
+                f"{where} is not ready; serve the model repository holding {reference.path} "
+                f"(version directory {self.model_version}) with Triton, or pass the right --triton-url"
+            )
+        x = probe_batch(reference.input_spec)
+        local, remote = reference.run(x), self.infer(x)
+        if remote.logits.shape != local.logits.shape or not (
+            np.allclose(remote.logits, local.logits, atol=PROBE_ATOL, rtol=0)
+            and np.allclose(remote.selection, local.selection, atol=PROBE_ATOL, rtol=0)
+        ):
+            diff = (
+                np.abs(remote.logits - local.logits).max()
+                if remote.logits.shape == local.logits.shape
+                else "shape " + str(remote.logits.shape)
+            )
+            raise ValueError(
+                f"{where} does not serve the calibrated graph {reference.path}: on a fixed probe batch "
+                f"its outputs differ (max |Δlogit| = {diff}); deploy the same model.onnx to Triton or "
+                "calibrate the graph Triton serves"
+            )
+
+
+def verify_triton_serves(url: str, graph_path: str | Path, model_name: str, model_version: str) -> None:
+    """Start-up check (``abstain serve`` and the service import): refuse unless Triton at ``url``
+    serves the graph at ``graph_path`` as ``model_name`` version ``model_version``.
+
+    Uses a one-thread ONNX Runtime session and a throwaway client; raises ``ValueError``.
+    """
+    backend = TritonBackend(url, model_name, model_version)
+    backend.verify(OnnxModel(Path(graph_path), intra_op_threads=1, prefer_cuda=False))

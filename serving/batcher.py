@@ -1,0 +1,122 @@
+"""Adaptive batching across requests, inside one worker's event loop.
+
+Why not BentoML's ``@bentoml.api(batchable=True)``: BentoML batches only HTTP calls made to
+the batchable endpoint itself (its dispatcher sits in the HTTP handler; a call from another
+method of the same service is a plain Python call). Our endpoints take a variable number of
+images plus an operating point and must validate, count and explain each request, so the
+batchable method would have to be a second, public endpoint or a second service reached
+over HTTP (one more hop and serialisation per request). Batching the *forward pass* here
+keeps one process, one hop, and works identically for the ONNX Runtime and Triton backends.
+
+Policy: requests queue; the batching task takes the first, then everything already queued,
+then waits up to ``max_latency_ms`` for more while the batch holds fewer than
+``max_batch_size`` images. The forward pass runs on one dedicated thread, so the event loop
+keeps accepting requests meanwhile — what arrives during a pass forms the next batch (with
+``max_latency_ms = 0`` this is pure "batch what queued up" batching, no added wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from serving.inference import GraphOutputs
+
+
+class AdaptiveBatcher:
+    """Coalesce concurrent ``submit(x)`` calls into forward passes of at most ``max_batch_size`` images.
+
+    Args:
+        infer: forward pass of a float32 ``[n, C, H, W]`` batch.
+        max_batch_size: most images per forward pass (a bigger single request is split).
+        max_latency_ms: longest wait for more requests once one is queued.
+        on_batch: called with ``(images, seconds)`` after each forward pass (metrics).
+    """
+
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], GraphOutputs],
+        max_batch_size: int = 64,
+        max_latency_ms: float = 0.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size should be >= 1, but got {max_batch_size}")
+        if max_latency_ms < 0:
+            raise ValueError(f"max_latency_ms should be >= 0, but got {max_latency_ms}")
+        self._infer, self._on_batch = infer, on_batch
+        self.max_batch_size, self.max_latency_s = max_batch_size, max_latency_ms / 1000.0
+        # one thread: backends need not be thread-safe (tritonclient.http is not), and ONNX
+        # Runtime already parallelises inside a pass with its own intra-op threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="abstain-infer")
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[GraphOutputs]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, x: np.ndarray) -> GraphOutputs:
+        """Outputs for ``x`` (float32 ``[n, C, H, W]``), computed in some shared forward pass."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._loop())
+        future: asyncio.Future[GraphOutputs] = loop.create_future()
+        self._queue.put_nowait((x, future))
+        return await future
+
+    def run_sync(self, x: np.ndarray) -> GraphOutputs:
+        """One forward pass on the inference thread, outside any event loop (start-up checks)."""
+        return self._executor.submit(self._infer, x).result()
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        queue, loop = self._queue, asyncio.get_running_loop()
+        while True:
+            items = [await queue.get()]
+            n = len(items[0][0])
+            deadline = loop.time() + self.max_latency_s
+            while n < self.max_batch_size:
+                if queue.empty():
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        items.append(await asyncio.wait_for(queue.get(), timeout))
+                    except TimeoutError:
+                        break
+                else:
+                    items.append(queue.get_nowait())
+                n += len(items[-1][0])
+            items = [(x, f) for x, f in items if not f.done()]  # drop requests already cancelled
+            if not items:
+                continue
+            try:
+                out = await loop.run_in_executor(
+                    self._executor, self._run_chunks, np.concatenate([x for x, _ in items])
+                )
+            except Exception as exc:  # a backend failure fails this batch's requests, not the loop
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for x, future in items:
+                stop = start + len(x)
+                if not future.done():
+                    future.set_result(GraphOutputs(out.logits[start:stop], out.selection[start:stop]))
+                start = stop
+
+    def _run_chunks(self, x: np.ndarray) -> GraphOutputs:
+        parts = []
+        for i in range(0, len(x), self.max_batch_size):
+            chunk = x[i : i + self.max_batch_size]
+            t0 = time.perf_counter()
+            parts.append(self._infer(chunk))
+            if self._on_batch is not None:
+                self._on_batch(len(chunk), time.perf_counter() - t0)
+        return GraphOutputs(
+            logits=np.concatenate([p.logits for p in parts]),
+            selection=np.concatenate([p.selection for p in parts]),
+        )

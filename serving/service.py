@@ -1,0 +1,223 @@
+"""The BentoML predict-or-abstain service: ``bentoml serve serving.service:Abstain``.
+
+Endpoints: ``POST /predict`` (JSON pixels, one image or a batch), ``POST /predict_image``
+(PNG/JPEG upload), ``GET /metadata``; BentoML adds ``/livez``, ``/readyz`` (ready only after
+the graph is loaded and, for Triton, verified) and ``/metrics`` (ours included, merged over
+workers). Configuration comes from ``ABSTAIN_*`` environment variables
+(:mod:`serving.settings`), which ``abstain serve`` sets.
+
+Start-up refusal: importing this module checks the graph, its calibration (present, valid,
+same sha256) and the operating point; a failure raises before BentoML starts any worker, so
+``bentoml serve`` exits non-zero with the message. Never imports torch.
+
+Every answer is a prediction or an abstention decided by the calibrated threshold of the
+exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv 2602.11316).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
+from serving.batcher import AdaptiveBatcher
+from serving.decisions import decide
+from serving.inference import OnnxModel
+from serving.metrics import ServiceMetrics
+from serving.settings import ServeSettings, load_artifacts
+from serving.validation import InputRejectedError, decode_image, parse_pixels
+
+SETTINGS = ServeSettings.from_env()
+ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
+if SETTINGS.backend == "triton":
+    # here too, so that `bentoml serve` exits with the message instead of restarting workers
+    verify_triton_serves(SETTINGS.triton_url, ARTIFACTS.graph_path, ARTIFACTS.name, ARTIFACTS.version)
+
+#: Header on the service's own 4xx answers, so the middleware does not count them twice.
+REJECTED_HEADER = "x-abstain-rejected"
+STATUS = {"batch_too_large": 413}  # every other rejection is a 400
+
+
+def rejection(exc: InputRejectedError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.message, "reason": exc.reason},
+        status_code=STATUS.get(exc.reason, 400),
+        headers={REJECTED_HEADER: exc.reason},
+    )
+
+
+class CountFrameworkRejections:
+    """ASGI middleware: count 4xx answers that BentoML gives before our code runs.
+
+    Malformed JSON and bodies that do not match the endpoint's schema are answered 400 by
+    BentoML's request parsing; they are still rejected inputs, so they reach
+    ``abstain_rejected_inputs_total`` here (``bad_json`` for ``/predict``, ``bad_image`` for
+    ``/predict_image``). Answers carrying :data:`REJECTED_HEADER` were counted already.
+    """
+
+    REASONS: ClassVar[dict[str, str]] = {"/predict": "bad_json", "/predict_image": "bad_image"}
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = self.REASONS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if reason is None:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and 400 <= message["status"] < 500
+                and message["status"] not in (429,)
+            ):
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                service = bentoml.get_current_service()
+                if REJECTED_HEADER.encode() not in names and service is not None:
+                    service.metrics.reject(reason)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+async def _metadata(_: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    if service is None:
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    return JSONResponse(service.metadata())
+
+
+metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
+
+
+@bentoml.asgi_app(metadata_app, path="/")
+@bentoml.service(
+    name="abstain",
+    workers=SETTINGS.workers,
+    # overload: beyond max_concurrency in-flight requests BentoML answers 429; past timeout, 504
+    traffic={"max_concurrency": SETTINGS.max_concurrency, "timeout": SETTINGS.timeout},
+)
+class Abstain:
+    """Predict or abstain with the calibrated SelectiveNet graph (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.settings, self.artifacts = SETTINGS, ARTIFACTS
+        # ONNX Runtime threads: share the cores between workers instead of oversubscribing them
+        threads = int(
+            os.environ.get("ABSTAIN_ORT_THREADS") or max(1, (os.cpu_count() or 1) // SETTINGS.workers)
+        )
+        self.model = OnnxModel(ARTIFACTS.graph_path, intra_op_threads=threads)
+        self.class_names = ARTIFACTS.labels or self.model.class_names
+        if len(self.class_names) != self.model.num_classes:
+            raise ValueError(
+                f"{ARTIFACTS.entry_dir}/labels.txt has {len(self.class_names)} names but the graph "
+                f"has {self.model.num_classes} classes; fix labels.txt"
+            )
+        backend: Backend
+        if SETTINGS.backend == "triton":
+            backend = TritonBackend(SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version)
+        else:
+            backend = OnnxRuntimeBackend(self.model)
+        self.backend = backend
+        self.metrics = ServiceMetrics(
+            ARTIFACTS.name,
+            ARTIFACTS.version,
+            backend.name,
+            ARTIFACTS.calibration,
+            window=SETTINGS.rolling_window,
+        )
+        self.batcher = AdaptiveBatcher(
+            backend.infer,
+            SETTINGS.batch_max_size,
+            SETTINGS.batch_max_latency_ms,
+            on_batch=self.metrics.observe_batch,
+        )
+        if isinstance(backend, TritonBackend):
+            # on the inference thread: the HTTP client is per-thread (see serving.backends)
+            self.batcher._executor.submit(backend.verify, self.model).result()
+        self._ready = True
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "_ready", False)
+
+    def metadata(self) -> dict[str, Any]:
+        """Model, version, classes, input spec, backend and operating points (``GET /metadata``)."""
+        cal = self.artifacts.calibration
+        return {
+            "model": self.artifacts.name,
+            "version": self.artifacts.version,
+            "graph_sha256": self.artifacts.graph_sha256,
+            "backend": self.backend.name,
+            "classes": list(self.class_names),
+            "input_spec": self.model.input_spec.to_dict(),
+            "max_batch": self.settings.max_batch,
+            "default_operating_point": self.settings.operating_point or cal.default_operating_point,
+            "operating_points": [
+                {
+                    "name": p.name,
+                    "method": p.method,
+                    "score": p.score,
+                    "threshold": p.threshold,
+                    "target_coverage": p.target_coverage,
+                    "target_risk": p.target_risk,
+                    "delta": p.delta,
+                    "coverage": p.coverage,
+                    "risk": p.risk,
+                }
+                for p in cal.operating_points
+            ],
+        }
+
+    async def _decide(self, x: Any, operating_point: str | None) -> dict[str, Any] | JSONResponse:
+        try:
+            point = self.artifacts.calibration.operating_point(
+                operating_point or self.settings.operating_point
+            )
+        except KeyError:
+            exc = InputRejectedError(
+                "unknown_operating_point",
+                f"unknown operating point {operating_point!r}; valid: "
+                f"{', '.join(self.artifacts.calibration.names)}",
+            )
+            self.metrics.reject(exc.reason)
+            return rejection(exc)
+        out = await self.batcher.submit(x)
+        answers = decide(out.logits, out.selection, point, self.class_names)
+        self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
+        return {
+            "model": self.artifacts.name,
+            "version": self.artifacts.version,
+            "operating_point": point.name,
+            "predictions": answers,
+        }
+
+    @bentoml.api(route="/predict")
+    async def predict(self, pixels: list[Any], operating_point: str | None = None) -> dict[str, Any]:
+        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1])."""
+        try:
+            x = parse_pixels(pixels, self.model.input_spec, self.settings.max_batch)
+        except InputRejectedError as exc:
+            self.metrics.reject(exc.reason)
+            return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
+        return await self._decide(x, operating_point)  # type: ignore[return-value]
+
+    @bentoml.api(route="/predict_image")
+    async def predict_image(self, image: Path, operating_point: str | None = None) -> dict[str, Any]:
+        """Predict or abstain for one PNG or JPEG upload, converted to the graph's input spec."""
+        try:
+            x = decode_image(Path(image).read_bytes(), self.model.input_spec)
+        except InputRejectedError as exc:
+            self.metrics.reject(exc.reason)
+            return rejection(exc)  # type: ignore[return-value]
+        return await self._decide(x, operating_point)  # type: ignore[return-value]
+
+
+Abstain.add_asgi_middleware(CountFrameworkRejections)

@@ -1,0 +1,63 @@
+"""Triton Python-backend model that runs the exported ``model.onnx`` with ONNX Runtime (CPU).
+
+Stands in for Triton's ``onnxruntime_onnx`` backend where that backend is not available (the
+``nvidia-pytriton`` wheel ships only the Python backend): same graph file, same input and
+output names, so the remote backend sees exactly the numbers the embedded one does.
+
+Layout in a Triton model repository::
+
+    <repo>/<name>/config.pbtxt        backend: "python", same inputs/outputs as the ONNX config
+    <repo>/<name>/<version>/model.py   this file
+    <repo>/<name>/<version>/model.onnx the exported graph
+
+Imports only numpy and onnxruntime (and Triton's ``triton_python_backend_utils``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
+
+INPUT_NAME, LOGITS_NAME, SELECTION_NAME = "pixels", "logits", "selection"  # abstain.contract
+
+
+class TritonPythonModel:
+    """Triton's Python-backend entry point: ``initialize``, ``execute``, ``finalize``."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # tests share 2 cores with the service and pytest
+        self.session = ort.InferenceSession(
+            str(version_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.config = json.loads(args["model_config"])
+
+    def execute(self, requests: list) -> list:
+        # Triton's dynamic batcher may hand several requests at once: run them as one batch
+        xs = [pb_utils.get_input_tensor_by_name(r, INPUT_NAME).as_numpy() for r in requests]
+        sizes = [len(x) for x in xs]
+        logits, selection = self.session.run(
+            [LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: np.concatenate(xs).astype(np.float32)}
+        )
+        responses, start = [], 0
+        for n in sizes:
+            stop = start + n
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor(LOGITS_NAME, logits[start:stop].astype(np.float32)),
+                        # config.pbtxt declares dims [1] with reshape [] : the model side is [N]
+                        pb_utils.Tensor(SELECTION_NAME, selection.reshape(-1)[start:stop].astype(np.float32)),
+                    ]
+                )
+            )
+            start = stop
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

@@ -1,0 +1,121 @@
+"""Request checking: JSON arrays and image uploads → a float32 batch ``[N, C, H, W]``, or a
+:class:`InputRejectedError` that names the problem, what is valid, and the metrics reason.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from abstain.contract import InputSpec
+
+#: Largest upload ``/predict_image`` decodes (bytes) and largest decoded image (pixels): a
+#: tiny compressed file can decode to gigabytes ("decompression bomb").
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class InputRejectedError(ValueError):
+    """A request the service refuses; ``reason`` labels ``abstain_rejected_inputs_total``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _shape_text(spec: InputSpec) -> str:
+    chw = f"{spec.channels}, {spec.height}, {spec.width}"
+    return f"[{chw}] (one image) or [N, {chw}]"
+
+
+def parse_pixels(raw: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Nested JSON lists → float32 ``[N, C, H, W]`` in [0, 1], ``1 <= N <= max_batch``.
+
+    A single image ``[C, H, W]`` becomes a batch of one. Raises :class:`InputRejectedError` with
+    reason ``empty_batch``, ``bad_shape``, ``bad_dtype``, ``batch_too_large``, ``non_finite``
+    or ``out_of_range``.
+    """
+    valid = f"valid: float pixels in [0, 1] shaped {_shape_text(spec)}, at most {max_batch} images"
+    if isinstance(raw, list | tuple) and len(raw) == 0:
+        raise InputRejectedError("empty_batch", f"pixels is an empty array; {valid}")
+    try:
+        x = np.asarray(raw)
+    except (ValueError, TypeError):  # ragged nesting
+        raise InputRejectedError(
+            "bad_shape", f"pixels is a ragged (non-rectangular) array; {valid}"
+        ) from None
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise InputRejectedError(
+            "bad_dtype",
+            f"pixels should hold only numbers, but got {x.dtype.kind!r}-kind values ({x.dtype}); {valid}",
+        )
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise InputRejectedError(
+            "bad_shape", f"pixels should have 3 or 4 dimensions, but got shape {list(x.shape)}; {valid}"
+        )
+    if x.shape[0] == 0:
+        raise InputRejectedError("empty_batch", f"pixels holds no image; {valid}")
+    if x.shape[0] > max_batch:
+        raise InputRejectedError(
+            "batch_too_large",
+            f"pixels holds {x.shape[0]} images, more than the limit {max_batch}; split the batch; {valid}",
+        )
+    if tuple(x.shape[1:]) != spec.shape:
+        raise InputRejectedError("bad_shape", f"pixels has shape {list(x.shape)}; {valid}")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [N, C, H, W]
+    if not np.isfinite(x).all():
+        raise InputRejectedError(
+            "non_finite", f"pixels contains NaN or Inf (or a number too large for float32); {valid}"
+        )
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputRejectedError("out_of_range", f"pixels has values in [{lo:g}, {hi:g}]; {valid}")
+    return x
+
+
+def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
+    """A PNG or JPEG file → float32 ``[1, C, H, W]`` in [0, 1] for the graph's input spec.
+
+    Converted to grey (``C == 1``) or RGB (``C == 3``), resized to ``H × W`` (bilinear),
+    intensity / 255 (no inversion: 255 → 1.0). Raises :class:`InputRejectedError` (``bad_image``)
+    for anything that is not a complete PNG/JPEG within the size limits.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    valid = (
+        f"valid: a complete PNG or JPEG file of at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB "
+        f"and {MAX_IMAGE_PIXELS} pixels"
+    )
+    if not data:
+        raise InputRejectedError("bad_image", f"the upload is empty; {valid}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InputRejectedError("bad_image", f"the upload has {len(data)} bytes; {valid}")
+    if spec.channels not in (1, 3):
+        raise InputRejectedError(
+            "bad_image", f"image upload supports 1- or 3-channel models, this one has {spec.channels}"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in IMAGE_FORMATS:
+                raise InputRejectedError("bad_image", f"the upload is a {img.format} image; {valid}")
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InputRejectedError("bad_image", f"the image is {img.width}x{img.height}; {valid}")
+            img.load()  # decodes fully: a truncated file fails here
+            converted = img.convert("L" if spec.channels == 1 else "RGB")
+            resized = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    except InputRejectedError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputRejectedError(
+            "bad_image", f"the upload is not a readable image ({exc}); {valid}"
+        ) from None
+    x = np.asarray(resized, dtype=np.float32) / 255.0  # [H, W] or [H, W, 3]
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, H, W]
+    return np.ascontiguousarray(x[None])  # [1, C, H, W]

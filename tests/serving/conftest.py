@@ -1,0 +1,66 @@
+"""Fixtures that start real servers on 127.0.0.1 (``bentoml serve``).
+
+Each start costs seconds on a 2-core machine, so the embedded-model server is started once
+per session with 2 workers and shared; tests read metric *deltas* around their own requests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.serving.servers import (
+    MODEL_DIR,
+    REPO,
+    Server,
+    bentoml_command,
+    free_port,
+    service_env,
+    stop,
+    wait_ready,
+)
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`."""
+    started: list[subprocess.Popen] = []
+
+    def start(**abstain: str | int | float) -> Server:
+        port = free_port()
+        log = tmp_path_factory.mktemp("bentoml") / "server.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                bentoml_command(port),
+                env=service_env(**abstain),
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/readyz", process, log)
+        return Server(url, process, log)
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> Server:
+    """The embedded digits model, 2 workers (metrics must add up across them)."""
+    return start_server(model_dir=MODEL_DIR, workers=2, ort_threads=1)
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path) -> Path:
+    """A writable copy of the served model entry; returns its version directory."""
+    entry = tmp_path / "models" / "digits"
+    shutil.copytree(MODEL_DIR.parent, entry)
+    return entry / MODEL_DIR.name

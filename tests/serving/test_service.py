@@ -1,0 +1,230 @@
+"""A real ``bentoml serve`` (2 workers) with the embedded digits model, over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from abstain.calibration import load_calibration
+from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
+from abstain.datasets import load_digits
+from abstain.selective import selection_scores
+from serving.inference import OnnxModel
+from tests.serving.servers import MODEL_DIR, Server
+
+pytestmark = pytest.mark.server
+
+LABELS = dict(model="digits", version=MODEL_DIR.name)
+
+
+def offline(x: np.ndarray, point_name: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(answered [N] bool, arg-max class [N], score [N]) computed offline from the graph + calibration."""
+    point = load_calibration(MODEL_DIR / CALIBRATION_FILENAME).operating_point(point_name)
+    out = OnnxModel(MODEL_DIR / MODEL_FILENAME).run_batched(x)
+    scores = selection_scores(out.logits, out.selection, point.score)
+    return scores >= point.threshold, out.logits.argmax(axis=1), scores
+
+
+def test_answers_match_offline_decisions_on_the_digits_test_split(server: Server) -> None:
+    test = load_digits("test")
+    answered, top, scores = offline(test.x)
+    chunks = np.array_split(np.arange(len(test)), 24)  # 24 concurrent requests of ~15 images
+    before = {
+        d: server.metric("abstain_decisions_total", decision=d, **LABELS) for d in ("predict", "abstain")
+    }
+    with server.client() as client, ThreadPoolExecutor(8) as pool:
+        replies = list(
+            pool.map(lambda idx: client.post("/predict", json={"pixels": test.x[idx].tolist()}), chunks)
+        )
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:1]
+    preds = [p for r in replies for p in r.json()["predictions"]]
+    assert len(preds) == len(test)
+    got_answered = np.array([p["decision"] == "predict" for p in preds])
+    np.testing.assert_array_equal(got_answered, answered)
+    got_top = np.array(
+        [p["class_index"] if p["decision"] == "predict" else p["candidate"]["class_index"] for p in preds]
+    )
+    np.testing.assert_array_equal(got_top, top)
+    np.testing.assert_allclose([p["score_value"] for p in preds], scores, atol=1e-6)
+    for p in preds[:50]:
+        assert p["operating_point"] == "coverage-0.9" or p["operating_point"]
+        if p["decision"] == "abstain":
+            assert "below threshold" in p["reason"] and p["candidate"]["label"] == str(
+                p["candidate"]["class_index"]
+            )
+        else:
+            assert p["label"] == str(p["class_index"])
+    # counters at /metrics (merged over both workers) add up to exactly what was decided
+    after = {
+        d: server.metric("abstain_decisions_total", decision=d, **LABELS) for d in ("predict", "abstain")
+    }
+    assert after["predict"] - before["predict"] == answered.sum()
+    assert after["abstain"] - before["abstain"] == (~answered).sum()
+
+
+def test_batch_and_score_metrics_count_every_image(server: Server) -> None:
+    x = load_digits("test").x[:10]
+    before_n = server.metric("abstain_selection_score_count", **LABELS)
+    before_images = server.metric("abstain_batch_size_sum", **LABELS)
+    with server.client() as client, ThreadPoolExecutor(4) as pool:
+        list(
+            pool.map(lambda i: client.post("/predict", json={"pixels": x[i].tolist()}), range(10))
+        )  # one each
+    assert server.metric("abstain_selection_score_count", **LABELS) - before_n == 10
+    assert server.metric("abstain_batch_size_sum", **LABELS) - before_images == 10
+    assert server.metric("abstain_inference_seconds_count", backend="onnxruntime", **LABELS) > 0
+    point = load_calibration(MODEL_DIR / CALIBRATION_FILENAME).operating_points[0]
+    target = point.target_coverage if point.target_coverage is not None else point.coverage
+    assert server.metric("abstain_target_coverage", operating_point=point.name, **LABELS) == pytest.approx(
+        target
+    )
+    rate = server.metric("abstain_abstention_rate", operating_point=point.name, **LABELS)
+    assert 0.0 <= rate <= 1.0
+
+
+def test_metadata_describes_model_and_operating_points(server: Server) -> None:
+    with server.client() as client:
+        meta = client.get("/metadata").json()
+    cal = load_calibration(MODEL_DIR / CALIBRATION_FILENAME)
+    assert meta["model"] == "digits" and meta["version"] == MODEL_DIR.name
+    assert meta["graph_sha256"] == cal.graph_sha256
+    assert meta["classes"] == [str(d) for d in range(10)]
+    assert (meta["input_spec"]["channels"], meta["input_spec"]["height"], meta["input_spec"]["width"]) == (
+        1,
+        8,
+        8,
+    )
+    assert [p["name"] for p in meta["operating_points"]] == cal.names
+    assert [p["threshold"] for p in meta["operating_points"]] == [p.threshold for p in cal.operating_points]
+    assert [p["coverage"] for p in meta["operating_points"]] == [p.coverage for p in cal.operating_points]
+
+
+def test_health_endpoints(server: Server) -> None:
+    with server.client() as client:
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_predict_image_png_matches_offline(server: Server) -> None:
+    test = load_digits("test")
+    x8 = np.round(test.x[:6, 0] * 255).astype(np.uint8)  # what a PNG can carry
+    answered, top, _ = offline(x8[:, None].astype(np.float32) / 255.0)
+    with server.client() as client:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(x8[i]).save(buf, format="PNG")
+            reply = client.post("/predict_image", files={"image": ("digit.png", buf.getvalue(), "image/png")})
+            assert reply.status_code == 200, reply.text
+            (p,) = reply.json()["predictions"]
+            assert (p["decision"] == "predict") == answered[i]
+            assert p.get("class_index", p.get("candidate", {}).get("class_index")) == top[i]
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+ONE = np.full((1, 8, 8), 0.5).tolist()
+BAD_JSON_BODIES = [  # (id, raw body, reason, status, text that the error must contain)
+    ("malformed", b'{"pixels": [1, 2', "bad_json", 400, "Invalid JSON"),
+    ("not-an-object", b"[1, 2]", "bad_json", 400, "object"),
+    ("missing-field", b"{}", "bad_json", 400, "pixels"),
+    ("wrong-type", b'{"pixels": "abc"}', "bad_json", 400, "array"),
+    ("nan", json.dumps({"pixels": [[[float("nan")] * 8] * 8]}).encode(), "non_finite", 400, "NaN"),
+    (
+        "inf",
+        b'{"pixels": [[[1e400, 0, 0, 0, 0, 0, 0, 0]' + b", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + b"]]}",
+        "non_finite",
+        400,
+        "Inf",
+    ),
+    ("empty", b'{"pixels": []}', "empty_batch", 400, "empty"),
+    (
+        "shape",
+        json.dumps({"pixels": np.zeros((2, 1, 7, 8)).tolist()}).encode(),
+        "bad_shape",
+        400,
+        "[1, 8, 8]",
+    ),
+    ("ragged", json.dumps({"pixels": [[[0.0] * 8] * 7 + [[0.0] * 3]]}).encode(), "bad_shape", 400, "ragged"),
+    ("dtype", json.dumps({"pixels": [[["x"] * 8] * 8]}).encode(), "bad_dtype", 400, "numbers"),
+    (
+        "range",
+        json.dumps({"pixels": np.full((1, 8, 8), 2.0).tolist()}).encode(),
+        "out_of_range",
+        400,
+        "[0, 1]",
+    ),
+    (
+        "too-large",
+        json.dumps({"pixels": np.zeros((257, 1, 8, 8)).tolist()}).encode(),
+        "batch_too_large",
+        413,
+        "at most 256",
+    ),
+    (
+        "operating-point",
+        json.dumps({"pixels": ONE, "operating_point": "nope"}).encode(),
+        "unknown_operating_point",
+        400,
+        "valid: ",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "status", "text"),
+    [b[1:] for b in BAD_JSON_BODIES],
+    ids=[b[0] for b in BAD_JSON_BODIES],
+)
+def test_bad_json_input_is_rejected_counted_and_harmless(
+    server: Server, body: bytes, reason: str, status: int, text: str
+) -> None:
+    before = server.metric("abstain_rejected_inputs_total", reason=reason)
+    with server.client() as client:
+        reply = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == status, reply.text
+        assert text in reply.text and "error" in reply.json()
+        assert server.metric("abstain_rejected_inputs_total", reason=reason) - before == 1
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/predict", json={"pixels": ONE}).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    "upload",
+    [b"", b"GIF89a not really", _png_bytes()[:30], b"\xff\xd8\xff\xe0 truncated jpeg"],
+    ids=["empty", "not-an-image", "truncated-png", "truncated-jpeg"],
+)
+def test_bad_upload_is_rejected_counted_and_harmless(server: Server, upload: bytes) -> None:
+    before = server.metric("abstain_rejected_inputs_total", reason="bad_image")
+    with server.client() as client:
+        reply = client.post("/predict_image", files={"image": ("x.png", upload, "image/png")})
+        assert reply.status_code == 400, reply.text
+        assert "PNG or JPEG" in reply.json()["error"] or "error" in reply.json()
+        assert server.metric("abstain_rejected_inputs_total", reason="bad_image") - before == 1
+        assert client.get("/readyz").status_code == 200
+
+
+def test_operating_point_can_be_chosen_per_request(server: Server) -> None:
+    name = load_calibration(MODEL_DIR / CALIBRATION_FILENAME).names[-1]
+    with server.client() as client:
+        reply = client.post("/predict", json={"pixels": ONE, "operating_point": name})
+    assert reply.status_code == 200 and reply.json()["operating_point"] == name
+
+
+def test_overload_answers_429_instead_of_hanging(start_server) -> None:
+    # one worker admitting 2 requests at a time, each held ~300 ms by the batching wait
+    busy = start_server(model_dir=MODEL_DIR, workers=1, max_concurrency=2, batch_max_latency_ms=300)
+    with busy.client(timeout=20) as client, ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: client.post("/predict", json={"pixels": ONE}).status_code, range(12)))
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) >= 1 and codes.count(200) >= 2
+    assert httpx.get(f"{busy.url}/readyz", timeout=5).status_code == 200
