@@ -21,33 +21,48 @@ def serve(
         Path | None,
         typer.Argument(
             help="models/<name> (latest version) or models/<name>/<version>; "
-            "default: the embedded digits model"
+            "default: the embedded digits model",
+            envvar="ABSTAIN_MODEL_DIR",
         ),
     ] = None,
     operating_point: Annotated[
-        str | None, typer.Option(help="operating point answers use by default (calibration.json name)")
+        str | None, typer.Option(help="operating point answers use by default (calibration.json name)",
+                                  envvar="ABSTAIN_OPERATING_POINT")
     ] = None,
-    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
-    workers: Annotated[int, typer.Option(min=1, help="BentoML worker processes")] = 1,
-    backend: Annotated[str, typer.Option(help="onnxruntime (embedded) or triton (remote)")] = "onnxruntime",
+    host: Annotated[str, typer.Option(help="address to bind", envvar="ABSTAIN_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port", envvar="ABSTAIN_PORT")] = 3000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="BentoML worker processes", envvar="ABSTAIN_WORKERS")
+    ] = 1,
+    backend: Annotated[str, typer.Option(help="onnxruntime (embedded) or triton (remote)",
+                                           envvar="ABSTAIN_BACKEND")] = "onnxruntime",
     triton_url: Annotated[
-        str, typer.Option(help="Triton endpoint: host:port (HTTP) or grpc://host:port")
+        str, typer.Option(help="Triton endpoint: host:port (HTTP) or grpc://host:port",
+                     envvar="ABSTAIN_TRITON_URL")
     ] = "127.0.0.1:8000",
-    max_batch: Annotated[int, typer.Option(min=1, help="most images one request may carry")] = 256,
-    batch_max_size: Annotated[int, typer.Option(min=1, help="adaptive batching: most images per pass")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="most images one request may carry",
+                                           envvar="ABSTAIN_MAX_BATCH")] = 256,
+    batch_max_size: Annotated[int, typer.Option(min=1, help="adaptive batching: most images per pass",
+                                                envvar="ABSTAIN_BATCH_MAX_SIZE")] = 64,
     batch_max_latency_ms: Annotated[
         float,
         typer.Option(
             min=0.0,
             help="adaptive batching: longest wait to fill a batch (ms); "
             "0 batches what queued up during the previous pass",
+            envvar="ABSTAIN_BATCH_MAX_LATENCY_MS",
         ),
     ] = 0.0,
-    max_concurrency: Annotated[int, typer.Option(min=1, help="in-flight requests before 429")] = 64,
-    timeout: Annotated[int, typer.Option(min=1, help="seconds before a request is answered 504")] = 30,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="in-flight requests before 429",
+                                                 envvar="ABSTAIN_MAX_CONCURRENCY")] = 64,
+    timeout: Annotated[int, typer.Option(min=1, help="seconds before a request is answered 504",
+                                         envvar="ABSTAIN_TIMEOUT")] = 30,
 ) -> None:
-    """Serve a model over HTTP: every answer is a prediction or an explained abstention."""
+    """Serve a model over HTTP: every answer is a prediction or an explained abstention.
+
+    Every option can also come from its ABSTAIN_* environment variable (a container's or a
+    Kubernetes ConfigMap's); a flag on the command line wins over the variable.
+    """
     from abstain.contract import DEFAULT_MODEL_NAME, default_repository
     from serving.settings import BACKENDS, load_artifacts
 
