@@ -1,6 +1,89 @@
-"""PLACEHOLDER — replaced by the training work (issue 2)."""
+"""``abstain train``: the command line of the training stage.
+
+Only typer and the standard library at the top: torch is imported inside the command, so
+``abstain --help`` works on a serving install without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# Literal choices are repeated here (not imported from training.*, which imports torch).
+_DATASETS = "digits, fashion-mnist, cifar100, imagefolder"
+_LOSSES = "sync, selectivenet, ce"
 
 
-def train() -> None:
-    """Train a SelectiveNet (not yet implemented)."""
-    raise NotImplementedError
+def train(
+    dataset: Annotated[str, typer.Option(help=f"One of: {_DATASETS}.")] = "digits",
+    loss: Annotated[str, typer.Option(
+        help=f"One of: {_LOSSES}. `ce` is the softmax-response baseline.")] = "sync",
+    out: Annotated[Path, typer.Option(
+        help="Output folder for checkpoint.pt and metrics.jsonl.")] = Path("runs/train"),
+    data_root: Annotated[Path | None, typer.Option(
+        help="Dataset folder: fashion-mnist IDX files (default: Debian's /usr/share/datasets/fashion-mnist), "
+             "cifar100's parent of cifar-100-python/, imagefolder's parent of train/ and val/.")] = None,
+    download: Annotated[bool, typer.Option(
+        help="Let torchvision download fashion-mnist / cifar100 into --data-root (needs internet).")] = False,
+    epochs: Annotated[int | None, typer.Option(
+        help="Epochs (default per dataset; with --resume, the new total).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Global batch size (split across DDP processes).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Initial learning rate (SGD, Nesterov momentum 0.9).")] = None,
+    lr_step: Annotated[int | None, typer.Option(
+        help="Multiply the lr by --lr-gamma every this many epochs.")] = None,
+    lr_gamma: Annotated[float, typer.Option(help="lr decay factor (paper: 0.5).")] = 0.5,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: 5e-4).")] = 5e-4,
+    target_coverage: Annotated[float, typer.Option(help="SelectiveNet's target coverage c in (0, 1].")] = 0.8,
+    alpha: Annotated[float, typer.Option(help="Weight of the selective loss vs the auxiliary head.")] = 0.5,
+    lam: Annotated[float, typer.Option(help="Coverage penalty weight λ.")] = 32.0,
+    beta: Annotated[float | None, typer.Option(help="SYNC weight β of BCE(g, sg[softmax response]).")] = None,
+    prior: Annotated[str, typer.Option(help="SYNC prior head: f (prediction) or h (auxiliary).")] = "f",
+    body: Annotated[str | None, typer.Option(
+        help="small_cnn, vgg16_bn, resnet18 or resnet34 (default per dataset).")] = None,
+    width: Annotated[int | None, typer.Option(help="Channel width of small_cnn.")] = None,
+    pretrained: Annotated[Path | None, typer.Option(
+        help="Local body weights (torchvision state dict); never downloaded.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (init, data order, dropout).")] = 0,
+    deterministic: Annotated[bool, typer.Option(
+        help="Use only deterministic kernels (slower on GPU).")] = False,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda or cuda:N (default: cuda when present).")] = None,
+    amp: Annotated[bool | None, typer.Option(
+        "--amp/--no-amp", help="bf16 autocast (default: on for CUDA).")] = None,
+    num_workers: Annotated[int | None, typer.Option(
+        help="DataLoader worker processes (default per dataset).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue OUT/checkpoint.pt (its settings; --epochs may extend it).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing OUT/checkpoint.pt instead of refusing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar per epoch.")] = True,
+) -> None:
+    """Train a SelectiveNet (prediction head f, selection head g, auxiliary head h).
+
+    Writes OUT/checkpoint.pt (everything export needs) and OUT/metrics.jsonl (one line per
+    epoch on val, then a last line on test with accuracy and risk at coverage).
+
+    Example: abstain train --dataset digits --loss sync --out runs/digits-sync
+
+    Several GPUs or nodes: torchrun --nproc-per-node 4 -m abstain train --dataset cifar100 ...
+    """
+    import logging
+
+    from training.config import TrainConfig
+    from training.loop import run_training
+    from training.losses import DEFAULT_BETA
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = TrainConfig(
+        dataset=dataset, loss=loss, data_root=str(data_root) if data_root else None, download=download,
+        body=body, width=width, pretrained=str(pretrained) if pretrained else None, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
+        target_coverage=target_coverage, alpha=alpha, lam=lam,
+        beta=DEFAULT_BETA if beta is None else beta, prior=prior, seed=seed, deterministic=deterministic,
+        device=device, amp=amp, num_workers=num_workers,
+    ).validate()
+    run_training(config, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -1,0 +1,397 @@
+"""The training loop: ``train_one_epoch``, ``evaluate``, ``run_training`` (torchvision's reference shape).
+
+One code path for CPU and CUDA: bf16 autocast, channels_last, pinned memory and
+non-blocking copies are switched by ``enabled=``-style flags, on by default only on CUDA.
+Multi-GPU / multi-node runs use PyTorch DDP under ``torchrun`` (it sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``); rank 0 evaluates, logs and writes files.
+
+Outputs in ``out/``: ``checkpoint.pt`` (atomic, every epoch; see :mod:`training.checkpoint`)
+and ``metrics.jsonl`` (one ``"split": "val"`` line per epoch, then one ``"split": "test"``
+line at the end). Resuming from the checkpoint restores model, optimiser, scheduler and RNG
+state, and data order depends only on (seed, epoch), so 2 + 1 epochs equal 3 epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from abstain import selective
+from abstain.contract import CHECKPOINT_FILENAME, METRICS_FILENAME, SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE
+from abstain.io import atomic_write_text
+from abstain.version import code_version
+from training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import DataBundle, load_data
+from training.losses import build_loss
+from training.model import ModelConfig, SelectiveNet, load_body_weights
+
+log = logging.getLogger("training")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes.
+
+    Attributes:
+        device: the torch device of this process.
+        amp: bf16 autocast on/off (same code either way).
+        channels_last: NHWC memory format for convolutions (faster with CUDA tensor cores).
+        rank, world_size, local_rank: DDP coordinates (0, 1, 0 without torchrun).
+    """
+
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """Pick the device (CUDA when present unless overridden) and join the DDP group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; valid here: cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device should be cpu, cuda or cuda:<index>, but got {name!r}") from exc
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)  # one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    cuda = device.type == "cuda"
+    amp = cuda if config.amp is None else config.amp
+    channels_last = cuda if config.channels_last is None else config.channels_last
+    return Runtime(device, amp, channels_last, rank, world_size, local_rank)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch (CPU and CUDA); in deterministic mode, refuse non-deterministic kernels."""
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, runtime: Runtime,
+                num_workers: int) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch) — call ``loader.sampler.set_epoch(e)``.
+
+    ``DistributedSampler`` is used even on one process: it makes the shuffle a pure function
+    of (seed, epoch), which is what exact resumption needs. Training drops the last partial
+    batch (a batch of one breaks the selection head's BatchNorm1d).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=train, seed=seed, drop_last=False)
+    per_process = batch_size // runtime.world_size if train else batch_size
+    # A private generator: the loader's worker seeds then never consume the global RNG
+    # (whose state the checkpoint saves for dropout and augmentation).
+    generator = torch.Generator().manual_seed(seed + runtime.rank)
+    return DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=train,
+                      num_workers=num_workers, pin_memory=runtime.cuda, generator=generator,
+                      persistent_workers=num_workers > 0)
+
+
+def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(runtime.device, non_blocking=runtime.cuda, memory_format=runtime.memory_format)
+    return x, y.to(runtime.device, non_blocking=runtime.cuda)
+
+
+def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer,
+                    runtime: Runtime, *, epoch: int, progress: bool = True) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss term over batches (all processes).
+
+    Forward and loss run under autocast; backward and the (single) optimiser step outside it.
+    bf16 has float32's range, so no gradient scaler is needed.
+    """
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    batches = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and runtime.is_main))
+    for x, y in bar:
+        x, y = _to_device(x, y, runtime)
+        with _autocast(runtime):
+            output = model(x)
+            result = loss_fn(output, y)
+        optimizer.zero_grad(set_to_none=True)
+        result.total.backward()
+        optimizer.step()
+        for name, value in result.terms.items():
+            sums[name] = sums.get(name, torch.zeros((), device=runtime.device)) + value.float()
+        batches += 1
+        if batches % 10 == 0:
+            bar.set_postfix(loss=f"{result.terms['loss'].item():.4f}")
+    if batches == 0:
+        raise ValueError(
+            f"the training split yields no full batch of {loader.batch_size}; lower --batch-size")
+    names = sorted(sums)
+    means = torch.stack([sums[n] for n in names]) / batches
+    if runtime.distributed:
+        dist.all_reduce(means)
+        means /= runtime.world_size
+    return {n: float(v) for n, v in zip(names, means.tolist(), strict=True)}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader,
+            runtime: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits float32 [N, K], selection float32 [N], labels int64 [N])`` over ``loader``."""
+    model.eval()
+    logits, selection, labels = [], [], []
+    for x, y in loader:
+        x, _ = _to_device(x, y, runtime)
+        with _autocast(runtime):
+            output = model(x)
+        logits.append(output.logits.float().cpu())
+        selection.append(output.selection.float().cpu())
+        labels.append(y)
+    return torch.cat(logits).numpy(), torch.cat(selection).numpy(), torch.cat(labels).numpy()
+
+
+def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndarray,
+                      score: str) -> dict[str, Any]:
+    """Accuracy, coverage and selective risk at g ≥ 0.5, risk at the table coverages and AURC.
+
+    ``score`` ranks samples for ``risk_at_coverage`` and ``aurc`` (g for the selective losses,
+    softmax response for ``ce``); AURC by both scores is reported too, for comparisons.
+    """
+    errors = (logits.argmax(axis=1) != labels).astype(np.float64)  # [N] 0/1 loss
+    ranking = selective.selection_scores(logits, selection, score)
+    accepted = selection >= 0.5
+    return {
+        "n": int(labels.size),
+        "accuracy": float(1.0 - errors.mean()),
+        "coverage": float(accepted.mean()),  # at g >= 0.5, SelectiveNet's own threshold
+        "selective_risk": float(errors[accepted].mean()) if accepted.any() else None,
+        "score": score,
+        "risk_at_coverage": selective.risk_at_coverages(ranking, errors),
+        "aurc": selective.aurc(ranking, errors),
+        "aurc_by_score": {
+            s: selective.aurc(selective.selection_scores(logits, selection, s), errors)
+            for s in (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE)
+        },
+    }
+
+
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, score: str) -> dict[str, Any]:
+    """:func:`selective_metrics` of ``model`` on every sample of ``loader``."""
+    return selective_metrics(*predict(model, loader, runtime), score=score)
+
+
+def _unwrap(model: nn.Module) -> SelectiveNet:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def _rng_state(runtime: Runtime) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if runtime.cuda:
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], runtime: Runtime) -> None:
+    torch.set_rng_state(state["torch"])
+    if runtime.cuda and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
+
+
+def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    """The per-epoch lines of an earlier run, up to the checkpoint's epoch (later ones are replaced)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("split") == "val" and r.get("epoch", 0) <= up_to_epoch]
+
+
+def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in records))
+
+
+def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
+    spec = data.input_spec
+    model_config = ModelConfig(
+        body=config.body, num_classes=len(data.class_names), in_channels=spec.channels,  # type: ignore[arg-type]
+        image_size=spec.height, mean=spec.mean, std=spec.std, width=config.width,  # type: ignore[arg-type]
+    )
+    model = SelectiveNet(model_config)
+    if config.pretrained:
+        load_body_weights(model, Path(config.pretrained))
+    return model
+
+
+def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train, checkpoint every epoch, evaluate on test; return the test metrics.
+
+    With ``resume``, every setting comes from ``out/checkpoint.pt`` except ``epochs`` when
+    ``config.epochs`` is set (to extend a finished run). Without it, an existing checkpoint
+    in ``out`` is an error unless ``overwrite``.
+    """
+    out = Path(out)
+    ckpt_path, metrics_path = out / CHECKPOINT_FILENAME, out / METRICS_FILENAME
+    checkpoint = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {ckpt_path}")
+        checkpoint = load_checkpoint(ckpt_path)
+        stored = TrainConfig.from_dict(checkpoint["train_config"])
+        config = replace(stored, epochs=config.epochs or stored.epochs)
+        if checkpoint.get("epoch", 0) >= config.epochs:  # type: ignore[operator]
+            raise ValueError(f"{ckpt_path} has already trained {checkpoint.get('epoch')} epochs; "
+                             f"pass --epochs larger than that to train further")
+    elif ckpt_path.exists() and not overwrite:
+        raise FileExistsError(f"{ckpt_path} already exists; pass --resume to continue it "
+                              "or --overwrite to start again")
+    config = config.resolved()
+    runtime = setup_runtime(config)
+    seed_everything(config.seed, config.deterministic)
+    data = load_data(config.dataset, Path(config.data_root) if config.data_root else None, config.download)
+    if checkpoint is not None and checkpoint.get("data_fingerprint") != data.fingerprint:
+        raise ValueError(f"--resume: the training data differs from the one {ckpt_path} was trained on "
+                         f"(fingerprint {data.fingerprint} vs {checkpoint.get('data_fingerprint')}); "
+                         "use the same dataset and --data-root")
+    if config.batch_size % runtime.world_size:  # type: ignore[operator]
+        raise ValueError(
+            f"batch_size {config.batch_size} should be divisible by the {runtime.world_size} processes")
+
+    model = build_model(config, data)  # same seed on every rank; DDP broadcasts rank 0's weights anyway
+    loss_fn = build_loss(config.loss, target_coverage=config.target_coverage, alpha=config.alpha,
+                         lam=config.lam, beta=config.beta, prior=config.prior)
+    score = SCORE_SOFTMAX_RESPONSE if config.loss == "ce" else SCORE_SELECTION
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+    model.to(runtime.device, memory_format=runtime.memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,  # type: ignore[arg-type]
+                                nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step,  # type: ignore[arg-type]
+                                                gamma=config.lr_gamma)
+    start_epoch = 0
+    records: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        # the optimiser casts its momentum buffers to the parameters' device (already moved)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch = int(checkpoint["epoch"])
+        records = _read_metrics(metrics_path, start_epoch)
+        _set_rng_state(checkpoint["rng"], runtime)
+    else:
+        torch.manual_seed(config.seed + runtime.rank)  # dropout/augmentation differ per process
+    train_model: nn.Module = model
+    if runtime.distributed:
+        # `ce` leaves g and h without gradients: DDP must know, or it waits for them forever.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.cuda else None,
+            find_unused_parameters=config.loss == "ce")
+
+    workers = int(config.num_workers or 0)
+    train_loader = make_loader(data.train, config.batch_size, train=True, seed=config.seed,  # type: ignore[arg-type]
+                               runtime=runtime, num_workers=workers)
+    eval_runtime = replace(runtime, rank=0, world_size=1)  # rank 0 evaluates every sample
+    val_loader = make_loader(data.val, 2 * config.batch_size, train=False, seed=config.seed,  # type: ignore[operator]
+                             runtime=eval_runtime, num_workers=workers)
+    test_loader = make_loader(data.test, 2 * config.batch_size, train=False, seed=config.seed,  # type: ignore[operator]
+                              runtime=eval_runtime, num_workers=workers)
+    train_config = dict(config.to_dict(), world_size=runtime.world_size)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("training %s on %s (%d train / %d val / %d test), loss %s, device %s%s, %d epochs",
+                 config.body, config.dataset, len(data.train), len(data.val), len(data.test), config.loss,  # type: ignore[arg-type]
+                 runtime.device, f" x{runtime.world_size}" if runtime.distributed else "", config.epochs)
+
+    def checkpoint_dict(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "class_names": list(data.class_names),
+            "input_spec": data.input_spec.to_dict(),
+            "train_config": train_config,
+            "data_fingerprint": data.fingerprint,
+            "metrics": metrics,
+            "code_version": code_version(),
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(runtime),
+        }
+
+    for epoch in range(start_epoch + 1, config.epochs + 1):  # type: ignore[operator]
+        started = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        lr = optimizer.param_groups[0]["lr"]
+        terms = train_one_epoch(train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch,
+                                progress=progress)
+        scheduler.step()
+        if runtime.is_main:
+            metrics = evaluate(model, val_loader, runtime, score)
+            record = {"split": "val", "epoch": epoch, "lr": lr,
+                      **{f"train_{k}": v for k, v in terms.items()}, **metrics,
+                      "epoch_seconds": round(time.perf_counter() - started, 3)}
+            records.append(record)
+            save_checkpoint(ckpt_path, checkpoint_dict(epoch, record))
+            _write_metrics(metrics_path, records)
+            risk = record["selective_risk"]
+            log.info("epoch %d/%d lr %.4g loss %.4f | val acc %.4f cov@g>=0.5 %.3f risk@g>=0.5 %s "
+                     "aurc %.4f | %.1fs", epoch, config.epochs, lr, terms["loss"], record["accuracy"],
+                     record["coverage"], "n/a" if risk is None else f"{risk:.4f}", record["aurc"],
+                     record["epoch_seconds"])
+        if runtime.distributed:
+            dist.barrier()  # the others wait for rank 0's evaluation and checkpoint
+
+    test_metrics: dict[str, Any] = {}
+    if runtime.is_main:
+        test_metrics = {"split": "test", "epoch": config.epochs,
+                        **evaluate(model, test_loader, runtime, score)}
+        records.append(test_metrics)
+        save_checkpoint(ckpt_path, checkpoint_dict(config.epochs, test_metrics))  # type: ignore[arg-type]
+        _write_metrics(metrics_path, records)
+        log.info("test acc %.4f, risk@80%% coverage %.4f, aurc %.4f (by %s); wrote %s and %s",
+                 test_metrics["accuracy"], test_metrics["risk_at_coverage"]["0.8"], test_metrics["aurc"],
+                 score, ckpt_path, metrics_path)
+    if runtime.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return test_metrics

@@ -1,0 +1,172 @@
+"""Training losses: plain cross-entropy, SelectiveNet, and SYNC (SelectiveNet + selective prior).
+
+Each loss is a small ``nn.Module`` whose ``forward(output, target)`` takes the model's
+:class:`~training.model.SelectiveOutput` (``logits [B, K]``, ``selection [B]``,
+``aux_logits [B, K]``) and the labels ``target`` int64 ``[B]`` and returns a :class:`LossOutput`:
+the scalar to back-propagate plus each term, detached, for logging.
+
+All arithmetic is done in float32 whatever the autocast dtype: ``binary_cross_entropy`` is
+not autocast-safe, and a ratio of means (SelectiveNet's risk) loses precision in bf16.
+
+References:
+    Geifman & El-Yaniv, "SelectiveNet: A Deep Neural Network with an Integrated Reject
+    Option", ICML 2019 (eq. 2-4: empirical selective risk, coverage penalty, auxiliary head).
+    Mishra, Li, Mishra, Xiong, "Selective Prior Synchronization via SYNC Loss",
+    arXiv 2602.11316 (2026): feed the softmax response into SelectiveNet's training. Its
+    exact formula is not public to us; :class:`SyncLoss` is *our* formulation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.model import SelectiveOutput
+
+LOSSES = ("ce", "selectivenet", "sync")
+PRIOR_HEADS = ("f", "h")
+
+#: Defaults of SelectiveNet's paper (alpha, lambda) and of our SYNC formulation (beta, prior).
+DEFAULT_ALPHA = 0.5
+DEFAULT_LAMBDA = 32.0
+DEFAULT_TARGET_COVERAGE = 0.8
+#: Chosen by the Fashion-MNIST sweep in benchmarks/train_fashion_mnist.py (docs/benchmarks.md).
+DEFAULT_BETA = 0.5
+DEFAULT_PRIOR = "f"
+
+
+class LossOutput(NamedTuple):
+    """A loss value and its parts.
+
+    Attributes:
+        total: scalar tensor to back-propagate (keeps its graph).
+        terms: name → detached scalar tensor, for logging (always includes ``"loss"``).
+    """
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+def _check_batch(output: SelectiveOutput, target: torch.Tensor) -> None:
+    """Reject shapes that would broadcast silently (the classic ``(B,) * (B, 1) → (B, B)`` bug)."""
+    b = target.shape[0]
+    if target.ndim != 1:
+        raise ValueError(f"target should be class indices [B], but got shape {tuple(target.shape)}")
+    if output.logits.ndim != 2 or output.logits.shape[0] != b:
+        raise ValueError(f"logits should be [B={b}, K], but got shape {tuple(output.logits.shape)}")
+    if output.selection.shape != (b,):
+        raise ValueError(
+            f"selection should be [B={b}] (squeeze the [B, 1] head output), "
+            f"but got shape {tuple(output.selection.shape)}"
+        )
+
+
+def _check_probability(name: str, value: float, *, low_open: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} should be in {interval}, but got {value}")
+
+
+class CrossEntropyLoss(nn.Module):
+    """``ce``: L = CE(f(x), y), mean over the batch — the softmax-response baseline.
+
+    Only the prediction head is trained; g and h receive no gradient (so DDP must be told
+    about unused parameters). Ranking at test time is by softmax response max_k softmax(f)_k.
+    """
+
+    def forward(self, output: SelectiveOutput, target: torch.Tensor) -> LossOutput:
+        _check_batch(output, target)
+        loss = F.cross_entropy(output.logits.float(), target)
+        return LossOutput(loss, {"loss": loss.detach(), "ce": loss.detach()})
+
+
+class SelectiveNetLoss(nn.Module):
+    """``selectivenet``: SelectiveNet's objective (Geifman & El-Yaniv, ICML 2019, eq. 2-4).
+
+    With ``ℓ_i = CE(f(x_i), y_i)`` ``[B]`` and ``g_i`` ``[B]``::
+
+        φ̂ = mean_i g_i                                  (empirical coverage)
+        r̂ = mean_i(ℓ_i · g_i) / φ̂                       (empirical selective risk)
+        L_sel = r̂ + λ · max(0, c − φ̂)²                  (coverage penalty, one-sided)
+        L = α · L_sel + (1 − α) · mean_i CE(h(x_i), y_i)  (auxiliary head h)
+
+    Args:
+        target_coverage: c in (0, 1].
+        alpha: α in [0, 1] (paper: 0.5).
+        lam: λ ≥ 0 (paper: 32).
+    """
+
+    def __init__(self, target_coverage: float = DEFAULT_TARGET_COVERAGE, alpha: float = DEFAULT_ALPHA,
+                 lam: float = DEFAULT_LAMBDA) -> None:
+        super().__init__()
+        _check_probability("target_coverage", target_coverage, low_open=True)
+        _check_probability("alpha", alpha)
+        if lam < 0:
+            raise ValueError(f"lam (λ) should be >= 0, but got {lam}")
+        self.target_coverage, self.alpha, self.lam = float(target_coverage), float(alpha), float(lam)
+
+    def forward(self, output: SelectiveOutput, target: torch.Tensor) -> LossOutput:
+        _check_batch(output, target)
+        ce_f = F.cross_entropy(output.logits.float(), target, reduction="none")  # [B]
+        g = output.selection.float()  # [B]
+        coverage = g.mean()
+        risk = (ce_f * g).mean() / coverage  # [B]·[B]: shapes checked above, no broadcasting
+        penalty = self.lam * torch.clamp(self.target_coverage - coverage, min=0.0) ** 2
+        aux = F.cross_entropy(output.aux_logits.float(), target)
+        total = self.alpha * (risk + penalty) + (1.0 - self.alpha) * aux
+        terms = {"loss": total, "selective_risk": risk, "coverage": coverage,
+                 "coverage_penalty": penalty, "aux_ce": aux}
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+
+class SyncLoss(nn.Module):
+    """``sync``: SelectiveNet plus the selective prior (our formulation of arXiv 2602.11316).
+
+    With ``s_i = max_k softmax(p(x_i))_k`` the softmax response of the prior head ``p``
+    (f by default, h selectable) and ``sg`` the stop-gradient::
+
+        L_SYNC = L_SN + β · mean_i BCE(g_i, sg[s_i])
+        BCE(g, s) = −(s · log g + (1 − s) · log(1 − g))
+
+    The extra term pulls g towards the classifier's own confidence, so g learns to rank
+    samples by how likely f is to be right, not only to meet the coverage target. The
+    stop-gradient keeps the prior from being pushed towards g. β = 0 gives exactly
+    :class:`SelectiveNetLoss`.
+    """
+
+    def __init__(self, target_coverage: float = DEFAULT_TARGET_COVERAGE, alpha: float = DEFAULT_ALPHA,
+                 lam: float = DEFAULT_LAMBDA, beta: float = DEFAULT_BETA, prior: str = DEFAULT_PRIOR) -> None:
+        super().__init__()
+        if beta < 0:
+            raise ValueError(f"beta (β) should be >= 0, but got {beta}")
+        if prior not in PRIOR_HEADS:
+            raise ValueError(f"prior should be one of {', '.join(PRIOR_HEADS)}, but got {prior!r}")
+        self.selectivenet = SelectiveNetLoss(target_coverage, alpha, lam)
+        self.beta, self.prior = float(beta), prior
+
+    def forward(self, output: SelectiveOutput, target: torch.Tensor) -> LossOutput:
+        base = self.selectivenet(output, target)
+        prior_logits = output.logits if self.prior == "f" else output.aux_logits
+        with torch.no_grad():  # sg[·]: the prior is a target, not something to move
+            prior = torch.softmax(prior_logits.float(), dim=1).amax(dim=1)  # [B]
+        sync = F.binary_cross_entropy(output.selection.float(), prior)
+        total = base.total + self.beta * sync
+        terms = dict(base.terms, loss=total.detach(), sync_bce=sync.detach())
+        return LossOutput(total, terms)
+
+
+def build_loss(name: str, *, target_coverage: float = DEFAULT_TARGET_COVERAGE,
+               alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAMBDA, beta: float = DEFAULT_BETA,
+               prior: str = DEFAULT_PRIOR) -> nn.Module:
+    """The loss called ``name`` (one of :data:`LOSSES`) with its hyper-parameters."""
+    if name == "ce":
+        return CrossEntropyLoss()
+    if name == "selectivenet":
+        return SelectiveNetLoss(target_coverage, alpha, lam)
+    if name == "sync":
+        return SyncLoss(target_coverage, alpha, lam, beta, prior)
+    raise ValueError(f"loss should be one of {', '.join(LOSSES)}, but got {name!r}")
