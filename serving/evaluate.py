@@ -80,13 +80,15 @@ def plot_risk_coverage(path: Path, preds: Predictions, rows: list[dict[str, Any]
     for name in SCORE_NAMES:
         coverages, risks, _ = risk_coverage_curve(preds.scores(name), preds.errors)
         ax.step(coverages, risks, where="post", label=name, linewidth=1.2)
-    for row in rows:
-        if row["selective_risk"] is None:
-            continue
+    marked = [row for row in rows if row["selective_risk"] is not None]
+    for i, row in enumerate(marked):
         marker = "o" if row["method"] == "coverage" else "s"
         ax.plot(row["realized_coverage"], row["selective_risk"], marker, color="black", markersize=5)
+        # operating points often sit close together near full coverage: stagger the labels
+        # vertically and draw a leader line so that each name stays readable
         ax.annotate(row["name"], (row["realized_coverage"], row["selective_risk"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    textcoords="offset points", xytext=(-60, 12 + 12 * i), fontsize=7,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6})
     ax.set_xlabel("coverage (fraction answered)")
     ax.set_ylabel("selective risk (error on answered)")
     ax.set_xlim(0.0, 1.02)

@@ -75,7 +75,7 @@ def _print_calibration(result: Any) -> None:
     from rich.table import Table
 
     cal = result.calibration
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # tables stay whole in logs and CI
     scores = Table(title=f"scores on {cal.data['source']} (n={result.n}, accuracy {result.accuracy:.4f})")
     for col in ("score", "AURC", "E-AURC", "AUGRC"):
         scores.add_column(col)
@@ -126,7 +126,7 @@ def evaluate(
     result = run_evaluation(model_dir, out, dataset=dataset, split=split, data=data,
                             data_root=data_root, batch_size=batch_size)
     report = result.report
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # tables stay whole in logs and CI
     points = Table(title=f"operating points on {report['data']['source']} (n={report['data']['size']})")
     for col in ("name", "target", "realized coverage", "selective risk", "guarantee held"):
         points.add_column(col)

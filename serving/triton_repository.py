@@ -2,8 +2,8 @@
 
 ``python_backend_config`` turns the entry's ONNX ``config.pbtxt`` into one for
 ``backend: "python"`` (same name, batching, inputs and outputs), and
-``write_python_backend_repository`` lays out ``<repo>/<name>/{config.pbtxt, <v>/model.py,
-<v>/model.onnx}`` with :mod:`serving.triton_python_model`. Used by the Triton tests and for
+``write_python_backend_repository`` lays out ``<repo>/<name>/{config.pbtxt, labels.txt,
+<v>/model.py, <v>/model.onnx}`` with :mod:`serving.triton_python_model`. Used by the Triton tests and for
 running Triton from the ``nvidia-pytriton`` wheel, which lacks the ``onnxruntime_onnx`` backend.
 """
 
@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from abstain.contract import MODEL_FILENAME, TRITON_CONFIG_FILENAME
+from abstain.contract import LABELS_FILENAME, MODEL_FILENAME, TRITON_CONFIG_FILENAME
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model") / "model.py"
 
@@ -40,6 +40,9 @@ def write_python_backend_repository(version_dir: Path, repository: Path, graph: 
     target = entry / version_dir.name
     target.mkdir(parents=True, exist_ok=True)
     (entry / TRITON_CONFIG_FILENAME).write_text(python_backend_config(config.read_text()))
+    labels = entry_src / LABELS_FILENAME
+    if labels.is_file():  # the config's label_filename points at it; Triton refuses to load without it
+        shutil.copyfile(labels, entry / LABELS_FILENAME)
     shutil.copyfile(PYTHON_MODEL, target / "model.py")
     shutil.copyfile(graph or version_dir / MODEL_FILENAME, target / MODEL_FILENAME)
     return entry

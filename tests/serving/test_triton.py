@@ -6,6 +6,7 @@ Triton serves the same ``model.onnx`` through a Python-backend model running ONN
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]
     (impostor.parent / "config.pbtxt").write_text(
         (MODEL_DIR.parent / "config.pbtxt").read_text().replace('name: "digits"', 'name: "impostor"')
     )
+    shutil.copyfile(MODEL_DIR.parent / "labels.txt", impostor.parent / "labels.txt")
     write_python_backend_repository(impostor, repo, graph=write_graph(tmp / "other.onnx"))
     process, http, grpc, _log = start_triton(repo, tmp, ["digits", "impostor"])
     yield http, grpc
