@@ -70,7 +70,9 @@ def test_import_checker_sees_lazy_imports(tmp_path: Path) -> None:
 )
 def test_modules_load_without_torch(statement: str) -> None:
     code = f"import sys; {statement}; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", f"{statement!r} imported torch"
 
@@ -82,3 +84,13 @@ def test_cli_help_lists_every_stage() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("train", "export", "calibrate", "evaluate", "serve"):
         assert command in result.stdout
+
+
+def test_ruff_is_clean() -> None:
+    """The lint configuration in pyproject.toml holds for the whole tree (ruff is in the dev extra)."""
+    pytest.importorskip("ruff", reason="ruff comes with the dev extra")
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
