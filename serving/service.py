@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import bentoml
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -33,7 +35,7 @@ from serving.decisions import decide
 from serving.inference import OnnxModel
 from serving.metrics import ServiceMetrics
 from serving.settings import ServeSettings, load_artifacts
-from serving.validation import InputRejectedError, decode_image, parse_pixels
+from serving.validation import MAX_IMAGE_BYTES, InputRejectedError, decode_image, parse_pixels
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
@@ -86,6 +88,90 @@ class CountFrameworkRejections:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class CheckUploadForms:
+    """ASGI middleware: answer 400, not 500, to a ``/predict_image`` form BentoML cannot use.
+
+    BentoML 1.4 parses a form body inside a catch-all that turns starlette's 400 for malformed
+    ``multipart/form-data`` (no boundary, broken framing) into a 500, and it takes a *text*
+    ``image`` field for a URL to download (a 500 here, and no upload service should fetch
+    URLs its clients name). So the body of a form ``POST /predict_image`` is read here and
+    parsed once with the same starlette parser: a malformed body, a text ``image`` or a file
+    in another field is rejected as ``bad_image``; anything else is replayed to BentoML as it
+    came. Found by the schema-based fuzz run (``tests/serving/test_fuzz.py``).
+    """
+
+    PATH = "/predict_image"
+    #: the largest form buffered here: the image limit plus room for the form's framing
+    MAX_FORM_BYTES = MAX_IMAGE_BYTES + 1024 * 1024
+    #: the media types BentoML hands to its form parser (``_bentoml_impl.serde.ALL_SERDE``)
+    FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+    VALID = (
+        "valid: multipart/form-data with a PNG or JPEG file upload in field 'image' and, "
+        "optionally, a text field 'operating_point'"
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        # split as BentoML does to choose its parser (case-sensitive, like its lookup)
+        media_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip()
+        if media_type not in self.FORM_TYPES:
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        problem: str | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.MAX_FORM_BYTES:  # never buffer an unbounded body in memory
+                problem = f"the form body is larger than {self.MAX_FORM_BYTES // (1024 * 1024)} MB"
+                break
+            if not message.get("more_body", False):
+                break
+        if problem is None:
+            problem = await self._problem(scope, bytes(body), media_type)
+        if problem is not None:
+            exc = InputRejectedError("bad_image", f"{problem}; {self.VALID}")
+            service = bentoml.get_current_service()
+            if service is not None:
+                service.metrics.reject(exc.reason)
+            return await rejection(exc)(scope, receive, send)
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _problem(scope: Scope, body: bytes, media_type: str) -> str | None:
+        async def receive_body() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(scope, receive_body).form()
+        except HTTPException as exc:  # starlette's answer to a malformed body
+            return f"the request is not a valid {media_type} body ({exc.detail})"
+        try:
+            for key, value in form.multi_items():
+                if key == "image" and not isinstance(value, UploadFile):
+                    return "field 'image' should be a file upload, but got a text field"
+                if key != "image" and isinstance(value, UploadFile):
+                    return f"field {key!r} should be a text field, but got a file upload"
+            return None
+        finally:
+            await form.close()
 
 
 async def _metadata(_: Request) -> JSONResponse:
@@ -221,3 +307,4 @@ class Abstain:
 
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)
+Abstain.add_asgi_middleware(CheckUploadForms)
