@@ -36,6 +36,43 @@ app.command(no_args_is_help=True)(calibrate)
 app.command(no_args_is_help=True)(evaluate)
 app.command()(serve)
 
+#: Options of ``abstain calibrate`` that take several numbers: ``--coverage 0.8 0.9 0.95``.
+MULTI_VALUE_OPTIONS = ("--coverage", "--risk")
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def join_multi_value_options(argv: list[str]) -> list[str]:
+    """Rewrite ``calibrate … --coverage 0.8 0.9 0.95`` as ``--coverage 0.8,0.9,0.95``.
+
+    Click options take one value each; the calibrate command already accepts comma-separated
+    and repeated values, so the space-separated form users write is joined here. Only the
+    numbers directly after the option are joined; anything else is left for click to parse.
+    """
+    if "calibrate" not in argv:
+        return list(argv)
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        joined.append(token)
+        i += 1
+        if token in MULTI_VALUE_OPTIONS:
+            values = []
+            while i < len(argv) and _is_number(argv[i]):
+                values.append(argv[i])
+                i += 1
+            if values:
+                joined.append(",".join(values))
+    return joined
+
+
 #: Failures a user can cause: reported as one line, exit status 2, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                NotADirectoryError, IsADirectoryError)
@@ -44,7 +81,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 def main() -> None:
     """Entry point of the ``abstain`` script."""
     try:
-        app()
+        app(args=join_multi_value_options(sys.argv[1:]), prog_name="abstain")
     except USER_ERRORS as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

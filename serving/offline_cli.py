@@ -43,11 +43,11 @@ def calibrate(
     data: DataOpt = None,
     data_root: DataRootOpt = None,
     coverage: Annotated[list[str] | None, typer.Option(
-        "--coverage", help="Target coverage(s) in (0, 1]; repeat or comma-separate "
+        "--coverage", help="Target coverage(s) in (0, 1]: 0.8 0.9 0.95, 0.8,0.9,0.95 or repeated "
                            "(default 0.8,0.9,0.95 unless only --risk is given).")] = None,
     risk: Annotated[list[str] | None, typer.Option(
         "--risk", help="Target selective risk(s) in (0, 1], certified by SGR with probability "
-                       "1 - delta; repeat or comma-separate.")] = None,
+                       "1 - delta; several values as for --coverage.")] = None,
     delta: Annotated[float, typer.Option(
         "--delta", help="SGR failure probability; 1 - delta is also the interval confidence.")] = 0.05,
     score: Annotated[str | None, typer.Option(

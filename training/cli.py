@@ -20,8 +20,8 @@ def train(
     dataset: Annotated[str, typer.Option(help=f"One of: {_DATASETS}.")] = "digits",
     loss: Annotated[str, typer.Option(
         help=f"One of: {_LOSSES}. `ce` is the softmax-response baseline.")] = "sync",
-    out: Annotated[Path, typer.Option(
-        help="Output folder for checkpoint.pt and metrics.jsonl.")] = Path("runs/train"),
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder for checkpoint.pt and metrics.jsonl (default: runs/<dataset>-<loss>).")] = None,
     data_root: Annotated[Path | None, typer.Option(
         help="Dataset folder: fashion-mnist IDX files (default: Debian's /usr/share/datasets/fashion-mnist), "
              "cifar100's parent of cifar-100-python/, imagefolder's parent of train/ and val/.")] = None,
@@ -86,4 +86,6 @@ def train(
         beta=DEFAULT_BETA if beta is None else beta, prior=prior, seed=seed, deterministic=deterministic,
         device=device, amp=amp, num_workers=num_workers,
     ).validate()
+    # one folder per (dataset, loss) by default, so that trying another loss never collides
+    out = out if out is not None else Path("runs") / f"{dataset}-{loss}"
     run_training(config, out, resume=resume, overwrite=overwrite, progress=progress)
