@@ -10,6 +10,15 @@ Every loader returns an :class:`ArraySplit`: ``x`` float32 ``[N, C, H, W]`` in [
   images are ``test``; the 60,000 training images are split per class with a fixed seed
   into train 55,000 / val 5,000.
 
+* ``cifar100`` — torchvision's python pickles ``cifar-100-python/{train,test,meta}`` under
+  ``--data-root``: ``test`` is the official test set; 10 % of each class of the training
+  images is ``val`` (the split training carves, same seed).
+* ``imagefolder`` — ImageNet-100 / Stanford Cars as ``root/train/<class>/*`` and
+  ``root/val/<class>/*``: :func:`imagefolder_split` lists the *files* of each split (10 % of
+  each class of ``train/`` is ``val``; ``test`` is ``val/``); images are decoded by the caller
+  (torchvision in training, PIL in serving). Its fingerprint is
+  :func:`file_list_fingerprint`, not a hash of pixels.
+
 ``val`` is for calibration, ``test`` for evaluation; the three never overlap.
 """
 
@@ -17,7 +26,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Sequence
+import os
+import pickle
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +66,9 @@ class ArraySplit:
     y: np.ndarray
     class_names: tuple[str, ...]
     name: str
+    #: When set, the fingerprint of where the pixels came from (an image folder's file list,
+    #: see :func:`file_list_fingerprint`) instead of a hash of the decoded pixels.
+    source_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4:
@@ -69,7 +83,8 @@ class ArraySplit:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.x, self.y)
+        """``source_fingerprint`` if set, else :func:`fingerprint` of the pixels and labels."""
+        return self.source_fingerprint or fingerprint(self.x, self.y)
 
 
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
@@ -201,6 +216,169 @@ def load_fashion_mnist(split: str, data_root: Path | None = None) -> ArraySplit:
         idx = train_idx if split == "train" else val_idx
         x, y = x[idx], y[idx]
     return ArraySplit(x=x, y=y, class_names=FASHION_MNIST_CLASS_NAMES, name=f"fashion-mnist/{split}")
+
+
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_VAL_FRACTION = 0.1  # 5,000 of the 50,000 training images
+
+
+def _unpickle(path: Path) -> dict:
+    # The python version of CIFAR-100 is pickled dicts; torchvision reads it the same way. Only
+    # load a --data-root you trust (unpickling runs code), as with torchvision's CIFAR100.
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read CIFAR-100 file ({exc})") from exc
+
+
+def load_cifar100(split: str, data_root: Path | None) -> ArraySplit:
+    """CIFAR-100 as ``[N, 3, 32, 32]`` in [0, 1], with training's carved ``val`` split.
+
+    The same images, order and split as ``training.data.load_cifar100`` (torchvision), so the
+    ``train`` split's fingerprint is the one the checkpoint records.
+    """
+    _check_split(split)
+    if data_root is None:
+        raise ValueError("dataset cifar100 needs --data-root (the folder that holds cifar-100-python/)")
+    folder = Path(data_root) / CIFAR100_FOLDER
+    names = ("train", "test", "meta")
+    if not all((folder / n).is_file() for n in names):
+        raise FileNotFoundError(
+            f"CIFAR-100 not found in {data_root}: expected torchvision's layout {folder}/ with files "
+            "train, test and meta (the python version, cifar-100-python.tar.gz, extracted)"
+        )
+    entry = _unpickle(folder / ("test" if split == "test" else "train"))
+    meta = _unpickle(folder / "meta")
+    try:
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows: R, G, B planes
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+        class_names = tuple(str(n) for n in meta["fine_label_names"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"CIFAR-100 in {folder} is incomplete or corrupted ({exc!r})") from exc
+    if split != "test":
+        train_idx, val_idx = stratified_split_indices(
+            labels, (1 - CIFAR100_VAL_FRACTION, CIFAR100_VAL_FRACTION))
+        idx = train_idx if split == "train" else val_idx
+        images, labels = images[idx], labels[idx]
+    x = images.astype(np.float32) / np.float32(255.0)  # the division training's fingerprint uses
+    return ArraySplit(x=x, y=labels, class_names=class_names, name=f"cifar100/{split}")
+
+
+# --- image folders (file lists; decoding is the caller's) -------------------------------
+#: torchvision's ``IMG_EXTENSIONS``: the files ``ImageFolder`` takes.
+IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGEFOLDER_VAL_FRACTION = 0.1  # of each class of train/
+#: Eval preprocessing of image-folder models: shorter side to ``round(size * 256 / 224)``,
+#: then a centre crop of ``size`` (ImageNet's Resize(256) + CenterCrop(224) at size 224).
+IMAGEFOLDER_RESIZE_RATIO = 256 / 224
+
+
+def imagefolder_resize_size(crop: int) -> int:
+    """The shorter side an image is resized to before a centre crop of ``crop`` (256 for 224)."""
+    return round(crop * IMAGEFOLDER_RESIZE_RATIO)
+
+
+@dataclass(frozen=True)
+class FileSplit:
+    """One split of an image-folder dataset as files.
+
+    Attributes:
+        root: the dataset folder holding ``train/`` and ``val/``.
+        paths: image files, in ``torchvision.datasets.ImageFolder``'s order.
+        y: int64 ``[N]`` class indices (position of the class folder in sorted order).
+        class_names: the class folder names, sorted.
+        name: e.g. ``"imagefolder/val"``.
+    """
+
+    root: Path
+    paths: tuple[str, ...]
+    y: np.ndarray
+    class_names: tuple[str, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        return file_list_fingerprint(self.root, self.paths)
+
+
+def file_list_fingerprint(root: Path, paths: Iterable[str]) -> str:
+    """sha256 over the sorted (path relative to ``root``, size in bytes) of ``paths``.
+
+    What training records for ``imagefolder`` (hashing the pixels of ImageNet-100 would take
+    minutes); calibration computes it over its files to refuse the training split.
+    """
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(str(p) for p in paths):
+        p = Path(path)
+        digest.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def scan_image_folder(directory: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """``(class names, [(path, class index), ...])`` exactly as torchvision's ``ImageFolder`` lists them.
+
+    Classes: the sorted sub-directories. Files: ``os.walk`` of each class folder (sorted,
+    following links) keeping names that end in :data:`IMAGEFOLDER_EXTENSIONS`. Raises
+    ``FileNotFoundError`` when there is no class folder or a class has no image.
+    """
+    directory = str(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist")
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for index, name in enumerate(classes):
+        before = len(samples)
+        for folder, _, fnames in sorted(os.walk(os.path.join(directory, name), followlinks=True)):
+            for fname in sorted(fnames):
+                path = os.path.join(folder, fname)
+                if path.lower().endswith(IMAGEFOLDER_EXTENSIONS):
+                    samples.append((path, index))
+        if len(samples) == before:
+            empty.append(name)
+    if empty:
+        raise FileNotFoundError(
+            f"Found no valid file for the classes {', '.join(empty)}. "
+            f"Supported extensions are: {', '.join(IMAGEFOLDER_EXTENSIONS)}"
+        )
+    return tuple(classes), samples
+
+
+def imagefolder_split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into ``train/``'s files of the train and val splits (10 % of each class to val)."""
+    train_idx, val_idx = stratified_split_indices(
+        y, (1 - IMAGEFOLDER_VAL_FRACTION, IMAGEFOLDER_VAL_FRACTION), SPLIT_SEED)
+    return train_idx, val_idx
+
+
+def imagefolder_split(root: Path, split: str) -> FileSplit:
+    """The files of ``split`` of the image-folder dataset in ``root`` (see the module docstring).
+
+    ``train`` and ``val`` are carved from ``root/train`` per class with :data:`SPLIT_SEED`;
+    ``test`` is ``root/val``. Training uses the same files (``training.data.load_imagefolder``).
+    """
+    _check_split(split)
+    root = Path(root)
+    layout = (f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
+              "with the same class folders in both (torchvision ImageFolder layout)")
+    part = "val" if split == "test" else "train"
+    try:
+        classes, samples = scan_image_folder(root / part)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"image folder dataset in {root}: {exc}; {layout}") from exc
+    paths = [p for p, _ in samples]
+    y = np.asarray([c for _, c in samples], dtype=np.int64)
+    if split != "test":
+        idx = imagefolder_split_indices(y)[0 if split == "train" else 1]
+        paths, y = [paths[i] for i in idx], y[idx]
+    return FileSplit(root=root, paths=tuple(paths), y=y, class_names=classes, name=f"imagefolder/{split}")
 
 
 def load_array_dataset(name: str, split: str, data_root: Path | None = None) -> ArraySplit:

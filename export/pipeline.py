@@ -8,6 +8,7 @@ check — happens before the first byte is written; only then is the entry commi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ from export.verify import FP16_TOLERANCE, FP32_TOLERANCE, ParityReport, verifica
 #: How this graph was made (exporter, opset, precision, optimisation, tolerance) and by which
 #: training code: JSON. Not in abstain.contract because only export writes it and people read it.
 META_EXPORT = "abstain.export"
+#: Metadata key for a checkpoint's metrics that are not test metrics: ``abstain.<split>_metrics``
+#: (``abstain.val_metrics`` for the per-epoch record of a run stopped before its test evaluation).
+META_SPLIT_METRICS = "abstain.{split}_metrics"
+_SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class ExportResult:
     size_bytes: int
     parity: ParityReport
     replaced: bool
+    metrics_key: str | None = None  # metadata key the checkpoint's metrics went under, if any
+    notes: tuple[str, ...] = ()  # things the user should know (e.g. metrics that are not test metrics)
 
 
 def _consistent_spec(checkpoint: dict[str, Any], path: Path) -> tuple[InputSpec, list[str]]:
@@ -73,6 +80,31 @@ def _consistent_spec(checkpoint: dict[str, Any], path: Path) -> tuple[InputSpec,
             f"in_channels={config.get('in_channels')} image_size={size}"
         )
     return spec, class_names
+
+
+def metrics_metadata(checkpoint: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where the checkpoint's ``metrics`` go in the graph's metadata, and a note for the user.
+
+    Returns ``(key, note)``. Only a record with ``"split": "test"`` is stored as
+    :data:`~abstain.contract.META_TEST_METRICS` (note ``None``). A checkpoint written by an
+    interrupted run holds the last epoch's *validation* record instead: it is stored under
+    ``abstain.val_metrics`` (the split's own name, :data:`META_SPLIT_METRICS`), with a note
+    saying so. Metrics without a recognisable split are left out (key ``None``), with a note.
+    """
+    metrics = checkpoint.get("metrics")
+    if metrics is None:
+        return None, None
+    split = metrics.get("split") if isinstance(metrics, dict) else None
+    if split == "test":
+        return META_TEST_METRICS, None
+    if isinstance(split, str) and _SPLIT_NAME.fullmatch(split):
+        key = META_SPLIT_METRICS.format(split=split)
+        epoch = metrics.get("epoch", checkpoint.get("epoch"))
+        return key, (f"the checkpoint holds no test metrics, only the {split} metrics of epoch {epoch} "
+                     f"(the run stopped before its test evaluation): stored as {key}, "
+                     f"not {META_TEST_METRICS}")
+    return None, (f"the checkpoint's metrics name no split (got split={split!r}), so they are not stored "
+                  f"in the graph; {META_TEST_METRICS} needs split 'test'")
 
 
 def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: InputSpec,
@@ -98,8 +130,9 @@ def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: Inp
     }
     if checkpoint.get("data_fingerprint"):
         meta[META_TRAIN_DATA_FINGERPRINT] = str(checkpoint["data_fingerprint"])
-    if checkpoint.get("metrics") is not None:
-        meta[META_TEST_METRICS] = metadata_json(checkpoint["metrics"])
+    metrics_key, _ = metrics_metadata(checkpoint)
+    if metrics_key is not None:
+        meta[metrics_key] = metadata_json(checkpoint["metrics"])
     return meta
 
 
@@ -152,8 +185,9 @@ def export_checkpoint(checkpoint_path: Path, name: str, repository: Path = Path(
         checkpoint, sha256_file(checkpoint_path), fp16=fp16, optimize=optimize, path=checkpoint_path
     )
     model_path = commit_entry(plan, model_bytes, config_text, class_names)
+    metrics_key, note = metrics_metadata(checkpoint)
     return ExportResult(model_path, plan.version, sha256_bytes(model_bytes), len(model_bytes), report,
-                        plan.replace_version)
+                        plan.replace_version, metrics_key, (note,) if note else ())
 
 
 def describe(result: ExportResult) -> str:
@@ -166,6 +200,7 @@ def describe(result: ExportResult) -> str:
         f"{', '.join(map(str, p.batch_sizes))}: max |Δlogits| = {p.max_abs_logits:.2e}, "
         f"max |Δselection| = {p.max_abs_selection:.2e} "
         f"(tolerance atol={p.tolerance.atol:g}, rtol={p.tolerance.rtol:g})",
+        *(f"note: {note}" for note in result.notes),
     ])
 
 
@@ -174,4 +209,5 @@ def report_json(result: ExportResult) -> str:
     return json.dumps({
         "model_path": str(result.model_path), "version": result.version, "sha256": result.sha256,
         "size_bytes": result.size_bytes, "replaced": result.replaced, "parity": result.parity.to_dict(),
+        "metrics_key": result.metrics_key, "notes": list(result.notes),
     }, indent=2)

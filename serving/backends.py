@@ -26,6 +26,9 @@ from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
 from serving.inference import GraphOutputs, OnnxModel
 
 PROBE_ATOL = 1e-4
+#: Seconds one Triton call may take (connect and answer) before it fails; the service's own
+#: request timeout (``ABSTAIN_TIMEOUT``, 30 s by default) caps it from above.
+DEFAULT_TIMEOUT_S = 10.0
 
 
 class Backend(Protocol):
@@ -64,12 +67,18 @@ class TritonBackend:
         url: ``host:port`` of Triton's HTTP endpoint, or ``grpc://host:port``.
         model_name: the model-repository entry Triton serves (e.g. ``"digits"``).
         model_version: pinned version, the calibrated graph's version directory.
-        timeout_s: network timeout of each call.
+        timeout_s: timeout of each call: HTTP ``connection_timeout`` and ``network_timeout``,
+            gRPC ``client_timeout`` (a deadline per call). A call past it raises, and the
+            service answers 503 ``backend_unavailable`` instead of waiting for its own 504.
     """
 
     name = "triton"
 
-    def __init__(self, url: str, model_name: str, model_version: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, model_name: str, model_version: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s should be > 0 seconds, but got {timeout_s!r}")
         self.protocol = "grpc" if url.startswith("grpc://") else "http"
         self.url = url.removeprefix("grpc://").removeprefix("http://")
         self.model_name, self.model_version = model_name, str(model_version)
@@ -82,11 +91,20 @@ class TritonBackend:
         if client is None:
             if self.protocol == "grpc":
                 import tritonclient.grpc as triton
+
+                client = triton.InferenceServerClient(self.url)  # deadline per call: _call_timeout
             else:
                 import tritonclient.http as triton  # type: ignore[no-redef]
-            client = triton.InferenceServerClient(self.url)
+
+                client = triton.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
             self._local.client, self._local.module = client, triton
         return client
+
+    def _call_timeout(self) -> dict[str, float]:
+        """Per-call keyword of the gRPC client (the HTTP client has its timeouts built in)."""
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
     def infer(self, x: np.ndarray) -> GraphOutputs:
         client = self._client()
@@ -94,7 +112,9 @@ class TritonBackend:
         inp = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         outputs = [triton.InferRequestedOutput(LOGITS_NAME), triton.InferRequestedOutput(SELECTION_NAME)]
-        result = client.infer(self.model_name, [inp], model_version=self.model_version, outputs=outputs)
+        result = client.infer(
+            self.model_name, [inp], model_version=self.model_version, outputs=outputs, **self._call_timeout()
+        )
         return GraphOutputs(
             logits=result.as_numpy(LOGITS_NAME),
             selection=result.as_numpy(SELECTION_NAME).reshape(-1),
@@ -109,7 +129,9 @@ class TritonBackend:
             f"Triton at {self.url} ({self.protocol}) model {self.model_name!r} version {self.model_version}"
         )
         try:
-            ready = self._client().is_model_ready(self.model_name, self.model_version)
+            ready = self._client().is_model_ready(
+                self.model_name, self.model_version, **self._call_timeout()
+            )
         except Exception as exc:  # connection refused, DNS, protocol errors: all mean "not there"
             raise ValueError(f"cannot reach {where}: {exc}") from exc
         if not ready:
@@ -135,11 +157,24 @@ class TritonBackend:
             )
 
 
-def verify_triton_serves(url: str, graph_path: str | Path, model_name: str, model_version: str) -> None:
+def verify_triton_serves(
+    url: str,
+    graph_path: str | Path,
+    model_name: str,
+    model_version: str,
+    graph_sha256: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
     """Start-up check (``abstain serve`` and the service import): refuse unless Triton at ``url``
     serves the graph at ``graph_path`` as ``model_name`` version ``model_version``.
 
+    With ``graph_sha256`` (the calibration's), the local reference must be exactly those bytes.
     Uses a one-thread ONNX Runtime session and a throwaway client; raises ``ValueError``.
     """
-    backend = TritonBackend(url, model_name, model_version)
-    backend.verify(OnnxModel(Path(graph_path), intra_op_threads=1, prefer_cuda=False))
+    reference = OnnxModel(Path(graph_path), intra_op_threads=1, prefer_cuda=False)
+    if graph_sha256 is not None and reference.sha256 != graph_sha256:
+        raise ValueError(
+            f"{graph_path} changed on disk (sha256 {reference.sha256[:12]}…, calibrated "
+            f"{graph_sha256[:12]}…); restart once the graph and its calibration agree"
+        )
+    TritonBackend(url, model_name, model_version, timeout_s=timeout_s).verify(reference)

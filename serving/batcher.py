@@ -18,6 +18,7 @@ keeps accepting requests meanwhile — what arrives during a pass forms the next
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from serving.inference import GraphOutputs
+
+log = logging.getLogger(__name__)
 
 
 class AdaptiveBatcher:
@@ -62,9 +65,16 @@ class AdaptiveBatcher:
         if self._queue is None or self._task is None or self._task.done():
             self._queue = asyncio.Queue()
             self._task = loop.create_task(self._loop())
+            self._task.add_done_callback(self._loop_ended)
         future: asyncio.Future[GraphOutputs] = loop.create_future()
         self._queue.put_nowait((x, future))
         return await future
+
+    @staticmethod
+    def _loop_ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("adaptive batching loop stopped; the next request starts a new one",
+                      exc_info=task.exception())
 
     def run_sync(self, x: np.ndarray) -> GraphOutputs:
         """One forward pass on the inference thread, outside any event loop (start-up checks)."""
@@ -72,9 +82,31 @@ class AdaptiveBatcher:
 
     async def _loop(self) -> None:
         assert self._queue is not None
-        queue, loop = self._queue, asyncio.get_running_loop()
+        queue = self._queue
+        in_flight: list[tuple[np.ndarray, asyncio.Future[GraphOutputs]]] = []
+        try:
+            await self._serve(queue, in_flight)
+        finally:
+            # whatever ends the loop (cancellation at shutdown, a BaseException from a backend,
+            # a bug), no request may be left waiting for an answer that will never come: fail
+            # the batch in flight and everything still queued; the next submit starts a new loop
+            failure = RuntimeError("the batching loop stopped before this request was run")
+            while not queue.empty():
+                in_flight.append(queue.get_nowait())
+            for _, future in in_flight:
+                if not future.done():
+                    future.set_exception(failure)
+
+    async def _serve(
+        self,
+        queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[GraphOutputs]]],
+        items: list[tuple[np.ndarray, asyncio.Future[GraphOutputs]]],
+    ) -> None:
+        """The batching loop; ``items`` is the caller's list of the requests taken off the queue."""
+        loop = asyncio.get_running_loop()
         while True:
-            items = [await queue.get()]
+            items.clear()
+            items.append(await queue.get())
             n = len(items[0][0])
             deadline = loop.time() + self.max_latency_s
             while n < self.max_batch_size:
@@ -84,12 +116,14 @@ class AdaptiveBatcher:
                         break
                     try:
                         items.append(await asyncio.wait_for(queue.get(), timeout))
-                    except TimeoutError:
+                    # asyncio.TimeoutError, not the builtin: they are one class only from Python
+                    # 3.11 on, and on 3.10 (supported) the builtin would not catch wait_for's
+                    except asyncio.TimeoutError:
                         break
                 else:
                     items.append(queue.get_nowait())
                 n += len(items[-1][0])
-            items = [(x, f) for x, f in items if not f.done()]  # drop requests already cancelled
+            items[:] = [(x, f) for x, f in items if not f.done()]  # drop requests already cancelled
             if not items:
                 continue
             try:

@@ -28,7 +28,7 @@ from abstain.contract import (
     SCORE_NAMES,
     resolve_version_dir,
 )
-from abstain.datasets import ArraySplit, fingerprint
+from abstain.datasets import ArraySplit
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_scores
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
@@ -123,6 +123,10 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
         delta: SGR's failure probability, and ``1 - delta`` is the confidence of the
             Clopper–Pearson intervals reported for the coverage points.
         score: one of ``SCORE_NAMES``; default the one with the lowest AURC on this data.
+            That choice looks at the same data SGR then certifies on, so with the default
+            each score's SGR gets ``delta / len(SCORE_NAMES)`` (recorded as ``delta_per_score``
+            in each risk point's extra): by the union bound the bounds of all candidate
+            scores hold together with probability ``>= 1 - delta``, whichever is chosen.
 
     Raises:
         ValueError: bad targets/delta/score, data problems, too few samples, the training
@@ -146,7 +150,8 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
         raise ValueError(
             f"{labelled.name}: too few samples to calibrate ({n}); give at least {MIN_CALIBRATION_SAMPLES}"
         )
-    data_fp = fingerprint(labelled.x, labelled.y)
+    # pixels' hash for array data; the file list's for imagefolder, as training records it
+    data_fp = labelled.fingerprint
     if model.metadata.get(META_TRAIN_DATA_FINGERPRINT) == data_fp:
         raise ValueError(
             f"{labelled.name} is the graph's training data (same fingerprint {data_fp[:19]}…); "
@@ -171,10 +176,13 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
                    "risk_interval": list(res.risk_interval), "confidence": confidence,
                    "n_selected": res.n_selected, "n_errors": res.n_errors},
         ))
+    # a data-dependent choice among the candidate scores costs a share of delta (see Args)
+    delta_per_score = delta if score else delta / len(SCORE_NAMES)
     unmet: list[dict[str, Any]] = []
     for target in risks:
-        res = sgr_point(ranked, target, delta)
-        common = {"n_probes": res.n_probes, "delta_per_probe": res.delta_per_probe}
+        res = sgr_point(ranked, target, delta_per_score)
+        common = {"n_probes": res.n_probes, "delta_per_score": delta_per_score,
+                  "delta_per_probe": res.delta_per_probe}
         if res.feasible:
             points.append(OperatingPoint(
                 name=point_name("risk", target), method="risk", score=chosen,
@@ -206,7 +214,8 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         data={"source": labelled.name, "fingerprint": data_fp, "size": n,
               "accuracy": float(1.0 - preds.errors.mean()), "score": chosen,
-              "score_choice": "given" if score else "lowest AURC"},
+              "score_choice": "given" if score else "lowest AURC",
+              "delta_per_score": delta_per_score},
         scores=per_score,
         unmet_targets=tuple(unmet),
     )

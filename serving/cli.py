@@ -40,6 +40,10 @@ def serve(
         str, typer.Option(help="Triton endpoint: host:port (HTTP) or grpc://host:port",
                      envvar="ABSTAIN_TRITON_URL")
     ] = "127.0.0.1:8000",
+    triton_timeout: Annotated[
+        float, typer.Option(min=0.001, help="seconds one Triton call may take before a 503",
+                            envvar="ABSTAIN_TRITON_TIMEOUT")
+    ] = 10.0,
     max_batch: Annotated[int, typer.Option(min=1, help="most images one request may carry",
                                            envvar="ABSTAIN_MAX_BATCH")] = 256,
     batch_max_size: Annotated[int, typer.Option(min=1, help="adaptive batching: most images per pass",
@@ -74,13 +78,17 @@ def serve(
     if backend == "triton":
         from serving.backends import verify_triton_serves
 
-        verify_triton_serves(triton_url, artifacts.graph_path, artifacts.name, artifacts.version)
+        verify_triton_serves(
+            triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
+            graph_sha256=artifacts.graph_sha256, timeout_s=triton_timeout,
+        )
     env = dict(os.environ)
     env.update(
         {
             "ABSTAIN_MODEL_DIR": str(artifacts.version_dir.resolve()),
             "ABSTAIN_BACKEND": backend,
             "ABSTAIN_TRITON_URL": triton_url,
+            "ABSTAIN_TRITON_TIMEOUT": str(triton_timeout),
             "ABSTAIN_WORKERS": str(workers),
             "ABSTAIN_MAX_BATCH": str(max_batch),
             "ABSTAIN_BATCH_MAX_SIZE": str(batch_max_size),

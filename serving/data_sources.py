@@ -3,14 +3,21 @@
 Three sources, one result (an :class:`abstain.datasets.ArraySplit`, x float32 ``[N, C, H, W]``
 in [0, 1], y int64 ``[N]``):
 
-* a built-in split: ``--dataset digits --split val`` (:mod:`abstain.datasets`);
+* a dataset's split, the same files and split training used (:mod:`abstain.datasets`):
+  ``--dataset digits|fashion-mnist|cifar100 --split val`` as arrays, or
+  ``--dataset imagefolder --data-root D --split val`` (10 % of ``D/train`` per class; ``test``
+  is ``D/val``), whose images are decoded here;
 * an ``.npz`` file with arrays ``x`` and ``y`` (:func:`abstain.datasets.load_npz`);
-* an ImageFolder directory ``root/<class>/<image>`` (torchvision's layout) read with PIL,
-  converted to the graph's channels (``L`` or ``RGB``) and resized to its height × width.
+* an ImageFolder directory ``root/<class>/<image>`` (torchvision's layout).
 
 Arrays (built-in splits, ``.npz``) must already have the graph's shape: silently resizing
 them would calibrate on different pixels than the client sends. Images are files, and are
-converted exactly as a client's image upload would be.
+converted exactly as a client's image upload would be (:func:`serving.validation.fit_image`:
+for image-folder models, training's eval Resize + CenterCrop).
+
+The fingerprint of ``--dataset imagefolder`` data is its file list's
+(:func:`abstain.datasets.file_list_fingerprint`), the one training records, so calibration
+recognises and refuses the training split.
 """
 
 from __future__ import annotations
@@ -21,27 +28,75 @@ from pathlib import Path
 import numpy as np
 
 from abstain.contract import InputSpec
-from abstain.datasets import ArraySplit, load_array_dataset, load_npz
+from abstain.datasets import (
+    ARRAY_DATASETS,
+    ArraySplit,
+    imagefolder_split,
+    load_array_dataset,
+    load_cifar100,
+    load_npz,
+)
 from serving.inference import validate_pixels
+from serving.validation import fit_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+#: What ``--dataset`` accepts for calibration and evaluation.
+DATASETS = (*ARRAY_DATASETS, "cifar100", "imagefolder")
 
 
 def image_to_pixels(path: Path, spec: InputSpec) -> np.ndarray:
-    """One image file → float32 ``[C, H, W]`` in [0, 1] for ``spec`` (grey ``L`` or ``RGB``)."""
+    """One image file → float32 ``[C, H, W]`` in [0, 1] for ``spec``, preprocessed by ``fit_image``."""
     from PIL import Image, UnidentifiedImageError
 
     if spec.channels not in (1, 3):
         raise ValueError(f"images can feed graphs with 1 or 3 channels, but this graph wants {spec.channels}")
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if spec.channels == 1 else "RGB")
-            if image.size != (spec.width, spec.height):
-                image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            return fit_image(image, spec)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(
+            f"{path}: the image is too large to decode safely ({exc}); resize it below "
+            f"{Image.MAX_IMAGE_PIXELS} pixels or leave it out of the calibration data"
+        ) from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
-    return array[None] if spec.channels == 1 else array.transpose(2, 0, 1)
+
+
+def _decode_all(paths: Sequence[Path | str], spec: InputSpec) -> np.ndarray:
+    """Image files → float32 ``[N, C, H, W]``, written into one array (no second copy to stack)."""
+    x = np.empty((len(paths), *spec.shape), dtype=np.float32)
+    for i, path in enumerate(paths):
+        x[i] = image_to_pixels(Path(path), spec)
+    return x
+
+
+def load_imagefolder_split(root: Path, split: str, spec: InputSpec,
+                           class_names: Sequence[str]) -> ArraySplit:
+    """``--dataset imagefolder``: training's split of ``root`` (train/val carved from ``root/train``,
+    test = ``root/val``), decoded for the graph, fingerprinted by its file list."""
+    files = imagefolder_split(root, split)
+    if tuple(class_names) != files.class_names:
+        raise ValueError(
+            f"{files.name} in {root}: the class folders {list(files.class_names)[:5]}... "
+            f"({len(files.class_names)}) are not the graph's classes {list(class_names)[:5]}... "
+            f"({len(class_names)}); calibrate a graph on the dataset it was trained on"
+        )
+    return ArraySplit(x=_decode_all(files.paths, spec), y=files.y, class_names=files.class_names,
+                      name=files.name, source_fingerprint=files.fingerprint)
+
+
+def load_dataset_split(name: str, split: str, spec: InputSpec, class_names: Sequence[str],
+                       data_root: Path | None = None) -> ArraySplit:
+    """``--dataset NAME --split SPLIT``: one of :data:`DATASETS`."""
+    if name in ARRAY_DATASETS:
+        return load_array_dataset(name, split, data_root)
+    if name == "cifar100":
+        return load_cifar100(split, data_root)
+    if name == "imagefolder":
+        if data_root is None:
+            raise ValueError("dataset imagefolder needs --data-root (the folder holding train/ and val/)")
+        return load_imagefolder_split(Path(data_root), split, spec, class_names)
+    raise ValueError(f"dataset should be one of {', '.join(DATASETS)}, but got {name!r}")
 
 
 def _class_index(folder: str, class_names: Sequence[str]) -> int:
@@ -62,17 +117,17 @@ def load_image_folder(root: Path, spec: InputSpec, class_names: Sequence[str]) -
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"{root}: an image folder should hold one sub-directory per class, but has none")
-    images: list[np.ndarray] = []
+    paths: list[Path] = []
     labels: list[int] = []
     for folder in folders:
         label = _class_index(folder.name, class_names)
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(image_to_pixels(path, spec))
+                paths.append(path)
                 labels.append(label)
-    if not images:
+    if not paths:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    return ArraySplit(x=np.stack(images), y=np.asarray(labels, dtype=np.int64),
+    return ArraySplit(x=_decode_all(paths, spec), y=np.asarray(labels, dtype=np.int64),
                       class_names=tuple(class_names), name=str(root))
 
 
@@ -90,7 +145,7 @@ def load_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: 
             "(an .npz file with x and y, or an ImageFolder directory)"
         )
     if dataset is not None:
-        split_data = load_array_dataset(dataset, split, data_root)
+        split_data = load_dataset_split(dataset, split, spec, class_names, data_root)
     else:
         path = Path(data)  # type: ignore[arg-type]
         if path.is_dir():
@@ -108,4 +163,5 @@ def load_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: 
             f"{split_data.name}: labels should be class indices in [0, {k}) for this graph's "
             f"{k} classes, but got {bad}"
         )
-    return ArraySplit(x=x, y=y, class_names=tuple(class_names), name=split_data.name)
+    return ArraySplit(x=x, y=y, class_names=tuple(class_names), name=split_data.name,
+                      source_fingerprint=split_data.source_fingerprint)

@@ -19,7 +19,7 @@ from abstain.contract import (
     SELECTION_NAME,
     InputSpec,
 )
-from abstain.io import sha256_file
+from abstain.io import sha256_bytes
 
 
 @dataclass(frozen=True)
@@ -66,28 +66,47 @@ def validate_pixels(x: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 class OnnxModel:
-    """An exported graph loaded in ONNX Runtime, with its metadata.
+    """An exported graph loaded in ONNX Runtime, with its metadata and the sha256 of its bytes.
+
+    The file is read once; the session is built from those bytes and :attr:`sha256` is their
+    hash, so the hash always names the graph actually running — a file replaced on disk
+    after loading (``abstain export --force``) cannot bind a calibration to the wrong graph.
 
     Args:
-        path: ``model.onnx``.
+        source: ``model.onnx`` (a path), or the graph's bytes already read.
         intra_op_threads: ONNX Runtime threads per session; default ``$ABSTAIN_ORT_THREADS`` or 1,
             so that several service workers do not oversubscribe the cores.
         prefer_cuda: use the CUDA provider when available.
+        path: where ``source`` bytes came from, for messages (ignored when ``source`` is a path).
     """
 
-    def __init__(self, path: Path, intra_op_threads: int | None = None, prefer_cuda: bool = True) -> None:
+    def __init__(
+        self,
+        source: Path | str | bytes,
+        intra_op_threads: int | None = None,
+        prefer_cuda: bool = True,
+        *,
+        path: Path | str | None = None,
+    ) -> None:
         import onnxruntime as ort
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX graph {self.path} does not exist")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            self.path = Path(path) if path is not None else Path("<bytes>")
+        else:
+            self.path = Path(source)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"ONNX graph {self.path} does not exist")
+            data = self.path.read_bytes()
+        #: sha256 of exactly the bytes the session was built from
+        self.sha256: str = sha256_bytes(data)
         options = ort.SessionOptions()
         threads = intra_op_threads or int(os.environ.get("ABSTAIN_ORT_THREADS", "1"))
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=available_providers(prefer_cuda)
+                data, sess_options=options, providers=available_providers(prefer_cuda)
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ValueError(f"{self.path} is not a loadable ONNX graph: {exc}") from exc
@@ -110,13 +129,6 @@ class OnnxModel:
                 "export it with `abstain export`"
             ) from exc
         self.providers: list[str] = self.session.get_providers()
-        self._sha256: str | None = None
-
-    @property
-    def sha256(self) -> str:
-        if self._sha256 is None:
-            self._sha256 = sha256_file(self.path)
-        return self._sha256
 
     @property
     def num_classes(self) -> int:

@@ -10,7 +10,12 @@ name                                   type       labels
 ``abstain_inference_seconds``          histogram  model, version, backend
 ``abstain_batch_size``                 histogram  model, version
 ``abstain_rejected_inputs_total``      counter    reason
+``abstain_backend_errors_total``       counter    model, version, backend
 =====================================  =========  ===============================================
+
+A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
+the client's input, so it is not a rejected input: it has its own counter, and the request
+is answered 503 ``backend_unavailable``.
 
 Multi-worker mode: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker before it builds
 the service, and its ``/metrics`` merges every worker's files. ``prometheus_client`` picks its
@@ -119,6 +124,12 @@ class ServiceMetrics:
             "Requests rejected before inference, by reason.",
             ["reason"],
         )
+        self.backend_errors = Counter(
+            "abstain_backend_errors",
+            "Requests answered 503 because the inference backend failed (down, timed out, errored).",
+            ["model", "version", "backend"],
+        )
+        self.backend_errors.labels(model, version, backend)  # a zero before the first failure
         self._window = window
         self._rolling: dict[str, RollingRate] = {}
         for point in calibration.operating_points:
@@ -153,3 +164,6 @@ class ServiceMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
+
+    def backend_error(self) -> None:
+        self.backend_errors.labels(self.model, self.version, self.backend).inc()

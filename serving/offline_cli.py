@@ -13,12 +13,14 @@ import typer
 
 ModelDir = Annotated[Path, typer.Argument(help="models/<name> (latest version) or models/<name>/<version>.")]
 DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", help="Built-in dataset: digits or fashion-mnist (with --split).")]
+    "--dataset", help="Dataset split as training made it (with --split): digits, fashion-mnist, "
+                      "cifar100 or imagefolder (the last two with --data-root).")]
 DataOpt = Annotated[Path | None, typer.Option(
     "--data", help="An .npz with arrays x [N, C, H, W] in [0, 1] and y [N], or an ImageFolder "
                    "directory <class>/<image>.")]
 DataRootOpt = Annotated[Path | None, typer.Option(
-    "--data-root", help="Folder with the Fashion-MNIST IDX files (default: Debian's).")]
+    "--data-root", help="Folder of --dataset: Fashion-MNIST's IDX files (default: Debian's), "
+                        "cifar-100-python/'s parent, or imagefolder's train/ and val/ parent.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Inference batch size.")]
 
 

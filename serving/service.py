@@ -16,6 +16,8 @@ exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,16 +34,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
 from serving.batcher import AdaptiveBatcher
 from serving.decisions import decide
-from serving.inference import OnnxModel
 from serving.metrics import ServiceMetrics
-from serving.settings import ServeSettings, load_artifacts
+from serving.settings import ServeSettings, load_artifacts, load_graph
 from serving.validation import MAX_IMAGE_BYTES, InputRejectedError, decode_image, parse_pixels
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
 if SETTINGS.backend == "triton":
     # here too, so that `bentoml serve` exits with the message instead of restarting workers
-    verify_triton_serves(SETTINGS.triton_url, ARTIFACTS.graph_path, ARTIFACTS.name, ARTIFACTS.version)
+    verify_triton_serves(
+        SETTINGS.triton_url,
+        ARTIFACTS.graph_path,
+        ARTIFACTS.name,
+        ARTIFACTS.version,
+        graph_sha256=ARTIFACTS.graph_sha256,
+        timeout_s=SETTINGS.triton_timeout,
+    )
+
+log = logging.getLogger(__name__)
 
 #: Header on the service's own 4xx answers, so the middleware does not count them twice.
 REJECTED_HEADER = "x-abstain-rejected"
@@ -53,6 +63,19 @@ def rejection(exc: InputRejectedError) -> JSONResponse:
         {"error": exc.message, "reason": exc.reason},
         status_code=STATUS.get(exc.reason, 400),
         headers={REJECTED_HEADER: exc.reason},
+    )
+
+
+def backend_unavailable(backend: str, exc: Exception) -> JSONResponse:
+    """503 for a failed forward pass: the input was fine, the backend was not (retry later)."""
+    detail = f"{type(exc).__name__}: {exc}"
+    return JSONResponse(
+        {
+            "error": f"the {backend} inference backend failed ({detail[:300]}); the request was valid, "
+            "retry later",
+            "reason": "backend_unavailable",
+        },
+        status_code=503,
     )
 
 
@@ -88,6 +111,81 @@ class CountFrameworkRejections:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class LimitJsonBody:
+    """ASGI middleware: answer 413 ``batch_too_large`` to a ``/predict`` body no valid request needs.
+
+    BentoML 1.4 has no request-size limit, and ``ABSTAIN_MAX_BATCH`` is only checked after the
+    whole body is parsed into Python lists (tens of bytes per number): a huge body could take
+    a worker's memory first. The limit is what the largest valid batch can take as compact
+    JSON, :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent
+    form 24) times ``max_batch · C · H · W``, plus :data:`SLACK_BYTES` for brackets and the
+    operating point (see :meth:`Abstain.max_body_bytes`). A ``Content-Length`` over it is
+    refused before reading; a body without one is read up to the limit and refused once it
+    passes it; at most the limit is ever buffered. The rest of a refused body is read and
+    dropped (up to :data:`DRAIN_BYTES`, no memory kept) so that the client, still sending,
+    sees the 413 instead of a reset connection.
+    """
+
+    PATH = "/predict"
+    BYTES_PER_NUMBER = 25
+    SLACK_BYTES = 64 * 1024
+    DRAIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        # only now: asked during the lifespan start-up, it would wait for the service being built
+        service = bentoml.get_current_service()
+        if service is None:
+            return await self.app(scope, receive, send)
+        limit = service.max_body_bytes
+        length = Headers(scope=scope).get("content-length")
+        too_large = length is not None and length.isdigit() and int(length) > limit
+        body = bytearray()
+        seen, more = 0, True
+        while more and not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            more = message.get("more_body", False)
+            if seen > limit:
+                too_large = True
+            else:
+                body += chunk
+        if too_large:
+            body.clear()
+            while more and seen <= self.DRAIN_BYTES:  # let the client finish sending, keep nothing
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            exc = InputRejectedError(
+                "batch_too_large",
+                f"the request body is larger than {limit} bytes, the most that "
+                f"{service.settings.max_batch} images of {list(service.model.input_spec.shape)} take as "
+                f"JSON; valid: at most {service.settings.max_batch} images per request, as compact JSON",
+            )
+            service.metrics.reject(exc.reason)
+            return await rejection(exc)(scope, receive, send)
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class CheckUploadForms:
@@ -200,7 +298,8 @@ class Abstain:
         threads = int(
             os.environ.get("ABSTAIN_ORT_THREADS") or max(1, (os.cpu_count() or 1) // SETTINGS.workers)
         )
-        self.model = OnnxModel(ARTIFACTS.graph_path, intra_op_threads=threads)
+        # read once, hashed and loaded from the same bytes; refused unless still the calibrated graph
+        self.model = load_graph(ARTIFACTS, intra_op_threads=threads)
         self.class_names = ARTIFACTS.labels or self.model.class_names
         if len(self.class_names) != self.model.num_classes:
             raise ValueError(
@@ -209,7 +308,9 @@ class Abstain:
             )
         backend: Backend
         if SETTINGS.backend == "triton":
-            backend = TritonBackend(SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version)
+            backend = TritonBackend(
+                SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout
+            )
         else:
             backend = OnnxRuntimeBackend(self.model)
         self.backend = backend
@@ -230,6 +331,12 @@ class Abstain:
             # on the inference thread: the HTTP client is per-thread (see serving.backends)
             self.batcher._executor.submit(backend.verify, self.model).result()
         self._ready = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest ``/predict`` body accepted (see :class:`LimitJsonBody`)."""
+        numbers = self.settings.max_batch * math.prod(self.model.input_spec.shape)
+        return numbers * LimitJsonBody.BYTES_PER_NUMBER + LimitJsonBody.SLACK_BYTES
 
     def __is_ready__(self) -> bool:
         return getattr(self, "_ready", False)
@@ -275,7 +382,12 @@ class Abstain:
             )
             self.metrics.reject(exc.reason)
             return rejection(exc)
-        out = await self.batcher.submit(x)
+        try:
+            out = await self.batcher.submit(x)
+        except Exception as exc:  # Triton down or past its timeout, an ONNX Runtime error: not a 500
+            log.warning("%s backend failed: %s", self.backend.name, exc)
+            self.metrics.backend_error()
+            return backend_unavailable(self.backend.name, exc)
         answers = decide(out.logits, out.selection, point, self.class_names)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
         return {
@@ -308,3 +420,4 @@ class Abstain:
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)
 Abstain.add_asgi_middleware(CheckUploadForms)
+Abstain.add_asgi_middleware(LimitJsonBody)

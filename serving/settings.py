@@ -10,6 +10,7 @@ variable                            meaning                                     
 ``ABSTAIN_OPERATING_POINT``         default operating point of answers                calibration's default
 ``ABSTAIN_BACKEND``                 ``onnxruntime`` (embedded) or ``triton``          ``onnxruntime``
 ``ABSTAIN_TRITON_URL``              ``host:port`` (HTTP) or ``grpc://host:port``      ``127.0.0.1:8000``
+``ABSTAIN_TRITON_TIMEOUT``          seconds one Triton call may take, then 503        10
 ``ABSTAIN_MAX_BATCH``               most images one request may carry                 256
 ``ABSTAIN_BATCH_MAX_SIZE``          adaptive batching: most images per forward pass   64
 ``ABSTAIN_BATCH_MAX_LATENCY_MS``    adaptive batching: longest wait to fill a batch   0
@@ -26,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from abstain.calibration import Calibration, load_calibration, verify_graph
+from abstain.calibration import Calibration, CalibrationError, load_calibration, verify_graph
 from abstain.contract import (
     CALIBRATION_FILENAME,
     DEFAULT_MODEL_NAME,
@@ -36,6 +37,7 @@ from abstain.contract import (
     read_labels,
     resolve_version_dir,
 )
+from serving.inference import OnnxModel
 
 BACKENDS = ("onnxruntime", "triton")
 
@@ -74,6 +76,7 @@ class ServeSettings:
     operating_point: str | None = None
     backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8000"
+    triton_timeout: float = 10.0
     max_batch: int = 256
     batch_max_size: int = 64
     batch_max_latency_ms: float = 0.0
@@ -85,6 +88,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend should be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
+        if not self.triton_timeout > 0:
+            raise ValueError(f"ABSTAIN_TRITON_TIMEOUT should be > 0 seconds, but got {self.triton_timeout!r}")
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -94,6 +99,7 @@ class ServeSettings:
             operating_point=os.environ.get("ABSTAIN_OPERATING_POINT") or None,
             backend=os.environ.get("ABSTAIN_BACKEND", "onnxruntime"),
             triton_url=os.environ.get("ABSTAIN_TRITON_URL", "127.0.0.1:8000"),
+            triton_timeout=_float_env("ABSTAIN_TRITON_TIMEOUT", 10.0),
             max_batch=_int_env("ABSTAIN_MAX_BATCH", 256),
             batch_max_size=_int_env("ABSTAIN_BATCH_MAX_SIZE", 64),
             batch_max_latency_ms=_float_env("ABSTAIN_BATCH_MAX_LATENCY_MS", 0.0),
@@ -151,3 +157,24 @@ def load_artifacts(model_dir: Path, operating_point: str | None = None) -> Artif
         calibration=calibration,
         labels=labels,
     )
+
+
+def load_graph(
+    artifacts: Artifacts, intra_op_threads: int | None = None, prefer_cuda: bool = True
+) -> OnnxModel:
+    """The calibrated graph in ONNX Runtime, built from bytes whose sha256 matches the calibration.
+
+    :func:`load_artifacts` hashed the file when the service was imported; a worker opens it
+    later, and ``abstain export --force`` may have replaced it in between. The graph is read
+    once, hashed and loaded from those same bytes (:class:`serving.inference.OnnxModel`), and
+    refused with ``CalibrationError`` unless the hash is still the calibration's.
+    """
+    model = OnnxModel(artifacts.graph_path, intra_op_threads=intra_op_threads, prefer_cuda=prefer_cuda)
+    try:
+        verify_graph(artifacts.calibration, artifacts.graph_path, model.sha256)
+    except CalibrationError as exc:
+        raise CalibrationError(
+            f"{exc} (the graph changed on disk after the service checked it at start-up; restart "
+            "the service once the model directory holds a graph and its calibration together)"
+        ) from exc
+    return model

@@ -16,14 +16,15 @@
 Data fingerprint (stored in the checkpoint, compared by calibration): for array datasets
 and CIFAR-100, :func:`abstain.datasets.fingerprint` of the training split's float32 pixels
 ``[N, C, H, W]`` and labels — so an ``.npz`` of the same split is recognised; for
-``imagefolder``, a sha256 over the sorted (relative path, size in bytes) of the training
-files (reading every image would take minutes on ImageNet-100).
+``imagefolder``, :func:`abstain.datasets.file_list_fingerprint`: a sha256 over the sorted
+(relative path, size in bytes) of the training files (reading every image would take minutes
+on ImageNet-100). The split of ``train/`` into train and val files is
+:func:`abstain.datasets.imagefolder_split`, shared with calibration.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,12 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from abstain.contract import InputSpec
 from abstain.datasets import (
+    CIFAR100_VAL_FRACTION,
     SPLIT_SEED,
     ArraySplit,
     fashion_mnist_root,
+    imagefolder_resize_size,
+    imagefolder_split,
     load_array_dataset,
     stratified_split_indices,
 )
@@ -47,8 +51,6 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR100_VAL_FRACTION = 0.1  # 5,000 of the 50,000 training images
-IMAGEFOLDER_VAL_FRACTION = 0.1
 IMAGEFOLDER_CROP = 224
 
 
@@ -153,14 +155,6 @@ def load_cifar100(root: Path, download: bool = False) -> DataBundle:
     )
 
 
-def _file_list_fingerprint(root: Path, paths: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        p = Path(path)
-        digest.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
-    return "sha256:" + digest.hexdigest()
-
-
 def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
     """ImageNet-100 / Stanford Cars as ImageFolder: ``root/train/<class>/*``, ``root/val/<class>/*``."""
     from torchvision import datasets, transforms
@@ -174,8 +168,10 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
     augment = transforms.Compose([
         transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
     ])
+    # Eval preprocessing: the policy serving applies to uploads and calibration images
+    # (serving.validation.fit_image, PIL's bilinear resize — what torchvision calls on PIL images).
     plain = transforms.Compose([
-        transforms.Resize(round(crop * 256 / 224)), transforms.CenterCrop(crop), transforms.ToTensor(),
+        transforms.Resize(imagefolder_resize_size(crop)), transforms.CenterCrop(crop), transforms.ToTensor(),
     ])
     try:
         train_aug = datasets.ImageFolder(str(root / "train"), transform=augment)
@@ -188,16 +184,21 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
             f"image folder dataset in {root}: train/ has classes {train_aug.classes[:5]}... "
             f"({len(train_aug.classes)}) but val/ has {test.classes[:5]}... ({len(test.classes)}); {layout}"
         )
-    targets = np.asarray(train_aug.targets, dtype=np.int64)
-    train_idx, val_idx = stratified_split_indices(
-        targets, (1 - IMAGEFOLDER_VAL_FRACTION, IMAGEFOLDER_VAL_FRACTION), SPLIT_SEED)
-    train_files = [train_aug.samples[i][0] for i in train_idx]
+    # Which files of train/ are train and which are val: abstain.datasets decides (the same
+    # function calibration uses), and we take ImageFolder's indices of exactly those files.
+    train_split, val_split = imagefolder_split(root, "train"), imagefolder_split(root, "val")
+    position = {path: i for i, (path, _) in enumerate(train_aug.samples)}
+    try:
+        train_idx = [position[path] for path in train_split.paths]
+        val_idx = [position[path] for path in val_split.paths]
+    except KeyError as exc:  # only if torchvision's ImageFolder changed how it lists files
+        raise RuntimeError(f"ImageFolder and abstain.datasets list {root}/train differently: {exc}") from exc
     return DataBundle(
         name="imagefolder",
-        train=Subset(train_aug, train_idx.tolist()), val=Subset(train_plain, val_idx.tolist()), test=test,
+        train=Subset(train_aug, train_idx), val=Subset(train_plain, val_idx), test=test,
         class_names=tuple(train_aug.classes),
         input_spec=InputSpec(3, crop, crop, IMAGENET_MEAN, IMAGENET_STD),
-        fingerprint=_file_list_fingerprint(root, train_files),
+        fingerprint=train_split.fingerprint,
     )
 
 

@@ -7,8 +7,14 @@ Multi-GPU / multi-node runs use PyTorch DDP under ``torchrun`` (it sets ``RANK``
 
 Outputs in ``out/``: ``checkpoint.pt`` (atomic, every epoch; see :mod:`training.checkpoint`)
 and ``metrics.jsonl`` (one ``"split": "val"`` line per epoch, then one ``"split": "test"``
-line at the end). Resuming from the checkpoint restores model, optimiser, scheduler and RNG
-state, and data order depends only on (seed, epoch), so 2 + 1 epochs equal 3 epochs.
+line at the end). Resuming from the checkpoint restores model, optimiser and scheduler; every
+random stream of an epoch depends only on (seed, epoch, rank) — data order (the sampler),
+augmentation in the loader's workers and in the main process, dropout — because each epoch
+reseeds them (:func:`seed_epoch`), so 2 + 1 epochs equal 3 epochs, with or without workers
+and on every DDP rank.
+
+Evaluation (``predict``/``evaluate``) runs without autocast: the metrics stored in the
+checkpoint, and exported with the graph, are those of the float32 model that is exported.
 """
 
 from __future__ import annotations
@@ -111,23 +117,50 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
 
 
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A seed in [0, 2**63), a pure function of (seed, epoch, rank, stream), well mixed (``SeedSequence``)."""
+    words = np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
+    """Make every random stream of training epoch ``epoch`` a function of (seed, epoch, rank).
+
+    Call before iterating ``loader`` for that epoch. It sets the sampler's epoch (the shuffle),
+    reseeds the global torch RNG of this process (dropout, and augmentation when
+    ``num_workers=0``) and the loader's private generator, from which each worker's seed is
+    drawn when the epoch's workers start (base seed + worker id). A resumed run therefore needs
+    no saved RNG state, and each DDP rank has its own streams.
+    """
+    loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    torch.manual_seed(epoch_seed(seed, epoch, rank))  # CPU and every CUDA device
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch, rank, stream=1))
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, runtime: Runtime,
                 num_workers: int) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch) — call ``loader.sampler.set_epoch(e)``.
+    """A loader whose order depends only on (seed, epoch) — call :func:`seed_epoch` before each
+    training epoch.
 
     ``DistributedSampler`` is used even on one process: it makes the shuffle a pure function
     of (seed, epoch), which is what exact resumption needs. Training drops the last partial
     batch (a batch of one breaks the selection head's BatchNorm1d).
+
+    The training loader's workers are *not* persistent: a persistent worker seeds its RNG once,
+    when it starts, so its augmentation stream would run on across epochs and a resumed run
+    would restart it from the first epoch's state. Fresh workers each epoch take their seeds
+    from the generator that :func:`seed_epoch` reseeds; the cost is one worker start-up per
+    epoch (a fork). Evaluation loaders draw nothing at random and keep their workers.
     """
     sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
                                  shuffle=train, seed=seed, drop_last=False)
     per_process = batch_size // runtime.world_size if train else batch_size
-    # A private generator: the loader's worker seeds then never consume the global RNG
-    # (whose state the checkpoint saves for dropout and augmentation).
-    generator = torch.Generator().manual_seed(seed + runtime.rank)
+    # A private generator: the workers' seeds never consume the global RNG (dropout's).
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, runtime.rank, stream=1))
     return DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=train,
                       num_workers=num_workers, pin_memory=runtime.cuda, generator=generator,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0 and not train)
 
 
 def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
@@ -178,13 +211,16 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader,
             runtime: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(logits float32 [N, K], selection float32 [N], labels int64 [N])`` over ``loader``."""
+    """``(logits float32 [N, K], selection float32 [N], labels int64 [N])`` over ``loader``.
+
+    Without autocast, even when ``runtime.amp``: these numbers are reported as the metrics of
+    the float32 model that export writes, so they must come from float32 arithmetic.
+    """
     model.eval()
     logits, selection, labels = [], [], []
     for x, y in loader:
         x, _ = _to_device(x, y, runtime)
-        with _autocast(runtime):
-            output = model(x)
+        output = model(x)
         logits.append(output.logits.float().cpu())
         selection.append(output.selection.float().cpu())
         labels.append(y)
@@ -226,16 +262,11 @@ def _unwrap(model: nn.Module) -> SelectiveNet:
 
 
 def _rng_state(runtime: Runtime) -> dict[str, Any]:
+    """Rank 0's RNG state, kept in the checkpoint for the record; resuming does not need it."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if runtime.cuda:
         state["cuda"] = torch.cuda.get_rng_state(runtime.device)
     return state
-
-
-def _set_rng_state(state: dict[str, Any], runtime: Runtime) -> None:
-    torch.set_rng_state(state["torch"])
-    if runtime.cuda and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], runtime.device)
 
 
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
@@ -316,9 +347,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch = int(checkpoint["epoch"])
         records = _read_metrics(metrics_path, start_epoch)
-        _set_rng_state(checkpoint["rng"], runtime)
-    else:
-        torch.manual_seed(config.seed + runtime.rank)  # dropout/augmentation differ per process
+        # no RNG state to restore: seed_epoch reseeds every stream at the start of each epoch
     train_model: nn.Module = model
     if runtime.distributed:
         # `ce` leaves g and h without gradients: DDP must know, or it waits for them forever.
@@ -360,7 +389,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
 
     for epoch in range(start_epoch + 1, config.epochs + 1):  # type: ignore[operator]
         started = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        seed_epoch(train_loader, config.seed, epoch, runtime.rank)  # type: ignore[arg-type]
         lr = optimizer.param_groups[0]["lr"]
         terms = train_one_epoch(train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch,
                                 progress=progress)

@@ -5,8 +5,12 @@ Each loss is a small ``nn.Module`` whose ``forward(output, target)`` takes the m
 ``aux_logits [B, K]``) and the labels ``target`` int64 ``[B]`` and returns a :class:`LossOutput`:
 the scalar to back-propagate plus each term, detached, for logging.
 
-All arithmetic is done in float32 whatever the autocast dtype: ``binary_cross_entropy`` is
-not autocast-safe, and a ratio of means (SelectiveNet's risk) loses precision in bf16.
+All arithmetic is done in float32 whatever the autocast dtype (a ratio of means, SelectiveNet's
+risk, loses precision in bf16), and only with autocast-safe ops: CUDA autocast refuses
+``F.binary_cross_entropy`` whatever its inputs' dtype ("unsafe to autocast"; CPU autocast
+accepts it, so a CPU run cannot show it), so SYNC's BCE is computed from g's logit with
+``binary_cross_entropy_with_logits``. ``tests/training/test_losses.py`` replays the ops of a
+training step through PyTorch's CUDA-autocast kernels, on CPU.
 
 References:
     Geifman & El-Yaniv, "SelectiveNet: A Deep Neural Network with an Integrated Reject
@@ -131,6 +135,12 @@ class SyncLoss(nn.Module):
 
         L_SYNC = L_SN + β · mean_i BCE(g_i, sg[s_i])
         BCE(g, s) = −(s · log g + (1 − s) · log(1 − g))
+                  = softplus(z) − s · z          with g = sigmoid(z)
+
+The second form, on g's pre-sigmoid output z (``SelectiveOutput.selection_logit``), is what
+is computed (``binary_cross_entropy_with_logits``, float32): it is exact where g rounds to 0
+or 1, its gradient in z is ``g − s`` (never vanishing), and it is autocast-safe. For an
+output built without ``selection_logit``, z = logit(clamp(g, ε, 1 − ε)) with ε = 1e-6.
 
     The extra term pulls g towards the classifier's own confidence, so g learns to rank
     samples by how likely f is to be right, not only to meet the coverage target. The
@@ -153,10 +163,25 @@ class SyncLoss(nn.Module):
         prior_logits = output.logits if self.prior == "f" else output.aux_logits
         with torch.no_grad():  # sg[·]: the prior is a target, not something to move
             prior = torch.softmax(prior_logits.float(), dim=1).amax(dim=1)  # [B]
-        sync = F.binary_cross_entropy(output.selection.float(), prior)
+        sync = F.binary_cross_entropy_with_logits(_selection_logit(output), prior)
         total = base.total + self.beta * sync
         terms = dict(base.terms, loss=total.detach(), sync_bce=sync.detach())
         return LossOutput(total, terms)
+
+
+#: Clamp of g before taking its logit when an output carries no ``selection_logit``.
+_LOGIT_EPS = 1e-6
+
+
+def _selection_logit(output: SelectiveOutput) -> torch.Tensor:
+    """g's logit z ``[B]`` in float32: the model's own when it gave one, else logit(clamped g)."""
+    if output.selection_logit is not None:
+        if output.selection_logit.shape != output.selection.shape:
+            raise ValueError(f"selection_logit should have the shape of selection "
+                             f"{tuple(output.selection.shape)}, "
+                             f"but got {tuple(output.selection_logit.shape)}")
+        return output.selection_logit.float()
+    return torch.logit(output.selection.float(), eps=_LOGIT_EPS)
 
 
 def build_loss(name: str, *, target_coverage: float = DEFAULT_TARGET_COVERAGE,

@@ -73,11 +73,19 @@ class ModelConfig:
 
 
 class SelectiveOutput(NamedTuple):
-    """SelectiveNet's named outputs (a NamedTuple so tracing/ONNX export see plain tensors)."""
+    """SelectiveNet's named outputs (a NamedTuple so tracing/ONNX export see plain tensors).
+
+    :class:`SelectiveNet` returns every field in float32, also under autocast (its heads
+    run in float32; see :meth:`SelectiveNet.forward_heads`).
+    ``selection_logit`` is g before its sigmoid (``selection == sigmoid(selection_logit)``):
+    losses take log g and log(1 − g) from it exactly, where ``selection`` saturates at 1 in
+    float32 beyond a logit of ~17. It is optional (``None``) for outputs built by hand.
+    """
 
     logits: torch.Tensor  # [N, K] prediction head f
     selection: torch.Tensor  # [N] selection head g, in [0, 1]
     aux_logits: torch.Tensor  # [N, K] auxiliary head h
+    selection_logit: torch.Tensor | None = None  # [N] g before the sigmoid
 
 
 def _small_cnn(in_channels: int, width: int, dropout: float) -> tuple[nn.Module, int]:
@@ -162,9 +170,26 @@ class SelectiveNet(nn.Module):
         return self.body((x - self.mean) / self.std)
 
     def forward_heads(self, features: torch.Tensor) -> SelectiveOutput:
-        """Features ``[N, D]`` → ``SelectiveOutput(logits [N, K], selection [N], aux_logits [N, K])``."""
-        selection = torch.sigmoid(self.selector(features)).squeeze(-1)  # [N, 1] → [N], never [N, 1]
-        return SelectiveOutput(self.predictor(features), selection, self.auxiliary(features))
+        """Features ``[N, D]`` → ``SelectiveOutput(logits [N, K], selection [N], aux_logits [N, K],
+        selection_logit [N])``, float32 also under autocast.
+
+        Under autocast the body runs in bf16 but the heads run in float32, autocast off: in
+        bf16, g's logit near 7 steps by 0.03 and sigmoid(7) rounds to 1.0 (steps of 0.004 near
+        1), so g could not rank confident samples and its gradient would vanish. The heads are
+        a few small matmuls (D × 512 at most) against the body's millions, so float32 costs
+        nothing measurable. Without autocast (evaluation, export) this branch is not taken, so
+        the exported graph is the same as before.
+        """
+        device_type = features.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self._heads(features.float())
+        return self._heads(features)
+
+    def _heads(self, features: torch.Tensor) -> SelectiveOutput:
+        selection_logit = self.selector(features).squeeze(-1)  # [N, 1] → [N], never [N, 1]
+        return SelectiveOutput(self.predictor(features), torch.sigmoid(selection_logit),
+                               self.auxiliary(features), selection_logit)
 
     def forward(self, x: torch.Tensor) -> SelectiveOutput:
         return self.forward_heads(self.forward_features(x))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import export.pipeline as pipeline
 from abstain.cli import app
-from abstain.contract import META_CHECKPOINT_SHA256, MODEL_FILENAME
+from abstain.contract import META_CHECKPOINT_SHA256, META_TEST_METRICS, MODEL_FILENAME
 from abstain.io import sha256_file
 from export.onnx_export import export_graph
 from export.verify import ParityError
@@ -151,3 +151,42 @@ def test_failed_parity_check_fails_the_export_and_writes_nothing(exported, monke
     assert isinstance(error, ParityError)
     assert "ONNX Runtime and PyTorch disagree" in str(error) and "max abs diff" in str(error)
     assert snapshot(repository) == before
+
+
+def test_metrics_of_an_interrupted_run_are_not_exported_as_test_metrics(tmp_path):
+    # A run stopped before its test evaluation leaves the last epoch's val record in the
+    # checkpoint: it must not be published as abstain.test_metrics.
+    val_record = {"split": "val", "epoch": 2, "accuracy": 0.91}
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, dict(checkpoint_dict(), metrics=val_record, epoch=2))
+    repository = tmp_path / "models"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits",
+                                      "--repository", str(repository)])
+    assert result.exit_code == 0, result.output
+    assert ("note: the checkpoint holds no test metrics, only the val metrics of epoch 2 (the run "
+            "stopped before its test evaluation): stored as abstain.val_metrics, not abstain.test_metrics"
+            ) in " ".join(result.output.split())
+    metadata = OnnxModel(repository / "digits" / "1" / MODEL_FILENAME, prefer_cuda=False).metadata
+    assert META_TEST_METRICS not in metadata
+    assert json.loads(metadata["abstain.val_metrics"]) == val_record
+
+    as_json = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits", "--json",
+                                       "--repository", str(repository)])
+    report = json.loads(as_json.output)
+    assert report["metrics_key"] == "abstain.val_metrics" and len(report["notes"]) == 1
+
+
+@pytest.mark.parametrize(("metrics", "key", "note"), [
+    ({"split": "test", "accuracy": 0.97}, META_TEST_METRICS, None),
+    ({"split": "val", "epoch": 5}, "abstain.val_metrics", "only the val metrics of epoch 5"),
+    ({"accuracy": 0.97}, None, "name no split"),
+    ({"split": "../../x"}, None, "name no split"),
+    (None, None, None),
+])
+def test_metrics_go_under_the_key_of_their_split(metrics, key, note):
+    got_key, got_note = pipeline.metrics_metadata(dict(checkpoint_dict(), metrics=metrics))
+    assert got_key == key
+    assert (got_note is None) if note is None else (note in got_note)
+    meta = pipeline.graph_metadata(dict(checkpoint_dict(), metrics=metrics), "ab" * 32,
+                                   *pipeline._consistent_spec(checkpoint_dict(), Path("c")), False, False)
+    assert {k for k in meta if k.endswith("_metrics")} == ({key} if key else set())

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ def bentoml_command(port: int) -> list[str]:
 def service_env(**abstain: str | int | float) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTAIN_")}
     env["BENTOML_DO_NOT_TRACK"] = "true"
+    # each server its own BENTOML_HOME: bentoml serve empties $BENTOML_HOME/prometheus_multiproc_dir
+    # at start, so servers sharing one would wipe each other's metrics
+    env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="abstain-test-bentoml-")
     env.update({f"ABSTAIN_{k.upper()}": str(v) for k, v in abstain.items()})
     return env
 

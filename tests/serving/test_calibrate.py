@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from abstain.calibration import load_calibration
+from abstain.contract import SCORE_NAMES
 from abstain.datasets import load_digits
 from abstain.io import sha256_file
 from abstain.selective import aurc, coverage_and_risk
@@ -150,3 +152,26 @@ def test_cli_writes_calibration_and_reports_user_errors_in_one_line(tmp_path: Pa
     assert bad.returncode == 2
     assert "coverage targets should be in (0, 1], but got 0.0" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_automatic_score_choice_splits_delta_over_the_candidate_scores(
+    version_dir: Path, calibrated, tmp_path: Path
+) -> None:
+    # the score is chosen on the calibration data itself, so each candidate's SGR gets δ/3;
+    # its probes then split that again: δ/3/K per probe
+    assert calibrated.calibration.data["score_choice"] == "lowest AURC"
+    assert calibrated.calibration.data["delta_per_score"] == pytest.approx(0.05 / len(SCORE_NAMES))
+    risk_points = [p.extra for p in calibrated.calibration.operating_points if p.method == "risk"]
+    risk_points += list(calibrated.calibration.unmet_targets)
+    assert len(risk_points) == 2
+    for extra in risk_points:
+        assert extra["delta_per_score"] == pytest.approx(0.05 / 3)
+        assert extra["delta_per_probe"] == pytest.approx(0.05 / 3 / extra["n_probes"])
+    # with --score given there is no choice to pay for: δ/K per probe
+    copy = shutil.copytree(version_dir.parent, tmp_path / version_dir.parent.name) / version_dir.name
+    named = run_calibration(copy, dataset="digits", split="val", coverages=[], risks=[0.2],
+                            delta=0.05, score=calibrated.chosen_score)
+    (point,) = named.calibration.operating_points
+    assert named.calibration.data["score_choice"] == "given"
+    assert point.extra["delta_per_score"] == pytest.approx(0.05)
+    assert point.extra["delta_per_probe"] == pytest.approx(0.05 / point.extra["n_probes"])

@@ -52,8 +52,10 @@ def test_answers_match_offline_decisions_on_the_digits_test_split(server: Server
     )
     np.testing.assert_array_equal(got_top, top)
     np.testing.assert_allclose([p["score_value"] for p in preds], scores, atol=1e-6)
+    default = load_calibration(MODEL_DIR / CALIBRATION_FILENAME).default_operating_point
+    assert {r.json()["operating_point"] for r in replies} == {default}
     for p in preds[:50]:
-        assert p["operating_point"] == "coverage-0.9" or p["operating_point"]
+        assert p["operating_point"] == default
         if p["decision"] == "abstain":
             assert "below threshold" in p["reason"] and p["candidate"]["label"] == str(
                 p["candidate"]["class_index"]
@@ -220,6 +222,33 @@ def test_operating_point_can_be_chosen_per_request(server: Server) -> None:
     assert reply.status_code == 200 and reply.json()["operating_point"] == name
 
 
+def test_oversized_body_is_refused_413_before_parsing(server: Server) -> None:
+    # (kept before the tests that start another server: each `bentoml serve` start empties the
+    # shared $BENTOML_HOME/prometheus_multiproc_dir, and the shared server's counters with it)
+    # the limit: 256 images x 64 pixels x 25 bytes + 64 KiB; a body past it is refused
+    # whether it announces its length or streams without one, and nothing is parsed
+    limit = 256 * 64 * 25 + 64 * 1024
+    body = b'{"pixels": [' + b"0.5, " * (limit // 5) + b"0.5]}"
+    assert len(body) > limit
+
+    def chunks():
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i : i + 64 * 1024]
+
+    before = server.metric("abstain_rejected_inputs_total", reason="batch_too_large")
+    with server.client() as client:
+        for content in (body, chunks()):  # Content-Length, then chunked transfer encoding
+            reply = client.post("/predict", content=content, headers={"content-type": "application/json"})
+            assert reply.status_code == 413, reply.text
+            assert reply.json()["reason"] == "batch_too_large"
+            assert f"larger than {limit} bytes" in reply.json()["error"]
+        assert server.metric("abstain_rejected_inputs_total", reason="batch_too_large") - before == 2
+        assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+        # the largest valid batch, as compact JSON at full float precision, is still accepted
+        x = np.full((256, 1, 8, 8), 0.12345678901234568)
+        assert client.post("/predict", json={"pixels": x.tolist()}).status_code == 200
+
+
 def test_overload_answers_429_instead_of_hanging(start_server) -> None:
     # one worker admitting 2 requests at a time, each held ~300 ms by the batching wait
     busy = start_server(model_dir=MODEL_DIR, workers=1, max_concurrency=2, batch_max_latency_ms=300)
@@ -228,3 +257,4 @@ def test_overload_answers_429_instead_of_hanging(start_server) -> None:
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 2
     assert httpx.get(f"{busy.url}/readyz", timeout=5).status_code == 200
+

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from abstain.calibration import CalibrationError
+from abstain.io import sha256_file
+from serving.inference import OnnxModel
+from serving.settings import load_artifacts, load_graph
+from tests.graph_factory import write_graph
 from tests.serving.servers import REPO, bentoml_command, free_port, service_env
 
 
@@ -87,3 +92,22 @@ def test_serving_never_imports_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_onnx_model_hash_names_the_bytes_it_loaded(model_copy: Path, tmp_path: Path) -> None:
+    graph = model_copy / "model.onnx"
+    original = sha256_file(graph)
+    model = OnnxModel(graph, intra_op_threads=1, prefer_cuda=False)
+    write_graph(graph)  # `abstain export --force` replaces the file after it was loaded
+    assert sha256_file(graph) != original
+    assert model.sha256 == original  # still the graph that runs, not the file now on disk
+    from_bytes = OnnxModel(graph.read_bytes(), intra_op_threads=1, prefer_cuda=False, path=graph)
+    assert from_bytes.sha256 == sha256_file(graph) and from_bytes.path == graph
+
+
+def test_worker_refuses_a_graph_changed_after_the_start_up_check(model_copy: Path) -> None:
+    artifacts = load_artifacts(model_copy)  # the import-time check: graph and calibration agree
+    assert load_graph(artifacts, intra_op_threads=1, prefer_cuda=False).sha256 == artifacts.graph_sha256
+    write_graph(model_copy / "model.onnx")  # replaced before a worker loads it
+    with pytest.raises(CalibrationError, match=r"calibration is for another graph.*changed on disk"):
+        load_graph(artifacts, intra_op_threads=1, prefer_cuda=False)

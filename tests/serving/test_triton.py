@@ -7,11 +7,15 @@ Triton serves the same ``model.onnx`` through a Python-backend model running ONN
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -120,3 +124,72 @@ def test_triton_backend_decisions_equal_embedded_on_digits_test(
         assert a.get("class_index") == b.get("class_index") and a.get("candidate") == b.get("candidate")
         assert a["score_value"] == pytest.approx(b["score_value"], abs=1e-6)
     assert remote.metric("abstain_inference_seconds_count", backend="triton") > 0
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A 127.0.0.1 port that accepts connections and never answers (a hung server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    accepted: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stopping.is_set():
+            try:
+                accepted.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stopping.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_calls_time_out_instead_of_hanging(black_hole: int, protocol: str) -> None:
+    url = f"127.0.0.1:{black_hole}" if protocol == "http" else f"grpc://127.0.0.1:{black_hole}"
+    backend = TritonBackend(url, "digits", MODEL_DIR.name, timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the client's own timeout error type
+        backend.infer(load_digits("test").x[:2])
+    assert time.monotonic() - start < 10  # the clients' defaults would wait 60 s or forever
+
+
+def test_triton_going_down_answers_503_and_the_service_lives_on(
+    start_server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # a Triton of this test's own, so that stopping it leaves the module's fixture alone
+    tmp = tmp_path_factory.mktemp("triton-down")
+    write_python_backend_repository(MODEL_DIR, tmp / "repository")
+    process, http, _grpc, _log = start_triton(tmp / "repository", tmp, ["digits"])
+    try:
+        remote = start_server(
+            model_dir=MODEL_DIR, backend="triton", triton_url=f"127.0.0.1:{http}", workers=1, triton_timeout=2
+        )
+        one = {"pixels": load_digits("test").x[:1].tolist()}
+        with remote.client() as client:
+            assert client.post("/predict", json=one).status_code == 200
+            labels = dict(model="digits", version=MODEL_DIR.name, backend="triton")
+            before = remote.metric("abstain_backend_errors_total", **labels)
+            rejected = remote.metric("abstain_rejected_inputs_total")
+            stop(process)
+            for _ in range(2):
+                reply = client.post("/predict", json=one)
+                assert reply.status_code == 503, reply.text
+                body = reply.json()
+                assert body["reason"] == "backend_unavailable" and "triton" in body["error"]
+            assert remote.metric("abstain_backend_errors_total", **labels) - before == 2
+            # not the client's fault: not a rejected input
+            assert remote.metric("abstain_rejected_inputs_total") == rejected
+            assert client.get("/livez").status_code == 200
+            assert httpx.get(f"{remote.url}/metadata", timeout=10).status_code == 200
+    finally:
+        stop(process)

@@ -156,3 +156,52 @@ def test_unknown_dataset_and_missing_root() -> None:
 def test_download_needs_a_folder_to_download_into() -> None:
     with pytest.raises(ValueError, match="--download needs --data-root"):
         load_data("fashion-mnist", None, download=True)
+
+
+def test_imagefolder_split_and_fingerprint_are_calibrations(tmp_path: Path) -> None:
+    from abstain.contract import InputSpec
+    from abstain.datasets import imagefolder_split
+    from serving.data_sources import load_labelled_data
+
+    write_image_tree(tmp_path / "train", {"cat": (20, 0), "dog": (10, 255)})
+    write_image_tree(tmp_path / "val", {"cat": (2, 0), "dog": (2, 255)})
+    data = load_data("imagefolder", tmp_path)
+    samples = data.train.dataset.samples  # type: ignore[attr-defined]
+    val_files = tuple(samples[i][0] for i in data.val.indices)  # type: ignore[attr-defined]
+    assert val_files == imagefolder_split(tmp_path, "val").paths  # the files calibration reads as val
+    spec = InputSpec(3, 16, 16, (0.0,) * 3, (1.0,) * 3)
+    calibration_train = load_labelled_data(spec, data.class_names, dataset="imagefolder", split="train",
+                                           data_root=tmp_path)
+    assert data.fingerprint == calibration_train.fingerprint  # so calibration can refuse it
+
+
+def test_imagefolder_eval_transform_is_servings_preprocessing(tmp_path: Path) -> None:
+    from abstain.contract import InputSpec
+    from serving.data_sources import image_to_pixels
+
+    rng = np.random.default_rng(0)
+    sizes = {"cat": [(300, 250), (250, 300), (224, 224)], "dog": [(97, 131), (640, 480)]}
+    for split in ("train", "val"):
+        for name, shapes in sizes.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i, (w, h) in enumerate(shapes):
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    data = load_data("imagefolder", tmp_path)
+    spec = InputSpec(3, 224, 224, (0.0,) * 3, (1.0,) * 3)
+    for i, (path, _) in enumerate(data.test.samples):  # type: ignore[attr-defined]
+        trained = data.test[i][0].numpy()  # torchvision Resize(256) + CenterCrop(224) + ToTensor
+        np.testing.assert_array_equal(image_to_pixels(Path(path), spec), trained)
+
+
+def test_cifar100_calibration_split_is_trainings(cifar_root: Path) -> None:
+    from abstain.datasets import load_cifar100
+
+    data = load_data("cifar100", cifar_root)
+    assert load_cifar100("train", cifar_root).fingerprint == data.fingerprint
+    val = load_cifar100("val", cifar_root)
+    assert len(val) == len(data.val) and val.class_names == data.class_names
+    for i in range(len(val)):
+        x, y = data.val[i]
+        assert y == val.y[i] and np.array_equal(x.numpy(), val.x[i])
+    assert len(load_cifar100("test", cifar_root)) == 6

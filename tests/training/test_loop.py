@@ -9,13 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
+import training.loop
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import load_data
-from training.loop import Runtime, make_loader, run_training, selective_metrics, train_one_epoch
+from training.data import DataBundle, load_data
+from training.loop import (
+    Runtime,
+    _autocast,
+    make_loader,
+    predict,
+    run_training,
+    seed_epoch,
+    selective_metrics,
+    train_one_epoch,
+)
 from training.losses import SyncLoss
 from training.model import ModelConfig, SelectiveNet
 
@@ -70,6 +81,58 @@ def test_resume_two_plus_one_equals_three(tmp_path: Path) -> None:
     assert strip == again  # epochs 1-2 kept, the 2-epoch test line replaced by epoch 3 and the new test
 
 
+class RandomlyAugmented(Dataset):
+    """A dataset whose items are drawn at random from torch's RNG, as torchvision's transforms
+    (random crop, flip) draw them: in the main process or in the loader's worker processes."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base[i]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x + 0.1 * torch.randn_like(x)).clamp(0.0, 1.0), y
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_with_random_augmentation_in_loader_workers(tmp_path: Path, monkeypatch,
+                                                                    workers: int) -> None:
+    # Persistent workers seeded once per loader used to restart their augmentation stream
+    # from epoch 1's state after a resume; now every epoch's streams depend on (seed, epoch, rank).
+    digits = load_data("digits")
+    augmented = DataBundle(**{**vars(digits), "train": RandomlyAugmented(digits.train)})
+    monkeypatch.setattr(training.loop, "load_data", lambda *args, **kwargs: augmented)
+    config = replace(TINY, num_workers=workers)
+    run_training(config, tmp_path / "straight", progress=False)
+    run_training(replace(config, epochs=2), tmp_path / "resumed", progress=False)
+    run_training(TrainConfig(epochs=3), tmp_path / "resumed", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert b["train_config"]["num_workers"] == workers
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_every_epoch_and_rank_has_its_own_random_streams_and_fresh_training_workers() -> None:
+    # Under DDP each rank must draw its own dropout/augmentation, and a resumed rank must not
+    # need another rank's saved RNG state: the streams are a function of (seed, epoch, rank).
+    loader = make_loader(load_data("digits").train, 64, train=True, seed=3, runtime=CPU, num_workers=2)
+    assert loader.persistent_workers is False  # a persistent worker would keep epoch 1's seed
+
+    def draws(epoch: int, rank: int) -> tuple[list[float], int]:
+        seed_epoch(loader, 3, epoch, rank)
+        return torch.rand(3).tolist(), loader.generator.initial_seed()
+
+    seen = {(epoch, rank): draws(epoch, rank) for epoch in (1, 2) for rank in (0, 1)}
+    assert len({str(v) for v in seen.values()}) == 4
+    torch.rand(100)  # whatever ran in between
+    assert draws(2, 1) == seen[2, 1] and loader.sampler.epoch == 2
+
+
 def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path: Path) -> None:
     run_training(replace(TINY, epochs=1), tmp_path, progress=False)
     with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
@@ -98,6 +161,51 @@ def test_bf16_autocast_path_steps_the_optimiser_once_per_batch() -> None:
     assert len(steps) == len(data.train) // 256 == 4  # drop_last: 1078 // 256 batches, one step each
     assert np.isfinite(terms["loss"]) and terms["coverage"] > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _tiny_model(selection_bias: float | None = None) -> SelectiveNet:
+    torch.manual_seed(0)
+    model = SelectiveNet(ModelConfig("small_cnn", 10, 1, 8, (0.0,), (1.0,), width=8))
+    if selection_bias is not None:
+        with torch.no_grad():
+            model.selector[-1].bias.fill_(selection_bias)  # g near sigmoid(bias)
+            model.selector[-1].weight.mul_(10.0)  # logits spread over ~0.01 around the bias
+    return model
+
+
+def test_heads_are_float32_under_bf16_autocast_so_confident_samples_stay_ranked() -> None:
+    # In bf16, g's logit near 5 steps by 0.03 and g near 0.993 steps by 0.004: 16 confident
+    # samples would share one or two values of g. The heads run in float32 under autocast.
+    model = _tiny_model(selection_bias=5.0).eval()
+    x = torch.from_numpy(load_digits("test").x[:16])
+    with torch.inference_mode():
+        features = model.forward_features(x).bfloat16()  # what the bf16 body hands the heads
+        reference = model.forward_heads(features.float())  # float32 heads, no autocast
+        with _autocast(replace(CPU, amp=True)):
+            heads = model.forward_heads(features)
+            out = model(x)
+    for field in ("logits", "selection", "aux_logits", "selection_logit"):
+        assert getattr(out, field).dtype == torch.float32, field
+        assert torch.equal(getattr(heads, field), getattr(reference, field)), field
+    assert torch.equal(out.selection, torch.sigmoid(out.selection_logit))
+    assert (out.selection < 1.0).all() and len(torch.unique(out.selection)) == 16
+
+
+def test_predict_ignores_autocast_so_recorded_metrics_are_the_float32_graphs() -> None:
+    model = _tiny_model(selection_bias=2.0)
+    data = load_data("digits")
+    amp = replace(CPU, amp=True, channels_last=True)  # the CUDA settings, on CPU
+    loader = make_loader(data.test, 128, train=False, seed=0, runtime=CPU, num_workers=0)
+    logits_amp, selection_amp, labels = predict(model, loader, amp)
+    logits, selection, _ = predict(model, loader, CPU)
+    assert logits_amp.dtype == selection_amp.dtype == np.float32
+    # equal up to float32 rounding (channels_last picks other kernels); bf16 would be ~1e-3 off
+    np.testing.assert_allclose(selection_amp, selection, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(logits_amp, logits, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        reference = model.eval()(torch.from_numpy(load_digits("test").x))
+    np.testing.assert_allclose(selection, reference.selection.numpy(), rtol=0, atol=1e-6)
+    assert labels.shape == selection.shape == (len(data.test),)
 
 
 def test_selective_metrics_by_hand() -> None:

@@ -13,9 +13,12 @@ import math
 
 import pytest
 import torch
+from torch._C import DispatchKey
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from training.loop import Runtime, _autocast
 from training.losses import CrossEntropyLoss, SelectiveNetLoss, SyncLoss, build_loss
-from training.model import SelectiveOutput
+from training.model import ModelConfig, SelectiveNet, SelectiveOutput
 
 LN2, LN43 = math.log(2), math.log(4 / 3)
 RISK = 0.25 * LN2 + 0.75 * LN43
@@ -86,7 +89,7 @@ def test_sync_with_beta_zero_is_exactly_selectivenet() -> None:
     sn.backward()
     sync.backward()
     assert torch.equal(sn, sync)
-    for a, b in zip(out_a, out_b, strict=True):
+    for a, b in zip(out_a[:3], out_b[:3], strict=True):  # selection_logit: None in hand-built outputs
         assert torch.equal(a.grad, b.grad)
 
 
@@ -109,3 +112,66 @@ def test_argument_errors_name_the_valid_range() -> None:
         SyncLoss(prior="g")
     with pytest.raises(ValueError, match="loss should be one of ce, selectivenet, sync"):
         build_loss("focal")
+
+
+def test_sync_bce_from_the_logit_equals_the_bce_of_g_and_stays_exact_where_g_saturates() -> None:
+    out, y = batch()
+    z = torch.logit(out.selection.detach()).requires_grad_()  # [ln 1/3, ln 3]
+    with_logit = SelectiveOutput(out.logits, torch.sigmoid(z), out.aux_logits, z)
+    bce = (0.5 * (2 * LN2 + LN43) + (0.75 * LN43 + 0.5 * LN2)) / 2  # as in the test above
+    assert SyncLoss()(with_logit, y).terms["sync_bce"].item() == pytest.approx(bce, abs=1e-6)
+    # z = 20: g = sigmoid(20) rounds to 1.0 in float32 (so the SelectiveNet terms give z no
+    # gradient), yet with s = 1/2 (f's logits are 0): BCE = softplus(20) − 10 ≈ 10, and
+    # dL/dz = β · (g − s) / B = 0.5 · 0.5 / 2 = 0.125 — from the logit, not 0 through the sigmoid.
+    z = torch.tensor([20.0, 20.0], requires_grad=True)
+    saturated = SelectiveOutput(torch.zeros(2, 2), torch.sigmoid(z), torch.zeros(2, 2), z)
+    assert saturated.selection[0].item() == 1.0
+    result = SyncLoss(beta=0.5)(saturated, y)
+    assert result.terms["sync_bce"].item() == pytest.approx(math.log1p(math.exp(20.0)) - 10.0, rel=1e-6)
+    result.total.backward()
+    assert z.grad.tolist() == pytest.approx([0.125, 0.125])
+    with pytest.raises(ValueError, match=r"selection_logit should have the shape of selection \(2,\)"):
+        SyncLoss()(SelectiveOutput(out.logits, out.selection, out.aux_logits, z.view(2, 1)), y)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every ATen op call (after autocast has rewritten it) with its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_name", ["ce", "selectivenet", "sync"])
+def test_training_step_passes_cuda_autocast_policy_on_cpu(loss_name: str) -> None:
+    """CUDA autocast refuses some ops (``binary_cross_entropy``: "unsafe to autocast") that CPU
+    autocast runs, so a CPU run of the AMP path proves nothing for CUDA. Here the ops of a
+    training step's forward + loss, under the loop's own autocast context (bf16, as on CUDA),
+    are replayed through PyTorch's AutocastCUDA kernels, which apply the CUDA policy whatever
+    the tensors' device; an op without such a kernel falls through autocast (allowed as is)."""
+    torch.manual_seed(0)
+    model = SelectiveNet(ModelConfig("small_cnn", 10, 1, 8, (0.0,), (1.0,), width=8)).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    runtime = Runtime(device=torch.device("cpu"), amp=True, channels_last=False)
+    recorder = _RecordOps()
+    with _autocast(runtime), recorder:
+        build_loss(loss_name)(model(x), y).total  # noqa: B018
+    replayed = set()
+    for func, args, kwargs in recorder.calls:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), DispatchKey.AutocastCUDA):
+            func._op_dk(DispatchKey.AutocastCUDA, *args, **kwargs)  # raises for a refused op
+            replayed.add(func.name())
+    assert {"aten::convolution", "aten::addmm"} <= replayed  # the replay really ran the CUDA policy
+    if loss_name == "sync":
+        assert "aten::binary_cross_entropy_with_logits" in replayed
+
+
+def test_the_cuda_autocast_replay_catches_binary_cross_entropy() -> None:
+    # the check above is not vacuous: the op SYNC used to call is refused by the CUDA policy
+    g, s = torch.rand(4), torch.rand(4)
+    with pytest.raises(RuntimeError, match="unsafe to autocast"):
+        torch.ops.aten.binary_cross_entropy.default._op_dk(DispatchKey.AutocastCUDA, g, s, None, 1)
