@@ -166,7 +166,12 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
             x = fit_image(img, spec)  # [C, H, W]
     except InputRejectedError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's message names an internal BytesIO object; say what it means instead
+        raise InputRejectedError(
+            "bad_image", f"the upload is not a readable image (unknown image format); {valid}"
+        ) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputRejectedError(
             "bad_image", f"the upload is not a readable image ({exc}); {valid}"
         ) from None

@@ -128,6 +128,7 @@ def test_decode_image_rejects(data: bytes) -> None:
     with pytest.raises(InputRejectedError, match="PNG or JPEG") as info:
         decode_image(data, SPEC)
     assert info.value.reason == "bad_image"
+    assert "BytesIO" not in info.value.message  # no internal object names in a client's error
 
 
 def test_batcher_coalesces_concurrent_requests_and_splits_results() -> None:
