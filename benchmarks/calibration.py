@@ -13,29 +13,15 @@ P(error | score s) = 0.2 (1 - s), so the risk falls as the threshold rises, as i
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import re
 import time
-from pathlib import Path
 
 import numpy as np
+from report import cpu_count, cpu_model, replace_section
 
-from abstain.io import atomic_write_text
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-HEADING = "## Calibration"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+HEADING = "Calibration"
 
 
 def run(n: int, repeats: int) -> dict[str, float]:
@@ -58,17 +44,6 @@ def run(n: int, repeats: int) -> dict[str, float]:
     return {key: float(np.median(v)) for key, v in timings.items()}
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the ``## Calibration`` section of docs/benchmarks.md, nothing else."""
-    old = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    atomic_write_text(DOCS, new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -76,11 +51,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
     args = parser.parse_args()
     t = run(args.n, args.repeats)
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = (f"nproc {nproc}, {cpu_model()}, numpy {np.__version__}, "
+    machine = (f"nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, "
                f"Python {platform.python_version()}")
     lines = [
-        HEADING, "",
+        f"## {HEADING}", "",
         f"`nice -n 10 python benchmarks/calibration.py` — {args.n:,} scores, median of {args.repeats} runs.",
         f"Machine: {machine}. Shared with other jobs while measured.", "",
         "| step | seconds |", "|---|---|",
@@ -90,8 +64,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"wrote {DOCS} ({HEADING})")
+        replace_section(HEADING, text)
+        print(f"wrote the {HEADING!r} section of docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from report import cpu_count, cpu_model, replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -114,18 +114,6 @@ async def load(url: str, seconds: float, concurrency: int, body: dict) -> tuple[
     return len(latencies), latencies, errors
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    section = "## Serving\n\n" + text.strip() + "\n"
-    if re.search(r"^## Serving\n", doc, flags=re.M):
-        doc = re.sub(r"^## Serving\n.*?(?=^## |\Z)", section + "\n", doc, flags=re.M | re.S)
-    else:
-        doc = doc.rstrip() + "\n\n" + section
-    from abstain.io import atomic_write_text
-
-    atomic_write_text(DOC, doc.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="load duration per setting")
@@ -149,14 +137,14 @@ def main() -> None:
         print(f"{label:24s} {row[1]:8.1f} req/s  p50 {row[2]:6.1f} ms  p99 {row[3]:6.1f} ms  errors {errors}")
     best = max(rows, key=lambda r: r[1])
     table = "\n".join(f"| {r[0]} | {r[1]:.0f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]} |" for r in rows)
-    text = f"""
+    text = f"""## Serving
+
 `nice -n 10 python benchmarks/serving.py --seconds {args.seconds:g} --concurrency {args.concurrency} \
 --workers {args.workers}` — single-image `POST /predict` requests from {args.concurrency} concurrent
 loopback clients for {args.seconds:g} s per setting, embedded digits model (ONNX Runtime, CPU),
 {args.workers} worker(s).
 
-Machine: {platform.machine()}, {os.cpu_count()} CPU cores
-({platform.processor() or platform.platform()}),
+Machine: {platform.machine()}, {cpu_count()} CPU cores ({cpu_model()}),
 Python {platform.python_version()}; the load generator shares these cores with the server (and, when this
 was run, with other jobs), so compare rows with each other rather than reading them as capacity.
 
@@ -172,7 +160,7 @@ throughput beyond run-to-run noise on this shared machine, and costs latency at 
 """
     print(text)
     if not args.no_write:
-        write_section(text)
+        replace_section("Serving", text)
 
 
 if __name__ == "__main__":

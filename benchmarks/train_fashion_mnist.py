@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from report import cpu_count, cpu_model, replace_section
 
-from abstain.io import atomic_write_text
 from training.config import DATASET_DEFAULTS, TrainConfig
 from training.loop import run_training
 
@@ -35,14 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        cpu = match.group(1).strip() if match else cpu
-    return (f"{os.cpu_count()} CPU cores (`nproc`), {cpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads, no GPU" if not torch.cuda.is_available()
-            else f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return (f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, no GPU")
 
 
 def val_lines(out: Path) -> list[dict[str, Any]]:
@@ -56,17 +49,6 @@ def train(out: Path, **overrides: Any) -> tuple[dict[str, Any], dict[str, Any], 
     started = time.perf_counter()
     test = run_training(config, out, overwrite=True, progress=False)
     return test, val_lines(out)[-1], time.perf_counter() - started
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Training`` section of ``path``, leaving other sections alone."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Training\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -126,7 +108,7 @@ Chosen β = {best}. SYNC vs SelectiveNet, {epochs} epochs each, same seed, test 
 
 """
     print(section)
-    write_section(args.doc, section)
+    replace_section("Training", section, args.doc)
     print(f"wrote the Training section of {args.doc}")
 
 

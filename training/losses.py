@@ -38,7 +38,7 @@ DEFAULT_ALPHA = 0.5
 DEFAULT_LAMBDA = 32.0
 DEFAULT_TARGET_COVERAGE = 0.8
 #: Chosen by the Fashion-MNIST sweep in benchmarks/train_fashion_mnist.py (docs/benchmarks.md).
-DEFAULT_BETA = 0.5
+DEFAULT_BETA = 2.0
 DEFAULT_PRIOR = "f"
 
 
