@@ -113,6 +113,21 @@ class CountFrameworkRejections:
         await self.app(scope, receive, counting_send)
 
 
+def replay_receive(body: bytes, receive: Receive) -> Receive:
+    """An ASGI ``receive`` that hands over ``body`` (already read) as the whole request once,
+    then defers to the real ``receive`` (for the disconnect message)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class LimitJsonBody:
     """ASGI middleware: answer 413 ``batch_too_large`` to a ``/predict`` body no valid request needs.
 
@@ -176,16 +191,7 @@ class LimitJsonBody:
             service.metrics.reject(exc.reason)
             return await rejection(exc)(scope, receive, send)
 
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_receive(bytes(body), receive), send)
 
 
 class CheckUploadForms:
@@ -241,16 +247,7 @@ class CheckUploadForms:
                 service.metrics.reject(exc.reason)
             return await rejection(exc)(scope, receive, send)
 
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_receive(bytes(body), receive), send)
 
     @staticmethod
     async def _problem(scope: Scope, body: bytes, media_type: str) -> str | None:
