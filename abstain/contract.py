@@ -52,6 +52,11 @@ META_CODE_VERSION = "abstain.code_version"
 META_TRAIN_DATA_FINGERPRINT = "abstain.train_data_fingerprint"
 #: JSON dict of the checkpoint's test-split metrics (accuracy, risk_at_coverage, ...).
 META_TEST_METRICS = "abstain.test_metrics"
+#: A checkpoint's metrics that are not test metrics: ``abstain.<split>_metrics``
+#: (``abstain.val_metrics`` for the per-epoch record of a run stopped before its test evaluation).
+META_SPLIT_METRICS = "abstain.{split}_metrics"
+#: JSON: how the graph was made (exporter, opset, precision, optimisation, tolerance, training code).
+META_EXPORT = "abstain.export"
 
 # --- selection scores (higher = more confident = answer first) ------------------------
 SCORE_SELECTION = "selection"  # g, the selection head

@@ -17,7 +17,9 @@ from abstain.contract import (
     META_CHECKPOINT_SHA256,
     META_CLASS_NAMES,
     META_CODE_VERSION,
+    META_EXPORT,
     META_INPUT_SPEC,
+    META_SPLIT_METRICS,
     META_TEST_METRICS,
     META_TRAIN_DATA_FINGERPRINT,
     META_TRAINING,
@@ -38,12 +40,6 @@ from export.onnx_export import (
 from export.repository import DEFAULT_MAX_BATCH_SIZE, commit_entry, plan_entry, render_triton_config
 from export.verify import FP16_TOLERANCE, FP32_TOLERANCE, ParityReport, verification_inputs, verify_parity
 
-#: How this graph was made (exporter, opset, precision, optimisation, tolerance) and by which
-#: training code: JSON. Not in abstain.contract because only export writes it and people read it.
-META_EXPORT = "abstain.export"
-#: Metadata key for a checkpoint's metrics that are not test metrics: ``abstain.<split>_metrics``
-#: (``abstain.val_metrics`` for the per-epoch record of a run stopped before its test evaluation).
-META_SPLIT_METRICS = "abstain.{split}_metrics"
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 

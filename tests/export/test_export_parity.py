@@ -14,6 +14,7 @@ from abstain.contract import (
     META_CHECKPOINT_SHA256,
     META_CLASS_NAMES,
     META_CODE_VERSION,
+    META_EXPORT,
     META_INPUT_SPEC,
     META_TEST_METRICS,
     META_TRAIN_DATA_FINGERPRINT,
@@ -22,7 +23,7 @@ from abstain.contract import (
     InputSpec,
 )
 from export.onnx_export import export_graph
-from export.pipeline import META_EXPORT, build_verified_graph
+from export.pipeline import build_verified_graph
 from export.verify import FP32_TOLERANCE, ParityError, Tolerance, verification_inputs, verify_parity
 from serving.inference import OnnxModel
 from tests.export.export_helpers import checkpoint_dict
