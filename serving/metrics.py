@@ -4,7 +4,7 @@
 name                                   type       labels
 =====================================  =========  ===============================================
 ``abstain_decisions_total``            counter    model, version, operating_point, decision
-``abstain_selection_score``            histogram  model, version (g, buckets 0.05 … 1.0)
+``abstain_selection_score``            histogram  model, version (g, buckets 0.05 … 0.999, 1.0)
 ``abstain_target_coverage``            gauge      model, version, operating_point
 ``abstain_abstention_rate``            gauge      model, version, operating_point
 ``abstain_inference_seconds``          histogram  model, version, backend
@@ -48,7 +48,9 @@ REJECT_REASONS = (
     "unknown_operating_point",
     "bad_json",
 )
-SELECTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, …, 1.0
+#: 0.05, 0.10, …, 0.95, then finer towards 1: a confident model's thresholds sit there (the
+#: embedded digits model's are above 0.98), and drift shows first as mass leaving the top buckets
+SELECTION_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.975, 0.99, 0.995, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -79,6 +79,13 @@ def test_batch_and_score_metrics_count_every_image(server: Server) -> None:
             pool.map(lambda i: client.post("/predict", json={"pixels": x[i].tolist()}), range(10))
         )  # one each
     assert server.metric("abstain_selection_score_count", **LABELS) - before_n == 10
+    # the histogram resolves the confident end, where this model's g and thresholds live
+    g = OnnxModel(MODEL_DIR / MODEL_FILENAME).run_batched(x).selection
+    le99 = server.metric("abstain_selection_score_bucket", le="0.99", **LABELS)
+    le999 = server.metric("abstain_selection_score_bucket", le="0.999", **LABELS)
+    in_band = int(((g > 0.99) & (g <= 0.999)).sum())
+    assert in_band > 0  # so the next line can fail: these images' g lies between 0.99 and 0.999
+    assert le999 - le99 >= in_band
     assert server.metric("abstain_batch_size_sum", **LABELS) - before_images == 10
     assert server.metric("abstain_inference_seconds_count", backend="onnxruntime", **LABELS) > 0
     point = load_calibration(MODEL_DIR / CALIBRATION_FILENAME).operating_points[0]
