@@ -32,8 +32,8 @@ from abstain.datasets import ArraySplit
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_scores
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
-from serving.data_sources import load_labelled_data
-from serving.inference import GraphOutputs, OnnxModel
+from serving.data_sources import LabelledSource, open_labelled_data
+from serving.inference import GraphOutputs, OnnxModel, validate_pixels
 
 #: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
 #: on 30 samples is already about ±0.15 wide, and a threshold on fewer means little.
@@ -55,9 +55,20 @@ class Predictions:
         return selection_scores(self.outputs.logits, self.outputs.selection, name)
 
 
-def predict(model: OnnxModel, data: ArraySplit, batch_size: int = 256) -> Predictions:
-    """Batched inference through the service's code path; ``errors[i] = argmax != y[i]``."""
-    outputs = model.run_batched(data.x, batch_size=batch_size)
+def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int = 256) -> Predictions:
+    """Batched inference through the service's code path; ``errors[i] = argmax != y[i]``.
+
+    A :class:`~serving.data_sources.LabelledSource` streams: each pixel batch is checked,
+    run and dropped, and only the outputs (``[N, K]`` logits, ``[N]`` selection) are kept.
+    """
+    if isinstance(data, ArraySplit):
+        outputs = model.run_batched(data.x, batch_size=batch_size)
+    else:
+        parts = [model.run(validate_pixels(x, model.input_spec)) for x in data.iter_batches(batch_size)]
+        outputs = GraphOutputs(logits=np.concatenate([p.logits for p in parts]),
+                               selection=np.concatenate([p.selection for p in parts]))
+        if outputs.logits.shape[0] != len(data):
+            raise ValueError(f"{data.name}: {outputs.logits.shape[0]} outputs for {len(data)} labels")
     errors = (outputs.logits.argmax(axis=1) != data.y).astype(np.int64)
     return Predictions(outputs=outputs, errors=errors)
 
@@ -117,7 +128,7 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
     Args:
         model_dir: ``models/<name>`` (latest version) or ``models/<name>/<version>``.
         dataset, split, data, data_root: the labelled held-out data (see
-            :func:`serving.data_sources.load_labelled_data`).
+            :func:`serving.data_sources.open_labelled_data`).
         coverages: target coverages in (0, 1] (SelectiveNet's calibration).
         risks: target selective risks in (0, 1] certified by SGR at confidence ``1 - delta``.
         delta: SGR's failure probability, and ``1 - delta`` is the confidence of the
@@ -143,22 +154,29 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
 
     version_dir = resolve_version_dir(Path(model_dir))
     model = OnnxModel(version_dir / "model.onnx")
-    labelled = load_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
+    labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
                                   data=data, data_root=data_root)
     n = len(labelled)
     if n < MIN_CALIBRATION_SAMPLES:
         raise ValueError(
             f"{labelled.name}: too few samples to calibrate ({n}); give at least {MIN_CALIBRATION_SAMPLES}"
         )
-    # pixels' hash for array data; the file list's for imagefolder, as training records it
-    data_fp = labelled.fingerprint
-    if model.metadata.get(META_TRAIN_DATA_FINGERPRINT) == data_fp:
-        raise ValueError(
-            f"{labelled.name} is the graph's training data (same fingerprint {data_fp[:19]}…); "
-            "calibrate on held-out data, e.g. --split val"
-        )
 
+    def refuse_training_data(data_fp: str) -> None:
+        if model.metadata.get(META_TRAIN_DATA_FINGERPRINT) == data_fp:
+            raise ValueError(
+                f"{labelled.name} is the graph's training data (same fingerprint {data_fp[:19]}…); "
+                "calibrate on held-out data, e.g. --split val"
+            )
+
+    # pixels' hash for array data; the file list's for imagefolder, as training records it:
+    # known before inference. An image directory's pixel hash is taken while its batches
+    # stream through inference, so it is checked right after, before anything is written.
+    if labelled.known_fingerprint is not None:
+        refuse_training_data(labelled.known_fingerprint)
     preds = predict(model, labelled, batch_size)
+    data_fp = labelled.fingerprint
+    refuse_training_data(data_fp)
     per_score = {name: score_metrics(preds.scores(name), preds.errors) for name in SCORE_NAMES}
     # lowest AURC wins; SCORE_NAMES order breaks exact ties (min keeps the first)
     chosen = score or min(SCORE_NAMES, key=lambda name: per_score[name]["aurc"])

@@ -18,11 +18,18 @@ for image-folder models, training's eval Resize + CenterCrop).
 The fingerprint of ``--dataset imagefolder`` data is its file list's
 (:func:`abstain.datasets.file_list_fingerprint`), the one training records, so calibration
 recognises and refuses the training split.
+
+Calibration and evaluation use :func:`open_labelled_data`, a :class:`LabelledSource` whose
+pixels come in batches (:meth:`LabelledSource.iter_batches`): image files are decoded
+``batch_size`` at a time, so an ImageNet-sized split never sits in memory as one array
+(13,000 images at 224×224 would be 7.8 GB). :func:`load_labelled_data` is the same source
+materialised as an :class:`~abstain.datasets.ArraySplit`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,18 +69,134 @@ def image_to_pixels(path: Path, spec: InputSpec) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
 
 
-def _decode_all(paths: Sequence[Path | str], spec: InputSpec) -> np.ndarray:
-    """Image files → float32 ``[N, C, H, W]``, written into one array (no second copy to stack)."""
-    x = np.empty((len(paths), *spec.shape), dtype=np.float32)
-    for i, path in enumerate(paths):
-        x[i] = image_to_pixels(Path(path), spec)
-    return x
+class LabelledSource:
+    """Labelled data checked against the graph: labels and names in memory, pixels in batches.
+
+    Attributes:
+        y: int64 ``[N]`` class indices in ``[0, K)``.
+        class_names: the graph's ``K`` class names.
+        name: where the data came from, e.g. ``"imagefolder/val"``.
+    """
+
+    y: np.ndarray
+    class_names: tuple[str, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Float32 ``[b, C, H, W]`` pixel batches, ``b <= batch_size``, in the order of ``y``,
+        each checked by :func:`serving.inference.validate_pixels`."""
+        raise NotImplementedError
+
+    @property
+    def known_fingerprint(self) -> str | None:
+        """The fingerprint if it needs no pass over the pixels (else ``None``)."""
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """Same value as :attr:`abstain.datasets.ArraySplit.fingerprint` of this data."""
+        raise NotImplementedError
+
+    def materialise(self) -> ArraySplit:
+        """All pixels as one array (what streaming avoids; for small data and tests)."""
+        raise NotImplementedError
 
 
-def load_imagefolder_split(root: Path, split: str, spec: InputSpec,
-                           class_names: Sequence[str]) -> ArraySplit:
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size should be at least 1, but got {batch_size!r}")
+
+
+class ArraySource(LabelledSource):
+    """Data already in memory as an array (built-in array datasets, ``.npz``): batches are views."""
+
+    def __init__(self, split: ArraySplit) -> None:
+        self.split = split
+        self.y, self.class_names, self.name = split.y, tuple(split.class_names), split.name
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        _check_batch_size(batch_size)
+        x = self.split.x  # validated whole by open_labelled_data
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i: i + batch_size]
+
+    @property
+    def known_fingerprint(self) -> str | None:
+        return self.fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        return self.split.fingerprint
+
+    def materialise(self) -> ArraySplit:
+        return self.split
+
+
+class ImageFileSource(LabelledSource):
+    """Image files decoded ``batch_size`` at a time for the graph's input spec.
+
+    ``source_fingerprint`` (an image-folder dataset's file list) is the fingerprint when
+    given; otherwise it is :func:`abstain.datasets.fingerprint` of the decoded pixels and
+    labels, hashed batch by batch while the pixels stream (the same bytes in the same order,
+    so the same value as hashing one array) and kept after the first full pass.
+    """
+
+    def __init__(self, paths: Sequence[Path | str], y: np.ndarray, spec: InputSpec,
+                 class_names: Sequence[str], name: str, source_fingerprint: str | None = None) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+        self.y = np.asarray(y, dtype=np.int64)
+        if self.y.shape != (len(self.paths),):
+            raise ValueError(f"{name}: {len(self.paths)} images but labels of shape {self.y.shape}")
+        self.spec, self.class_names, self.name = spec, tuple(class_names), name
+        self.source_fingerprint = source_fingerprint
+        self._pixel_fingerprint: str | None = None
+
+    def _decode(self, paths: Sequence[Path]) -> np.ndarray:
+        x = np.empty((len(paths), *self.spec.shape), dtype=np.float32)
+        for i, path in enumerate(paths):
+            x[i] = image_to_pixels(path, self.spec)
+        return validate_pixels(x, self.spec)  # shape, NaN/Inf, range: same checks as serving
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        _check_batch_size(batch_size)
+        n = len(self.paths)
+        if n == 0:
+            validate_pixels(np.empty((0, *self.spec.shape), np.float32), self.spec)  # raises: empty
+        digest = None
+        if self.source_fingerprint is None and self._pixel_fingerprint is None:
+            digest = hashlib.sha256(repr((n, *self.spec.shape)).encode())
+        for i in range(0, n, batch_size):
+            x = self._decode(self.paths[i: i + batch_size])
+            if digest is not None:
+                digest.update(x.tobytes())
+            yield x
+        if digest is not None:
+            digest.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
+            self._pixel_fingerprint = "sha256:" + digest.hexdigest()
+
+    @property
+    def known_fingerprint(self) -> str | None:
+        return self.source_fingerprint or self._pixel_fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        if self.known_fingerprint is None:
+            for _ in self.iter_batches(256):  # one streamed pass computes it
+                pass
+        return self.known_fingerprint  # type: ignore[return-value]
+
+    def materialise(self) -> ArraySplit:
+        return ArraySplit(x=self._decode(self.paths), y=self.y, class_names=self.class_names,
+                          name=self.name, source_fingerprint=self.source_fingerprint)
+
+
+def open_imagefolder_split(root: Path, split: str, spec: InputSpec,
+                           class_names: Sequence[str]) -> ImageFileSource:
     """``--dataset imagefolder``: training's split of ``root`` (train/val carved from ``root/train``,
-    test = ``root/val``), decoded for the graph, fingerprinted by its file list."""
+    test = ``root/val``), decoded for the graph in batches, fingerprinted by its file list."""
     files = imagefolder_split(root, split)
     if tuple(class_names) != files.class_names:
         raise ValueError(
@@ -81,21 +204,21 @@ def load_imagefolder_split(root: Path, split: str, spec: InputSpec,
             f"({len(files.class_names)}) are not the graph's classes {list(class_names)[:5]}... "
             f"({len(class_names)}); calibrate a graph on the dataset it was trained on"
         )
-    return ArraySplit(x=_decode_all(files.paths, spec), y=files.y, class_names=files.class_names,
-                      name=files.name, source_fingerprint=files.fingerprint)
+    return ImageFileSource(files.paths, files.y, spec, files.class_names, files.name,
+                           source_fingerprint=files.fingerprint)
 
 
-def load_dataset_split(name: str, split: str, spec: InputSpec, class_names: Sequence[str],
-                       data_root: Path | None = None) -> ArraySplit:
+def open_dataset_split(name: str, split: str, spec: InputSpec, class_names: Sequence[str],
+                       data_root: Path | None = None) -> LabelledSource:
     """``--dataset NAME --split SPLIT``: one of :data:`DATASETS`."""
     if name in ARRAY_DATASETS:
-        return load_array_dataset(name, split, data_root)
+        return ArraySource(load_array_dataset(name, split, data_root))
     if name == "cifar100":
-        return load_cifar100(split, data_root)
+        return ArraySource(load_cifar100(split, data_root))
     if name == "imagefolder":
         if data_root is None:
             raise ValueError("dataset imagefolder needs --data-root (the folder holding train/ and val/)")
-        return load_imagefolder_split(Path(data_root), split, spec, class_names)
+        return open_imagefolder_split(Path(data_root), split, spec, class_names)
     raise ValueError(f"dataset should be one of {', '.join(DATASETS)}, but got {name!r}")
 
 
@@ -111,8 +234,8 @@ def _class_index(folder: str, class_names: Sequence[str]) -> int:
     )
 
 
-def load_image_folder(root: Path, spec: InputSpec, class_names: Sequence[str]) -> ArraySplit:
-    """``root/<class>/<image>`` → arrays; ``<class>`` is a class name of the graph or an index."""
+def open_image_folder(root: Path, spec: InputSpec, class_names: Sequence[str]) -> ImageFileSource:
+    """``root/<class>/<image>``, decoded in batches; ``<class>`` is a class name of the graph or an index."""
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
@@ -127,41 +250,55 @@ def load_image_folder(root: Path, spec: InputSpec, class_names: Sequence[str]) -
                 labels.append(label)
     if not paths:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    return ArraySplit(x=_decode_all(paths, spec), y=np.asarray(labels, dtype=np.int64),
-                      class_names=tuple(class_names), name=str(root))
+    return ImageFileSource(paths, np.asarray(labels, dtype=np.int64), spec, class_names, str(root))
 
 
-def load_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: str | None = None,
+def open_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: str | None = None,
                        split: str = "val", data: Path | None = None,
-                       data_root: Path | None = None) -> ArraySplit:
-    """Load one source (``dataset``+``split`` or ``data`` path) and check it against the graph.
+                       data_root: Path | None = None) -> LabelledSource:
+    """Open one source (``dataset``+``split`` or ``data`` path) and check it against the graph.
 
-    Raises ``ValueError`` for: no or two sources, a shape other than the graph's
-    ``[N, C, H, W]``, NaN/Inf or pixels outside [0, 1], labels outside ``[0, K)``.
+    Arrays are checked whole here; image files batch by batch as
+    :meth:`LabelledSource.iter_batches` decodes them. Raises ``ValueError`` for: no or two
+    sources, a shape other than the graph's ``[N, C, H, W]``, NaN/Inf or pixels outside
+    [0, 1], labels outside ``[0, K)``.
     """
     if (dataset is None) == (data is None):
         raise ValueError(
             "give exactly one data source: --dataset NAME --split SPLIT, or --data PATH "
             "(an .npz file with x and y, or an ImageFolder directory)"
         )
+    source: LabelledSource
     if dataset is not None:
-        split_data = load_dataset_split(dataset, split, spec, class_names, data_root)
+        source = open_dataset_split(dataset, split, spec, class_names, data_root)
     else:
         path = Path(data)  # type: ignore[arg-type]
         if path.is_dir():
-            split_data = load_image_folder(path, spec, class_names)
+            source = open_image_folder(path, spec, class_names)
         elif path.suffix == ".npz" or path.is_file():
-            split_data = load_npz(path, class_names)
+            source = ArraySource(load_npz(path, class_names))
         else:
             raise FileNotFoundError(f"{path}: no such .npz file or image directory")
-    x = validate_pixels(split_data.x, spec)  # shape, NaN/Inf, range: same checks as serving
-    y = split_data.y
+    if isinstance(source, ArraySource):
+        split_data = source.split
+        x = validate_pixels(split_data.x, spec)  # shape, NaN/Inf, range: same checks as serving
+        source = ArraySource(ArraySplit(x=x, y=split_data.y, class_names=tuple(class_names),
+                                        name=split_data.name,
+                                        source_fingerprint=split_data.source_fingerprint))
+    y = source.y
     k = len(class_names)
     if y.size and (int(y.min()) < 0 or int(y.max()) >= k):
         bad = sorted({int(v) for v in y[(y < 0) | (y >= k)]})[:5]
         raise ValueError(
-            f"{split_data.name}: labels should be class indices in [0, {k}) for this graph's "
+            f"{source.name}: labels should be class indices in [0, {k}) for this graph's "
             f"{k} classes, but got {bad}"
         )
-    return ArraySplit(x=x, y=y, class_names=tuple(class_names), name=split_data.name,
-                      source_fingerprint=split_data.source_fingerprint)
+    return source
+
+
+def load_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: str | None = None,
+                       split: str = "val", data: Path | None = None,
+                       data_root: Path | None = None) -> ArraySplit:
+    """:func:`open_labelled_data` with every pixel in one array ``x`` (small data, tests)."""
+    return open_labelled_data(spec, class_names, dataset=dataset, split=split, data=data,
+                              data_root=data_root).materialise()

@@ -33,7 +33,7 @@ from abstain.io import atomic_write_json, atomic_writer
 from abstain.selective import coverage_and_risk, risk_coverage_curve
 from abstain.version import code_version
 from serving.calibrate import Predictions, predict, score_metrics
-from serving.data_sources import load_labelled_data
+from serving.data_sources import open_labelled_data
 from serving.inference import OnnxModel
 
 PLOT_FILENAME = "risk_coverage.png"
@@ -124,8 +124,8 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     calibration: Calibration = load_calibration(version_dir / CALIBRATION_FILENAME)
     model = OnnxModel(graph)
     verify_graph(calibration, graph, model.sha256)
-    labelled = load_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
-                                  data=data, data_root=data_root)
+    labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
+                                  data=data, data_root=data_root)  # image files stream in batches
     preds = predict(model, labelled, batch_size)
     rows = [evaluate_point(p, preds) for p in calibration.operating_points]
     data_fp = labelled.fingerprint

@@ -88,3 +88,105 @@ def test_decompression_bomb_is_a_clear_value_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's limit; errors above twice it
     with pytest.raises(ValueError, match=r"big\.png: the image is too large to decode safely"):
         image_to_pixels(tmp_path / "big.png", InputSpec(1, 8, 8))
+
+
+# --- streaming: image files go through inference batch by batch ----------------------------------
+
+SPEC32 = InputSpec(3, 32, 32, mean=(0.0,) * 3, std=(1.0,) * 3)
+STREAM_PER_CLASS = 150  # 1,500 images: 18.4 MB of float32 pixels as one [N, 3, 32, 32] array
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """root/val/c<k>/*.png: 150 RGB 32×32 digits per class (noisy copies, so every file differs)."""
+    from tests.graph_factory import resize_digits
+
+    root = tmp_path_factory.mktemp("big_imagefolder")
+    digits = load_digits("train")
+    big = resize_digits(digits.x, SPEC32)
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        (root / "val" / f"c{k}").mkdir(parents=True)
+        picks = np.flatnonzero(digits.y == k)
+        for j in range(STREAM_PER_CLASS):
+            image = big[picks[j % len(picks)]].transpose(1, 2, 0) + rng.normal(0, 0.05, (32, 32, 3))
+            pixels = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(root / "val" / f"c{k}" / f"{j:04d}.png")
+    return root
+
+
+def test_image_sources_stream_in_batches_with_the_same_fingerprints(big_tree: Path) -> None:
+    from abstain.datasets import fingerprint
+    from serving.data_sources import ImageFileSource, open_labelled_data
+
+    n = 10 * STREAM_PER_CLASS
+    split = open_labelled_data(SPEC32, CLASSES, dataset="imagefolder", split="test", data_root=big_tree)
+    assert isinstance(split, ImageFileSource) and len(split) == n
+    sizes = [x.shape[0] for x in split.iter_batches(64)]
+    assert max(sizes) <= 64 and sum(sizes) == n
+    # the file list's fingerprint, known before any pixel is decoded
+    assert split.known_fingerprint == split.fingerprint == imagefolder_split(big_tree, "test").fingerprint
+    # an image directory: the hash of its decoded pixels, taken while they stream
+    folder = open_labelled_data(SPEC32, CLASSES, data=big_tree / "val")
+    assert folder.known_fingerprint is None
+    batches = list(folder.iter_batches(100))
+    assert all(x.shape[0] <= 100 and x.dtype == np.float32 for x in batches)
+    whole = load_labelled_data(SPEC32, CLASSES, data=big_tree / "val")
+    np.testing.assert_array_equal(np.concatenate(batches), whole.x)
+    assert folder.known_fingerprint == folder.fingerprint == whole.fingerprint
+    assert whole.fingerprint == fingerprint(whole.x, whole.y)
+    assert whole.fingerprint != split.fingerprint
+
+
+def test_calibrate_and_evaluate_stream_image_folders(big_tree: Path, tmp_path: Path) -> None:
+    import tracemalloc
+
+    from serving.evaluate import run_evaluation
+
+    version = write_model_dir(tmp_path / "models", spec=SPEC32, class_names=CLASSES)
+    tracemalloc.start()
+    try:  # the in-memory path: every pixel of the split in one array
+        whole = load_labelled_data(SPEC32, CLASSES, dataset="imagefolder", split="test", data_root=big_tree)
+        _, whole_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    split_bytes = whole.x.nbytes
+    # streaming's bound: half the split's pixels. What streaming holds is ~2 MB (a batch, the
+    # outputs, the file list); an interpreter table that grows on the way (the interned-string
+    # dict: ~4 MB) must not fail the test, while one array of the split (18.4 MB) clearly does.
+    bound = split_bytes / 2
+    assert split_bytes > 18e6 and whole_peak > split_bytes > bound
+    np.savez(tmp_path / "whole.npz", x=whole.x, y=whole.y)
+    del whole
+    in_memory = run_calibration(version, data=tmp_path / "whole.npz", coverages=[0.8, 0.9], risks=[0.05])
+    memory_eval = run_evaluation(version, tmp_path / "eval_npz", data=tmp_path / "whole.npz")
+
+    tracemalloc.start()
+    try:
+        streamed = run_calibration(version, dataset="imagefolder", split="test", data_root=big_tree,
+                                   coverages=[0.8, 0.9], risks=[0.05], batch_size=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # (b) the split's pixels are never one array: batches of 32 images (393 kB) come and go
+    assert peak < bound, (peak, split_bytes)
+
+    # (a) the same thresholds, coverages and scores as the in-memory path on the same pixels
+    assert streamed.n == in_memory.n == 10 * STREAM_PER_CLASS
+    assert streamed.calibration.operating_points == in_memory.calibration.operating_points
+    assert streamed.calibration.scores == in_memory.calibration.scores
+    assert streamed.chosen_score == in_memory.chosen_score and streamed.accuracy == in_memory.accuracy
+    assert streamed.calibration.data["fingerprint"] == imagefolder_split(big_tree, "test").fingerprint
+
+    # evaluate streams too (the same calibration.json, the directory given as --data DIR)
+    tracemalloc.start()
+    try:
+        streamed_eval = run_evaluation(version, tmp_path / "eval_dir", data=big_tree / "val", batch_size=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, (peak, split_bytes)
+    for key in ("operating_points", "scores"):
+        assert streamed_eval.report[key] == memory_eval.report[key]
+    # a directory's fingerprint is its pixels' hash, as when they were one array
+    assert streamed_eval.report["data"] == memory_eval.report["data"] | {"source": str(big_tree / "val")}
