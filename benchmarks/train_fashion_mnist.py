@@ -91,7 +91,8 @@ def main() -> None:
     section = f"""## Training
 
 Fashion-MNIST, `small_cnn` width {DATASET_DEFAULTS['fashion-mnist']['width']}, seed 0, produced by
-`nice -n 10 python benchmarks/train_fashion_mnist.py` on: {machine()}.
+`nice -n 10 python benchmarks/train_fashion_mnist.py --betas {args.betas} --sweep-epochs {args.sweep_epochs}\
+{f" --epochs {args.epochs}" if args.epochs else ""}` on: {machine()}.
 (The machine was shared with other jobs, so wall times are upper bounds.)
 
 β sweep for SYNC ({args.sweep_epochs} epochs each; chosen by validation AURC by g, lower is better):

@@ -33,7 +33,7 @@ from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_s
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
 from serving.data_sources import LabelledSource, open_labelled_data
-from serving.inference import GraphOutputs, OnnxModel, validate_pixels
+from serving.inference import GraphOutputs, OnnxModel
 
 #: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
 #: on 30 samples is already about ±0.15 wide, and a threshold on fewer means little.
@@ -58,13 +58,14 @@ class Predictions:
 def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int = 256) -> Predictions:
     """Batched inference through the service's code path; ``errors[i] = argmax != y[i]``.
 
-    A :class:`~serving.data_sources.LabelledSource` streams: each pixel batch is checked,
-    run and dropped, and only the outputs (``[N, K]`` logits, ``[N]`` selection) are kept.
+    A :class:`~serving.data_sources.LabelledSource` streams: its batches come already checked
+    against the graph's input spec (the source was opened with it), each is run and dropped,
+    and only the outputs (``[N, K]`` logits, ``[N]`` selection) are kept.
     """
     if isinstance(data, ArraySplit):
         outputs = model.run_batched(data.x, batch_size=batch_size)
     else:
-        parts = [model.run(validate_pixels(x, model.input_spec)) for x in data.iter_batches(batch_size)]
+        parts = [model.run(x) for x in data.iter_batches(batch_size)]
         outputs = GraphOutputs(logits=np.concatenate([p.logits for p in parts]),
                                selection=np.concatenate([p.selection for p in parts]))
         if outputs.logits.shape[0] != len(data):
