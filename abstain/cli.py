@@ -1,24 +1,64 @@
 """The ``abstain`` command line: one program, one subcommand per stage.
 
-Each stage keeps its command in ``<stage>/cli.py``; those modules import only typer and the
-standard library at the top, and import torch / onnxruntime / bentoml inside the command
-body, so ``abstain --help`` and the serving commands work without torch installed.
+Each stage keeps its command in ``<stage>/cli.py`` (``abstain.<stage>.cli``); those modules
+import only typer and the standard library at the top, and import torch / onnxruntime /
+bentoml inside the command body. The program imports a stage's command module only when
+that subcommand runs (or when ``--help`` lists the commands), so ``abstain serve`` never
+loads the training or calibration code, and ``abstain --help`` works without torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from export.cli import export
-from serving.cli import serve
-from serving.offline_cli import calibrate, evaluate
-from training.cli import train
+#: subcommand → (module, function, whether it shows its help when run without arguments).
+#: Listed in the order of the data flow: train → export → calibrate → evaluate → serve.
+STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "train": ("abstain.training.cli", "train", False),
+    "export": ("abstain.export.cli", "export", True),
+    "calibrate": ("abstain.calibration.cli", "calibrate", True),
+    "evaluate": ("abstain.calibration.cli", "evaluate", True),
+    "serve": ("abstain.serving.cli", "serve", False),
+}
+
+
+class LazyStageGroup(TyperGroup):
+    """A click group whose subcommands are imported from their stage on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(STAGE_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in STAGE_COMMANDS:
+            return None
+        module, function, no_args_is_help = STAGE_COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(module), function)
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+        single.command(name=cmd_name, no_args_is_help=no_args_is_help)(command)
+        click_command = typer.main.get_command(single)
+        click_command.name = cmd_name
+        return click_command
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from abstain import __version__
+        from abstain.version import code_version
+
+        # the second figure is what `train`, `export` and `calibrate` record as code_version
+        typer.echo(f"abstain {__version__} (code version {code_version()})")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="abstain",
+    cls=LazyStageGroup,
     help=(
         "Selective inference: train a classifier that may abstain (SelectiveNet + SYNC loss), "
         "export it to ONNX, calibrate its threshold on held-out data, and serve it over HTTP.\n\n"
@@ -30,11 +70,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-app.command(no_args_is_help=False)(train)
-app.command(no_args_is_help=True)(export)
-app.command(no_args_is_help=True)(calibrate)
-app.command(no_args_is_help=True)(evaluate)
-app.command()(serve)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print the version and the code version recorded in checkpoints, graphs and calibrations.",
+    ),
+) -> None:
+    """Selective inference: predict or abstain."""
+
 
 #: Options of ``abstain calibrate`` that take several numbers: ``--coverage 0.8 0.9 0.95``.
 MULTI_VALUE_OPTIONS = ("--coverage", "--risk")

@@ -235,7 +235,7 @@ def _unpickle(path: Path) -> dict:
 def load_cifar100(split: str, data_root: Path | None) -> ArraySplit:
     """CIFAR-100 as ``[N, 3, 32, 32]`` in [0, 1], with training's carved ``val`` split.
 
-    The same images, order and split as ``training.data.load_cifar100`` (torchvision), so the
+    The same images, order and split as ``abstain.training.data.load_cifar100`` (torchvision), so the
     ``train`` split's fingerprint is the one the checkpoint records.
     """
     _check_split(split)
@@ -362,7 +362,7 @@ def imagefolder_split(root: Path, split: str) -> FileSplit:
     """The files of ``split`` of the image-folder dataset in ``root`` (see the module docstring).
 
     ``train`` and ``val`` are carved from ``root/train`` per class with :data:`SPLIT_SEED`;
-    ``test`` is ``root/val``. Training uses the same files (``training.data.load_imagefolder``).
+    ``test`` is ``root/val``. Training uses the same files (``abstain.training.data.load_imagefolder``).
     """
     _check_split(split)
     root = Path(root)

@@ -63,7 +63,7 @@ def start(batch_size: int, latency_ms: float, workers: int) -> tuple[subprocess.
             "-m",
             "bentoml",
             "serve",
-            "serving.service:Abstain",
+            "abstain.serving.service:Abstain",
             "--host",
             "127.0.0.1",
             "--port",
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md")
     args = parser.parse_args()
     from abstain.datasets import load_digits
-    from serving.settings import ServeSettings
+    from abstain.serving.settings import ServeSettings
 
     defaults = ServeSettings(model_dir=REPO / "models" / "digits")  # only its batching defaults are read
     default_label = f"batch ≤ {defaults.batch_max_size}, wait {defaults.batch_max_latency_ms:g} ms"

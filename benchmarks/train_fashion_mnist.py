@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from report import cpu_count, cpu_model, replace_section
 
-from training.config import DATASET_DEFAULTS, TrainConfig
-from training.loop import run_training
+from abstain.training.config import DATASET_DEFAULTS, TrainConfig
+from abstain.training.loop import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

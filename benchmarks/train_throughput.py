@@ -1,6 +1,6 @@
 """Training throughput on CIFAR-100-shaped synthetic tensors (VGG-16-BN SelectiveNet, SYNC loss).
 
-Runs the real training code (``training.loop.train_one_epoch``: DataLoader with pinned
+Runs the real training code (``abstain.training.loop.train_one_epoch``: DataLoader with pinned
 memory, non-blocking copies, bf16 autocast and channels_last on CUDA) over random
 ``[N, 3, 32, 32]`` images with 100 classes, and reports images per second after a warm-up
 epoch. On CUDA it writes the figure under ``## Training throughput`` in ``docs/benchmarks.md``
@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from abstain.io import atomic_write_text
-from training.loop import Runtime, make_loader, train_one_epoch
-from training.losses import SyncLoss
-from training.model import ModelConfig, SelectiveNet
+from abstain.training.loop import Runtime, make_loader, train_one_epoch
+from abstain.training.losses import SyncLoss
+from abstain.training.model import ModelConfig, SelectiveNet
 
 ROOT = Path(__file__).resolve().parents[1]
 

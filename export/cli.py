@@ -36,7 +36,7 @@ def export(
     selection [N]. Before anything is written it passes onnx.checker and matches PyTorch
     within 1e-4 (fp32) at batch sizes 1 and 64; a failed export leaves the repository unchanged.
     """
-    from export.pipeline import describe, export_checkpoint, report_json
+    from abstain.export.pipeline import describe, export_checkpoint, report_json
 
     result = export_checkpoint(checkpoint, name, repository, version=version, force=force,
                                optimize=optimize, fp16=fp16, max_batch_size=max_batch_size)

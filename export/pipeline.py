@@ -26,9 +26,7 @@ from abstain.contract import (
     InputSpec,
     class_names_json,
 )
-from abstain.io import sha256_bytes, sha256_file
-from abstain.version import code_version
-from export.onnx_export import (
+from abstain.export.onnx_export import (
     IR_VERSION,
     OPSET,
     check_graph,
@@ -37,8 +35,16 @@ from export.onnx_export import (
     optimize_graph,
     set_metadata,
 )
-from export.repository import DEFAULT_MAX_BATCH_SIZE, commit_entry, plan_entry, render_triton_config
-from export.verify import FP16_TOLERANCE, FP32_TOLERANCE, ParityReport, verification_inputs, verify_parity
+from abstain.export.repository import DEFAULT_MAX_BATCH_SIZE, commit_entry, plan_entry, render_triton_config
+from abstain.export.verify import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    ParityReport,
+    verification_inputs,
+    verify_parity,
+)
+from abstain.io import sha256_bytes, sha256_file
+from abstain.version import code_version
 
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -59,7 +65,7 @@ class ExportResult:
 
 def _consistent_spec(checkpoint: dict[str, Any], path: Path) -> tuple[InputSpec, list[str]]:
     """The checkpoint's input spec and class names, checked against its model config."""
-    from training.checkpoint import input_spec_from_checkpoint
+    from abstain.training.checkpoint import input_spec_from_checkpoint
 
     spec = input_spec_from_checkpoint(checkpoint)
     config = checkpoint["model_config"]
@@ -142,7 +148,7 @@ def build_verified_graph(checkpoint: dict[str, Any], checkpoint_sha256: str, fp1
     """
     import onnx
 
-    from training.checkpoint import model_from_checkpoint
+    from abstain.training.checkpoint import model_from_checkpoint
 
     spec, class_names = _consistent_spec(checkpoint, path)
     model = model_from_checkpoint(checkpoint)
@@ -169,7 +175,7 @@ def export_checkpoint(checkpoint_path: Path, name: str, repository: Path = Path(
     failed check or parity), ``FileExistsError`` (version exists, no ``force``),
     ``NotADirectoryError``/``PermissionError`` (repository not writable).
     """
-    from training.checkpoint import load_checkpoint
+    from abstain.training.checkpoint import load_checkpoint
 
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)

@@ -1,7 +1,7 @@
 """Inference backends: the graph's forward pass, embedded (ONNX Runtime) or remote (Triton).
 
 Both take a validated float32 batch ``[N, C, H, W]`` and return
-:class:`serving.inference.GraphOutputs` (``logits [N, K]``, ``selection [N]``); everything
+:class:`abstain.runtime.GraphOutputs` (``logits [N, K]``, ``selection [N]``); everything
 after that (scores, thresholds, decisions) is shared, so a backend cannot change what a
 threshold means.
 
@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
-from serving.inference import GraphOutputs, OnnxModel
+from abstain.runtime import GraphOutputs, OnnxModel
 
 PROBE_ATOL = 1e-4
 #: Seconds one Triton call may take (connect and answer) before it fails; the service's own

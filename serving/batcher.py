@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from serving.inference import GraphOutputs
+from abstain.runtime import GraphOutputs
 
 log = logging.getLogger(__name__)
 

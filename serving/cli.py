@@ -1,4 +1,4 @@
-"""``abstain serve``: check the artifacts, then exec ``bentoml serve serving.service:Abstain``.
+"""``abstain serve``: check the artifacts, then exec ``bentoml serve abstain.serving.service:Abstain``.
 
 Only typer and the standard library at import time (``abstain --help`` stays fast and
 torch-free); the artifact check imports numpy-level code only.
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-SERVICE = "serving.service:Abstain"
+SERVICE = "abstain.serving.service:Abstain"
 
 
 def serve(
@@ -68,7 +68,7 @@ def serve(
     Kubernetes ConfigMap's); a flag on the command line wins over the variable.
     """
     from abstain.contract import DEFAULT_MODEL_NAME, default_repository
-    from serving.settings import BACKENDS, load_artifacts
+    from abstain.serving.settings import BACKENDS, load_artifacts
 
     if backend not in BACKENDS:
         raise ValueError(f"--backend should be one of {', '.join(BACKENDS)}, but got {backend!r}")
@@ -76,7 +76,7 @@ def serve(
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
     if backend == "triton":
-        from serving.backends import verify_triton_serves
+        from abstain.serving.backends import verify_triton_serves
 
         verify_triton_serves(
             triton_url, artifacts.graph_path, artifacts.name, artifacts.version,

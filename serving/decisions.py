@@ -3,7 +3,7 @@
 Pure numpy, no I/O: the service, the Triton backend test and the benchmark all turn
 ``(logits [N, K], selection [N])`` into JSON-ready dicts through :func:`decide`.
 
-A sample is answered iff ``score >= threshold`` (``abstain.calibration``), with the score
+A sample is answered iff ``score >= threshold`` (``abstain.operating_points``), with the score
 named by the operating point (``abstain.selective.selection_scores``: the selection head g
 of SelectiveNet, Geifman & El-Yaniv ICML 2019; the softmax response; or their geometric
 mean). The prediction is the arg-max of the prediction head f; its softmax probability is
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from abstain.calibration import OperatingPoint
+from abstain.operating_points import OperatingPoint
 from abstain.selective import selection_scores, softmax
 
 PREDICT = "predict"

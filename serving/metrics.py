@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from abstain.calibration import Calibration
+from abstain.operating_points import Calibration
 
 #: Reasons an input is rejected (label values of ``abstain_rejected_inputs_total``).
 REJECT_REASONS = (

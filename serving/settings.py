@@ -1,6 +1,6 @@
 """Service configuration from environment variables, and the start-up checks of the artifacts.
 
-``abstain serve`` sets these variables and execs ``bentoml serve serving.service:Abstain``;
+``abstain serve`` sets these variables and execs ``bentoml serve abstain.serving.service:Abstain``;
 setting them by hand and running ``bentoml serve`` directly is equivalent.
 
 ==================================  ================================================  ===========
@@ -27,7 +27,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from abstain.calibration import Calibration, CalibrationError, load_calibration, verify_graph
 from abstain.contract import (
     CALIBRATION_FILENAME,
     DEFAULT_MODEL_NAME,
@@ -37,7 +36,8 @@ from abstain.contract import (
     read_labels,
     resolve_version_dir,
 )
-from serving.inference import OnnxModel
+from abstain.operating_points import Calibration, CalibrationError, load_calibration, verify_graph
+from abstain.runtime import OnnxModel
 
 BACKENDS = ("onnxruntime", "triton")
 
@@ -130,7 +130,7 @@ class Artifacts:
 def load_artifacts(model_dir: Path, operating_point: str | None = None) -> Artifacts:
     """Resolve ``model_dir``, then check the graph, its calibration and the operating point.
 
-    Raises ``FileNotFoundError`` (no graph), ``abstain.calibration.CalibrationError`` (calibration
+    Raises ``FileNotFoundError`` (no graph), ``abstain.operating_points.CalibrationError`` (calibration
     missing, malformed or for another graph — each message says how to fix it) or
     ``ValueError`` (unknown operating point, listing the valid ones). Cheap (one sha256), so it
     also runs when ``bentoml serve`` imports the service, which then refuses to start.
@@ -166,7 +166,7 @@ def load_graph(
 
     :func:`load_artifacts` hashed the file when the service was imported; a worker opens it
     later, and ``abstain export --force`` may have replaced it in between. The graph is read
-    once, hashed and loaded from those same bytes (:class:`serving.inference.OnnxModel`), and
+    once, hashed and loaded from those same bytes (:class:`abstain.runtime.OnnxModel`), and
     refused with ``CalibrationError`` unless the hash is still the calibration's.
     """
     model = OnnxModel(artifacts.graph_path, intra_op_threads=intra_op_threads, prefer_cuda=prefer_cuda)

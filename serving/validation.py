@@ -1,23 +1,19 @@
 """Request checking: JSON arrays and image uploads → a float32 batch ``[N, C, H, W]``, or a
 :class:`InputRejectedError` that names the problem, what is valid, and the metrics reason.
 
-:func:`fit_image` is the one image preprocessing of the serving side: ``/predict_image`` and
-the image files of ``abstain calibrate`` / ``evaluate`` (:mod:`serving.data_sources`) both use
-it, and for image-folder models it is training's eval transform.
+Images are converted by :func:`abstain.images.fit_image`, the one image preprocessing that
+``/predict_image`` and the image files of ``abstain calibrate`` / ``evaluate`` share.
 """
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from abstain.contract import InputSpec
-from abstain.datasets import imagefolder_resize_size
-
-if TYPE_CHECKING:  # PIL is imported when an image is decoded, not with the module
-    from PIL.Image import Image as PILImage
+from abstain.images import fit_image
 
 #: Largest upload ``/predict_image`` decodes (bytes) and largest decoded image (pixels): a
 #: tiny compressed file can decode to gigabytes ("decompression bomb").
@@ -26,51 +22,6 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 #: Pillow's formats accepted as PNG or JPEG. "MPO" is a JPEG with the MPF extension (most
 #: phone cameras write one: the photo plus a preview frame); we use its first frame, the photo.
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
-#: RGB graphs at least this many pixels a side were trained like ImageNet (``imagefolder``):
-#: their images get the shorter side resized then a centre crop. Smaller graphs (digits 8×8,
-#: Fashion-MNIST 28×28, CIFAR 32×32) were trained on whole arrays of their size: a direct resize.
-CENTER_CROP_MIN_SIZE = 64
-
-
-def uses_center_crop(spec: InputSpec) -> bool:
-    """Whether :func:`fit_image` resizes the shorter side and centre-crops (:data:`CENTER_CROP_MIN_SIZE`)."""
-    return spec.channels == 3 and min(spec.height, spec.width) >= CENTER_CROP_MIN_SIZE
-
-
-def fit_image(image: PILImage, spec: InputSpec) -> np.ndarray:
-    """A decoded PIL image → float32 ``[C, H, W]`` in [0, 1] for the graph's input spec.
-
-    Converted to grey ``L`` (``C == 1``) or ``RGB`` (``C == 3``), then either
-
-    * RGB graphs of at least :data:`CENTER_CROP_MIN_SIZE` pixels a side (image-folder models):
-      shorter side to ``round(min(H, W) * 256 / 224)`` (bilinear, aspect kept, longer side
-      truncated like torchvision), then the centre ``H × W`` crop — training's eval transform
-      ``Resize(256) + CenterCrop(224)``, which on PIL images calls this same PIL resize;
-    * smaller graphs: a direct bilinear resize to ``H × W`` (none when the size already matches).
-
-    Intensity / 255, no inversion (255 → 1.0).
-    """
-    from PIL import Image
-
-    image = image.convert("L" if spec.channels == 1 else "RGB")
-    if uses_center_crop(spec):
-        width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_short = imagefolder_resize_size(min(spec.height, spec.width))
-        new_long = int(new_short * long / short)  # torchvision's rounding (truncation)
-        size = (new_short, new_long) if width <= height else (new_long, new_short)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        width, height = image.size
-        top = round((height - spec.height) / 2.0)  # torchvision's
-        left = round((width - spec.width) / 2.0)
-        image = image.crop((left, top, left + spec.width, top + spec.height))
-    elif image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W] or [H, W, 3]
-    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-
-
 class InputRejectedError(ValueError):
     """A request the service refuses; ``reason`` labels ``abstain_rejected_inputs_total``."""
 

@@ -1,8 +1,12 @@
-"""The dependency directions of DESIGN.md, checked on the source and on a real interpreter.
+"""The layout of docs/architecture.md, checked on the source, on a built wheel and on a real
+interpreter.
 
-* ``abstain/`` imports numpy (and scikit-learn lazily), never torch or a serving library.
-* ``serving/`` never imports torch, so the serving image stays a few hundred MB.
-* ``abstain --help`` and the serving modules load without importing torch.
+* Every stage folder installs under the one import name ``abstain`` (pyproject.toml's
+  package-dir); the wheel holds nothing outside ``abstain/`` and its dist-info, and a top-level
+  ``import training`` fails outside the checkout.
+* Each folder imports only what its row of the table allows (lazy imports included).
+* ``abstain --help`` and the serving and calibration modules load without torch; a subcommand
+  imports only its own stage.
 """
 
 from __future__ import annotations
@@ -10,80 +14,214 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
+#: folder → import name (docs/architecture.md's table; pyproject.toml's package-dir)
+STAGES = {
+    "abstain": "abstain",
+    "training": "abstain.training",
+    "export": "abstain.export",
+    "calibration": "abstain.calibration",
+    "serving": "abstain.serving",
+}
 
-def imported_modules(path: Path) -> set[str]:
-    """Top-level package names imported anywhere in a Python file (lazy imports included)."""
+#: folder → top-level modules it must never import, and abstain.<stage> packages it must never import
+HEAVY_TRAINING = {"torch", "torchvision"}
+PLOTS_AND_FITS = {"sklearn", "scipy", "matplotlib"}
+SERVING_LIBS = {"bentoml", "prometheus_client", "tritonclient", "starlette"}
+FORBIDDEN = {
+    "abstain": (HEAVY_TRAINING | SERVING_LIBS | {"matplotlib", "scipy", "onnx"},
+                {"training", "export", "calibration", "serving"}),
+    "training": (SERVING_LIBS | {"onnxruntime", "matplotlib"}, {"export", "calibration", "serving"}),
+    "export": (SERVING_LIBS - {"tritonclient"} | {"matplotlib"}, {"calibration", "serving"}),
+    "calibration": (HEAVY_TRAINING | SERVING_LIBS | {"onnx"}, {"training", "export", "serving"}),
+    "serving": (HEAVY_TRAINING | PLOTS_AND_FITS | {"onnx"}, {"training", "export", "calibration"}),
+}
+#: the only core modules that may import an optional library, each lazily inside a function
+CORE_OPTIONAL_IMPORTS = {
+    "abstain/runtime.py": {"onnxruntime"},  # the graph runner that calibration and serving share
+    "abstain/images.py": {"PIL"},
+    "abstain/datasets.py": {"sklearn"},  # digits only
+}
+
+
+def imports(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level modules, abstain stages) imported anywhere in a Python file, lazy imports included."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
+    modules: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            modules.add(node.module)
+    top = {m.split(".")[0] for m in modules}
+    stages = {m.split(".")[1] for m in modules if m.startswith("abstain.") and m.count(".") >= 1}
+    return top, stages & set(STAGES)
 
 
-def python_files(package: str) -> list[Path]:
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files, f"no Python files found in {package}/"
+def python_files(folder: str) -> list[Path]:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files, f"no Python files found in {folder}/"
     return files
 
 
-@pytest.mark.parametrize(
-    ("package", "forbidden"),
-    [
-        ("abstain", {"torch", "torchvision", "bentoml", "onnxruntime", "tritonclient", "training", "export"}),
-        ("serving", {"torch", "torchvision", "training", "export"}),
-    ],
-)
-def test_package_never_imports_forbidden_modules(package: str, forbidden: set[str]) -> None:
-    offenders = {
-        str(path.relative_to(ROOT)): sorted(imported_modules(path) & forbidden)
-        for path in python_files(package)
-        if imported_modules(path) & forbidden
-    }
-    # abstain/cli.py is the one place allowed to import the stages' *command modules*,
-    # which themselves keep heavy imports inside function bodies (checked below at run time).
+def test_pyproject_maps_every_stage_folder_under_abstain() -> None:
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {name: folder for folder, name in STAGES.items()}
+    assert sorted(setuptools["packages"]) == sorted(STAGES.values())
+    for folder in STAGES:
+        assert (ROOT / folder / "__init__.py").is_file(), folder
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_folder_imports_only_what_its_stage_may(folder: str) -> None:
+    modules, stages = FORBIDDEN[folder]
+    offenders = {}
+    for path in python_files(folder):
+        rel = str(path.relative_to(ROOT))
+        top, used_stages = imports(path)
+        allowed_optional = CORE_OPTIONAL_IMPORTS.get(rel, set())
+        bad = sorted((top & modules) - allowed_optional)
+        bad += sorted(f"abstain.{s}" for s in used_stages & stages)
+        if folder == "abstain":
+            optional = {"onnxruntime", "PIL", "sklearn"}
+            bad += sorted((top & optional) - allowed_optional)
+        if bad:
+            offenders[rel] = bad
+    # abstain/cli.py names each stage's command module (imported when that subcommand runs)
     offenders.pop("abstain/cli.py", None)
-    assert not offenders, f"{package}/ must not import {sorted(forbidden)}: {offenders}"
+    assert not offenders, f"{folder}/ must not import these: {offenders}"
+
+
+def test_no_module_imports_the_old_top_level_names() -> None:
+    """``training``, ``export``, ``serving`` and ``calibration`` exist only as ``abstain.<stage>``."""
+    offenders = []
+    for folder in (*STAGES, "tests", "benchmarks"):
+        for path in python_files(folder):
+            top, _ = imports(path)
+            if top & {"training", "export", "serving", "calibration"}:
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders
 
 
 def test_import_checker_sees_lazy_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("import numpy\n\ndef f():\n    from torch import nn\n    import onnx.helper\n")
-    assert imported_modules(sample) == {"numpy", "torch", "onnx"}
+    sample.write_text(
+        "import numpy\n\ndef f():\n    from torch import nn\n    import abstain.serving.service\n"
+    )
+    assert imports(sample) == ({"numpy", "torch", "abstain"}, {"serving"})
 
 
 @pytest.mark.parametrize(
     "statement",
     [
         "import abstain.cli",
-        "import abstain.selective, abstain.calibration, abstain.datasets",
-        "import serving.inference, serving.cli, serving.offline_cli",
+        "import abstain.selective, abstain.operating_points, abstain.datasets, abstain.runtime",
+        "import abstain.serving.service, abstain.serving.cli, abstain.serving.backends",
+        "import abstain.calibration.calibrate, abstain.calibration.evaluate, abstain.calibration.cli",
     ],
 )
 def test_modules_load_without_torch(statement: str) -> None:
-    code = f"import sys; {statement}; print('torch' in sys.modules)"
+    code = f"import sys; {statement}; print(sorted({{'torch', 'bentoml'}} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False", f"{statement!r} imported torch"
+    loaded = result.stdout.strip().splitlines()[-1]
+    expected = "['bentoml']" if "serving.service" in statement else "[]"
+    assert loaded == expected, f"{statement!r} imported {loaded}"
 
 
-def test_cli_help_lists_every_stage() -> None:
+@pytest.mark.parametrize(
+    ("argv", "stage"),
+    [
+        (["serve", "--help"], "serving"),
+        (["calibrate", "--help"], "calibration"),
+        (["train", "--help"], "training"),
+        (["export", "--help"], "export"),
+    ],
+)
+def test_a_subcommand_imports_only_its_own_stage(argv: list[str], stage: str) -> None:
+    code = (
+        "import sys, abstain.cli as cli\n"
+        f"sys.argv = ['abstain', *{argv!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('abstain.') and m.count('.')}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(eval(result.stdout.strip().splitlines()[-1])) & set(STAGES)  # a printed list of names
+    assert loaded == {stage}
+
+
+def test_cli_help_lists_every_stage_and_version_names_the_code_version() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "abstain", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
     for command in ("train", "export", "calibrate", "evaluate", "serve"):
         assert command in result.stdout
+    from abstain import __version__
+    from abstain.version import code_version
+
+    version = subprocess.run(
+        [sys.executable, "-m", "abstain", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"abstain {__version__} (code version {code_version()})"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built from the source tree as pip builds it for `pip install .`."""
+    out = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
+         str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (path,) = out.glob("abstain-*.whl")
+    return path
+
+
+def test_wheel_installs_nothing_outside_abstain(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    (dist_info,) = [t for t in tops if t.endswith(".dist-info")]
+    assert tops == {"abstain", dist_info}
+    for folder, name in STAGES.items():
+        init = name.replace(".", "/") + "/__init__.py"
+        assert init in names, init
+        assert zipfile.ZipFile(wheel).read(init) == (ROOT / folder / "__init__.py").read_bytes()
+    assert "abstain/serving/triton_python_model/model.py" in names
+
+
+def test_old_top_level_names_do_not_import_outside_the_checkout(tmp_path: Path) -> None:
+    """In this environment (the project installed, editable or not), run from elsewhere."""
+    code = (
+        "import importlib.util as u\n"
+        "print([n for n in ('training', 'export', 'serving', 'calibration') if u.find_spec(n)], "
+        "bool(u.find_spec('abstain.training')), bool(u.find_spec('abstain.serving')))"
+    )
+    env = {"PATH": "/usr/bin:/bin"}  # no PYTHONPATH pointing into the checkout
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] True True"
 
 
 def test_ruff_is_clean() -> None:

@@ -1,1 +1,4 @@
-"""training"""
+"""abstain.training: SelectiveNet, the SYNC / SelectiveNet / CE losses, data and the loop.
+
+Installed as ``abstain.training`` (``training/`` in the source tree).
+"""

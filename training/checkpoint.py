@@ -28,7 +28,7 @@ import torch
 
 from abstain.contract import InputSpec
 from abstain.io import atomic_write_bytes
-from training.model import ModelConfig, SelectiveNet
+from abstain.training.model import ModelConfig, SelectiveNet
 
 CHECKPOINT_FORMAT = "abstain.checkpoint/1"
 REQUIRED_KEYS = ("format", "model_config", "state_dict", "class_names", "input_spec", "train_config")

@@ -73,9 +73,9 @@ def train(
     """
     import logging
 
-    from training.config import TrainConfig
-    from training.loop import run_training
-    from training.losses import DEFAULT_BETA
+    from abstain.training.config import TrainConfig
+    from abstain.training.loop import run_training
+    from abstain.training.losses import DEFAULT_BETA
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from training.data import DATASETS
-from training.losses import (
+from abstain.training.data import DATASETS
+from abstain.training.losses import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_LAMBDA,
@@ -27,7 +27,7 @@ from training.losses import (
     LOSSES,
     PRIOR_HEADS,
 )
-from training.model import BODIES
+from abstain.training.model import BODIES
 
 
 @dataclass(frozen=True)

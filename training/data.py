@@ -169,7 +169,7 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
         transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
     ])
     # Eval preprocessing: the policy serving applies to uploads and calibration images
-    # (serving.validation.fit_image, PIL's bilinear resize — what torchvision calls on PIL images).
+    # (abstain.images.fit_image, PIL's bilinear resize — what torchvision calls on PIL images).
     plain = transforms.Compose([
         transforms.Resize(imagefolder_resize_size(crop)), transforms.CenterCrop(crop), transforms.ToTensor(),
     ])

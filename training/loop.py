@@ -5,7 +5,7 @@ non-blocking copies are switched by ``enabled=``-style flags, on by default only
 Multi-GPU / multi-node runs use PyTorch DDP under ``torchrun`` (it sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``); rank 0 evaluates, logs and writes files.
 
-Outputs in ``out/``: ``checkpoint.pt`` (atomic, every epoch; see :mod:`training.checkpoint`)
+Outputs in ``out/``: ``checkpoint.pt`` (atomic, every epoch; see :mod:`abstain.training.checkpoint`)
 and ``metrics.jsonl`` (one ``"split": "val"`` line per epoch, then one ``"split": "test"``
 line at the end). Resuming from the checkpoint restores model, optimiser and scheduler; every
 random stream of an epoch depends only on (seed, epoch, rank) — data order (the sampler),
@@ -38,12 +38,12 @@ from tqdm import tqdm
 from abstain import selective
 from abstain.contract import CHECKPOINT_FILENAME, METRICS_FILENAME, SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE
 from abstain.io import atomic_write_text
+from abstain.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from abstain.training.config import TrainConfig
+from abstain.training.data import DataBundle, load_data
+from abstain.training.losses import build_loss
+from abstain.training.model import ModelConfig, SelectiveNet, load_body_weights
 from abstain.version import code_version
-from training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data import DataBundle, load_data
-from training.losses import build_loss
-from training.model import ModelConfig, SelectiveNet, load_body_weights
 
 log = logging.getLogger("training")
 

@@ -1,7 +1,7 @@
 """Training losses: plain cross-entropy, SelectiveNet, and SYNC (SelectiveNet + selective prior).
 
 Each loss is a small ``nn.Module`` whose ``forward(output, target)`` takes the model's
-:class:`~training.model.SelectiveOutput` (``logits [B, K]``, ``selection [B]``,
+:class:`~abstain.training.model.SelectiveOutput` (``logits [B, K]``, ``selection [B]``,
 ``aux_logits [B, K]``) and the labels ``target`` int64 ``[B]`` and returns a :class:`LossOutput`:
 the scalar to back-propagate plus each term, detached, for logging.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.model import SelectiveOutput
+from abstain.training.model import SelectiveOutput
 
 LOSSES = ("ce", "selectivenet", "sync")
 PRIOR_HEADS = ("f", "h")

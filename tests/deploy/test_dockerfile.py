@@ -1,6 +1,7 @@
-"""deploy/Dockerfile, checked statically (no docker engine here): a torch-free serving image
-that installs the `serve` extra plus tritonclient, copies what the package build needs,
-bakes the model repository at /models and starts the BentoML service on 0.0.0.0."""
+"""deploy/Dockerfile and deploy/Dockerfile.cuda, checked statically (no docker engine here):
+torch-free serving images that install the `serve` (CPU) or `serve-gpu` (CUDA) extra plus
+tritonclient, copy what the package build needs, bake the model repository at /models and
+start the BentoML service on 0.0.0.0."""
 
 from __future__ import annotations
 
@@ -12,10 +13,29 @@ import pytest
 import yaml
 from deploy_helpers import DEPLOY, REPO
 
-import serving.cli
+import abstain.serving.cli
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11's tomllib")
-DOCKERFILE = DEPLOY / "Dockerfile"
+#: image → (Dockerfile, the extras its pip install names, its base image)
+IMAGES = {
+    "cpu": (DEPLOY / "Dockerfile", ".[serve,triton-client]", "python:3.11-slim"),
+    "cuda": (
+        DEPLOY / "Dockerfile.cuda",
+        ".[serve-gpu,triton-client]",
+        "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04",
+    ),
+}
+
+
+@pytest.fixture(params=sorted(IMAGES), autouse=True)
+def image(request: pytest.FixtureRequest) -> str:
+    """Every test below runs once per image; DOCKERFILE is the one under test."""
+    global DOCKERFILE
+    DOCKERFILE = IMAGES[request.param][0]
+    return request.param
+
+
+DOCKERFILE = IMAGES["cpu"][0]
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -45,37 +65,48 @@ def _pip_install_arguments() -> list[str]:
     return shlex.split(command)[2:]
 
 
-def test_base_image_is_python_311_slim() -> None:
-    assert _all("FROM") == ["python:3.11-slim"]
+def test_base_image(image: str) -> None:
+    assert _all("FROM") == [IMAGES[image][2]]
 
 
-def test_installs_the_serve_extra_and_tritonclient_but_never_torch(pyproject: dict) -> None:
+def test_installs_the_serve_extra_and_tritonclient_but_never_torch(pyproject: dict, image: str) -> None:
     args = _pip_install_arguments()
-    assert args == [".[serve,triton-client]"]
+    assert args == [IMAGES[image][1]]
     extras = pyproject["project"]["optional-dependencies"]
     assert [r for r in extras["triton-client"] if r.startswith("tritonclient")]
     installed = " ".join(args)
-    for forbidden in ("[train", ",train", "[all", "dev", "torch", "pytriton"):
+    for forbidden in ("[train", ",train", "calibrate", "[all", "dev", "torch", "pytriton"):
         assert forbidden not in installed
-    # and the serve extra itself does not list torch
-    assert not [r for r in extras["serve"] if r.startswith(("torch", "torchvision", "nvidia-pytriton"))]
+    # and the serving extras themselves list none of the heavy offline stacks
+    heavy = ("torch", "torchvision", "nvidia-pytriton", "scikit-learn", "scipy", "matplotlib")
+    for extra in ("serve", "serve-gpu"):
+        assert not [r for r in extras[extra] if r.startswith(heavy)], extra
+
+
+def test_gpu_extra_is_serve_with_onnxruntime_gpu_instead_of_onnxruntime(pyproject: dict) -> None:
+    extras = pyproject["project"]["optional-dependencies"]
+    assert [r for r in extras["serve-gpu"] if r.startswith("onnxruntime-gpu")]
+    assert not [r for r in extras["serve-gpu"] if re.match(r"onnxruntime\b(?!-)", r)]
+    swapped = [r.replace("onnxruntime-gpu", "onnxruntime") for r in extras["serve-gpu"]]
+    assert swapped == extras["serve"]
 
 
 def test_the_build_fails_if_torch_is_pulled_in_anyway() -> None:
     (run,) = [r for r in _all("RUN") if "pip install" in r]
-    assert "find_spec('torch')" in run and "sys.exit(" in run
+    assert "'torch', 'sklearn', 'scipy', 'matplotlib'" in run and "sys.exit(" in run
 
 
 def test_copies_every_package_the_build_needs(pyproject: dict) -> None:
     copied = {shlex.split(c)[0] for c in _all("COPY")}
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    assert packages == {"abstain", "training", "export", "calibration", "serving"}
     assert packages <= copied
     assert {"pyproject.toml", pyproject["project"]["readme"], "models"} <= copied | set(
         " ".join(_all("COPY")).split())
 
 
 def test_dockerignore_lets_every_copied_path_through() -> None:
-    patterns = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    patterns = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore").read_text().splitlines()
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     assert "*" in patterns  # an allow-list
     for copy in _all("COPY"):
@@ -95,7 +126,7 @@ def test_runs_the_bentoml_service_on_all_interfaces_as_non_root() -> None:
     cmd = json.loads(_all("CMD")[-1])
     assert entrypoint[:4] == ["python", "-m", "bentoml", "serve"]
     # the same BentoML service `abstain serve` starts
-    assert entrypoint[4] == serving.cli.SERVICE
+    assert entrypoint[4] == abstain.serving.cli.SERVICE
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     port = int(cmd[cmd.index("--port") + 1])
     assert _all("EXPOSE") == [str(port)]

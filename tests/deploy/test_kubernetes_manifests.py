@@ -13,7 +13,7 @@ import yaml
 from deploy_helpers import DEPLOY, REPO
 
 from abstain.contract import CALIBRATION_FILENAME, DEFAULT_MODEL_NAME, latest_version_dir
-from serving.settings import BACKENDS
+from abstain.serving.settings import BACKENDS
 
 K8S = DEPLOY / "kubernetes"
 

@@ -1,5 +1,5 @@
 """End to end with real components: the BentoML service started as the serving image and
-the Kubernetes ConfigMap start it (``bentoml serve serving.service:Abstain`` configured by
+the Kubernetes ConfigMap start it (``bentoml serve abstain.serving.service:Abstain`` configured by
 ``ABSTAIN_*`` variables), scraped every second by a real Prometheus server that loads
 deploy/prometheus/rules.yml. A bounded number of predictions goes in; Prometheus' decision
 counters, the abstention-rate recording rule and the rejected-input rate must reflect
@@ -97,7 +97,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
            "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("ABSTAIN_MODEL_DIR", None)
     log = tmp / "bentoml.log"
-    entrypoint = ["serve", "serving.service:Abstain", "--host", "127.0.0.1", "--port", str(port)]
+    entrypoint = ["serve", "abstain.serving.service:Abstain", "--host", "127.0.0.1", "--port", str(port)]
     process = _start([sys.executable, "-m", "bentoml", *entrypoint], env, log)
     url = f"http://127.0.0.1:{port}"
     try:

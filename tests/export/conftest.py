@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from abstain.training.checkpoint import save_checkpoint
 from tests.export.export_helpers import checkpoint_dict
-from training.checkpoint import save_checkpoint
 
 
 @pytest.fixture

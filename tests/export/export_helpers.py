@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from abstain.contract import InputSpec
-from training.checkpoint import CHECKPOINT_FORMAT
-from training.model import ModelConfig, SelectiveNet
+from abstain.training.checkpoint import CHECKPOINT_FORMAT
+from abstain.training.model import ModelConfig, SelectiveNet
 
 
 def checkpoint_dict(body: str = "small_cnn", image_size: int = 8, in_channels: int = 1,

@@ -12,15 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import export.pipeline as pipeline
+import abstain.export.pipeline as pipeline
 from abstain.cli import app
 from abstain.contract import META_CHECKPOINT_SHA256, META_TEST_METRICS, MODEL_FILENAME
+from abstain.export.onnx_export import export_graph
+from abstain.export.verify import ParityError
 from abstain.io import sha256_file
-from export.onnx_export import export_graph
-from export.verify import ParityError
-from serving.inference import OnnxModel
+from abstain.runtime import OnnxModel
+from abstain.training.checkpoint import model_from_checkpoint, save_checkpoint
 from tests.export.export_helpers import checkpoint_dict, snapshot
-from training.checkpoint import model_from_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

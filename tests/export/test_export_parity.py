@@ -22,12 +22,12 @@ from abstain.contract import (
     SELECTION_NAME,
     InputSpec,
 )
-from export.onnx_export import export_graph
-from export.pipeline import build_verified_graph
-from export.verify import FP32_TOLERANCE, ParityError, Tolerance, verification_inputs, verify_parity
-from serving.inference import OnnxModel
+from abstain.export.onnx_export import export_graph
+from abstain.export.pipeline import build_verified_graph
+from abstain.export.verify import FP32_TOLERANCE, ParityError, Tolerance, verification_inputs, verify_parity
+from abstain.runtime import OnnxModel
+from abstain.training.checkpoint import model_from_checkpoint
 from tests.export.export_helpers import checkpoint_dict
-from training.checkpoint import model_from_checkpoint
 
 
 @pytest.mark.parametrize(

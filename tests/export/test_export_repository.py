@@ -9,8 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from abstain.contract import LABELS_FILENAME, MODEL_FILENAME, TRITON_CONFIG_FILENAME, InputSpec
-from export import repository as repo_module
-from export.repository import commit_entry, plan_entry, render_triton_config
+from abstain.export import repository as repo_module
+from abstain.export.repository import commit_entry, plan_entry, render_triton_config
 from tests.export.export_helpers import snapshot
 
 SPEC = InputSpec(1, 8, 8)

@@ -22,7 +22,7 @@ from abstain.contract import (
     read_labels,
 )
 from abstain.datasets import DIGITS_CLASS_NAMES, load_digits
-from serving.inference import OnnxModel
+from abstain.runtime import OnnxModel
 
 ENTRY = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
 

@@ -87,7 +87,7 @@ def bentoml_command(port: int) -> list[str]:
         "-m",
         "bentoml",
         "serve",
-        "serving.service:Abstain",
+        "abstain.serving.service:Abstain",
         "--host",
         "127.0.0.1",
         "--port",

@@ -12,8 +12,8 @@ import threading
 import numpy as np
 import pytest
 
-from serving.batcher import AdaptiveBatcher
-from serving.inference import GraphOutputs
+from abstain.runtime import GraphOutputs
+from abstain.serving.batcher import AdaptiveBatcher
 
 
 class Forward:

@@ -1,15 +1,18 @@
 """The service builds as a Bento (``bentofile.yaml``) and the built Bento serves.
 
-A real ``bentoml build`` of the repository into a temporary ``BENTOML_HOME`` (no lock, no
-network: ``PIP_NO_INDEX``/``UV_OFFLINE`` make any download attempt fail instead), then a real
-``bentoml serve <tag>`` of that Bento from outside the source tree, on a free 127.0.0.1 port.
+The package's wheel is built first (``pip wheel --no-deps -w dist .``, as docs/serving.md
+says), then a real ``bentoml build`` of the repository into a temporary ``BENTOML_HOME`` (no
+lock, no network: ``PIP_NO_INDEX``/``UV_OFFLINE`` make any download attempt fail instead), then
+a real ``bentoml serve <tag>`` of that Bento from outside the source tree, on a free 127.0.0.1 port.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -40,6 +43,16 @@ def bento_env(home: Path) -> dict[str, str]:
 def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Build once: (BENTOML_HOME, the built Bento's directory)."""
     home = tmp_path_factory.mktemp("bentoml_home")
+    wheel = REPO / bentofile_wheel()
+    wheel.unlink(missing_ok=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel.parent),
+         str(REPO)],
+        cwd=REPO, env=bento_env(home), capture_output=True, text=True, timeout=300,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert wheel.is_file(), f"pip wheel did not write {wheel}: {made.stdout}"
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' scratch folder
     built = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", str(REPO), "--version", TAG.split(":")[1]],
         cwd=REPO,
@@ -59,10 +72,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def bentofile_wheel() -> str:
+    wheels = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]["wheels"]
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def test_bentofile_wheel_is_this_version() -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert bentofile_wheel() == f"dist/abstain-{version}-py3-none-any.whl"
+
+
 def test_bentofile_packages_are_the_serve_extra() -> None:
     config = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert config["service"] == "serving.service:Abstain"
+    assert config["service"] == "abstain.serving.service:Abstain"
     assert config["python"]["lock_packages"] is False
     expected = project["dependencies"] + project["optional-dependencies"]["serve"]
     assert config["python"]["packages"] == expected
@@ -71,10 +95,14 @@ def test_bentofile_packages_are_the_serve_extra() -> None:
 def test_built_bento_holds_the_service_and_the_calibrated_graph(bento: tuple[Path, Path]) -> None:
     _, path = bento
     info = yaml.safe_load((path / "bento.yaml").read_text())
-    assert info["service"] == "serving.service:Abstain"
+    assert info["service"] == "abstain.serving.service:Abstain"
+    # the service is the packaged abstain.serving, byte for byte the source tree's
+    wheel = path / "env" / "python" / "wheels" / Path(bentofile_wheel()).name
+    with zipfile.ZipFile(wheel) as archive:
+        for module in ("serving/service.py", "serving/settings.py", "abstain/contract.py"):
+            packed = module if module.startswith("abstain/") else f"abstain/{module}"
+            assert archive.read(packed) == (REPO / module).read_bytes(), module
     src = path / "src"
-    for module in ("serving/service.py", "serving/settings.py", "abstain/contract.py"):
-        assert (src / module).read_bytes() == (REPO / module).read_bytes(), module
     versions = [d for d in (REPO / "models" / "digits").iterdir() if d.is_dir()]
     assert versions
     for version in versions:
@@ -83,12 +111,15 @@ def test_built_bento_holds_the_service_and_the_calibrated_graph(bento: tuple[Pat
             assert packed.is_file(), packed
             assert sha256(packed) == sha256(version / name), packed
     assert (src / "models" / "digits" / "labels.txt").is_file()
-    for absent in ("tests", "runs", "training", "export", ".venv", "benchmarks", "deploy"):
+    # no loose source: a src/abstain/ would shadow the installed package
+    loose = ("abstain", "serving", "calibration", "tests", "runs", "training", "export", ".venv")
+    for absent in (*loose, "benchmarks", "deploy"):
         assert not (src / absent).exists(), absent
     assert not list(src.rglob("__pycache__"))
     requirements = (path / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements and "bentoml" in requirements
-    assert "torch" not in requirements  # torch, torchvision: the serving side never needs them
+    for heavy in ("torch", "scikit-learn", "matplotlib", "scipy"):  # the serving side never needs them
+        assert heavy not in requirements, heavy
 
 
 def test_built_bento_serves(bento: tuple[Path, Path], tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from abstain.calibration import OperatingPoint
 from abstain.contract import InputSpec
-from serving.batcher import AdaptiveBatcher
-from serving.decisions import decide
-from serving.inference import GraphOutputs
-from serving.metrics import RollingRate
-from serving.validation import InputRejectedError, decode_image, parse_pixels
+from abstain.operating_points import OperatingPoint
+from abstain.runtime import GraphOutputs
+from abstain.serving.batcher import AdaptiveBatcher
+from abstain.serving.decisions import decide
+from abstain.serving.metrics import RollingRate
+from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
 POINT = OperatingPoint(name="coverage-0.9", method="coverage", score="selection", threshold=0.5)
 SPEC = InputSpec(1, 2, 2)

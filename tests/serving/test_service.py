@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from abstain.calibration import load_calibration
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
 from abstain.datasets import load_digits
+from abstain.operating_points import load_calibration
+from abstain.runtime import OnnxModel
 from abstain.selective import selection_scores
-from serving.inference import OnnxModel
 from tests.serving.servers import MODEL_DIR, Server
 
 pytestmark = pytest.mark.server

@@ -21,9 +21,9 @@ import pytest
 
 from abstain.contract import MODEL_FILENAME
 from abstain.datasets import load_digits
-from serving.backends import TritonBackend, verify_triton_serves
-from serving.inference import OnnxModel
-from serving.triton_repository import write_python_backend_repository
+from abstain.runtime import OnnxModel
+from abstain.serving.backends import TritonBackend, verify_triton_serves
+from abstain.serving.triton_repository import write_python_backend_repository
 from tests.graph_factory import write_graph
 from tests.serving.servers import MODEL_DIR, Server, pytriton_dir, start_triton, stop
 

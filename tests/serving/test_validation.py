@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from abstain.calibration.data_sources import image_to_pixels
 from abstain.contract import InputSpec
-from serving.data_sources import image_to_pixels
-from serving.validation import decode_image
+from abstain.serving.validation import decode_image
 
 RGB = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import load_checkpoint
+from abstain.training.checkpoint import load_checkpoint
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # 2 processes on 2 cores: no oversubscription
 
 
 def test_training_cli_module_does_not_import_torch() -> None:
-    code = "import sys, training.cli; print('torch' in sys.modules)"
+    code = "import sys, abstain.training.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

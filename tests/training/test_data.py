@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR100
 
 from abstain.datasets import fingerprint, load_fashion_mnist
-from training.data import load_data, streaming_fingerprint
+from abstain.training.data import load_data, streaming_fingerprint
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -159,9 +159,9 @@ def test_download_needs_a_folder_to_download_into() -> None:
 
 
 def test_imagefolder_split_and_fingerprint_are_calibrations(tmp_path: Path) -> None:
+    from abstain.calibration.data_sources import load_labelled_data
     from abstain.contract import InputSpec
     from abstain.datasets import imagefolder_split
-    from serving.data_sources import load_labelled_data
 
     write_image_tree(tmp_path / "train", {"cat": (20, 0), "dog": (10, 255)})
     write_image_tree(tmp_path / "val", {"cat": (2, 0), "dog": (2, 255)})
@@ -176,8 +176,8 @@ def test_imagefolder_split_and_fingerprint_are_calibrations(tmp_path: Path) -> N
 
 
 def test_imagefolder_eval_transform_is_servings_preprocessing(tmp_path: Path) -> None:
+    from abstain.calibration.data_sources import image_to_pixels
     from abstain.contract import InputSpec
-    from serving.data_sources import image_to_pixels
 
     rng = np.random.default_rng(0)
     sizes = {"cat": [(300, 250), (250, 300), (224, 224)], "dog": [(97, 131), (640, 480)]}

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-import training.loop
+import abstain.training.loop
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
-from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data import DataBundle, load_data
-from training.loop import (
+from abstain.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from abstain.training.config import TrainConfig
+from abstain.training.data import DataBundle, load_data
+from abstain.training.loop import (
     Runtime,
     _autocast,
     make_loader,
@@ -27,8 +27,8 @@ from training.loop import (
     selective_metrics,
     train_one_epoch,
 )
-from training.losses import SyncLoss
-from training.model import ModelConfig, SelectiveNet
+from abstain.training.losses import SyncLoss
+from abstain.training.model import ModelConfig, SelectiveNet
 
 # A small, fast configuration: digits, a narrow CNN, a few epochs (each well under a second).
 TINY = TrainConfig(dataset="digits", loss="sync", width=8, batch_size=64, epochs=3, lr=0.05, seed=3)
@@ -105,7 +105,7 @@ def test_resume_is_exact_with_random_augmentation_in_loader_workers(tmp_path: Pa
     # from epoch 1's state after a resume; now every epoch's streams depend on (seed, epoch, rank).
     digits = load_data("digits")
     augmented = DataBundle(**{**vars(digits), "train": RandomlyAugmented(digits.train)})
-    monkeypatch.setattr(training.loop, "load_data", lambda *args, **kwargs: augmented)
+    monkeypatch.setattr(abstain.training.loop, "load_data", lambda *args, **kwargs: augmented)
     config = replace(TINY, num_workers=workers)
     run_training(config, tmp_path / "straight", progress=False)
     run_training(replace(config, epochs=2), tmp_path / "resumed", progress=False)

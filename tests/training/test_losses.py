@@ -16,9 +16,9 @@ import torch
 from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from training.loop import Runtime, _autocast
-from training.losses import CrossEntropyLoss, SelectiveNetLoss, SyncLoss, build_loss
-from training.model import ModelConfig, SelectiveNet, SelectiveOutput
+from abstain.training.loop import Runtime, _autocast
+from abstain.training.losses import CrossEntropyLoss, SelectiveNetLoss, SyncLoss, build_loss
+from abstain.training.model import ModelConfig, SelectiveNet, SelectiveOutput
 
 LN2, LN43 = math.log(2), math.log(4 / 3)
 RISK = 0.25 * LN2 + 0.75 * LN43

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abstain.calibration import load_calibration
+from abstain.calibration.calibrate import predict, run_calibration
+from abstain.calibration.data_sources import image_to_pixels
 from abstain.contract import SCORE_NAMES
 from abstain.datasets import load_digits
 from abstain.io import sha256_file
+from abstain.operating_points import load_calibration
+from abstain.runtime import OnnxModel
 from abstain.selective import aurc, coverage_and_risk
-from serving.calibrate import predict, run_calibration
-from serving.data_sources import image_to_pixels
-from serving.inference import OnnxModel
 from tests.graph_factory import write_model_dir
 
 REPO = Path(__file__).resolve().parents[2]

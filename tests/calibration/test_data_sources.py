@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from abstain.calibration.calibrate import run_calibration
+from abstain.calibration.data_sources import image_to_pixels, load_labelled_data
 from abstain.contract import InputSpec
 from abstain.datasets import imagefolder_split, load_digits
-from serving.calibrate import run_calibration
-from serving.data_sources import image_to_pixels, load_labelled_data
 from tests.graph_factory import write_model_dir
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -116,8 +116,8 @@ def big_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_image_sources_stream_in_batches_with_the_same_fingerprints(big_tree: Path) -> None:
+    from abstain.calibration.data_sources import ImageFileSource, open_labelled_data
     from abstain.datasets import fingerprint
-    from serving.data_sources import ImageFileSource, open_labelled_data
 
     n = 10 * STREAM_PER_CLASS
     split = open_labelled_data(SPEC32, CLASSES, dataset="imagefolder", split="test", data_root=big_tree)
@@ -141,7 +141,7 @@ def test_image_sources_stream_in_batches_with_the_same_fingerprints(big_tree: Pa
 def test_calibrate_and_evaluate_stream_image_folders(big_tree: Path, tmp_path: Path) -> None:
     import tracemalloc
 
-    from serving.evaluate import run_evaluation
+    from abstain.calibration.evaluate import run_evaluation
 
     version = write_model_dir(tmp_path / "models", spec=SPEC32, class_names=CLASSES)
     tracemalloc.start()

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abstain.calibration import Calibration, OperatingPoint, load_calibration, verify_graph
+from abstain.calibration.calibrate import Predictions, predict, score_metrics
+from abstain.calibration.data_sources import open_labelled_data
 from abstain.contract import (
     CALIBRATION_FILENAME,
     EVALUATION_FILENAME,
@@ -30,11 +31,10 @@ from abstain.contract import (
     resolve_version_dir,
 )
 from abstain.io import atomic_write_json, atomic_writer
+from abstain.operating_points import Calibration, OperatingPoint, load_calibration, verify_graph
+from abstain.runtime import OnnxModel
 from abstain.selective import coverage_and_risk, risk_coverage_curve
 from abstain.version import code_version
-from serving.calibrate import Predictions, predict, score_metrics
-from serving.data_sources import open_labelled_data
-from serving.inference import OnnxModel
 
 PLOT_FILENAME = "risk_coverage.png"
 

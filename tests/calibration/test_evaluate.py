@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abstain.calibration import CalibrationError
+from abstain.calibration.calibrate import predict, run_calibration
+from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
+from abstain.operating_points import CalibrationError
+from abstain.runtime import OnnxModel
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverage
-from serving.calibrate import predict, run_calibration
-from serving.evaluate import run_evaluation
-from serving.inference import OnnxModel
 from tests.graph_factory import write_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,8 +112,8 @@ def test_shipped_model_calibrated_by_the_documented_command(tmp_path: Path) -> N
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="models/digits does not exist yet (abstain train → export)")
 def test_shipped_calibration_holds_on_the_test_split(tmp_path: Path) -> None:
     """The calibration.json that ships: realised coverage on digits/test inside its interval."""
-    from abstain.calibration import load_calibration
     from abstain.contract import resolve_version_dir
+    from abstain.operating_points import load_calibration
 
     version = resolve_version_dir(SHIPPED)
     cal = load_calibration(version / "calibration.json")

@@ -1,7 +1,7 @@
 """``abstain calibrate``: fit operating points on held-out labelled data against the served graph.
 
 Flow: resolve ``MODEL_DIR`` → load ``model.onnx`` in ONNX Runtime (the service's own code,
-:class:`serving.inference.OnnxModel`) → load and check the data → refuse the training split
+:class:`abstain.runtime.OnnxModel`) → load and check the data → refuse the training split
 (fingerprint recorded in the graph) → batched inference → the three scores and their AURC /
 E-AURC / AUGRC → one sort of the chosen score → coverage points and SGR risk points
 (:mod:`abstain.thresholds`) → ``calibration.json`` next to the graph, written atomically.
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from abstain.calibration import Calibration, OperatingPoint, save_calibration
+from abstain.calibration.data_sources import LabelledSource, open_labelled_data
 from abstain.contract import (
     CALIBRATION_FILENAME,
     META_TRAIN_DATA_FINGERPRINT,
@@ -29,11 +29,11 @@ from abstain.contract import (
     resolve_version_dir,
 )
 from abstain.datasets import ArraySplit
+from abstain.operating_points import Calibration, OperatingPoint, save_calibration
+from abstain.runtime import GraphOutputs, OnnxModel
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_scores
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
-from serving.data_sources import LabelledSource, open_labelled_data
-from serving.inference import GraphOutputs, OnnxModel
 
 #: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
 #: on 30 samples is already about ±0.15 wide, and a threshold on fewer means little.
@@ -58,7 +58,7 @@ class Predictions:
 def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int = 256) -> Predictions:
     """Batched inference through the service's code path; ``errors[i] = argmax != y[i]``.
 
-    A :class:`~serving.data_sources.LabelledSource` streams: its batches come already checked
+    A :class:`~abstain.calibration.data_sources.LabelledSource` streams: its batches come already checked
     against the graph's input spec (the source was opened with it), each is run and dropped,
     and only the outputs (``[N, K]`` logits, ``[N]`` selection) are kept.
     """
@@ -129,7 +129,7 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
     Args:
         model_dir: ``models/<name>`` (latest version) or ``models/<name>/<version>``.
         dataset, split, data, data_root: the labelled held-out data (see
-            :func:`serving.data_sources.open_labelled_data`).
+            :func:`abstain.calibration.data_sources.open_labelled_data`).
         coverages: target coverages in (0, 1] (SelectiveNet's calibration).
         risks: target selective risks in (0, 1] certified by SGR at confidence ``1 - delta``.
         delta: SGR's failure probability, and ``1 - delta`` is the confidence of the

@@ -12,7 +12,7 @@ in [0, 1], y int64 ``[N]``):
 
 Arrays (built-in splits, ``.npz``) must already have the graph's shape: silently resizing
 them would calibrate on different pixels than the client sends. Images are files, and are
-converted exactly as a client's image upload would be (:func:`serving.validation.fit_image`:
+converted exactly as a client's image upload would be (:func:`abstain.images.fit_image`:
 for image-folder models, training's eval Resize + CenterCrop).
 
 The fingerprint of ``--dataset imagefolder`` data is its file list's
@@ -43,8 +43,8 @@ from abstain.datasets import (
     load_cifar100,
     load_npz,
 )
-from serving.inference import validate_pixels
-from serving.validation import fit_image
+from abstain.images import fit_image
+from abstain.runtime import validate_pixels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 #: What ``--dataset`` accepts for calibration and evaluation.
@@ -87,7 +87,7 @@ class LabelledSource:
 
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Float32 ``[b, C, H, W]`` pixel batches, ``b <= batch_size``, in the order of ``y``,
-        each checked by :func:`serving.inference.validate_pixels`."""
+        each checked by :func:`abstain.runtime.validate_pixels`."""
         raise NotImplementedError
 
     @property

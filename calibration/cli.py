@@ -60,7 +60,7 @@ def calibrate(
 
     Example: abstain calibrate models/digits --dataset digits --split val --coverage 0.8,0.9,0.95 --risk 0.02
     """
-    from serving.calibrate import DEFAULT_COVERAGES, run_calibration
+    from abstain.calibration.calibrate import DEFAULT_COVERAGES, run_calibration
 
     coverages = parse_targets(coverage)
     risks = parse_targets(risk)
@@ -122,8 +122,8 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from abstain.calibration.evaluate import run_evaluation
     from abstain.contract import TABLE_COVERAGES
-    from serving.evaluate import run_evaluation
 
     result = run_evaluation(model_dir, out, dataset=dataset, split=split, data=data,
                             data_root=data_root, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""abstain.calibration: the extension for unmet risk targets, and refusing non-finite thresholds."""
+"""abstain.operating_points: the extension for unmet risk targets, and refusing non-finite thresholds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from abstain.calibration import (
+from abstain.operating_points import (
     Calibration,
     CalibrationError,
     OperatingPoint,

@@ -1,0 +1,212 @@
+"""ASGI middlewares of the service: what BentoML 1.4 does not do for us before our code runs.
+
+* :class:`LimitJsonBody` — a request-size limit on ``POST /predict`` (BentoML has none);
+* :class:`CheckUploadForms` — a 400 instead of BentoML's 500 for malformed upload forms;
+* :class:`CountFrameworkRejections` — BentoML's own 4xx answers counted as rejected inputs.
+
+Each reaches the running service through ``bentoml.get_current_service()`` (the service
+instance of this worker), never at import time.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import bentoml
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from abstain.serving.responses import REJECTED_HEADER, rejection
+from abstain.serving.validation import MAX_IMAGE_BYTES, InputRejectedError
+
+
+class CountFrameworkRejections:
+    """ASGI middleware: count 4xx answers that BentoML gives before our code runs.
+
+    Malformed JSON and bodies that do not match the endpoint's schema are answered 400 by
+    BentoML's request parsing; they are still rejected inputs, so they reach
+    ``abstain_rejected_inputs_total`` here (``bad_json`` for ``/predict``, ``bad_image`` for
+    ``/predict_image``). Answers carrying :data:`REJECTED_HEADER` were counted already.
+    """
+
+    REASONS: ClassVar[dict[str, str]] = {"/predict": "bad_json", "/predict_image": "bad_image"}
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason = self.REASONS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if reason is None:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and 400 <= message["status"] < 500
+                and message["status"] not in (429,)
+            ):
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                service = bentoml.get_current_service()
+                if REJECTED_HEADER.encode() not in names and service is not None:
+                    service.metrics.reject(reason)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def replay_receive(body: bytes, receive: Receive) -> Receive:
+    """An ASGI ``receive`` that hands over ``body`` (already read) as the whole request once,
+    then defers to the real ``receive`` (for the disconnect message)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class LimitJsonBody:
+    """ASGI middleware: answer 413 ``batch_too_large`` to a ``/predict`` body no valid request needs.
+
+    BentoML 1.4 has no request-size limit, and ``ABSTAIN_MAX_BATCH`` is only checked after the
+    whole body is parsed into Python lists (tens of bytes per number): a huge body could take
+    a worker's memory first. The limit is what the largest valid batch can take as compact
+    JSON, :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent
+    form 24) times ``max_batch · C · H · W``, plus :data:`SLACK_BYTES` for brackets and the
+    operating point (see :meth:`Abstain.max_body_bytes`). A ``Content-Length`` over it is
+    refused before reading; a body without one is read up to the limit and refused once it
+    passes it; at most the limit is ever buffered. The rest of a refused body is read and
+    dropped (up to :data:`DRAIN_BYTES`, no memory kept) so that the client, still sending,
+    sees the 413 instead of a reset connection.
+    """
+
+    PATH = "/predict"
+    BYTES_PER_NUMBER = 25
+    SLACK_BYTES = 64 * 1024
+    DRAIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        # only now: asked during the lifespan start-up, it would wait for the service being built
+        service = bentoml.get_current_service()
+        if service is None:
+            return await self.app(scope, receive, send)
+        limit = service.max_body_bytes
+        length = Headers(scope=scope).get("content-length")
+        too_large = length is not None and length.isdigit() and int(length) > limit
+        body = bytearray()
+        seen, more = 0, True
+        while more and not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            more = message.get("more_body", False)
+            if seen > limit:
+                too_large = True
+            else:
+                body += chunk
+        if too_large:
+            body.clear()
+            while more and seen <= self.DRAIN_BYTES:  # let the client finish sending, keep nothing
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            exc = InputRejectedError(
+                "batch_too_large",
+                f"the request body is larger than {limit} bytes, the most that "
+                f"{service.settings.max_batch} images of {list(service.model.input_spec.shape)} take as "
+                f"JSON; valid: at most {service.settings.max_batch} images per request, as compact JSON",
+            )
+            service.metrics.reject(exc.reason)
+            return await rejection(exc)(scope, receive, send)
+
+        await self.app(scope, replay_receive(bytes(body), receive), send)
+
+
+class CheckUploadForms:
+    """ASGI middleware: answer 400, not 500, to a ``/predict_image`` form BentoML cannot use.
+
+    BentoML 1.4 parses a form body inside a catch-all that turns starlette's 400 for malformed
+    ``multipart/form-data`` (no boundary, broken framing) into a 500, and it takes a *text*
+    ``image`` field for a URL to download (a 500 here, and no upload service should fetch
+    URLs its clients name). So the body of a form ``POST /predict_image`` is read here and
+    parsed once with the same starlette parser: a malformed body, a text ``image`` or a file
+    in another field is rejected as ``bad_image``; anything else is replayed to BentoML as it
+    came. Found by the schema-based fuzz run (``tests/serving/test_fuzz.py``).
+    """
+
+    PATH = "/predict_image"
+    #: the largest form buffered here: the image limit plus room for the form's framing
+    MAX_FORM_BYTES = MAX_IMAGE_BYTES + 1024 * 1024
+    #: the media types BentoML hands to its form parser (``_bentoml_impl.serde.ALL_SERDE``)
+    FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+    VALID = (
+        "valid: multipart/form-data with a PNG or JPEG file upload in field 'image' and, "
+        "optionally, a text field 'operating_point'"
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        # split as BentoML does to choose its parser (case-sensitive, like its lookup)
+        media_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip()
+        if media_type not in self.FORM_TYPES:
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        problem: str | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.MAX_FORM_BYTES:  # never buffer an unbounded body in memory
+                problem = f"the form body is larger than {self.MAX_FORM_BYTES // (1024 * 1024)} MB"
+                break
+            if not message.get("more_body", False):
+                break
+        if problem is None:
+            problem = await self._problem(scope, bytes(body), media_type)
+        if problem is not None:
+            exc = InputRejectedError("bad_image", f"{problem}; {self.VALID}")
+            service = bentoml.get_current_service()
+            if service is not None:
+                service.metrics.reject(exc.reason)
+            return await rejection(exc)(scope, receive, send)
+
+        await self.app(scope, replay_receive(bytes(body), receive), send)
+
+    @staticmethod
+    async def _problem(scope: Scope, body: bytes, media_type: str) -> str | None:
+        async def receive_body() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(scope, receive_body).form()
+        except HTTPException as exc:  # starlette's answer to a malformed body
+            return f"the request is not a valid {media_type} body ({exc.detail})"
+        try:
+            for key, value in form.multi_items():
+                if key == "image" and not isinstance(value, UploadFile):
+                    return "field 'image' should be a file upload, but got a text field"
+                if key != "image" and isinstance(value, UploadFile):
+                    return f"field {key!r} should be a text field, but got a file upload"
+            return None
+        finally:
+            await form.close()

@@ -1,0 +1,37 @@
+"""The service's error answers: a 4xx JSON body for a rejected input, a 503 for a failed backend.
+
+Shared by the endpoints (:mod:`abstain.serving.service`) and the ASGI middlewares
+(:mod:`abstain.serving.middleware`), so every rejection has the same shape:
+``{"error": <what was wrong and what is valid>, "reason": <metrics label>}``.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+from abstain.serving.validation import InputRejectedError
+
+#: Header on the service's own 4xx answers, so the middleware does not count them twice.
+REJECTED_HEADER = "x-abstain-rejected"
+STATUS = {"batch_too_large": 413}  # every other rejection is a 400
+
+
+def rejection(exc: InputRejectedError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.message, "reason": exc.reason},
+        status_code=STATUS.get(exc.reason, 400),
+        headers={REJECTED_HEADER: exc.reason},
+    )
+
+
+def backend_unavailable(backend: str, exc: Exception) -> JSONResponse:
+    """503 for a failed forward pass: the input was fine, the backend was not (retry later)."""
+    detail = f"{type(exc).__name__}: {exc}"
+    return JSONResponse(
+        {
+            "error": f"the {backend} inference backend failed ({detail[:300]}); the request was valid, "
+            "retry later",
+            "reason": "backend_unavailable",
+        },
+        status_code=503,
+    )
