@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -31,10 +31,11 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
 class LazyStageGroup(TyperGroup):
     """A click group whose subcommands are imported from their stage on first use."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    # ctx is a click Context (typer >= 0.29 vendors click; not imported here so no click is needed)
+    def list_commands(self, ctx: Any) -> list[str]:
         return list(STAGE_COMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name not in STAGE_COMMANDS:
             return None
         module, function, no_args_is_help = STAGE_COMMANDS[cmd_name]

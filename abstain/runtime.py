@@ -5,7 +5,6 @@ evaluation and the embedded serving backend share (numpy in, numpy out, no torch
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +73,9 @@ class OnnxModel:
 
     Args:
         source: ``model.onnx`` (a path), or the graph's bytes already read.
-        intra_op_threads: ONNX Runtime threads per session; default ``$ABSTAIN_ORT_THREADS`` or 1,
-            so that several service workers do not oversubscribe the cores.
+        intra_op_threads: ONNX Runtime intra-op threads; ``None``: ONNX Runtime's own default (one
+            per physical core), right for one offline process. The service passes its own share
+            (``ServeSettings.intra_op_threads``) so that workers do not oversubscribe the cores.
         prefer_cuda: use the CUDA provider when available.
         path: where ``source`` bytes came from, for messages (ignored when ``source`` is a path).
     """
@@ -101,8 +101,8 @@ class OnnxModel:
         #: sha256 of exactly the bytes the session was built from
         self.sha256: str = sha256_bytes(data)
         options = ort.SessionOptions()
-        threads = intra_op_threads or int(os.environ.get("ABSTAIN_ORT_THREADS", "1"))
-        options.intra_op_num_threads = threads
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(

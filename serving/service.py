@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +76,9 @@ class Abstain:
 
     def __init__(self) -> None:
         self.settings, self.artifacts = SETTINGS, ARTIFACTS
-        # ONNX Runtime threads: share the cores between workers instead of oversubscribing them
-        threads = int(
-            os.environ.get("ABSTAIN_ORT_THREADS") or max(1, (os.cpu_count() or 1) // SETTINGS.workers)
-        )
-        # read once, hashed and loaded from the same bytes; refused unless still the calibrated graph
-        self.model = load_graph(ARTIFACTS, intra_op_threads=threads)
+        # read once, hashed and loaded from the same bytes; refused unless still the calibrated graph;
+        # ONNX Runtime threads share the cores between workers instead of oversubscribing them
+        self.model = load_graph(ARTIFACTS, intra_op_threads=SETTINGS.intra_op_threads())
         self.class_names = ARTIFACTS.labels or self.model.class_names
         if len(self.class_names) != self.model.num_classes:
             raise ValueError(

@@ -1,24 +1,9 @@
 """Service configuration from environment variables, and the start-up checks of the artifacts.
 
-``abstain serve`` sets these variables and execs ``bentoml serve abstain.serving.service:Abstain``;
-setting them by hand and running ``bentoml serve`` directly is equivalent.
-
-==================================  ================================================  ===========
-variable                            meaning                                           default
-==================================  ================================================  ===========
-``ABSTAIN_MODEL_DIR``               ``models/<name>`` (latest version) or ``…/<v>``   ``models/digits``
-``ABSTAIN_OPERATING_POINT``         default operating point of answers                calibration's default
-``ABSTAIN_BACKEND``                 ``onnxruntime`` (embedded) or ``triton``          ``onnxruntime``
-``ABSTAIN_TRITON_URL``              ``host:port`` (HTTP) or ``grpc://host:port``      ``127.0.0.1:8000``
-``ABSTAIN_TRITON_TIMEOUT``          seconds one Triton call may take, then 503        10
-``ABSTAIN_MAX_BATCH``               most images one request may carry                 256
-``ABSTAIN_BATCH_MAX_SIZE``          adaptive batching: most images per forward pass   64
-``ABSTAIN_BATCH_MAX_LATENCY_MS``    adaptive batching: longest wait to fill a batch   0
-``ABSTAIN_WORKERS``                 BentoML worker processes                          1
-``ABSTAIN_MAX_CONCURRENCY``         requests in flight per service before 429/503     64
-``ABSTAIN_TIMEOUT``                 seconds before a request is answered 504          30
-``ABSTAIN_ROLLING_WINDOW``          decisions in the rolling abstention-rate gauge    1000
-==================================  ================================================  ===========
+``abstain serve`` sets the ``ABSTAIN_*`` variables and execs ``bentoml serve
+abstain.serving.service:Abstain``; setting them by hand and running ``bentoml serve`` directly is
+equivalent. The variables, their defaults and limits are :data:`abstain.serving.options.OPTIONS`
+(the one table; docs/serving.md shows it).
 """
 
 from __future__ import annotations
@@ -38,76 +23,60 @@ from abstain.contract import (
 )
 from abstain.operating_points import Calibration, CalibrationError, load_calibration, verify_graph
 from abstain.runtime import OnnxModel
+from abstain.serving.options import BACKENDS, OPTION, OPTIONS
 
-BACKENDS = ("onnxruntime", "triton")
-
-
-def _int_env(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} should be an integer >= {minimum}, but got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} should be an integer >= {minimum}, but got {value}")
-    return value
+__all__ = ["BACKENDS", "Artifacts", "ServeSettings", "load_artifacts", "load_graph"]
 
 
-def _float_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} should be a number >= 0, but got {raw!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{name} should be a number >= 0, but got {raw!r}")
-    return value
+def _default(name: str):  # the field's own type
+    return OPTION[name].default
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Everything the service reads from its environment (see the module docstring)."""
+    """Everything the service reads from its environment; defaults from :data:`OPTIONS`."""
 
     model_dir: Path
-    operating_point: str | None = None
-    backend: str = "onnxruntime"
-    triton_url: str = "127.0.0.1:8000"
-    triton_timeout: float = 10.0
-    max_batch: int = 256
-    batch_max_size: int = 64
-    batch_max_latency_ms: float = 0.0
-    workers: int = 1
-    max_concurrency: int = 64
-    timeout: int = 30
-    rolling_window: int = 1000
+    operating_point: str | None = _default("operating_point")
+    backend: str = _default("backend")
+    triton_url: str = _default("triton_url")
+    triton_timeout: float = _default("triton_timeout")
+    max_batch: int = _default("max_batch")
+    batch_max_size: int = _default("batch_max_size")
+    batch_max_latency_ms: float = _default("batch_max_latency_ms")
+    workers: int = _default("workers")
+    ort_threads: int = _default("ort_threads")
+    max_concurrency: int = _default("max_concurrency")
+    timeout: int = _default("timeout")
+    rolling_window: int = _default("rolling_window")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend should be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
-        if not self.triton_timeout > 0:
-            raise ValueError(f"ABSTAIN_TRITON_TIMEOUT should be > 0 seconds, but got {self.triton_timeout!r}")
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if option.minimum is not None and not value >= option.minimum:
+                raise ValueError(
+                    f"{option.env} ({option.name}) should be >= {option.minimum:g}, but got {value!r}"
+                )
 
     @classmethod
-    def from_env(cls) -> ServeSettings:
-        model_dir = os.environ.get("ABSTAIN_MODEL_DIR") or str(default_repository() / DEFAULT_MODEL_NAME)
-        return cls(
-            model_dir=Path(model_dir),
-            operating_point=os.environ.get("ABSTAIN_OPERATING_POINT") or None,
-            backend=os.environ.get("ABSTAIN_BACKEND", "onnxruntime"),
-            triton_url=os.environ.get("ABSTAIN_TRITON_URL", "127.0.0.1:8000"),
-            triton_timeout=_float_env("ABSTAIN_TRITON_TIMEOUT", 10.0),
-            max_batch=_int_env("ABSTAIN_MAX_BATCH", 256),
-            batch_max_size=_int_env("ABSTAIN_BATCH_MAX_SIZE", 64),
-            batch_max_latency_ms=_float_env("ABSTAIN_BATCH_MAX_LATENCY_MS", 0.0),
-            workers=_int_env("ABSTAIN_WORKERS", 1),
-            max_concurrency=_int_env("ABSTAIN_MAX_CONCURRENCY", 64),
-            timeout=_int_env("ABSTAIN_TIMEOUT", 30),
-            rolling_window=_int_env("ABSTAIN_ROLLING_WINDOW", 1000),
-        )
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServeSettings:
+        """Read every :data:`OPTIONS` variable (``os.environ`` by default); unset or empty → the default."""
+        values = {o.name: o.from_env(environ) for o in OPTIONS}
+        values["model_dir"] = Path(values["model_dir"] or default_repository() / DEFAULT_MODEL_NAME)
+        return cls(**values)
+
+    def intra_op_threads(self) -> int:
+        """ONNX Runtime threads per worker: ``ort_threads``, or the usable CPUs shared by the workers.
+
+        Usable CPUs come from the process's affinity mask (what a container's cpuset allows), not
+        ``os.cpu_count()`` (the host's).
+        """
+        if self.ort_threads:
+            return self.ort_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cpus // self.workers)
 
 
 @dataclass(frozen=True)

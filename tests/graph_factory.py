@@ -42,7 +42,8 @@ from abstain.contract import (
     TRITON_CONFIG_FILENAME,
     InputSpec,
 )
-from abstain.datasets import DIGITS_CLASS_NAMES, load_digits
+from abstain.datasets import DIGITS_CLASS_NAMES
+from tests.digits import load_digits
 
 #: ONNX opset / IR version: old enough for every onnxruntime and Triton we may meet.
 OPSET = 17

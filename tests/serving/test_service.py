@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
-from abstain.datasets import load_digits
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
 from abstain.selective import selection_scores
+from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR, Server
 
 pytestmark = pytest.mark.server

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from abstain.contract import MODEL_FILENAME
-from abstain.datasets import load_digits
 from abstain.runtime import OnnxModel
 from abstain.serving.backends import TritonBackend, verify_triton_serves
 from abstain.serving.triton_repository import write_python_backend_repository
+from tests.digits import load_digits
 from tests.graph_factory import write_graph
 from tests.serving.servers import MODEL_DIR, Server, pytriton_dir, start_triton, stop
 
