@@ -1,7 +1,8 @@
 """``abstain train``: the command line of the training stage.
 
-Only typer and the standard library at the top: torch is imported inside the command, so
-``abstain --help`` works on a serving install without torch.
+Only typer, the standard library and :mod:`abstain.training.defaults` (names and loss
+defaults, torch-free) at the top: torch is imported inside the command, so ``abstain --help``
+works on a serving install without torch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Annotated
 
 import typer
 
-# Literal choices are repeated here (not imported from training.*, which imports torch).
-_DATASETS = "digits, fashion-mnist, cifar100, imagefolder"
-_LOSSES = "sync, selectivenet, ce"
+from abstain.training import defaults as d
+
+_DATASETS = ", ".join(d.DATASETS)
+_LOSSES = ", ".join(d.LOSSES)
 
 
 def train(
@@ -35,15 +37,26 @@ def train(
         help="Initial learning rate (SGD, Nesterov momentum 0.9).")] = None,
     lr_step: Annotated[int | None, typer.Option(
         help="Multiply the lr by --lr-gamma every this many epochs.")] = None,
-    lr_gamma: Annotated[float, typer.Option(help="lr decay factor (paper: 0.5).")] = 0.5,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: 5e-4).")] = 5e-4,
-    target_coverage: Annotated[float, typer.Option(help="SelectiveNet's target coverage c in (0, 1].")] = 0.8,
-    alpha: Annotated[float, typer.Option(help="Weight of the selective loss vs the auxiliary head.")] = 0.5,
-    lam: Annotated[float, typer.Option(help="Coverage penalty weight λ.")] = 32.0,
-    beta: Annotated[float | None, typer.Option(help="SYNC weight β of BCE(g, sg[softmax response]).")] = None,
-    prior: Annotated[str, typer.Option(help="SYNC prior head: f (prediction) or h (auxiliary).")] = "f",
+    lr_gamma: Annotated[float, typer.Option(help="lr decay factor (paper: 0.5).")] = d.DEFAULT_LR_GAMMA,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: 5e-4).")] = (
+        d.DEFAULT_WEIGHT_DECAY
+    ),
+    target_coverage: Annotated[float, typer.Option(help="SelectiveNet's target coverage c in (0, 1].")] = (
+        d.DEFAULT_TARGET_COVERAGE
+    ),
+    alpha: Annotated[float, typer.Option(help="Weight of the selective loss vs the auxiliary head.")] = (
+        d.DEFAULT_ALPHA
+    ),
+    lam: Annotated[float, typer.Option(help="Coverage penalty weight λ.")] = d.DEFAULT_LAMBDA,
+    # "\\[": a literal bracket in rich markup
+    beta: Annotated[float, typer.Option(help="SYNC weight β of BCE(g, sg\\[softmax response]).")] = (
+        d.DEFAULT_BETA
+    ),
+    prior: Annotated[str, typer.Option(help="SYNC prior head: f (prediction) or h (auxiliary).")] = (
+        d.DEFAULT_PRIOR
+    ),
     body: Annotated[str | None, typer.Option(
-        help="small_cnn, vgg16_bn, resnet18 or resnet34 (default per dataset).")] = None,
+        help=f"{', '.join(d.BODIES)} (default per dataset).")] = None,
     width: Annotated[int | None, typer.Option(help="Channel width of small_cnn.")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local body weights (torchvision state dict); never downloaded.")] = None,
@@ -75,7 +88,6 @@ def train(
 
     from abstain.training.config import TrainConfig
     from abstain.training.loop import run_training
-    from abstain.training.losses import DEFAULT_BETA
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(
@@ -83,7 +95,7 @@ def train(
         body=body, width=width, pretrained=str(pretrained) if pretrained else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
         target_coverage=target_coverage, alpha=alpha, lam=lam,
-        beta=DEFAULT_BETA if beta is None else beta, prior=prior, seed=seed, deterministic=deterministic,
+        beta=beta, prior=prior, seed=seed, deterministic=deterministic,
         device=device, amp=amp, num_workers=num_workers,
     ).validate()
     # one folder per (dataset, loss) by default, so that trying another loss never collides

@@ -17,17 +17,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from abstain.training.data import DATASETS
-from abstain.training.losses import (
+from abstain.training.defaults import (
+    BODIES,
+    DATASETS,
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_LAMBDA,
+    DEFAULT_LR_GAMMA,
     DEFAULT_PRIOR,
     DEFAULT_TARGET_COVERAGE,
+    DEFAULT_WEIGHT_DECAY,
     LOSSES,
     PRIOR_HEADS,
 )
-from abstain.training.model import BODIES
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,9 @@ class TrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
     lr_step: int | None = None
-    lr_gamma: float = 0.5
+    lr_gamma: float = DEFAULT_LR_GAMMA
     target_coverage: float = DEFAULT_TARGET_COVERAGE
     alpha: float = DEFAULT_ALPHA
     lam: float = DEFAULT_LAMBDA

@@ -43,8 +43,7 @@ from abstain.datasets import (
     load_array_dataset,
     stratified_split_indices,
 )
-
-DATASETS = ("digits", "fashion-mnist", "cifar100", "imagefolder")
+from abstain.training.defaults import DATASETS  # the CLI reads the same tuple
 
 #: Per-channel statistics baked into the model (raw [0, 1] pixels in, normalised inside).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)

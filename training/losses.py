@@ -28,18 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# names and defaults live in the torch-free module the CLI reads (one source of truth)
+from abstain.training.defaults import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_LAMBDA,
+    DEFAULT_PRIOR,
+    DEFAULT_TARGET_COVERAGE,
+    LOSSES,
+    PRIOR_HEADS,
+)
 from abstain.training.model import SelectiveOutput
 
-LOSSES = ("ce", "selectivenet", "sync")
-PRIOR_HEADS = ("f", "h")
-
-#: Defaults of SelectiveNet's paper (alpha, lambda) and of our SYNC formulation (beta, prior).
-DEFAULT_ALPHA = 0.5
-DEFAULT_LAMBDA = 32.0
-DEFAULT_TARGET_COVERAGE = 0.8
-#: Chosen by the Fashion-MNIST sweep in benchmarks/train_fashion_mnist.py (docs/benchmarks.md).
-DEFAULT_BETA = 2.0
-DEFAULT_PRIOR = "f"
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_BETA", "DEFAULT_LAMBDA", "DEFAULT_PRIOR", "DEFAULT_TARGET_COVERAGE",
+           "LOSSES", "PRIOR_HEADS", "build_loss"]
 
 
 class LossOutput(NamedTuple):

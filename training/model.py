@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-BODIES = ("small_cnn", "vgg16_bn", "resnet18", "resnet34")
+from abstain.training.defaults import BODIES  # the CLI reads the same tuple
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,25 @@ def test_torchrun_ddp_two_gloo_processes(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["split"] for x in lines] == ["val", "val", "val", "test"]
     assert lines[-1]["accuracy"] > 0.3  # well above chance (0.1) after three epochs of both halves
+
+
+def test_cli_defaults_are_the_config_defaults() -> None:
+    """``abstain train``'s defaults come from abstain.training.defaults, as TrainConfig's do."""
+    import dataclasses
+
+    import typer
+
+    from abstain.training.cli import train
+    from abstain.training.config import TrainConfig
+    from abstain.training.losses import build_loss
+
+    app = typer.Typer()
+    app.command()(train)
+    params = {p.name: p.default for p in typer.main.get_command(app).params}
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    shared = sorted(set(params) & set(config) - {"data_root", "pretrained"})
+    assert {"alpha", "lam", "beta", "prior", "target_coverage", "weight_decay", "lr_gamma"} <= set(shared)
+    for name in shared:
+        assert params[name] == config[name], name
+    sync = build_loss("sync")
+    assert (sync.beta, sync.prior) == (params["beta"], params["prior"])

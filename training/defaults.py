@@ -1,0 +1,26 @@
+"""The training stage's names and loss defaults, once, with no torch import.
+
+``abstain train``'s options (:mod:`abstain.training.cli`, which must load without torch so that
+``abstain --help`` works on a serving install), :class:`abstain.training.config.TrainConfig`
+and the losses (:mod:`abstain.training.losses`) all read them from here.
+"""
+
+from __future__ import annotations
+
+DATASETS = ("digits", "fashion-mnist", "cifar100", "imagefolder")
+LOSSES = ("ce", "selectivenet", "sync")
+BODIES = ("small_cnn", "vgg16_bn", "resnet18", "resnet34")
+PRIOR_HEADS = ("f", "h")
+
+#: Defaults of SelectiveNet's paper (Geifman & El-Yaniv, ICML 2019): α weighs the selective
+#: loss against the auxiliary head, λ the coverage penalty, c the target coverage.
+DEFAULT_ALPHA = 0.5
+DEFAULT_LAMBDA = 32.0
+DEFAULT_TARGET_COVERAGE = 0.8
+#: Our SYNC formulation (arXiv 2602.11316): β weighs BCE(g, sg[softmax response of the prior
+#: head]). β chosen by the Fashion-MNIST sweep in benchmarks/train_fashion_mnist.py (docs/benchmarks.md).
+DEFAULT_BETA = 2.0
+DEFAULT_PRIOR = "f"
+#: SGD, as the paper: lr decay factor and weight decay.
+DEFAULT_LR_GAMMA = 0.5
+DEFAULT_WEIGHT_DECAY = 5e-4
