@@ -127,6 +127,17 @@ def coverage_point(ranked: RankedScores, target_coverage: float, confidence: flo
     )
 
 
+def probe_count(n: int) -> int:
+    """SGR's probe budget for ``n`` samples: ``⌈log2 n⌉ + 1`` (``1`` for ``n = 1``).
+
+    ``(n - 1).bit_length()`` is ``⌈log2 n⌉`` computed exactly in integers (``n = 8`` → 3,
+    ``n = 9`` → 4), with no floating-point ``log2`` rounding at powers of two.
+    """
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n (number of samples) should be a positive integer, but got {n!r}")
+    return 1 + (int(n) - 1).bit_length()
+
+
 def sgr_point(ranked: RankedScores, target_risk: float, delta: float = 0.05) -> RiskResult:
     """Selection with Guaranteed Risk: the largest coverage certified to have risk ``<= target``.
 
@@ -139,17 +150,21 @@ def sgr_point(ranked: RankedScores, target_risk: float, delta: float = 0.05) -> 
     2. Otherwise binary-search the other ``U - 1`` thresholds (Geifman & El-Yaniv 2017,
        Algorithm 1), moving to larger coverage when the bound is ``<= target_risk``.
 
-    ``K = 1 + (U - 1).bit_length()`` is the most probes this can make (the paper's
-    ``⌈log2 m⌉``, plus the full-coverage probe, exact also for powers of two), so by the union
-    bound all probed bounds hold together with probability ``>= 1 - δ`` and the best passing
-    probe may be returned. (The paper returns the *last* probe, which can fail the target;
-    keeping the best passing one gives the same guarantee without that failure.)
+    ``δ`` is split over ``K = probe_count(n) = ⌈log2 n⌉ + 1`` probes (the paper's ``⌈log2 m⌉``
+    for ``m = n`` samples, plus the full-coverage probe): a number fixed by the sample size
+    alone. A binary search over the ``U - 1 <= n - 1`` distinct scores makes at most
+    ``(U - 1).bit_length() <= ⌈log2 n⌉`` probes, so by the union bound all probed bounds hold
+    together with probability ``>= 1 - δ`` and the best passing probe may be returned. (The
+    paper returns the *last* probe, which can fail the target; keeping the best passing one
+    gives the same guarantee without that failure.) Why not ``K`` from ``U``: the split would
+    then depend on the data (on how many scores tie), and a guarantee whose ``δ`` is chosen by
+    looking at the sample is not the guarantee the union bound proves.
     """
     target = _check_target(target_risk, "target risk")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta should be in (0, 1), but got {delta!r}")
     u = ranked.thresholds.size
-    n_probes = 1 + (u - 1).bit_length()
+    n_probes = probe_count(ranked.n)
     delta_step = delta / n_probes
     probes: list[dict[str, float]] = []
     bounds: dict[int, float] = {}

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from abstain.bounds import clopper_pearson
-from abstain.thresholds import RankedScores, coverage_point, sgr_point
+from abstain.bounds import binomial_upper_bound, clopper_pearson
+from abstain.thresholds import RankedScores, coverage_point, probe_count, sgr_point
 
 # descending scores; errors of the top m: 0, 0, 1, 2
 FOUR = RankedScores.from_arrays(np.array([0.6, 0.9, 0.7, 0.8]), np.array([1, 0, 1, 0]))
@@ -35,7 +35,7 @@ def test_coverage_point_does_not_round_up_a_whole_sample() -> None:
 
 
 def test_sgr_full_coverage_certified_first() -> None:
-    # δ = 0.375 over K = 1 + (4 - 1).bit_length() = 3 probes → δ/3 = 0.125 each
+    # δ = 0.375 over K = ⌈log2 4⌉ + 1 = 3 probes → δ/3 = 0.125 each
     res = sgr_point(FOUR, 0.95, delta=0.375)
     assert res.n_probes == 3 and res.delta_per_probe == pytest.approx(0.125)
     assert res.feasible and res.coverage == 1.0 and len(res.probes) == 1
@@ -69,7 +69,7 @@ def test_sgr_reports_samples_needed_instead_of_a_threshold() -> None:
 def test_sgr_all_correct_answers_everything() -> None:
     ranked = RankedScores.from_arrays(np.linspace(1, 0, 100), np.zeros(100))
     res = sgr_point(ranked, 0.05, delta=0.05)
-    assert res.n_probes == 1 + 99 .bit_length()  # 8
+    assert res.n_probes == math.ceil(math.log2(100)) + 1  # 8
     assert res.coverage == 1.0
     assert res.risk_bound == pytest.approx(1 - (0.05 / 8) ** (1 / 100))  # 0.0495 ≤ 0.05
 
@@ -78,6 +78,32 @@ def test_sgr_single_sample() -> None:
     ranked = RankedScores.from_arrays(np.array([0.3]), np.array([0]))
     res = sgr_point(ranked, 0.99, delta=0.05)
     assert res.n_probes == 1 and res.coverage == 1.0 and res.risk_bound == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (8, 4), (9, 5),
+                                      (1000, 11), (1024, 11), (1025, 12)])
+def test_probe_count_is_ceil_log2_n_plus_one(n: int, k: int) -> None:
+    assert probe_count(n) == k
+    if n > 1:
+        assert k == math.ceil(math.log2(n)) + 1
+
+
+def test_sgr_delta_split_is_fixed_by_n_not_by_ties() -> None:
+    # the same 64 samples, once with 64 distinct scores and once with 2 distinct values:
+    # the δ split must not change with the ties (it would be δ/2 for 2 distinct scores if
+    # derived from U, which would make the bound looser-looking data give a tighter bound)
+    errors = np.r_[np.zeros(60, dtype=int), np.ones(4, dtype=int)]
+    distinct = RankedScores.from_arrays(np.linspace(1.0, 0.0, 64), errors)
+    tied = RankedScores.from_arrays(np.r_[np.ones(60), np.zeros(4)], errors)
+    a, b = sgr_point(distinct, 0.1, delta=0.05), sgr_point(tied, 0.1, delta=0.05)
+    assert a.n_probes == b.n_probes == 7  # ⌈log2 64⌉ + 1
+    assert a.delta_per_probe == b.delta_per_probe == pytest.approx(0.05 / 7)
+    # the first probe (full coverage, 4 errors of 64) has the same bound in both, at δ/7
+    assert a.probes[0]["risk_bound"] == b.probes[0]["risk_bound"] == binomial_upper_bound(4, 64, 0.05 / 7)
+    # the tied data certifies the top 60 (0 errors): bound 1 - (δ/7)^(1/60) = 0.079 <= 0.1
+    assert b.n_selected == 60 and b.risk_bound == pytest.approx(1 - (0.05 / 7) ** (1 / 60))
+    with pytest.raises(ValueError, match="positive integer"):
+        probe_count(0)
 
 
 def test_invalid_targets() -> None:
