@@ -132,3 +132,59 @@ def samples_needed_for_zero_errors(target: float, delta: float) -> int:
     while binomial_upper_bound(0, m, delta) > target:
         m += 1
     return m
+
+
+def beta_binomial_pmf(n: int, a: float, b: float) -> np.ndarray:
+    """``P(K = k)`` for ``k = 0..n`` of ``K ~ BetaBinomial(n, a, b)`` (float64 ``[n + 1]``).
+
+    ``P(K = k) = C(n, k) B(k + a, n - k + b) / B(a, b)``. Computed in log space from
+    ``P(K = 0)`` by the ratio ``P(k + 1) / P(k) = (n - k)(k + a) / ((k + 1)(n - k - 1 + b))``
+    (one cumulative sum, ``O(n)``, no scipy), then normalised so rounding cannot leak mass.
+    """
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n (number of trials) should be a positive integer, but got {n!r}")
+    if not (a > 0.0 and b > 0.0):
+        raise ValueError(f"a and b should be positive, but got a={a!r}, b={b!r}")
+    k = np.arange(n, dtype=np.float64)  # k = 0 .. n-1: steps to k + 1
+    log0 = math.lgamma(n + b) + math.lgamma(a + b) - math.lgamma(n + a + b) - math.lgamma(b)
+    steps = np.log((n - k) * (k + a)) - np.log((k + 1.0) * (n - k - 1.0 + b))
+    log_pmf = log0 + np.r_[0.0, np.cumsum(steps)]
+    pmf = np.exp(log_pmf - log_pmf.max())
+    return pmf / pmf.sum()
+
+
+def coverage_prediction_interval(n_selected: int, n: int, n_test: int,
+                                 confidence: float = 0.95) -> tuple[float, float]:
+    """Where a threshold's coverage on ``n_test`` *new* samples will land, with probability
+    ``>= confidence``: ``[lower, upper]`` as fractions of ``n_test``.
+
+    The threshold answered ``n_selected`` (= ``m``) of ``n`` calibration samples, i.e. it is
+    the ``m``-th largest calibration score. For continuous scores and exchangeable data the
+    population coverage of the ``m``-th largest of ``n`` is ``Beta(m, n - m + 1)``-distributed
+    (the ``m``-th smallest of ``n`` uniforms), and given it the test count is binomial, so the
+    test count is exactly ``BetaBinomial(n_test, m, n - m + 1)`` — a predictive distribution
+    that carries the variance of *both* samples. (In Bayesian terms it is the posterior
+    predictive of a ``Beta(0, 1)`` prior; it is also the exact law of split-conformal
+    coverage, Vovk 2012, Angelopoulos & Bates 2021 §3.) Each tail gets at most
+    ``(1 - confidence) / 2``, so a test coverage falls outside with probability at most
+    ``1 - confidence`` (less, since counts are discrete).
+
+    Why not the calibration-time Clopper–Pearson interval: that bounds the *population*
+    coverage given the calibration sample, and ignores the test sample's own binomial spread,
+    so a test coverage leaves it far more often than ``1 - confidence``.
+
+    Example: ``m = 1, n = 1, n_test = 1`` → ``K ~ BetaBinomial(1, 1, 1)``, uniform on {0, 1}.
+    """
+    _check_counts(n_selected, n)
+    _check_level(confidence, "confidence")
+    if isinstance(n_test, bool) or int(n_test) != n_test or n_test < 1:
+        raise ValueError(f"n_test should be a positive integer, but got {n_test!r}")
+    if n_selected == 0:  # a threshold above every calibration score: Beta(0, ·) is a point mass at 0
+        return 0.0, 0.0
+    tail = (1.0 - confidence) / 2.0
+    cdf = np.cumsum(beta_binomial_pmf(int(n_test), float(n_selected), float(n - n_selected + 1)))
+    # lower: the first k with P(K <= k) > tail, so P(K < lower) <= tail;
+    # upper: the first k with P(K <= k) >= 1 - tail, so P(K > upper) <= tail
+    lower = int(np.searchsorted(cdf, tail, side="right"))
+    upper = min(int(np.searchsorted(cdf, 1.0 - tail, side="left")), int(n_test))
+    return lower / n_test, upper / n_test

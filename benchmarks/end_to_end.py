@@ -60,7 +60,7 @@ def main() -> None:
     rows = []
     for p in report["operating_points"]:
         target = p.get("target_coverage") or p.get("target_risk")
-        interval = p.get("coverage_interval")
+        interval = p.get("coverage_prediction_interval", p.get("coverage_interval"))
         promised = (f"coverage in [{interval[0]:.4f}, {interval[1]:.4f}]" if interval
                     else f"risk ≤ {p['target_risk']}")
         rows.append(f"| {p['name']} | {target} | {promised} | {p['realized_coverage']:.4f} | "

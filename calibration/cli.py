@@ -130,13 +130,14 @@ def evaluate(
     report = result.report
     console = Console(width=max(Console().width, 120))  # tables stay whole in logs and CI
     points = Table(title=f"operating points on {report['data']['source']} (n={report['data']['size']})")
-    for col in ("name", "target", "realized coverage", "selective risk", "guarantee held"):
+    for col in ("name", "target", "realized coverage", "selective risk", "check", "passed"):
         points.add_column(col)
     for row in report["operating_points"]:
         target = row.get("target_coverage", row.get("target_risk"))
         risk = "—" if row["selective_risk"] is None else f"{row['selective_risk']:.4f}"
         held = "[green]yes[/]" if row["guarantee_held"] else "[red]no[/]"
-        points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk, held)
+        points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk,
+                       row.get("check", ""), held)
     console.print(points)
     scores = Table(title="risk (%) at coverage, and areas (×100)")
     for col in ("score", *[f"{float(c) * 100:g}%" for c in TABLE_COVERAGES], "AURC", "E-AURC", "AUGRC"):

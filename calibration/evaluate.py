@@ -8,10 +8,20 @@ Writes ``DIR/evaluation.json`` (interface of issue 4) and ``DIR/risk_coverage.pn
 * per score: ``aurc``, ``eaurc``, ``augrc`` and ``risk_at_coverage`` at the paper's table
   coverages 100 … 70 %.
 
-``guarantee_held`` — risk points: the realised selective risk is ``<= target_risk`` (what SGR
-promises, with probability ``1 - δ``, for the *population*; on a finite test set it may
-still fail by chance). Coverage points: the realised coverage lies inside the coverage
-interval reported by calibration.
+``check`` names what was tested and ``guarantee_held`` is its outcome:
+
+* risk points (``check: "risk <= target"``): the realised selective risk is ``<= target_risk``
+  (SGR promises this, with probability ``1 - δ``, for the *population*; on a finite test set
+  it may still fail by chance).
+* coverage points (``check: "coverage in prediction interval"``): the realised coverage lies
+  inside ``coverage_prediction_interval``, the ``1 - δ`` interval for the coverage of a *new*
+  sample of this size (:func:`abstain.bounds.coverage_prediction_interval`, beta-binomial:
+  it carries the spread of both the calibration and the test sample, so with exchangeable
+  data it fails at most ``δ`` of the time). Coverage points promise no guarantee; the
+  calibration-time Clopper–Pearson interval (a statement about the population coverage) is
+  kept as ``coverage_interval`` for reference but is not the check: a test coverage leaves it
+  far more often than ``δ``. A calibration file without ``n_selected`` or the calibration
+  size (written by hand) falls back to that interval, and ``check`` says so.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from abstain.bounds import coverage_prediction_interval
 from abstain.calibration.calibrate import Predictions, predict, score_metrics
 from abstain.calibration.data_sources import open_labelled_data
 from abstain.contract import (
@@ -43,21 +54,35 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def evaluate_point(point: OperatingPoint, preds: Predictions) -> dict[str, Any]:
-    """One operating point's row of ``evaluation.json`` on these predictions."""
+def evaluate_point(point: OperatingPoint, preds: Predictions,
+                   n_calibration: int | None = None) -> dict[str, Any]:
+    """One operating point's row of ``evaluation.json`` on these predictions.
+
+    ``n_calibration``: the calibration set's size (``calibration.data["size"]``), needed for
+    a coverage point's prediction interval.
+    """
     cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)
     row: dict[str, Any] = {"name": point.name, "method": point.method, "score": point.score,
                            "threshold": point.threshold}
     if point.method == "risk":
         row["target_risk"] = point.target_risk
+        row["check"] = "risk <= target"
         # nothing answered → nothing wrong: the risk promise holds vacuously
         held = n_sel == 0 or risk <= float(point.target_risk)  # type: ignore[arg-type]
         row["risk_bound"] = point.extra.get("risk_bound")
     else:
         row["target_coverage"] = point.target_coverage
         lo, hi = point.extra.get("coverage_interval", (point.coverage, point.coverage))
-        held = bool(lo <= cov <= hi)
         row["coverage_interval"] = [lo, hi]
+        m_cal, confidence = point.extra.get("n_selected"), 1.0 - float(point.delta or 0.05)
+        if isinstance(m_cal, int) and isinstance(n_calibration, int) and 0 <= m_cal <= n_calibration:
+            lo, hi = coverage_prediction_interval(m_cal, n_calibration, preds.errors.size, confidence)
+            row["check"] = "coverage in prediction interval"
+            row["coverage_prediction_interval"] = [lo, hi]
+            row["prediction_confidence"] = confidence
+        else:
+            row["check"] = "coverage in calibration interval (calibration file lacks n_selected or size)"
+        held = bool(lo <= cov <= hi)
     row.update({
         "realized_coverage": cov,
         "selective_risk": _nan_to_none(risk),
@@ -127,7 +152,8 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
                                   data=data, data_root=data_root)  # image files stream in batches
     preds = predict(model, labelled, batch_size)
-    rows = [evaluate_point(p, preds) for p in calibration.operating_points]
+    n_calibration = calibration.data.get("size")
+    rows = [evaluate_point(p, preds, n_calibration) for p in calibration.operating_points]
     data_fp = labelled.fingerprint
     warnings = []
     if data_fp == calibration.data.get("fingerprint"):

@@ -76,3 +76,31 @@ def test_invalid_arguments() -> None:
         binomial_upper_bound(0, 3, 1.0)
     with pytest.raises(ValueError, match=r"confidence should be in \(0, 1\)"):
         clopper_pearson(0, 3, 95)
+
+
+def test_beta_binomial_pmf_by_hand() -> None:
+    from abstain.bounds import beta_binomial_pmf
+
+    # BetaBinomial(3, 2, 3): P(0) = B(2, 6) / B(2, 3) = (1/42) / (1/12) = 2/7, and so on
+    assert beta_binomial_pmf(3, 2.0, 3.0) == pytest.approx([2 / 7, 12 / 35, 9 / 35, 4 / 35])
+    assert beta_binomial_pmf(4, 1.0, 1.0) == pytest.approx([0.2] * 5)  # uniform prior → uniform
+    with pytest.raises(ValueError, match="a and b should be positive"):
+        beta_binomial_pmf(3, 0.0, 1.0)
+
+
+def test_coverage_prediction_interval_by_hand() -> None:
+    from abstain.bounds import coverage_prediction_interval
+
+    # m = 1 of n = 1: test count ~ BetaBinomial(2, 1, 1), uniform on {0, 1, 2}, CDF 1/3, 2/3, 1
+    assert coverage_prediction_interval(1, 1, 2, confidence=0.5) == (0.0, 1.0)  # tails 0.25
+    assert coverage_prediction_interval(1, 1, 2, confidence=0.2) == (0.5, 0.5)  # tails 0.4
+    # it is wider than calibration's Clopper–Pearson interval: it adds the test sample's spread
+    lo, hi = coverage_prediction_interval(900, 1000, 1000, 0.95)
+    cp_lo, cp_hi = clopper_pearson(900, 1000, 0.95)
+    assert lo < cp_lo and hi > cp_hi
+    # with a huge test set it shrinks to the population uncertainty, ≈ Clopper–Pearson's width
+    lo, hi = coverage_prediction_interval(900, 1000, 1_000_000, 0.95)
+    assert hi - lo == pytest.approx(cp_hi - cp_lo, rel=0.05)
+    assert coverage_prediction_interval(0, 10, 5) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="n_test should be a positive integer"):
+        coverage_prediction_interval(5, 10, 0)

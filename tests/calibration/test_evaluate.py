@@ -13,7 +13,8 @@ from abstain.calibration.calibrate import predict, run_calibration
 from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
-from abstain.operating_points import CalibrationError
+from abstain.bounds import coverage_prediction_interval
+from abstain.operating_points import CalibrationError, load_calibration
 from abstain.runtime import OnnxModel
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverage
 from tests.graph_factory import write_model_dir
@@ -42,6 +43,7 @@ def test_evaluation_json_interface(evaluated) -> None:
     preds = predict(OnnxModel(version / "model.onnx"), test)
     assert report["data"]["size"] == 360 and report["data"]["fingerprint"] == test.fingerprint
     points = {p["name"]: p for p in report["operating_points"]}
+    cal = load_calibration(version / "calibration.json")
     assert set(points) == {"coverage-0.8", "coverage-0.9", "risk-0.2"}
     assert points["coverage-0.9"]["target_coverage"] == 0.9 and "target_risk" not in points["coverage-0.9"]
     assert points["risk-0.2"]["target_risk"] == 0.2 and "target_coverage" not in points["risk-0.2"]
@@ -50,9 +52,16 @@ def test_evaluation_json_interface(evaluated) -> None:
         assert p["realized_coverage"] == pytest.approx(selected.mean())
         assert p["selective_risk"] == pytest.approx(preds.errors[selected].mean())
         if p["method"] == "risk":
+            assert p["check"] == "risk <= target"
             assert p["guarantee_held"] == (p["selective_risk"] <= 0.2)
         else:
-            lo, hi = p["coverage_interval"]
+            # the check is the beta-binomial prediction interval for 360 test images given
+            # n_selected of the 359 calibration images, not calibration's Clopper–Pearson one
+            assert p["check"] == "coverage in prediction interval"
+            point = cal.operating_point(p["name"])
+            expected = coverage_prediction_interval(point.extra["n_selected"], 359, 360, 0.95)
+            assert p["coverage_prediction_interval"] == pytest.approx(list(expected))
+            lo, hi = expected
             assert p["guarantee_held"] == (lo <= p["realized_coverage"] <= hi)
     for name, m in report["scores"].items():
         s = preds.scores(name)
@@ -88,12 +97,12 @@ def test_refuses_a_calibration_of_another_graph(evaluated, tmp_path: Path) -> No
         run_evaluation(other, tmp_path / "out", dataset="digits", split="test")
 
 
-def _coverage_within_interval(version: Path, out: Path) -> None:
+def _coverage_within_prediction_interval(version: Path, out: Path) -> None:
     report = run_evaluation(version, out, dataset="digits", split="test").report
     coverage_points = [p for p in report["operating_points"] if p["method"] == "coverage"]
     assert coverage_points
     for p in coverage_points:
-        lo, hi = p["coverage_interval"]
+        lo, hi = p["coverage_prediction_interval"]
         assert lo <= p["realized_coverage"] <= hi, p
         assert p["guarantee_held"]
 
@@ -106,19 +115,18 @@ def test_shipped_model_calibrated_by_the_documented_command(tmp_path: Path) -> N
     version = sorted(p for p in copy.iterdir() if p.name.isdigit())[-1]
     (version / "calibration.json").unlink(missing_ok=True)
     run_calibration(copy, dataset="digits", split="val", **SHIPPED_TARGETS)
-    _coverage_within_interval(version, tmp_path / "eval")
+    _coverage_within_prediction_interval(version, tmp_path / "eval")
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="models/digits does not exist yet (abstain train → export)")
 def test_shipped_calibration_holds_on_the_test_split(tmp_path: Path) -> None:
-    """The calibration.json that ships: realised coverage on digits/test inside its interval."""
+    """The calibration.json that ships: realised coverage on digits/test inside its prediction interval."""
     from abstain.contract import resolve_version_dir
-    from abstain.operating_points import load_calibration
 
     version = resolve_version_dir(SHIPPED)
     cal = load_calibration(version / "calibration.json")
     if not all("coverage_interval" in p.extra for p in cal.operating_points if p.method == "coverage"):
         pytest.skip(f"{version}/calibration.json was not made by `abstain calibrate` (no coverage "
                     "intervals); regenerate it with the command in docs/calibration.md")
-    _coverage_within_interval(version, tmp_path)
+    _coverage_within_prediction_interval(version, tmp_path)
     assert np.isfinite(cal.operating_point().threshold)
