@@ -137,7 +137,7 @@ def evaluate(
         risk = "—" if row["selective_risk"] is None else f"{row['selective_risk']:.4f}"
         held = "[green]yes[/]" if row["guarantee_held"] else "[red]no[/]"
         points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk,
-                       row.get("check", ""), held)
+                       row.get("check", "").removeprefix("coverage in "), held)
     console.print(points)
     scores = Table(title="risk (%) at coverage, and areas (×100)")
     for col in ("score", *[f"{float(c) * 100:g}%" for c in TABLE_COVERAGES], "AURC", "E-AURC", "AUGRC"):
