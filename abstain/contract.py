@@ -28,6 +28,12 @@ LOGITS_NAME = "logits"
 #: Selection head g: float32 [N], a probability in [0, 1] ("answer this one").
 SELECTION_NAME = "selection"
 OUTPUT_NAMES = (LOGITS_NAME, SELECTION_NAME)
+#: Optional third output: g's logit z, float32 [N], with ``selection == sigmoid(z)``. In float32
+#: sigmoid(z) rounds to exactly 1.0 beyond z ≈ 17, so the most confident inputs tie in
+#: ``selection``; z keeps them apart. Graphs exported since issue 10 have it; older graphs do
+#: not, and every stage works without it (the ``selection`` score is then g itself).
+SELECTION_LOGIT_NAME = "selection_logit"
+OPTIONAL_OUTPUT_NAMES = (SELECTION_LOGIT_NAME,)
 
 # --- files ------------------------------------------------------------------------------
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -63,6 +69,12 @@ SCORE_SELECTION = "selection"  # g, the selection head
 SCORE_SOFTMAX_RESPONSE = "softmax_response"  # max softmax of the logits
 SCORE_COMBINED = "combined"  # geometric mean sqrt(g * softmax_response)
 SCORE_NAMES = (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE, SCORE_COMBINED)
+#: An operating point's ``score_scale`` (in its extra fields): what its threshold is compared
+#: with. ``logit``: the ``selection`` score is g's logit z (graphs with ``selection_logit``);
+#: ``probability``: a value in [0, 1] (every other score, and ``selection`` on older graphs).
+#: A point without the field is ``probability`` (calibration files from before issue 10).
+SCORE_SCALE_LOGIT = "logit"
+SCORE_SCALE_PROBABILITY = "probability"
 
 #: Coverages of the paper's risk-at-coverage table, as the string keys used in JSON.
 TABLE_COVERAGES = ("1.0", "0.95", "0.9", "0.85", "0.8", "0.75", "0.7")

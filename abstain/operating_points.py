@@ -38,8 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abstain.contract import CALIBRATION_SCHEMA_VERSION, SCORE_NAMES
+from abstain.contract import (
+    CALIBRATION_SCHEMA_VERSION,
+    SCORE_NAMES,
+    SCORE_SCALE_LOGIT,
+    SCORE_SCALE_PROBABILITY,
+    SCORE_SELECTION,
+)
 from abstain.io import atomic_write_json, sha256_file
+from abstain.selective import score_scale
 
 METHODS = ("coverage", "risk")
 
@@ -136,6 +143,13 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
         raise CalibrationError(
             f"{where}: operating point {raw['name']!r} has score {raw['score']!r}; valid: {SCORE_NAMES}"
         )
+    scale = raw.get("score_scale", SCORE_SCALE_PROBABILITY)
+    if scale not in (SCORE_SCALE_LOGIT, SCORE_SCALE_PROBABILITY) or (
+            scale == SCORE_SCALE_LOGIT and raw["score"] != SCORE_SELECTION):
+        raise CalibrationError(
+            f"{where}: operating point {raw['name']!r} has score_scale {scale!r}; valid: "
+            f"{SCORE_SCALE_PROBABILITY!r} for any score, {SCORE_SCALE_LOGIT!r} for {SCORE_SELECTION!r}"
+        )
     threshold = raw["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
         raise CalibrationError(
@@ -206,6 +220,24 @@ def verify_graph(calibration: Calibration, graph_path: Path, graph_sha256: str |
             "directory (or restore the graph it was fitted on)"
         )
     return actual
+
+
+def check_score_scale(calibration: Calibration, has_selection_logit: bool, where: str) -> None:
+    """Refuse (``CalibrationError``) a calibration whose thresholds are on another scale than the
+    scores this graph gives: a logit threshold (issue 10's ``selection_logit``) compared with g
+    in [0, 1], or the reverse, would answer everything or nothing.
+
+    ``score_scale`` absent means ``probability`` (calibration files from before issue 10).
+    """
+    for point in calibration.operating_points:
+        recorded = point.extra.get("score_scale", SCORE_SCALE_PROBABILITY)
+        expected = score_scale(point.score, has_selection_logit)
+        if recorded != expected:
+            raise CalibrationError(
+                f"{where}: operating point {point.name!r} has a threshold on the {recorded} scale, "
+                f"but this graph's {point.score!r} score is on the {expected} scale; re-run "
+                "`abstain calibrate` on this graph"
+            )
 
 
 def save_calibration(path: Path, calibration: Calibration) -> None:

@@ -15,6 +15,7 @@ from abstain.contract import (
     LOGITS_NAME,
     META_CLASS_NAMES,
     META_INPUT_SPEC,
+    SELECTION_LOGIT_NAME,
     SELECTION_NAME,
     InputSpec,
 )
@@ -23,10 +24,27 @@ from abstain.io import sha256_bytes
 
 @dataclass(frozen=True)
 class GraphOutputs:
-    """``logits`` float32 ``[N, K]`` and ``selection`` float32 ``[N]`` for one batch."""
+    """``logits`` float32 ``[N, K]``, ``selection`` float32 ``[N]`` and, when the graph has it,
+    ``selection_logit`` float32 ``[N]`` (g's logit z; None for older graphs) for one batch."""
 
     logits: np.ndarray
     selection: np.ndarray
+    selection_logit: np.ndarray | None = None
+
+    def rows(self, start: int, stop: int) -> GraphOutputs:
+        """Rows ``start:stop`` of every output."""
+        z = None if self.selection_logit is None else self.selection_logit[start:stop]
+        return GraphOutputs(self.logits[start:stop], self.selection[start:stop], z)
+
+    @staticmethod
+    def concat(parts: list[GraphOutputs]) -> GraphOutputs:
+        """Batches stacked in order (``selection_logit`` kept only if every part has it)."""
+        zs = [p.selection_logit for p in parts]
+        return GraphOutputs(
+            logits=np.concatenate([p.logits for p in parts]),
+            selection=np.concatenate([p.selection for p in parts]),
+            selection_logit=None if any(z is None for z in zs) else np.concatenate(zs),  # type: ignore[arg-type]
+        )
 
 
 def available_providers(prefer_cuda: bool = True) -> list[str]:
@@ -118,6 +136,10 @@ class OnnxModel:
                 f"and outputs {LOGITS_NAME!r}, {SELECTION_NAME!r}, but got inputs {names_in}, "
                 f"outputs {names_out}"
             )
+        #: the graph has the optional ``selection_logit`` output (see abstain.contract)
+        self.has_selection_logit: bool = SELECTION_LOGIT_NAME in names_out
+        self._outputs = [LOGITS_NAME, SELECTION_NAME] + (
+            [SELECTION_LOGIT_NAME] if self.has_selection_logit else [])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
         try:
@@ -136,14 +158,11 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> GraphOutputs:
         """One forward pass on a validated float32 batch ``[N, C, H, W]``."""
-        logits, selection = self.session.run([LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: x})
-        return GraphOutputs(logits=logits, selection=selection.reshape(-1))
+        logits, selection, *z = self.session.run(self._outputs, {INPUT_NAME: x})
+        return GraphOutputs(logits=logits, selection=selection.reshape(-1),
+                            selection_logit=z[0].reshape(-1) if z else None)
 
     def run_batched(self, x: np.ndarray, batch_size: int = 256) -> GraphOutputs:
         """Validate, then run ``x`` in batches of ``batch_size``; outputs concatenated in order."""
         x = validate_pixels(x, self.input_spec)
-        parts = [self.run(x[i: i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-        return GraphOutputs(
-            logits=np.concatenate([p.logits for p in parts]),
-            selection=np.concatenate([p.selection for p in parts]),
-        )
+        return GraphOutputs.concat([self.run(x[i: i + batch_size]) for i in range(0, x.shape[0], batch_size)])

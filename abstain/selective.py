@@ -20,6 +20,8 @@ import numpy as np
 from abstain.contract import (
     SCORE_COMBINED,
     SCORE_NAMES,
+    SCORE_SCALE_LOGIT,
+    SCORE_SCALE_PROBABILITY,
     SCORE_SELECTION,
     SCORE_SOFTMAX_RESPONSE,
     TABLE_COVERAGES,
@@ -40,18 +42,42 @@ def softmax_response(logits: np.ndarray) -> np.ndarray:
     return softmax(logits).max(axis=1)
 
 
-def selection_scores(logits: np.ndarray, selection: np.ndarray, score: str) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` in float64, without overflow for large negative ``z``."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def score_scale(score: str, has_selection_logit: bool) -> str:
+    """What a threshold on ``score`` is compared with: ``logit`` or ``probability``
+    (``abstain.contract.SCORE_SCALE_*``): ``selection`` is g's logit when the graph gives it."""
+    if score == SCORE_SELECTION and has_selection_logit:
+        return SCORE_SCALE_LOGIT
+    return SCORE_SCALE_PROBABILITY
+
+
+def selection_scores(logits: np.ndarray, selection: np.ndarray, score: str,
+                     selection_logit: np.ndarray | None = None) -> np.ndarray:
     """The named score ``[N]`` from the graph's outputs (see ``abstain.contract.SCORE_NAMES``).
 
     ``combined`` is the geometric mean ``sqrt(g · softmax_response)``: high only when both
     the selection head and the classifier are confident; stays in [0, 1].
+
+    With ``selection_logit`` (float ``[N]``, g's logit z, from graphs that export it):
+    ``selection`` is z itself — a monotone function of g, so it ranks exactly as g does, but
+    it does not tie where float32 g rounds to 1.0 (z > ~17) — and ``combined`` takes g as
+    ``sigmoid(z)`` in float64 (distinct up to z ≈ 37 instead of 17).
     """
     if score == SCORE_SELECTION:
-        return np.asarray(selection, dtype=np.float64).reshape(-1)
+        source = selection if selection_logit is None else selection_logit
+        return np.asarray(source, dtype=np.float64).reshape(-1)
     if score == SCORE_SOFTMAX_RESPONSE:
         return softmax_response(logits)
     if score == SCORE_COMBINED:
-        g = np.clip(np.asarray(selection, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        if selection_logit is None:
+            g = np.clip(np.asarray(selection, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        else:
+            g = sigmoid(np.asarray(selection_logit).reshape(-1))
         return np.sqrt(g * softmax_response(logits))
     raise ValueError(f"score should be one of {', '.join(SCORE_NAMES)}, but got {score!r}")
 

@@ -31,7 +31,7 @@ from abstain.contract import (
 from abstain.datasets import ArraySplit
 from abstain.operating_points import Calibration, OperatingPoint, save_calibration
 from abstain.runtime import GraphOutputs, OnnxModel
-from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, selection_scores
+from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, score_scale, selection_scores
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
 
@@ -52,7 +52,13 @@ class Predictions:
     errors: np.ndarray
 
     def scores(self, name: str) -> np.ndarray:
-        return selection_scores(self.outputs.logits, self.outputs.selection, name)
+        """Score ``name`` ``[N]``; ``selection`` is g's logit when the graph exports it."""
+        return selection_scores(self.outputs.logits, self.outputs.selection, name,
+                                self.outputs.selection_logit)
+
+    def scale(self, name: str) -> str:
+        """``logit`` or ``probability``: what a threshold on score ``name`` means here."""
+        return score_scale(name, self.outputs.selection_logit is not None)
 
 
 def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int = 256) -> Predictions:
@@ -65,9 +71,7 @@ def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int
     if isinstance(data, ArraySplit):
         outputs = model.run_batched(data.x, batch_size=batch_size)
     else:
-        parts = [model.run(x) for x in data.iter_batches(batch_size)]
-        outputs = GraphOutputs(logits=np.concatenate([p.logits for p in parts]),
-                               selection=np.concatenate([p.selection for p in parts]))
+        outputs = GraphOutputs.concat([model.run(x) for x in data.iter_batches(batch_size)])
         if outputs.logits.shape[0] != len(data):
             raise ValueError(f"{data.name}: {outputs.logits.shape[0]} outputs for {len(data)} labels")
     errors = (outputs.logits.argmax(axis=1) != data.y).astype(np.int64)
@@ -185,13 +189,15 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
 
     points: list[OperatingPoint] = []
     confidence = 1.0 - delta
+    # thresholds on g's logit when the graph has it: exact where float32 g ties at 1.0
+    scale = preds.scale(chosen)
     for target in coverages:
         res = coverage_point(ranked, target, confidence)
         points.append(OperatingPoint(
             name=point_name("coverage", target), method="coverage", score=chosen,
             threshold=res.threshold, target_coverage=target, delta=delta,
             coverage=res.coverage, risk=res.risk,
-            extra={"coverage_interval": list(res.coverage_interval),
+            extra={"score_scale": scale, "coverage_interval": list(res.coverage_interval),
                    "risk_interval": list(res.risk_interval), "confidence": confidence,
                    "n_selected": res.n_selected, "n_errors": res.n_errors},
         ))
@@ -207,7 +213,7 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
                 name=point_name("risk", target), method="risk", score=chosen,
                 threshold=res.threshold, target_risk=target, delta=delta,  # type: ignore[arg-type]
                 coverage=res.coverage, risk=res.risk,
-                extra={"risk_bound": res.risk_bound, "n_selected": res.n_selected,
+                extra={"score_scale": scale, "risk_bound": res.risk_bound, "n_selected": res.n_selected,
                        "n_errors": res.n_errors, **common},
             ))
         else:

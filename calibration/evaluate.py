@@ -42,7 +42,13 @@ from abstain.contract import (
     resolve_version_dir,
 )
 from abstain.io import atomic_write_json, atomic_writer
-from abstain.operating_points import Calibration, OperatingPoint, load_calibration, verify_graph
+from abstain.operating_points import (
+    Calibration,
+    OperatingPoint,
+    check_score_scale,
+    load_calibration,
+    verify_graph,
+)
 from abstain.runtime import OnnxModel
 from abstain.selective import coverage_and_risk, risk_coverage_curve
 from abstain.version import code_version
@@ -149,6 +155,7 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     calibration: Calibration = load_calibration(version_dir / CALIBRATION_FILENAME)
     model = OnnxModel(graph)
     verify_graph(calibration, graph, model.sha256)
+    check_score_scale(calibration, model.has_selection_logit, str(version_dir / CALIBRATION_FILENAME))
     labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
                                   data=data, data_root=data_root)  # image files stream in batches
     preds = predict(model, labelled, batch_size)

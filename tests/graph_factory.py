@@ -38,6 +38,7 @@ from abstain.contract import (
     META_INPUT_SPEC,
     META_TRAIN_DATA_FINGERPRINT,
     MODEL_FILENAME,
+    SELECTION_LOGIT_NAME,
     SELECTION_NAME,
     TRITON_CONFIG_FILENAME,
     InputSpec,
@@ -108,7 +109,8 @@ def fitted_weights(spec: InputSpec = DIGITS_SPEC, ridge: float = 30.0
 def build_graph(spec: InputSpec = DIGITS_SPEC,
                 class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
                 train_fingerprint: str | None = None,
-                extra_metadata: dict[str, str] | None = None) -> bytes:
+                extra_metadata: dict[str, str] | None = None,
+                selection_logit: bool = False, logit_shift: float = 0.0) -> bytes:
     """Serialised ONNX model bytes of the linear digits graph for ``spec``.
 
     Args:
@@ -117,6 +119,10 @@ def build_graph(spec: InputSpec = DIGITS_SPEC,
         train_fingerprint: stored under ``META_TRAIN_DATA_FINGERPRINT`` when given; pass
             ``load_digits("train").fingerprint`` to make calibration on the train split refuse.
         extra_metadata: further ``metadata_props`` (string values).
+        selection_logit: also output g's logit z as ``selection_logit`` ``[N]`` (issue 10's
+            optional output; graphs without it are the older contract).
+        logit_shift: added to g's bias; ``+20`` pushes most images' z past 17, where float32
+            ``sigmoid(z)`` is exactly 1.0: a model whose g saturates, as SYNC's can.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -129,7 +135,7 @@ def build_graph(spec: InputSpec = DIGITS_SPEC,
         numpy_helper.from_array(w.reshape(d, 10), "W"),
         numpy_helper.from_array(b.reshape(10), "b"),
         numpy_helper.from_array(w_g.reshape(d, 1), "W_g"),
-        numpy_helper.from_array(np.array([b_g], dtype=np.float32), "b_g"),
+        numpy_helper.from_array(np.array([b_g + logit_shift], dtype=np.float32), "b_g"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat_shape"),
     ]
     nodes = [
@@ -141,12 +147,16 @@ def build_graph(spec: InputSpec = DIGITS_SPEC,
         helper.make_node("Sigmoid", ["g_logit"], ["g"]),  # [N, 1]
         helper.make_node("Reshape", ["g", "flat_shape"], [SELECTION_NAME]),  # [N]
     ]
+    outputs = [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", 10]),
+               helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["N"])]
+    if selection_logit:
+        nodes.append(helper.make_node("Reshape", ["g_logit", "flat_shape"], [SELECTION_LOGIT_NAME]))
+        outputs.append(helper.make_tensor_value_info(SELECTION_LOGIT_NAME, TensorProto.FLOAT, ["N"]))
     graph = helper.make_graph(
         nodes, "abstain_test_linear",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                        ["N", spec.channels, spec.height, spec.width])],
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", 10]),
-         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["N"])],
+        outputs,
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -169,8 +179,11 @@ def write_graph(path: Path, **kwargs: object) -> Path:
     return path
 
 
-def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_size: int = 64) -> str:
+def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_size: int = 64,
+                  selection_logit: bool = False) -> str:
     """A minimal Triton ``config.pbtxt`` for the graph (dims exclude the batch dimension)."""
+    logit = (f',\n         {{ name: "{SELECTION_LOGIT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] '
+             "reshape: { shape: [ ] } }") if selection_logit else ""
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
@@ -179,7 +192,7 @@ def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_s
         f"dims: [ {spec.channels}, {spec.height}, {spec.width} ] }} ]\n"
         f'output [ {{ name: "{LOGITS_NAME}" data_type: TYPE_FP32 dims: [ {num_classes} ] }},\n'
         f'         {{ name: "{SELECTION_NAME}" data_type: TYPE_FP32 dims: [ 1 ] '
-        "reshape: { shape: [ ] } } ]\n"
+        "reshape: { shape: [ ] } }" + logit + " ]\n"
         "dynamic_batching { }\n"
     )
 
@@ -187,7 +200,8 @@ def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_s
 def write_model_dir(repository: Path, name: str = DEFAULT_MODEL_NAME, version: int = 1,
                     spec: InputSpec = DIGITS_SPEC,
                     class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
-                    train_fingerprint: str | None = None) -> Path:
+                    train_fingerprint: str | None = None,
+                    selection_logit: bool = False, logit_shift: float = 0.0) -> Path:
     """A model-repository entry ``repository/name/{config.pbtxt, labels.txt, version/model.onnx}``.
 
     Returns the version directory (``repository/name/version``); no ``calibration.json``.
@@ -195,7 +209,9 @@ def write_model_dir(repository: Path, name: str = DEFAULT_MODEL_NAME, version: i
     entry = Path(repository) / name
     version_dir = entry / str(version)
     write_graph(version_dir / MODEL_FILENAME, spec=spec, class_names=class_names,
-                train_fingerprint=train_fingerprint)
+                train_fingerprint=train_fingerprint, selection_logit=selection_logit,
+                logit_shift=logit_shift)
     (entry / LABELS_FILENAME).write_text("\n".join(class_names) + "\n")
-    (entry / TRITON_CONFIG_FILENAME).write_text(triton_config(name, spec, len(class_names)))
+    (entry / TRITON_CONFIG_FILENAME).write_text(
+        triton_config(name, spec, len(class_names), selection_logit=selection_logit))
     return version_dir
