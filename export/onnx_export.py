@@ -3,8 +3,11 @@
 The graph follows ``abstain.contract`` (DESIGN.md, "The artifact contract")::
 
     pixels    float32 [N, C, H, W] raw pixels in [0, 1]   (normalisation is inside the graph)
-    logits    float32 [N, K]        prediction head f
-    selection float32 [N]           selection head g in [0, 1]
+    logits          float32 [N, K]  prediction head f
+    selection       float32 [N]     selection head g in [0, 1]
+    selection_logit float32 [N]     g's logit z (g = sigmoid(z)); optional in the contract,
+                                    always exported since issue 10: float32 g is exactly 1.0
+                                    beyond z ≈ 17, and calibration thresholds z instead
 
 N is a symbolic dimension ("batch"). SelectiveNet is Geifman & El-Yaniv, ICML 2019; the
 auxiliary head h only shapes training (and SYNC's selective prior, Mishra et al. 2026) and
@@ -33,18 +36,21 @@ import onnx
 import torch
 from torch import nn
 
-from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
+from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME, InputSpec
 
 #: ONNX operator set of the exported graph (the dynamo exporter's lowest; ORT >= 1.14 runs it).
 OPSET = 18
 #: IR version stamped on the graph: the lowest that allows opset 18 (see module docstring).
 IR_VERSION = 8
+#: The graph's outputs, in order: the contract's two and the optional selection_logit.
+EXPORTED_OUTPUTS = (LOGITS_NAME, SELECTION_NAME, SELECTION_LOGIT_NAME)
 #: Batch size of the example input used for tracing; not 0 or 1, which torch.export specialises.
 _TRACE_BATCH = 2
 
 
 class InferenceGraph(nn.Module):
-    """What gets exported: ``pixels [N, C, H, W] → (logits [N, K], selection [N])``, both float32.
+    """What gets exported: ``pixels [N, C, H, W] → (logits [N, K], selection [N],
+    selection_logit [N])``, all float32.
 
     With ``fp16=True`` the wrapped model must hold float16 weights: the input is cast to
     float16 *inside* the graph and both outputs back to float32, so the graph's interface
@@ -56,11 +62,12 @@ class InferenceGraph(nn.Module):
         self.model = model
         self.fp16 = fp16
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = pixels.half() if self.fp16 else pixels
         features = self.model.forward_features(x)  # [N, D]
         out = self.model.forward_heads(features)  # aux_logits is computed but is not an output,
-        return out.logits.float(), out.selection.float()  # so the exporter prunes head h away
+        # so the exporter prunes head h away; forward_heads always sets selection_logit [N]
+        return out.logits.float(), out.selection.float(), out.selection_logit.float()
 
 
 def export_graph(model: nn.Module, spec: InputSpec, fp16: bool = False) -> onnx.ModelProto:
@@ -86,7 +93,7 @@ def export_graph(model: nn.Module, spec: InputSpec, fp16: bool = False) -> onnx.
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=[INPUT_NAME], output_names=[LOGITS_NAME, SELECTION_NAME],
+            input_names=[INPUT_NAME], output_names=list(EXPORTED_OUTPUTS),
             dynamic_shapes={"pixels": {0: batch}}, verbose=False,
         )
     proto = program.model_proto
@@ -127,11 +134,12 @@ def check_graph(proto: onnx.ModelProto, spec: InputSpec, num_classes: int) -> No
         INPUT_NAME: [*spec.shape],
         LOGITS_NAME: [num_classes],
         SELECTION_NAME: [],
+        SELECTION_LOGIT_NAME: [],
     }
-    if list(inputs) != [INPUT_NAME] or list(outputs) != [LOGITS_NAME, SELECTION_NAME]:
+    if list(inputs) != [INPUT_NAME] or tuple(outputs) != EXPORTED_OUTPUTS:
         raise ValueError(
-            f"exported graph should have input [{INPUT_NAME!r}] and outputs [{LOGITS_NAME!r}, "
-            f"{SELECTION_NAME!r}], but has {list(inputs)} and {list(outputs)}"
+            f"exported graph should have input [{INPUT_NAME!r}] and outputs {list(EXPORTED_OUTPUTS)}, "
+            f"but has {list(inputs)} and {list(outputs)}"
         )
     for name, info in {**inputs, **outputs}.items():
         got = dims(info)

@@ -200,7 +200,8 @@ def describe(result: ExportResult) -> str:
         f"{result.size_bytes / 1e6:.2f} MB, sha256 {result.sha256})",
         f"parity vs PyTorch on {p.num_images} images ({p.inputs}) at batch sizes "
         f"{', '.join(map(str, p.batch_sizes))}: max |Δlogits| = {p.max_abs_logits:.2e}, "
-        f"max |Δselection| = {p.max_abs_selection:.2e} "
+        f"max |Δselection| = {p.max_abs_selection:.2e}, "
+        f"max |Δselection_logit| = {p.max_abs_selection_logit:.2e} "
         f"(tolerance atol={p.tolerance.atol:g}, rtol={p.tolerance.rtol:g})",
         *(f"note: {note}" for note in result.notes),
     ])

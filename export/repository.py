@@ -26,6 +26,7 @@ from abstain.contract import (
     LABELS_FILENAME,
     LOGITS_NAME,
     MODEL_FILENAME,
+    SELECTION_LOGIT_NAME,
     SELECTION_NAME,
     TRITON_CONFIG_FILENAME,
     InputSpec,
@@ -44,13 +45,16 @@ STAGING_PREFIX = ".abstain-staging-"
 
 
 def render_triton_config(name: str, spec: InputSpec, num_classes: int,
-                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
+                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                         selection_logit: bool = True) -> str:
     """Triton ``config.pbtxt`` text for an exported graph.
 
     Dims exclude the batch dimension (``max_batch_size > 0``). ``selection`` is ``[N]`` in the
     graph; with batching Triton needs at least one dim per output, so it is declared ``[1]``
     with ``reshape { shape: [ ] }`` (Triton's documented way to serve a per-item scalar).
     ``labels.txt`` is attached to ``logits`` so Triton's classification extension can name classes.
+    ``selection_logit`` (the optional ``[N]`` output, declared like ``selection``) is listed when
+    the graph has it, as every graph exported since issue 10 does.
     """
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size should be a positive int, but got {max_batch_size!r}")
@@ -78,7 +82,14 @@ def render_triton_config(name: str, spec: InputSpec, num_classes: int,
         "    data_type: TYPE_FP32\n"
         "    dims: [ 1 ]\n"
         "    reshape: { shape: [ ] }\n"
-        "  }\n"
+        "  }" + (
+            ",\n"
+            "  {\n"
+            f'    name: "{SELECTION_LOGIT_NAME}"\n'
+            "    data_type: TYPE_FP32\n"
+            "    dims: [ 1 ]\n"
+            "    reshape: { shape: [ ] }\n"
+            "  }" if selection_logit else "") + "\n"
         "]\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
+from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME, InputSpec
 
 #: Batch sizes the graph is checked at (the issue: 1 and 64).
 BATCH_SIZES = (1, 64)
@@ -55,6 +55,7 @@ class ParityReport:
 
     max_abs_logits: float
     max_abs_selection: float
+    max_abs_selection_logit: float
     batch_sizes: tuple[int, ...]
     num_images: int
     inputs: str  # where the images came from, e.g. "digits/test" or "synthetic"
@@ -94,10 +95,14 @@ def verification_inputs(spec: InputSpec, dataset: str | None, n: int = 64, seed:
     return np.ascontiguousarray(np.concatenate([x, extremes]), dtype=np.float32), source
 
 
-def _torch_outputs(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: The outputs compared, in the graph's order.
+_OUTPUTS = (LOGITS_NAME, SELECTION_NAME, SELECTION_LOGIT_NAME)
+
+
+def _torch_outputs(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with torch.inference_mode():
         out = model(torch.from_numpy(x))
-    return out.logits.float().numpy(), out.selection.float().numpy()
+    return out.logits.float().numpy(), out.selection.float().numpy(), out.selection_logit.float().numpy()
 
 
 def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: str = "given",
@@ -115,13 +120,12 @@ def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: s
     model = model.eval()
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     batches = [x] + [x[i: i + 1] for i in range(min(SINGLE_IMAGES, len(x)))]
-    worst = {LOGITS_NAME: 0.0, SELECTION_NAME: 0.0}
+    worst = dict.fromkeys(_OUTPUTS, 0.0)
     failures: list[str] = []
     for batch in batches:
-        ref = dict(zip((LOGITS_NAME, SELECTION_NAME), _torch_outputs(model, batch), strict=True))
-        got = dict(zip((LOGITS_NAME, SELECTION_NAME),
-                       session.run([LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: batch}), strict=True))
-        for name in (LOGITS_NAME, SELECTION_NAME):
+        ref = dict(zip(_OUTPUTS, _torch_outputs(model, batch), strict=True))
+        got = dict(zip(_OUTPUTS, session.run(list(_OUTPUTS), {INPUT_NAME: batch}), strict=True))
+        for name in _OUTPUTS:
             if got[name].shape != ref[name].shape:
                 raise ParityError(
                     f"ONNX output {name!r} has shape {list(got[name].shape)} at batch size {len(batch)}, "
@@ -139,4 +143,5 @@ def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: s
             + "; ".join(failures)
         )
     sizes = tuple(sorted({len(b) for b in batches}))
-    return ParityReport(worst[LOGITS_NAME], worst[SELECTION_NAME], sizes, len(x), source, tolerance)
+    return ParityReport(worst[LOGITS_NAME], worst[SELECTION_NAME], worst[SELECTION_LOGIT_NAME], sizes,
+                        len(x), source, tolerance)

@@ -19,6 +19,7 @@ from abstain.contract import (
     META_TEST_METRICS,
     META_TRAIN_DATA_FINGERPRINT,
     META_TRAINING,
+    SELECTION_LOGIT_NAME,
     SELECTION_NAME,
     InputSpec,
 )
@@ -65,6 +66,8 @@ def test_every_body_exports_within_tolerance_and_loads_in_serving(tmp_path, body
     np.testing.assert_allclose(out.logits, ref.logits.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(out.selection, ref.selection.numpy(), rtol=0, atol=1e-4)
     assert ((out.selection >= 0) & (out.selection <= 1)).all()
+    assert out.selection_logit is not None  # issue 10: the exported graph carries g's logit
+    np.testing.assert_allclose(out.selection_logit, ref.selection_logit.numpy(), rtol=0, atol=1e-4)
 
 
 def test_graph_has_contract_names_dynamic_batch_no_aux_head_and_metadata():
@@ -77,7 +80,8 @@ def test_graph_has_contract_names_dynamic_batch_no_aux_head_and_metadata():
 
     assert [(v.name, dims(v)) for v in proto.graph.input] == [(INPUT_NAME, ["batch", 1, 8, 8])]
     assert [(v.name, dims(v)) for v in proto.graph.output] == [(LOGITS_NAME, ["batch", 10]),
-                                                               (SELECTION_NAME, ["batch"])]
+                                                               (SELECTION_NAME, ["batch"]),
+                                                               (SELECTION_LOGIT_NAME, ["batch"])]
     assert not [i.name for i in proto.graph.initializer if "auxiliary" in i.name]  # head h is pruned
     assert proto.ir_version == 8 and proto.opset_import[0].version == 18
     assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)

@@ -33,10 +33,15 @@ def test_config_parses_with_tritons_model_config_schema():
     assert config.max_batch_size == 128 and config.HasField("dynamic_batching")
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
         ("pixels", model_config_pb2.TYPE_FP32, [3, 32, 32])]
-    logits, selection = config.output
+    logits, selection, selection_logit = config.output
     assert (logits.name, list(logits.dims), logits.label_filename) == ("logits", [100], LABELS_FILENAME)
-    assert (selection.name, list(selection.dims)) == ("selection", [1])
-    assert selection.HasField("reshape") and list(selection.reshape.shape) == []
+    for scalar, name in ((selection, "selection"), (selection_logit, "selection_logit")):
+        assert (scalar.name, list(scalar.dims)) == (name, [1])
+        assert scalar.HasField("reshape") and list(scalar.reshape.shape) == []
+    # an older graph without the logit gets the two-output config
+    older = model_config_pb2.ModelConfig()
+    text_format.Parse(render_triton_config("digits", SPEC, 10, selection_logit=False), older)
+    assert [o.name for o in older.output] == ["logits", "selection"]
 
 
 def test_first_export_writes_entry_then_next_free_versions(tmp_path):
