@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
+from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME, InputSpec
 from abstain.runtime import GraphOutputs, OnnxModel
 
 PROBE_ATOL = 1e-4
@@ -83,6 +83,9 @@ class TritonBackend:
         self.url = url.removeprefix("grpc://").removeprefix("http://")
         self.model_name, self.model_version = model_name, str(model_version)
         self.timeout_s = timeout_s
+        #: ask for the optional selection_logit output too; :meth:`verify` sets it from the
+        #: calibrated graph (a Triton entry serves the same graph, so the same outputs)
+        self.selection_logit = False
         # the HTTP client (geventhttpclient) must not be shared between threads: one per thread
         self._local = threading.local()
 
@@ -111,13 +114,16 @@ class TritonBackend:
         triton = self._local.module
         inp = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        outputs = [triton.InferRequestedOutput(LOGITS_NAME), triton.InferRequestedOutput(SELECTION_NAME)]
+        names = [LOGITS_NAME, SELECTION_NAME] + ([SELECTION_LOGIT_NAME] if self.selection_logit else [])
+        outputs = [triton.InferRequestedOutput(name) for name in names]
         result = client.infer(
             self.model_name, [inp], model_version=self.model_version, outputs=outputs, **self._call_timeout()
         )
         return GraphOutputs(
             logits=result.as_numpy(LOGITS_NAME),
             selection=result.as_numpy(SELECTION_NAME).reshape(-1),
+            selection_logit=(result.as_numpy(SELECTION_LOGIT_NAME).reshape(-1)
+                             if self.selection_logit else None),
         )
 
     def verify(self, reference: OnnxModel) -> None:
@@ -139,11 +145,17 @@ class TritonBackend:
                 f"{where} is not ready; serve the model repository holding {reference.path} "
                 f"(version directory {self.model_version}) with Triton, or pass the right --triton-url"
             )
+        self.selection_logit = reference.has_selection_logit
         x = probe_batch(reference.input_spec)
-        local, remote = reference.run(x), self.infer(x)
+        try:
+            local, remote = reference.run(x), self.infer(x)
+        except Exception as exc:  # e.g. a Triton config that lacks the graph's selection_logit
+            raise ValueError(f"{where} failed on a probe batch: {exc}") from exc
         if remote.logits.shape != local.logits.shape or not (
             np.allclose(remote.logits, local.logits, atol=PROBE_ATOL, rtol=0)
             and np.allclose(remote.selection, local.selection, atol=PROBE_ATOL, rtol=0)
+            and (not self.selection_logit
+                 or np.allclose(remote.selection_logit, local.selection_logit, atol=PROBE_ATOL, rtol=0))
         ):
             diff = (
                 np.abs(remote.logits - local.logits).max()

@@ -139,7 +139,7 @@ class AdaptiveBatcher:
             for x, future in items:
                 stop = start + len(x)
                 if not future.done():
-                    future.set_result(GraphOutputs(out.logits[start:stop], out.selection[start:stop]))
+                    future.set_result(out.rows(start, stop))
                 start = stop
 
     def _run_chunks(self, x: np.ndarray) -> GraphOutputs:
@@ -150,7 +150,4 @@ class AdaptiveBatcher:
             parts.append(self._infer(chunk))
             if self._on_batch is not None:
                 self._on_batch(len(chunk), time.perf_counter() - t0)
-        return GraphOutputs(
-            logits=np.concatenate([p.logits for p in parts]),
-            selection=np.concatenate([p.selection for p in parts]),
-        )
+        return GraphOutputs.concat(parts)

@@ -27,7 +27,11 @@ DECISIONS = (PREDICT, ABSTAIN)
 
 
 def decide(
-    logits: np.ndarray, selection: np.ndarray, point: OperatingPoint, class_names: Sequence[str]
+    logits: np.ndarray,
+    selection: np.ndarray,
+    point: OperatingPoint,
+    class_names: Sequence[str],
+    selection_logit: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One decision dict per row of ``logits``.
 
@@ -36,6 +40,8 @@ def decide(
         selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
         point: the operating point whose ``score`` and ``threshold`` decide.
         class_names: ``K`` labels, index ``i`` names class ``i``.
+        selection_logit: float ``[N]`` g's logit z when the graph exports it; the
+            ``selection`` score is then z (``score_value`` and ``threshold`` are logits).
 
     Returns:
         ``N`` dicts. Always: ``decision``, ``confidence`` (softmax response), ``selection`` (g),
@@ -57,7 +63,7 @@ def decide(
     probs = softmax(logits)  # [N, K]
     top = probs.argmax(axis=1)  # [N]
     confidence = probs[np.arange(len(top)), top]  # [N], the softmax response
-    scores = selection_scores(logits, selection, point.score)  # [N]
+    scores = selection_scores(logits, selection, point.score, selection_logit)  # [N]
     answered = scores >= point.threshold  # [N] bool
     out: list[dict[str, Any]] = []
     for i in range(len(top)):

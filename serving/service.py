@@ -182,7 +182,7 @@ class Abstain:
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
             return backend_unavailable(self.backend.name, exc)
-        answers = decide(out.logits, out.selection, point, self.class_names)
+        answers = decide(out.logits, out.selection, point, self.class_names, out.selection_logit)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
         return {
             "model": self.artifacts.name,

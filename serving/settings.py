@@ -21,7 +21,13 @@ from abstain.contract import (
     read_labels,
     resolve_version_dir,
 )
-from abstain.operating_points import Calibration, CalibrationError, load_calibration, verify_graph
+from abstain.operating_points import (
+    Calibration,
+    CalibrationError,
+    check_score_scale,
+    load_calibration,
+    verify_graph,
+)
 from abstain.runtime import OnnxModel
 from abstain.serving.options import BACKENDS, OPTION, OPTIONS
 
@@ -146,4 +152,6 @@ def load_graph(
             f"{exc} (the graph changed on disk after the service checked it at start-up; restart "
             "the service once the model directory holds a graph and its calibration together)"
         ) from exc
+    # a logit threshold against g in [0, 1] (or the reverse) would answer everything or nothing
+    check_score_scale(artifacts.calibration, model.has_selection_logit, str(artifacts.graph_path))
     return model

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from abstain.bounds import coverage_prediction_interval
 from abstain.calibration.calibrate import predict, run_calibration
 from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
-from abstain.bounds import coverage_prediction_interval
 from abstain.operating_points import CalibrationError, load_calibration
 from abstain.runtime import OnnxModel
 from abstain.selective import augrc, aurc, eaurc, risk_at_coverage

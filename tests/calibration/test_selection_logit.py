@@ -74,7 +74,7 @@ def test_an_older_graph_without_the_logit_still_calibrates_on_g(tmp_path: Path) 
 def test_a_threshold_on_the_wrong_scale_is_refused(saturated: Path, tmp_path: Path) -> None:
     run = run_calibration(saturated, dataset="digits", split="val", coverages=[0.9], score="selection")
     check_score_scale(run.calibration, has_selection_logit=True, where="x")  # consistent
-    with pytest.raises(CalibrationError, match="threshold on the logit scale.*probability scale"):
+    with pytest.raises(CalibrationError, match=r"threshold on the logit scale.*probability scale"):
         check_score_scale(run.calibration, has_selection_logit=False, where="x")
     # a calibration file from before issue 10 (no score_scale) is a probability threshold
     old = run.calibration.operating_point()
