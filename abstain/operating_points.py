@@ -25,6 +25,10 @@ serve a graph whose hash differs. Schema (version 1)::
       ]
     }
 
+Each operating point may carry ``score_scale``: ``"logit"`` when its ``selection`` threshold is
+on g's logit (graphs with the ``selection_logit`` output), else ``"probability"`` — the value
+assumed when the field is absent (files written before it existed).
+
 A sample is answered iff ``score(sample) >= threshold``. ``unmet_targets`` (optional, may be
 empty) lists requested risk targets that SGR could not certify with the data given: they have
 no threshold and are not operating points.

@@ -15,6 +15,7 @@ from abstain.contract import (
     LOGITS_NAME,
     META_TEST_METRICS,
     MODEL_FILENAME,
+    SELECTION_LOGIT_NAME,
     SELECTION_NAME,
     TRITON_CONFIG_FILENAME,
     InputSpec,
@@ -39,7 +40,10 @@ def shipped() -> OnnxModel:
 def test_shipped_graph_follows_the_contract(shipped):
     assert [i.name for i in shipped.session.get_inputs()] == [INPUT_NAME]
     (pixels,) = shipped.session.get_inputs()
-    logits, selection = shipped.session.get_outputs()
+    # the shipped graph predates the optional selection_logit output (issue 10): two outputs,
+    # so calibration and serving use g itself; a re-exported graph would have a third
+    logits, selection, *optional = shipped.session.get_outputs()
+    assert [o.name for o in optional] == ([SELECTION_LOGIT_NAME] if shipped.has_selection_logit else [])
     assert pixels.type == "tensor(float)" and isinstance(pixels.shape[0], str)
     assert pixels.shape[1:] == [1, 8, 8]
     assert (logits.name, logits.shape[1:]) == (LOGITS_NAME, [10])

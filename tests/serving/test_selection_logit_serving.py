@@ -71,7 +71,8 @@ def triton(saturated: tuple[Path, float], tmp_path_factory: pytest.TempPathFacto
     write_python_backend_repository(version, repo)
     old = tmp / "old" / "nologit"
     (old / version.name).mkdir(parents=True)
-    (old / "config.pbtxt").write_text(triton_config("nologit", OnnxModel(version / MODEL_FILENAME).input_spec))
+    spec = OnnxModel(version / MODEL_FILENAME, prefer_cuda=False).input_spec
+    (old / "config.pbtxt").write_text(triton_config("nologit", spec))
     (old / "labels.txt").write_bytes((version.parent / "labels.txt").read_bytes())
     write_python_backend_repository(old / version.name, repo, graph=version / MODEL_FILENAME)
     process, http, _grpc, _log = start_triton(repo, tmp, ["saturated", "nologit"])
