@@ -135,7 +135,7 @@ def evaluate(
     for row in report["operating_points"]:
         target = row.get("target_coverage", row.get("target_risk"))
         risk = "—" if row["selective_risk"] is None else f"{row['selective_risk']:.4f}"
-        held = "[green]yes[/]" if row["guarantee_held"] else "[red]no[/]"
+        held = "[green]yes[/]" if row.get("check_passed", row["guarantee_held"]) else "[red]no[/]"
         points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk,
                        row.get("check", "").removeprefix("coverage in "), held)
     console.print(points)
