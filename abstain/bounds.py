@@ -188,3 +188,17 @@ def coverage_prediction_interval(n_selected: int, n: int, n_test: int,
     lower = int(np.searchsorted(cdf, tail, side="right"))
     upper = min(int(np.searchsorted(cdf, 1.0 - tail, side="left")), int(n_test))
     return lower / n_test, upper / n_test
+
+
+def risk_exceeds_target(n_errors: int, n_selected: int, target: float, delta: float) -> bool:
+    """Do ``n_errors`` wrong answers among ``n_selected`` show, at level ``δ``, that the selective
+    risk is above ``target``? (One-sided exact binomial test: ``binomial_lower_bound > target``.)
+
+    When the true risk is ``<= target`` this says yes with probability ``<= δ``, whatever the
+    test set's size — unlike "the test risk is above the target", which a true risk just below
+    the target fails about half the time. Example: 3 errors in 10 against a target of 0.1 —
+    ``P(Bin(10, 0.1) >= 3) = 0.070``, so at ``δ = 0.05`` the target is not refuted.
+    """
+    _check_counts(n_errors, n_selected)
+    _check_level(delta)
+    return binomial_lower_bound(n_errors, n_selected, delta) > target

@@ -11,9 +11,12 @@ Writes ``DIR/evaluation.json`` (interface of issue 4) and ``DIR/risk_coverage.pn
 ``check`` names what was tested and ``check_passed`` is its outcome (``guarantee_held``, the
 name issue 4's interface gave it, carries the same value for existing readers):
 
-* risk points (``check: "risk <= target"``): the realised selective risk is ``<= target_risk``
-  (SGR promises this, with probability ``1 - δ``, for the *population*; on a finite test set
-  it may still fail by chance).
+* risk points (``check: "risk not shown above target"``): the test errors do not show, by a
+  one-sided exact binomial test at the point's ``δ`` (:func:`abstain.bounds.risk_exceeds_target`),
+  that the selective risk is above ``target_risk``. SGR promises the *population* risk is
+  ``<= target`` with probability ``1 - δ``; a finite test set's risk scatters around it, so
+  "test risk <= target" would fail about half the time for a true risk just below the target,
+  while this test fails at most ``δ`` of the time when the promise holds.
 * coverage points (``check: "coverage in prediction interval"``): the realised coverage lies
   inside ``coverage_prediction_interval``, the ``1 - δ`` interval for the coverage of a *new*
   sample of this size (:func:`abstain.bounds.coverage_prediction_interval`, beta-binomial:
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abstain.bounds import coverage_prediction_interval
+from abstain.bounds import coverage_prediction_interval, risk_exceeds_target
 from abstain.calibration.calibrate import Predictions, predict, score_metrics
 from abstain.calibration.data_sources import open_labelled_data
 from abstain.contract import (
@@ -73,10 +76,13 @@ def evaluate_point(point: OperatingPoint, preds: Predictions,
                            "threshold": point.threshold}
     if point.method == "risk":
         row["target_risk"] = point.target_risk
-        row["check"] = "risk <= target"
+        row["check"] = "risk not shown above target"
+        delta = float(point.delta or 0.05)
         # nothing answered → nothing wrong: the risk promise holds vacuously
-        held = n_sel == 0 or risk <= float(point.target_risk)  # type: ignore[arg-type]
+        n_err = 0 if n_sel == 0 else round(risk * n_sel)
+        held = n_sel == 0 or not risk_exceeds_target(n_err, n_sel, float(point.target_risk), delta)  # type: ignore[arg-type]
         row["risk_bound"] = point.extra.get("risk_bound")
+        row["test_delta"] = delta
     else:
         row["target_coverage"] = point.target_coverage
         lo, hi = point.extra.get("coverage_interval", (point.coverage, point.coverage))

@@ -104,3 +104,12 @@ def test_coverage_prediction_interval_by_hand() -> None:
     assert coverage_prediction_interval(0, 10, 5) == (0.0, 0.0)
     with pytest.raises(ValueError, match="n_test should be a positive integer"):
         coverage_prediction_interval(5, 10, 0)
+
+
+def test_risk_exceeds_target_by_hand() -> None:
+    from abstain.bounds import risk_exceeds_target
+
+    # P(Bin(10, 0.1) >= 3) = 1 - 0.9^10 - 10 · 0.1 · 0.9^9 - 45 · 0.01 · 0.9^8 = 0.0702
+    assert not risk_exceeds_target(3, 10, 0.1, delta=0.05)  # 0.0702 > 0.05: not shown
+    assert risk_exceeds_target(3, 10, 0.1, delta=0.1)  # 0.0702 < 0.1: shown above 0.1
+    assert not risk_exceeds_target(0, 10, 0.0001, delta=0.05)  # no errors never refute a target

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from abstain.bounds import coverage_prediction_interval
+from abstain.bounds import coverage_prediction_interval, risk_exceeds_target
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 
 DELTA = 0.1
@@ -49,7 +49,7 @@ def test_coverage_prediction_interval_fails_at_most_delta_of_the_time() -> None:
 def test_sgr_risk_bound_fails_at_most_delta_of_the_time() -> None:
     rng = np.random.default_rng(7)
     n, trials, target = 1000, 200, 0.08
-    sgr_failures = naive_failures = feasible = 0
+    sgr_failures = naive_failures = feasible = test_check_failures = 0
     for _ in range(trials):
         scores = rng.random(n)
         errors = (rng.random(n) < 0.3 * (1.0 - scores)).astype(np.int64)
@@ -58,9 +58,17 @@ def test_sgr_risk_bound_fails_at_most_delta_of_the_time() -> None:
         if res.feasible:
             feasible += 1
             sgr_failures += 0.15 * (1.0 - res.threshold) > target  # population risk above target
+            # evaluate's check on a fresh test sample of the same size
+            test_scores = rng.random(n)
+            test_errors = rng.random(n) < 0.3 * (1.0 - test_scores)
+            answered = test_scores >= res.threshold
+            test_check_failures += bool(answered.any()) and risk_exceeds_target(
+                int(test_errors[answered].sum()), int(answered.sum()), target, DELTA)
         # a selector without a bound: the largest coverage whose *empirical* risk is <= target
         ok = np.flatnonzero(ranked.n_errors <= target * ranked.n_selected)
         naive_failures += 0.15 * (1.0 - ranked.thresholds[ok[-1]]) > target
     assert feasible >= trials * 0.8  # the bound is reachable at this n: the test is not vacuous
     assert sgr_failures / trials <= _allowed(trials)
+    # evaluate's risk check fails at most δ when SGR's promise holds (which fails at most δ)
+    assert test_check_failures / trials <= _allowed(trials) + DELTA
     assert naive_failures / trials > 0.3  # the design sees a missing bound: it fails often
