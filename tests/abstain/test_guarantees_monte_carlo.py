@@ -63,7 +63,8 @@ def test_sgr_risk_bound_fails_at_most_delta_of_the_time() -> None:
             test_errors = rng.random(n) < 0.3 * (1.0 - test_scores)
             answered = test_scores >= res.threshold
             test_check_failures += bool(answered.any()) and risk_exceeds_target(
-                int(test_errors[answered].sum()), int(answered.sum()), target, DELTA)
+                int(test_errors[answered].sum()), int(answered.sum()), target, DELTA
+            )
         # a selector without a bound: the largest coverage whose *empirical* risk is <= target
         ok = np.flatnonzero(ranked.n_errors <= target * ranked.n_selected)
         naive_failures += 0.15 * (1.0 - ranked.thresholds[ok[-1]]) > target

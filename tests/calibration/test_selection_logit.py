@@ -42,8 +42,7 @@ def test_the_graph_saturates_g_and_its_logit_does_not(saturated: Path) -> None:
 
 
 def test_calibration_thresholds_the_logit_exactly(saturated: Path, tmp_path: Path) -> None:
-    run = run_calibration(saturated, dataset="digits", split="val", coverages=[0.8, 0.9],
-                          score="selection")
+    run = run_calibration(saturated, dataset="digits", split="val", coverages=[0.8, 0.9], score="selection")
     for point in run.calibration.operating_points:
         assert point.extra["score_scale"] == SCORE_SCALE_LOGIT
         assert point.threshold > 17.0  # a logit, not a probability

@@ -27,18 +27,25 @@ from tests.serving.servers import pytriton_dir, start_triton, stop
 @pytest.fixture(scope="module")
 def saturated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """``(version dir, threshold)``: the saturated graph and its hand-made logit calibration."""
-    version = write_model_dir(tmp_path_factory.mktemp("models"), name="saturated",
-                              selection_logit=True, logit_shift=20.0)
+    version = write_model_dir(
+        tmp_path_factory.mktemp("models"), name="saturated", selection_logit=True, logit_shift=20.0
+    )
     model = OnnxModel(version / MODEL_FILENAME, prefer_cuda=False)
     out = model.run_batched(load_digits("test").x)
     assert (out.selection == 1.0).all() and out.selection_logit is not None
     threshold = float(np.median(out.selection_logit))
-    point = OperatingPoint(name="coverage-0.5", method="coverage", score="selection",
-                           threshold=threshold, target_coverage=0.5,
-                           extra={"score_scale": SCORE_SCALE_LOGIT})
-    save_calibration(version / CALIBRATION_FILENAME,
-                     Calibration(graph_sha256=model.sha256, operating_points=(point,),
-                                 default_operating_point=point.name))
+    point = OperatingPoint(
+        name="coverage-0.5",
+        method="coverage",
+        score="selection",
+        threshold=threshold,
+        target_coverage=0.5,
+        extra={"score_scale": SCORE_SCALE_LOGIT},
+    )
+    save_calibration(
+        version / CALIBRATION_FILENAME,
+        Calibration(graph_sha256=model.sha256, operating_points=(point,), default_operating_point=point.name),
+    )
     return version, threshold
 
 
