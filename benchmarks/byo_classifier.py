@@ -29,8 +29,8 @@ COVERAGES, RISKS = [0.8, 0.9, 0.95], [0.05]
 
 
 def imported_lr(repo: Path) -> Path:
-    from sklearn.linear_model import LogisticRegression
     from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
 
     train = load_digits("train")
     x = train.x.reshape(len(train.y), -1)
@@ -48,7 +48,8 @@ def row(label: str, report: dict, score_note: str = "") -> str:
     m = report["scores"][score]
     cov = points["coverage-0.9"]
     risk = points["risk-0.05"]
-    return (f"| {label} | {score}{score_note} | {report['data']['accuracy'] * 100:.2f} | {m['aurc'] * 100:.3f} | "
+    accuracy = report["data"]["accuracy"]
+    return (f"| {label} | {score}{score_note} | {accuracy * 100:.2f} | {m['aurc'] * 100:.3f} | "
             f"{m['risk_at_coverage']['0.8'] * 100:.2f} | {cov['realized_coverage']:.4f} / "
             f"{(cov['selective_risk'] or 0) * 100:.2f} | {risk['realized_coverage']:.4f} / "
             f"{(risk['selective_risk'] or 0) * 100:.2f} |")
