@@ -97,3 +97,19 @@ def test_selection_scores_with_and_without_the_logit() -> None:
     expected = np.sqrt(np.array([1 / (1 + math.exp(-18)), 1 / (1 + math.exp(-25))]) * sr)
     np.testing.assert_allclose(combined, expected, rtol=1e-15)
     assert sigmoid(np.array([-800.0, 0.0, 800.0])).tolist() == [0.0, 0.5, 1.0]  # no overflow
+
+
+def test_offline_predict_decides_on_the_logit(saturated: Path, tmp_path: Path) -> None:
+    import csv
+
+    from abstain.calibration.predict import run_predict
+
+    run = run_calibration(saturated, dataset="digits", split="val", coverages=[0.5], score="selection")
+    threshold = run.calibration.operating_point().threshold
+    out = tmp_path / "decisions.csv"
+    run_predict(saturated, out, dataset="digits", split="test")
+    rows = list(csv.DictReader(out.open()))
+    z = OnnxModel(saturated / "model.onnx").run_batched(load_digits("test").x).selection_logit
+    assert [float(r["score_value"]) for r in rows] == pytest.approx(z.tolist(), abs=1e-5)
+    assert [r["decision"] == "predict" for r in rows] == (z >= threshold).tolist()
+    assert 0.3 < np.mean(z >= threshold) < 0.7  # g (all 1.0) would have answered every image
