@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from abstain.decisions import decide_arrays
 from abstain.operating_points import OperatingPoint
-from abstain.selective import selection_scores, softmax
 
 PREDICT = "predict"
 ABSTAIN = "abstain"
@@ -43,22 +43,18 @@ def decide(
         ``label`` and ``class_index``; abstentions add ``reason`` and ``candidate``
         (``label``, ``class_index``, ``confidence``) for human review.
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    selection = np.asarray(selection, dtype=np.float64).reshape(-1)
-    if logits.ndim != 2 or logits.shape[0] != selection.shape[0]:
+    d = decide_arrays(logits, selection, point)  # checks the shapes pair up
+    if np.shape(logits)[1] != len(class_names):
         raise ValueError(
-            f"logits should be [N, K] and selection [N], but got {list(logits.shape)} "
-            f"and {list(selection.shape)}"
+            f"the graph gives {np.shape(logits)[1]} classes but {len(class_names)} class names were given"
         )
-    if logits.shape[1] != len(class_names):
-        raise ValueError(
-            f"the graph gives {logits.shape[1]} classes but {len(class_names)} class names were given"
-        )
-    probs = softmax(logits)  # [N, K]
-    top = probs.argmax(axis=1)  # [N]
-    confidence = probs[np.arange(len(top)), top]  # [N], the softmax response
-    scores = selection_scores(logits, selection, point.score)  # [N]
-    answered = scores >= point.threshold  # [N] bool
+    answered, top, confidence, selection, scores = (
+        d.answered,
+        d.class_index,
+        d.confidence,
+        d.selection,
+        d.score_value,
+    )
     out: list[dict[str, Any]] = []
     for i in range(len(top)):
         k = int(top[i])
