@@ -24,6 +24,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "export": ("abstain.export.cli", "export", True),
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
+    "predict": ("abstain.calibration.cli", "predict", True),
     "serve": ("abstain.serving.cli", "serve", False),
 }
 

@@ -148,3 +148,49 @@ def evaluate(
     for warning in report["warnings"]:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print(f"wrote {result.json_path} and {result.plot_path}")
+
+
+def predict(
+    model_dir: ModelDir,
+    data: Annotated[Path | None, typer.Argument(
+        help="An image folder (PNG/JPEG…, searched recursively; labels when every image sits in "
+             "a folder named after a class) or an .npz with x [N, C, H, W] in [0, 1] and optional y.")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Records file: .jsonl, .csv or .parquet (by extension); written atomically.")] = Path(
+        "predictions.jsonl"),
+    operating_point: Annotated[str | None, typer.Option(
+        "--operating-point", help="Operating point name from calibration.json (default: its default).")] = None,
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
+    data_root: DataRootOpt = None,
+    batch_size: BatchOpt = 256,
+    fail_fast: Annotated[bool, typer.Option(
+        "--fail-fast", help="Stop at the first unreadable file (default: record it as an error and go on).")] = False,
+) -> None:
+    """Predict or abstain offline on a folder, an .npz or a dataset split: one record per input.
+
+    Example: abstain predict models/digits scans/ --out decisions.parquet --operating-point risk-0.05
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from abstain.calibration.predict import run_predict
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("deciding", total=None)
+        summary = run_predict(model_dir, out, data=data, dataset=dataset, split=split,
+                              data_root=data_root, operating_point=operating_point,
+                              batch_size=batch_size, fail_fast=fail_fast,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    lines = [f"inputs {summary.inputs}, decided {summary.decided}, unreadable {summary.errors}",
+             f"operating point {summary.operating_point}: answered {summary.answered}, "
+             f"coverage {summary.coverage:.4f}"]
+    if summary.selective_risk is not None:
+        lines.append(f"labelled {summary.labelled}: selective risk {summary.selective_risk:.4f}, "
+                     f"accuracy on the answered {summary.accuracy_answered:.4f}")
+    lines += [f"unreadable: {reason}" for reason in summary.error_examples]
+    lines.append(f"wrote {summary.out}")
+    for line in lines:
+        typer.echo(line)
