@@ -154,18 +154,21 @@ def predict(
     model_dir: ModelDir,
     data: Annotated[Path | None, typer.Argument(
         help="An image folder (PNG/JPEG…, searched recursively; labels when every image sits in "
-             "a folder named after a class) or an .npz with x [N, C, H, W] in [0, 1] and optional y.")] = None,
+             "a folder named after a class) or an .npz with x [N, C, H, W] in [0, 1] and optional y.",
+    )] = None,
     out: Annotated[Path, typer.Option(
         "--out", help="Records file: .jsonl, .csv or .parquet (by extension); written atomically.")] = Path(
         "predictions.jsonl"),
     operating_point: Annotated[str | None, typer.Option(
-        "--operating-point", help="Operating point name from calibration.json (default: its default).")] = None,
+        "--operating-point", help="Operating point name from calibration.json (default: its default).",
+    )] = None,
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     fail_fast: Annotated[bool, typer.Option(
-        "--fail-fast", help="Stop at the first unreadable file (default: record it as an error and go on).")] = False,
+        "--fail-fast", help="Stop at the first unreadable file (default: record it and go on).",
+    )] = False,
 ) -> None:
     """Predict or abstain offline on a folder, an .npz or a dataset split: one record per input.
 

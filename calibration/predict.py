@@ -38,12 +38,26 @@ from abstain.runtime import OnnxModel, validate_pixels
 
 PREDICT, ABSTAIN, ERROR = "predict", "abstain", "error"
 #: Output columns, in order (CSV header, Parquet schema).
-FIELDS = ("source", "index", "decision", "label", "candidate", "class_index", "confidence",
-          "selection", "score", "score_value", "threshold", "operating_point", "true_label", "error")
+FIELDS = (
+    "source",
+    "index",
+    "decision",
+    "label",
+    "candidate",
+    "class_index",
+    "confidence",
+    "selection",
+    "score",
+    "score_value",
+    "threshold",
+    "operating_point",
+    "true_label",
+    "error",
+)
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
-class UnreadableInput(ValueError):
+class UnreadableInputError(ValueError):
     """An input file could not be decoded (raised under ``--fail-fast``)."""
 
 
@@ -97,17 +111,22 @@ def output_format(path: Path) -> str:
     """``jsonl``, ``csv`` or ``parquet`` from ``path``'s extension; ``ValueError`` otherwise."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise ValueError(f"--out {path}: the extension should be one of {', '.join(FORMATS)} "
-                         "(JSON Lines, CSV or Parquet)")
+        raise ValueError(
+            f"--out {path}: the extension should be one of {', '.join(FORMATS)} (JSON Lines, CSV or Parquet)"
+        )
     return fmt
 
 
 def scan_images(root: Path) -> list[Path]:
     """Every image file under ``root`` (recursive, sorted, hidden entries skipped)."""
     root = Path(root)
-    paths = [p for p in sorted(root.rglob("*"))
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    paths = [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     if not paths:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found in it or below it")
     return paths
@@ -116,8 +135,9 @@ def scan_images(root: Path) -> list[Path]:
 def folder_labels(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> list[int | None]:
     """Labels from class folders ``root/<class name>/...`` when every image sits in one, else none."""
     index = {name: i for i, name in enumerate(class_names)}
-    labels = [index.get(p.relative_to(root).parts[0]) if len(p.relative_to(root).parts) > 1 else None
-              for p in paths]
+    labels = [
+        index.get(p.relative_to(root).parts[0]) if len(p.relative_to(root).parts) > 1 else None for p in paths
+    ]
     return labels if all(label is not None for label in labels) else [None] * len(paths)
 
 
@@ -141,8 +161,10 @@ def load_unlabelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
-                raise ValueError(f"{path}: an .npz for abstain predict should hold an array 'x' "
-                                 f"[N, C, H, W] (and optionally 'y' [N]), but it holds {sorted(archive.files)}")
+                raise ValueError(
+                    f"{path}: an .npz for abstain predict should hold an array 'x' "
+                    f"[N, C, H, W] (and optionally 'y' [N]), but it holds {sorted(archive.files)}"
+                )
             x = archive["x"]
             y = archive["y"] if "y" in archive.files else None
     except (OSError, EOFError) as exc:
@@ -150,30 +172,41 @@ def load_unlabelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{path}: x should be floating point in [0, 1], but got dtype {x.dtype}")
     if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],)):
-        raise ValueError(f"{path}: y should be {x.shape[0]} integer class indices, but got "
-                         f"dtype {y.dtype} shape {list(y.shape)}")
+        raise ValueError(
+            f"{path}: y should be {x.shape[0]} integer class indices, but got "
+            f"dtype {y.dtype} shape {list(y.shape)}"
+        )
     return x.astype(np.float32, copy=False), y
 
 
-def _array_batches(x: np.ndarray, y: np.ndarray | None, model: OnnxModel,
-                   batch_size: int) -> Iterator[list[Item]]:
+def _array_batches(
+    x: np.ndarray, y: np.ndarray | None, model: OnnxModel, batch_size: int
+) -> Iterator[list[Item]]:
     x = validate_pixels(x, model.input_spec)  # shape, NaN/Inf, range: the service's checks
     k = model.num_classes
     if y is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= k):
         raise ValueError(f"labels y should be class indices in [0, {k}), but got values outside it")
     for start in range(0, x.shape[0], batch_size):
-        yield [Item(source=None, index=i, pixels=x[i],
-                    true_label=None if y is None else int(y[i]))
-               for i in range(start, min(start + batch_size, x.shape[0]))]
+        yield [
+            Item(source=None, index=i, pixels=x[i], true_label=None if y is None else int(y[i]))
+            for i in range(start, min(start + batch_size, x.shape[0]))
+        ]
 
 
-def open_input(model: OnnxModel, batch_size: int, *, data: Path | None = None,
-               dataset: str | None = None, split: str = "test",
-               data_root: Path | None = None) -> tuple[int, Iterator[list[Item]]]:
+def open_input(
+    model: OnnxModel,
+    batch_size: int,
+    *,
+    data: Path | None = None,
+    dataset: str | None = None,
+    split: str = "test",
+    data_root: Path | None = None,
+) -> tuple[int, Iterator[list[Item]]]:
     """(number of inputs, batches of :class:`Item`) for a folder, an ``.npz`` or a dataset split."""
     if (data is None) == (dataset is None):
-        raise ValueError("give exactly one input: INPUT (an image folder or an .npz file), or "
-                         "--dataset NAME --split SPLIT")
+        raise ValueError(
+            "give exactly one input: INPUT (an image folder or an .npz file), or --dataset NAME --split SPLIT"
+        )
     if batch_size < 1:
         raise ValueError(f"batch size should be at least 1, but got {batch_size}")
     if dataset is not None:
@@ -205,15 +238,22 @@ def decide_batch(model: OnnxModel, point: OperatingPoint, batch: list[Item]) -> 
                 "decision": PREDICT if answered else ABSTAIN,
                 "label": model.class_names[k] if answered else None,
                 "candidate": None if answered else model.class_names[k],
-                "class_index": k, "confidence": float(d.confidence[j]),
-                "selection": float(d.selection[j]), "score_value": float(d.score_value[j]),
+                "class_index": k,
+                "confidence": float(d.confidence[j]),
+                "selection": float(d.selection[j]),
+                "score_value": float(d.score_value[j]),
             }
     rows = []
     for item in batch:
         row = {name: None for name in FIELDS}
-        row.update(source=item.source, index=item.index, score=point.score,
-                   threshold=float(point.threshold), operating_point=point.name,
-                   true_label=None if item.true_label is None else model.class_names[item.true_label])
+        row.update(
+            source=item.source,
+            index=item.index,
+            score=point.score,
+            threshold=float(point.threshold),
+            operating_point=point.name,
+            true_label=None if item.true_label is None else model.class_names[item.true_label],
+        )
         if item.error is not None:
             row.update(decision=ERROR, error=item.error)
         else:
@@ -241,13 +281,24 @@ class RecordWriter:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            self._schema = pa.schema([
-                ("source", pa.string()), ("index", pa.int64()), ("decision", pa.string()),
-                ("label", pa.string()), ("candidate", pa.string()), ("class_index", pa.int64()),
-                ("confidence", pa.float64()), ("selection", pa.float64()), ("score", pa.string()),
-                ("score_value", pa.float64()), ("threshold", pa.float64()),
-                ("operating_point", pa.string()), ("true_label", pa.string()), ("error", pa.string()),
-            ])
+            self._schema = pa.schema(
+                [
+                    ("source", pa.string()),
+                    ("index", pa.int64()),
+                    ("decision", pa.string()),
+                    ("label", pa.string()),
+                    ("candidate", pa.string()),
+                    ("class_index", pa.int64()),
+                    ("confidence", pa.float64()),
+                    ("selection", pa.float64()),
+                    ("score", pa.string()),
+                    ("score_value", pa.float64()),
+                    ("threshold", pa.float64()),
+                    ("operating_point", pa.string()),
+                    ("true_label", pa.string()),
+                    ("error", pa.string()),
+                ]
+            )
             self._pa = pa
             self._parquet = pq.ParquetWriter(handle, self._schema)
 
@@ -268,10 +319,19 @@ class RecordWriter:
             self._text.detach()  # the atomic writer owns and closes the handle
 
 
-def run_predict(model_dir: Path, out: Path, *, data: Path | None = None, dataset: str | None = None,
-                split: str = "test", data_root: Path | None = None,
-                operating_point: str | None = None, batch_size: int = 256, fail_fast: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> Summary:
+def run_predict(
+    model_dir: Path,
+    out: Path,
+    *,
+    data: Path | None = None,
+    dataset: str | None = None,
+    split: str = "test",
+    data_root: Path | None = None,
+    operating_point: str | None = None,
+    batch_size: int = 256,
+    fail_fast: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
     """Decide every input, write the records to ``out`` atomically, return the summary.
 
     Args:
@@ -288,8 +348,9 @@ def run_predict(model_dir: Path, out: Path, *, data: Path | None = None, dataset
     model = OnnxModel(graph)
     verify_graph(calibration, graph, model.sha256)
     point = calibration.operating_point(operating_point)
-    total, batches = open_input(model, batch_size, data=data, dataset=dataset, split=split,
-                                data_root=data_root)
+    total, batches = open_input(
+        model, batch_size, data=data, dataset=dataset, split=split, data_root=data_root
+    )
     summary = Summary(out=Path(out), operating_point=point.name)
     with atomic_writer(Path(out), "wb") as handle:
         writer = RecordWriter(handle, fmt)
@@ -298,7 +359,7 @@ def run_predict(model_dir: Path, out: Path, *, data: Path | None = None, dataset
                 if fail_fast:
                     bad = next((item for item in batch if item.error is not None), None)
                     if bad is not None:
-                        raise UnreadableInput(f"{bad.error} (stopped by --fail-fast; nothing written)")
+                        raise UnreadableInputError(f"{bad.error} (stopped by --fail-fast; nothing written)")
                 rows = decide_batch(model, point, batch)
                 writer.write(rows)
                 _tally(summary, rows)
