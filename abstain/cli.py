@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "train": ("abstain.training.cli", "train", False),
     "export": ("abstain.export.cli", "export", True),
+    "import": ("abstain.export.cli", "import_model", True),
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "predict": ("abstain.calibration.cli", "predict", True),

@@ -57,6 +57,9 @@ META_TEST_METRICS = "abstain.test_metrics"
 META_SPLIT_METRICS = "abstain.{split}_metrics"
 #: JSON: how the graph was made (exporter, opset, precision, optimisation, tolerance, training code).
 META_EXPORT = "abstain.export"
+#: JSON: what ``abstain import`` wrapped (source file and sha256, its input/output names,
+#: normalisation, probabilities or logits); present only on imported classifiers.
+META_IMPORT = "abstain.import"
 
 # --- selection scores (higher = more confident = answer first) ------------------------
 SCORE_SELECTION = "selection"  # g, the selection head
