@@ -40,8 +40,12 @@ def logistic_regression_onnx(out_dir: Path) -> tuple[Path, Path]:
 
     train = load_digits("train")
     clf = LogisticRegression(max_iter=2000).fit(train.x.reshape(len(train.x), -1), train.y)
-    onx = to_onnx(clf, initial_types=[("input", FloatTensorType([None, 64]))],
-                  options={"zipmap": False}, target_opset=17)
+    onx = to_onnx(
+        clf,
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={"zipmap": False},
+        target_opset=17,
+    )
     graph, labels = out_dir / "lr.onnx", out_dir / "labels.txt"
     graph.write_bytes(onx.SerializeToString())
     labels.write_text("\n".join(train.class_names) + "\n")
@@ -69,21 +73,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="abstain-bench-import-") as tmp:
         tmp_path = Path(tmp)
         graph, labels = logistic_regression_onnx(tmp_path)
-        imported = import_onnx(graph, "digits-lr", labels, tmp_path / "models", input_spec=(1, 8, 8),
-                               logits_output="probabilities", probabilities=True)
-        run_calibration(imported.model_path.parent, dataset="digits", split="val",
-                        coverages=[0.8, 0.9, 0.95], risks=[0.05], delta=0.05)
-        lr = run_evaluation(imported.model_path.parent, tmp_path / "eval-lr", dataset="digits",
-                            split="test").report
+        imported = import_onnx(
+            graph,
+            "digits-lr",
+            labels,
+            tmp_path / "models",
+            input_spec=(1, 8, 8),
+            logits_output="probabilities",
+            probabilities=True,
+        )
+        run_calibration(
+            imported.model_path.parent,
+            dataset="digits",
+            split="val",
+            coverages=[0.8, 0.9, 0.95],
+            risks=[0.05],
+            delta=0.05,
+        )
+        lr = run_evaluation(
+            imported.model_path.parent, tmp_path / "eval-lr", dataset="digits", split="test"
+        ).report
         sync = run_evaluation(SHIPPED, tmp_path / "eval-sync", dataset="digits", split="test").report
     lines = [
-        f"## {HEADING}", "",
+        f"## {HEADING}",
+        "",
         "`nice -n 10 python benchmarks/imported_vs_sync.py` — `abstain evaluate` on digits test "
         f"(n={lr['data']['size']}) for a scikit-learn logistic regression brought in with `abstain import` "
         "(skl2onnx, `--probabilities`; its selection score is the softmax response) and for the shipped "
         "SYNC model `models/digits`. Both calibrated on digits val with coverage 0.8, 0.9, 0.95 and "
         "risk 0.05 (δ = 0.05). Deterministic: one run.",
-        f"Machine: nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, Python {platform.python_version()}.",
+        f"Machine: nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, "
+        f"Python {platform.python_version()}.",
         "",
         "| model | score | risk % @100 | @95 | @90 | @80 | AURC ×100 | coverage-0.9: coverage % / risk % "
         "| risk-0.05: coverage % / risk % |",

@@ -69,8 +69,9 @@ class ImportResult:
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_param or (d.dim_value if d.dim_value else "?")
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_param or (d.dim_value if d.dim_value else "?") for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def _graph_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
@@ -78,8 +79,9 @@ def _graph_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     weights = {t.name for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]
     if len(inputs) != 1:
-        raise ValueError(f"an image classifier should have one input, but this graph has "
-                         f"{[v.name for v in inputs]}")
+        raise ValueError(
+            f"an image classifier should have one input, but this graph has {[v.name for v in inputs]}"
+        )
     return inputs[0]
 
 
@@ -91,29 +93,46 @@ def _pick_output(graph: onnx.GraphProto, name: str | None) -> onnx.ValueInfoProt
             raise ValueError(f"--logits {name!r}: the graph's outputs are {list(outputs)}")
         chosen = outputs[name]
     else:
-        candidates = [v for v in graph.output if v.type.HasField("tensor_type")
-                      and v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)
-                      and len(v.type.tensor_type.shape.dim) == 2]
+        candidates = [
+            v
+            for v in graph.output
+            if v.type.HasField("tensor_type")
+            and v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)
+            and len(v.type.tensor_type.shape.dim) == 2
+        ]
         if len(candidates) != 1:
-            raise ValueError(f"cannot tell which output holds the class scores among {list(outputs)}; "
-                             "name it with --logits OUTPUT_NAME")
+            raise ValueError(
+                f"cannot tell which output holds the class scores among {list(outputs)}; "
+                "name it with --logits OUTPUT_NAME"
+            )
         chosen = candidates[0]
     tensor = chosen.type.tensor_type if chosen.type.HasField("tensor_type") else None
-    if tensor is None or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE) \
-            or len(tensor.shape.dim) != 2:
-        raise ValueError(f"output {chosen.name!r} should be a float tensor [N, K] of class scores; "
-                         "for a scikit-learn model convert it with options={'zipmap': False}")
+    if (
+        tensor is None
+        or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE)
+        or len(tensor.shape.dim) != 2
+    ):
+        raise ValueError(
+            f"output {chosen.name!r} should be a float tensor [N, K] of class scores; "
+            "for a scikit-learn model convert it with options={'zipmap': False}"
+        )
     return chosen
 
 
-def infer_input_spec(original: onnx.ValueInfoProto, input_spec: Sequence[int] | None,
-                     mean: Sequence[float] | None, std: Sequence[float] | None) -> InputSpec:
+def infer_input_spec(
+    original: onnx.ValueInfoProto,
+    input_spec: Sequence[int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> InputSpec:
     """The wrapped graph's spec: ``--input-spec C,H,W`` or the original's static NCHW shape."""
     dims = _dims(original)
     if input_spec is None:
         if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
-            raise ValueError(f"input {original.name!r} has shape {dims}; give --input-spec C,H,W "
-                             "(the image the classifier sees)")
+            raise ValueError(
+                f"input {original.name!r} has shape {dims}; give --input-spec C,H,W "
+                "(the image the classifier sees)"
+            )
         c, h, w = (int(d) for d in dims[1:])
     else:
         if len(input_spec) != 3:
@@ -128,13 +147,16 @@ def infer_input_spec(original: onnx.ValueInfoProto, input_spec: Sequence[int] | 
     spec = InputSpec(channels=c, height=h, width=w, mean=mean_t, std=std_t)
     flat = c * h * w
     if len(dims) == 2 and isinstance(dims[1], int) and dims[1] != flat:
-        raise ValueError(f"input {original.name!r} takes {dims[1]} features per row, but "
-                         f"--input-spec {c},{h},{w} gives {flat}")
+        raise ValueError(
+            f"input {original.name!r} takes {dims[1]} features per row, but "
+            f"--input-spec {c},{h},{w} gives {flat}"
+        )
     if len(dims) == 4 and all(isinstance(d, int) for d in dims[1:]) and tuple(dims[1:]) != (c, h, w):
         raise ValueError(f"input {original.name!r} has shape {dims}, not [N, {c}, {h}, {w}]")
     if len(dims) not in (2, 4):
-        raise ValueError(f"input {original.name!r} should be [N, C, H, W] or [N, features], "
-                         f"but has shape {dims}")
+        raise ValueError(
+            f"input {original.name!r} should be [N, C, H, W] or [N, features], but has shape {dims}"
+        )
     return spec
 
 
@@ -142,8 +164,13 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def wrap_graph(model: onnx.ModelProto, spec: InputSpec, class_names: Sequence[str],
-               logits_output: str | None = None, probabilities: bool = False) -> onnx.ModelProto:
+def wrap_graph(
+    model: onnx.ModelProto,
+    spec: InputSpec,
+    class_names: Sequence[str],
+    logits_output: str | None = None,
+    probabilities: bool = False,
+) -> onnx.ModelProto:
     """The contract graph around ``model`` (see the module docstring); metadata not yet set."""
     original_input = _graph_input(model.graph)
     scores = _pick_output(model.graph, logits_output)
@@ -160,8 +187,10 @@ def wrap_graph(model: onnx.ModelProto, spec: InputSpec, class_names: Sequence[st
         numpy_helper.from_array(np.asarray(spec.mean, np.float32).reshape(1, c, 1, 1), "wrap/mean"),
         numpy_helper.from_array(np.asarray(spec.std, np.float32).reshape(1, c, 1, 1), "wrap/std"),
     ]
-    pre = [helper.make_node("Sub", [INPUT_NAME, "wrap/mean"], ["wrap/centred"]),
-           helper.make_node("Div", ["wrap/centred", "wrap/std"], ["wrap/normalised"])]
+    pre = [
+        helper.make_node("Sub", [INPUT_NAME, "wrap/mean"], ["wrap/centred"]),
+        helper.make_node("Div", ["wrap/centred", "wrap/std"], ["wrap/normalised"]),
+    ]
     x = "wrap/normalised"
     if rank == 2:
         pre.append(helper.make_node("Flatten", [x], ["wrap/flat"], axis=1))
@@ -177,21 +206,28 @@ def wrap_graph(model: onnx.ModelProto, spec: InputSpec, class_names: Sequence[st
         y = "wrap/scores32"
     if probabilities:
         consts.append(numpy_helper.from_array(np.asarray([PROB_FLOOR], np.float32), "wrap/floor"))
-        post += [helper.make_node("Max", [y, "wrap/floor"], ["wrap/floored"]),
-                 helper.make_node("Log", ["wrap/floored"], ["wrap/log_p"])]
+        post += [
+            helper.make_node("Max", [y, "wrap/floor"], ["wrap/floored"]),
+            helper.make_node("Log", ["wrap/floored"], ["wrap/log_p"]),
+        ]
         y = "wrap/log_p"
-    post += [helper.make_node("Identity", [y], [LOGITS_NAME]),
-             helper.make_node("Softmax", [LOGITS_NAME], ["wrap/probs"], axis=1)]
+    post += [
+        helper.make_node("Identity", [y], [LOGITS_NAME]),
+        helper.make_node("Softmax", [LOGITS_NAME], ["wrap/probs"], axis=1),
+    ]
     if opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
         consts.append(numpy_helper.from_array(np.asarray([1], np.int64), "wrap/axis"))
         post.append(helper.make_node("ReduceMax", ["wrap/probs", "wrap/axis"], [SELECTION_NAME], keepdims=0))
     else:
         post.append(helper.make_node("ReduceMax", ["wrap/probs"], [SELECTION_NAME], axes=[1], keepdims=0))
     graph = helper.make_graph(
-        [*pre, *src.graph.node, *post], "abstain_import",
+        [*pre, *src.graph.node, *post],
+        "abstain_import",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *spec.shape])],
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", k]),
-         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
+        ],
         initializer=[*consts, *src.graph.initializer],
         sparse_initializer=list(src.graph.sparse_initializer),
     )
@@ -201,8 +237,15 @@ def wrap_graph(model: onnx.ModelProto, spec: InputSpec, class_names: Sequence[st
     return wrapped
 
 
-def parity(original: bytes, wrapped: bytes, spec: InputSpec, input_name: str, output_name: str,
-           probabilities: bool, seed: int = 0) -> tuple[float, float]:
+def parity(
+    original: bytes,
+    wrapped: bytes,
+    spec: InputSpec,
+    input_name: str,
+    output_name: str,
+    probabilities: bool,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Max |Δlogits| and |Δselection| between the graphs on random pixels (batch 1 and all).
 
     The reference is computed from the original graph in numpy: normalise, reshape as the
@@ -237,19 +280,32 @@ def parity(original: bytes, wrapped: bytes, spec: InputSpec, input_name: str, ou
             for got, want, label in ((logits, ref, "logits"), (selection, ref_sel, "selection")):
                 if got.shape != want.shape or not np.allclose(got, want, atol=ATOL, rtol=RTOL):
                     diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
-                    raise ValueError(f"the wrapped graph's {label} differ from the original's by "
-                                     f"{diff:.3g} at batch size {batch} (tolerance atol={ATOL}, rtol={RTOL})")
+                    raise ValueError(
+                        f"the wrapped graph's {label} differ from the original's by "
+                        f"{diff:.3g} at batch size {batch} (tolerance atol={ATOL}, rtol={RTOL})"
+                    )
             worst_l = max(worst_l, float(np.max(np.abs(logits - ref))))
             worst_s = max(worst_s, float(np.max(np.abs(selection - ref_sel))))
     return worst_l, worst_s
 
 
-def import_onnx(graph_path: Path, name: str, labels_path: Path, repository: Path = Path("models"), *,
-                input_spec: Sequence[int] | None = None, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, logits_output: str | None = None,
-                probabilities: bool = False, version: int | None = None, force: bool = False,
-                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, provenance: dict[str, Any] | None = None,
-                check: Callable[[bytes], None] | None = None) -> ImportResult:
+def import_onnx(
+    graph_path: Path,
+    name: str,
+    labels_path: Path,
+    repository: Path = Path("models"),
+    *,
+    input_spec: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    logits_output: str | None = None,
+    probabilities: bool = False,
+    version: int | None = None,
+    force: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    provenance: dict[str, Any] | None = None,
+    check: Callable[[bytes], None] | None = None,
+) -> ImportResult:
     """Wrap ``graph_path``, check it, and commit ``repository/name/<version>`` atomically.
 
     ``provenance`` adds to what :data:`abstain.contract.META_IMPORT` records (the PyTorch
@@ -274,13 +330,24 @@ def import_onnx(graph_path: Path, name: str, labels_path: Path, repository: Path
     spec = infer_input_spec(original_input, input_spec, mean, std)
     scores = _pick_output(model.graph, logits_output)
     wrapped = wrap_graph(model, spec, class_names, scores.name, probabilities)
-    source = {"file": graph_path.name, "sha256": sha256_bytes(data), "input": original_input.name,
-              "input_shape": _dims(original_input), "scores_output": scores.name,
-              "probabilities": bool(probabilities), "opset": _opset(model),
-              "producer": f"{model.producer_name} {model.producer_version}".strip(),
-              "selection": "softmax_response (computed in the graph)", **(provenance or {})}
-    meta = {META_INPUT_SPEC: spec.to_json(), META_CLASS_NAMES: class_names_json(class_names),
-            META_CODE_VERSION: code_version(), META_IMPORT: json.dumps(source, sort_keys=True)}
+    source = {
+        "file": graph_path.name,
+        "sha256": sha256_bytes(data),
+        "input": original_input.name,
+        "input_shape": _dims(original_input),
+        "scores_output": scores.name,
+        "probabilities": bool(probabilities),
+        "opset": _opset(model),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "selection": "softmax_response (computed in the graph)",
+        **(provenance or {}),
+    }
+    meta = {
+        META_INPUT_SPEC: spec.to_json(),
+        META_CLASS_NAMES: class_names_json(class_names),
+        META_CODE_VERSION: code_version(),
+        META_IMPORT: json.dumps(source, sort_keys=True),
+    }
     for key in sorted(meta):
         entry = wrapped.metadata_props.add()
         entry.key, entry.value = key, meta[key]
@@ -300,8 +367,10 @@ def import_onnx(graph_path: Path, name: str, labels_path: Path, repository: Path
 
 def describe(result: ImportResult) -> str:
     """What the CLI prints."""
-    return (f"wrote {result.model_path} (version {result.version}, sha256 {result.sha256})\n"
-            f"parity vs the original on {PARITY_IMAGES} random images: max |Δlogits| = "
-            f"{result.max_abs_logits:.2e}, max |Δselection| = {result.max_abs_selection:.2e} "
-            f"(tolerance atol={ATOL:g}, rtol={RTOL:g})\n"
-            f"next: abstain calibrate {result.model_path.parent.parent} --data VAL.npz (or --dataset ...)")
+    return (
+        f"wrote {result.model_path} (version {result.version}, sha256 {result.sha256})\n"
+        f"parity vs the original on {PARITY_IMAGES} random images: max |Δlogits| = "
+        f"{result.max_abs_logits:.2e}, max |Δselection| = {result.max_abs_selection:.2e} "
+        f"(tolerance atol={ATOL:g}, rtol={RTOL:g})\n"
+        f"next: abstain calibrate {result.model_path.parent.parent} --data VAL.npz (or --dataset ...)"
+    )

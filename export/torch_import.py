@@ -37,15 +37,19 @@ def load_module(source: Path, torchvision: str | None, num_classes: int) -> tupl
         import torchvision.models as tvm
 
         if torchvision not in tvm.list_models():
-            raise ValueError(f"--torchvision {torchvision!r} is not a torchvision classifier; e.g. resnet18, "
-                             "mobilenet_v3_small, efficientnet_b0")
+            raise ValueError(
+                f"--torchvision {torchvision!r} is not a torchvision classifier; e.g. resnet18, "
+                "mobilenet_v3_small, efficientnet_b0"
+            )
         model = tvm.get_model(torchvision, weights=None, num_classes=num_classes)  # never downloads
         try:
             state = torch.load(source, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, KeyError, AttributeError, TypeError) as exc:
-            raise ValueError(f"{source}: not a state_dict of torchvision's {torchvision} with "
-                             f"{num_classes} classes ({exc})") from exc
+            raise ValueError(
+                f"{source}: not a state_dict of torchvision's {torchvision} with "
+                f"{num_classes} classes ({exc})"
+            ) from exc
         return model.eval(), {"from": "torchvision", "architecture": torchvision}
     if source.suffix.lower() == ".pt2":
         try:
@@ -56,8 +60,10 @@ def load_module(source: Path, torchvision: str | None, num_classes: int) -> tupl
     try:
         return torch.jit.load(source, map_location="cpu").eval(), {"from": "torchscript"}
     except Exception as exc:
-        raise ValueError(f"{source}: not a TorchScript file (save one with torch.jit.save), a "
-                         f"torch.export .pt2, or a state_dict with --torchvision ARCH ({exc})") from exc
+        raise ValueError(
+            f"{source}: not a TorchScript file (save one with torch.jit.save), a "
+            f"torch.export .pt2, or a state_dict with --torchvision ARCH ({exc})"
+        ) from exc
 
 
 def to_onnx(module: nn.Module, shape: Sequence[int], path: Path) -> None:
@@ -67,25 +73,51 @@ def to_onnx(module: nn.Module, shape: Sequence[int], path: Path) -> None:
         warnings.simplefilter("ignore")
         if isinstance(module, torch.jit.ScriptModule):
             # the torch.export-based exporter cannot trace TorchScript; the legacy one can
-            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
-                              input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+            )
             return
-        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET,
-                                    external_data=False, input_names=["x"], output_names=["logits"],
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        )
     proto = program.model_proto
     proto.ir_version = IR_VERSION
     path.write_bytes(proto.SerializeToString())
 
 
-def import_torch(source: Path, name: str, labels_path: Path, repository: Path = Path("models"), *,
-                 torchvision: str | None = None, input_spec: Sequence[int] | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 probabilities: bool = False, version: int | None = None, force: bool = False) -> ImportResult:
+def import_torch(
+    source: Path,
+    name: str,
+    labels_path: Path,
+    repository: Path = Path("models"),
+    *,
+    torchvision: str | None = None,
+    input_spec: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    probabilities: bool = False,
+    version: int | None = None,
+    force: bool = False,
+) -> ImportResult:
     """Export a PyTorch classifier to ONNX and import it (see the module docstring)."""
     if input_spec is None:
-        raise ValueError("importing from PyTorch needs --input-spec C,H,W (a module has no fixed input shape)")
+        raise ValueError(
+            "importing from PyTorch needs --input-spec C,H,W (a module has no fixed input shape)"
+        )
     labels_path = Path(labels_path)
     if not labels_path.is_file():
         raise FileNotFoundError(f"--labels {labels_path}: no such file (one class name per line)")
@@ -94,10 +126,20 @@ def import_torch(source: Path, name: str, labels_path: Path, repository: Path = 
     with tempfile.TemporaryDirectory(prefix="abstain-import-") as tmp:
         graph = Path(tmp) / "classifier.onnx"
         to_onnx(module, input_spec, graph)
-        result = import_onnx(graph, name, labels_path, repository, input_spec=input_spec, mean=mean,
-                             std=std, probabilities=probabilities, version=version, force=force,
-                             provenance={"pytorch": provenance},
-                             check=lambda wrapped: check_against_torch(module, wrapped, probabilities))
+        result = import_onnx(
+            graph,
+            name,
+            labels_path,
+            repository,
+            input_spec=input_spec,
+            mean=mean,
+            std=std,
+            probabilities=probabilities,
+            version=version,
+            force=force,
+            provenance={"pytorch": provenance},
+            check=lambda wrapped: check_against_torch(module, wrapped, probabilities),
+        )
     return result
 
 
@@ -120,6 +162,8 @@ def check_against_torch(module: nn.Module, wrapped: bytes, probabilities: bool, 
     got = graph.run(x).logits
     diff = float(np.max(np.abs(got - want)))
     if not np.allclose(got, want, atol=1e-4, rtol=1e-4):
-        raise ValueError(f"the imported graph differs from the PyTorch module by {diff:.3g} in logits "
-                         "(tolerance 1e-4); nothing was written")
+        raise ValueError(
+            f"the imported graph differs from the PyTorch module by {diff:.3g} in logits "
+            "(tolerance 1e-4); nothing was written"
+        )
     return diff
