@@ -86,8 +86,8 @@ def main() -> None:
     lines = [
         f"## {HEADING}", "",
         f"`nice -n 10 python benchmarks/predict_memory.py --sizes {args.sizes} "
-        f"--batch-size {args.batch_size}` — `abstain predict models/digits FOLDER --out OUT.parquet` on folders of 64×64 grey PNGs, each run in a "
-        "fresh process; peak RSS is that process's `ru_maxrss` (Python, numpy, ONNX Runtime, Pillow and "
+        f"--batch-size {args.batch_size}` — `abstain predict models/digits FOLDER --out OUT.parquet` "
+        "on folders of 64×64 grey PNGs, each run in a fresh process; peak RSS is that process's `ru_maxrss` (Python, numpy, ONNX Runtime, Pillow and "
         "pyarrow included).",
         f"Machine: nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, "
         f"Python {platform.python_version()}. Shared with other jobs while measured.", "",
