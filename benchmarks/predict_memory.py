@@ -55,8 +55,13 @@ def child(folder: Path, out: Path, batch_size: int) -> None:
     summary = run_predict(MODEL, out, data=folder, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    figures = {"n": summary.inputs, "errors": summary.errors, "coverage": summary.coverage,
-               "seconds": seconds, "peak_rss_mb": peak_mb}
+    figures = {
+        "n": summary.inputs,
+        "errors": summary.errors,
+        "coverage": summary.coverage,
+        "seconds": seconds,
+        "peak_rss_mb": peak_mb,
+    }
     print(json.dumps(figures))
 
 
@@ -84,21 +89,29 @@ def main() -> None:
     growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
     ratio = rows[-1]["n"] / rows[0]["n"]
     lines = [
-        f"## {HEADING}", "",
+        f"## {HEADING}",
+        "",
         f"`nice -n 10 python benchmarks/predict_memory.py --sizes {args.sizes} "
         f"--batch-size {args.batch_size}` — `abstain predict models/digits FOLDER --out OUT.parquet` "
-        "on folders of 64×64 grey PNGs, each run in a fresh process; peak RSS is that process's `ru_maxrss` (Python, numpy, ONNX Runtime, Pillow and "
+        "on folders of 64×64 grey PNGs, each run in a fresh process; "
+        "peak RSS is that process's `ru_maxrss` (Python, numpy, ONNX Runtime, Pillow and "
         "pyarrow included).",
         f"Machine: nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, "
-        f"Python {platform.python_version()}. Shared with other jobs while measured.", "",
-        "| PNGs | batch | peak RSS (MB) | seconds | images/s |", "|---|---|---|---|---|",
-        *[f"| {r['n']:,} | {args.batch_size} | {r['peak_rss_mb']:.0f} | {r['seconds']:.1f} | "
-          f"{r['n'] / r['seconds']:.0f} |" for r in rows],
+        f"Python {platform.python_version()}. Shared with other jobs while measured.",
+        "",
+        "| PNGs | batch | peak RSS (MB) | seconds | images/s |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['n']:,} | {args.batch_size} | {r['peak_rss_mb']:.0f} | {r['seconds']:.1f} | "
+            f"{r['n'] / r['seconds']:.0f} |"
+            for r in rows
+        ],
         "",
         f"Growth from the smallest to the largest folder: {growth:.0f} MB for {ratio:g} times the images "
         "(not profiled further; what the code holds in proportion to the folder is the file list, one path "
         "per image, and Parquet's row-group footer). Pixels are held one batch at a time and records are "
-        "written batch by batch.", "",
+        "written batch by batch.",
+        "",
     ]
     text = "\n".join(lines)
     print(text)
