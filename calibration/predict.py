@@ -150,7 +150,7 @@ def _folder_batches(root: Path, model: OnnxModel, batch_size: int) -> Iterator[l
             item = Item(source=str(paths[i]), index=i, true_label=labels[i])
             try:
                 item.pixels = image_to_pixels(paths[i], model.input_spec)
-            except ValueError as exc:
+            except (ValueError, OSError, SyntaxError) as exc:  # what Pillow raises for a bad file
                 item.error = str(exc)
             batch.append(item)
         yield batch
@@ -347,7 +347,10 @@ def run_predict(
     calibration = load_calibration(version_dir / CALIBRATION_FILENAME)
     model = OnnxModel(graph)
     verify_graph(calibration, graph, model.sha256)
-    point = calibration.operating_point(operating_point)
+    try:
+        point = calibration.operating_point(operating_point)
+    except KeyError as exc:  # a user's typo: a one-line error, not a traceback
+        raise ValueError(exc.args[0]) from None
     total, batches = open_input(
         model, batch_size, data=data, dataset=dataset, split=split, data_root=data_root
     )
