@@ -1,11 +1,13 @@
-"""The numeric core of a predict-or-abstain decision, shared by serving and ``abstain predict``.
+"""Graph outputs + an operating point → predict-or-abstain, as arrays (numpy only).
 
-Pure numpy, torch-free and bentoml-free, so that the offline stage (calibration/) and the
-service (serving/) decide with the same lines. A sample is answered iff
-``score >= threshold`` (``abstain.operating_points``), with the score named by the operating
-point (``abstain.selective.selection_scores``: the selection head g of SelectiveNet, Geifman &
-El-Yaniv ICML 2019; the softmax response; or their geometric mean). The candidate class is the
-arg-max of the prediction head f and its softmax probability is the ``confidence``.
+The one definition of the decision, shared by the service (``abstain.serving.decisions``
+turns it into JSON answers) and by offline batch prediction (``abstain predict``), so the two
+cannot drift apart: a sample is answered iff ``score >= threshold``
+(:mod:`abstain.operating_points`), with the score named by the operating point
+(:func:`abstain.selective.selection_scores`: SelectiveNet's selection head g, Geifman &
+El-Yaniv ICML 2019; the softmax response; or their geometric mean). The candidate class is
+the arg-max of the prediction head f, and its softmax probability is the ``confidence``,
+reported for abstentions too so that a reviewer sees the model's top candidate.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from abstain.selective import selection_scores, softmax
 
 @dataclass(frozen=True)
 class Decisions:
-    """Decisions for ``N`` samples as arrays (row ``i`` = sample ``i``).
+    """Decisions for ``N`` samples at one operating point.
 
     Attributes:
         answered: bool ``[N]``, ``score_value >= threshold``.
-        class_index: int ``[N]``, arg-max of the softmax (the label if answered, else the candidate).
-        confidence: float64 ``[N]``, the softmax response of ``class_index``.
-        selection: float64 ``[N]``, the selection-head output g as given.
-        score_value: float64 ``[N]``, the operating point's score.
-        threshold: the operating point's threshold.
+        class_index: int64 ``[N]``, arg-max of the logits (the prediction, or the candidate).
+        confidence: float64 ``[N]``, softmax probability of ``class_index``.
+        selection: float64 ``[N]``, the selection head's output g.
+        score_value: float64 ``[N]``, the score the operating point thresholds.
+        point: the operating point that decided.
     """
 
     answered: np.ndarray
@@ -36,15 +38,32 @@ class Decisions:
     confidence: np.ndarray
     selection: np.ndarray
     score_value: np.ndarray
-    threshold: float
+    point: OperatingPoint
+
+    def __len__(self) -> int:
+        return int(self.answered.shape[0])
+
+    def reason(self, i: int) -> str:
+        """Why sample ``i`` was abstained on, in words (for the JSON answer and offline records)."""
+        return (
+            f"{self.point.score} score {self.score_value[i]:.4f} below threshold "
+            f"{self.point.threshold:.4f} of operating point {self.point.name}"
+        )
 
 
 def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoint) -> Decisions:
-    """Decide every row of ``logits [N, K]`` with ``selection [N]`` (or ``[N, 1]``) at ``point``.
+    """Decide every row of ``logits``.
+
+    Args:
+        logits: float ``[N, K]`` prediction-head outputs.
+        selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
+        point: the operating point whose ``score`` and ``threshold`` decide.
 
     Raises:
-        ValueError: the shapes do not pair up.
+        ValueError: ``logits`` is not ``[N, K]`` or ``selection`` has not ``N`` values.
     """
+    # float64: the threshold was fitted in float64 on the same scores (abstain.thresholds), so
+    # a sample exactly at the threshold is answered here as it was counted at calibration.
     logits = np.asarray(logits, dtype=np.float64)
     selection = np.asarray(selection, dtype=np.float64).reshape(-1)
     if logits.ndim != 2 or logits.shape[0] != selection.shape[0]:
@@ -54,13 +73,7 @@ def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoi
         )
     probs = softmax(logits)  # [N, K]
     top = probs.argmax(axis=1)  # [N]
-    confidence = probs[np.arange(len(top)), top]  # [N], the softmax response
+    confidence = probs[np.arange(top.shape[0]), top]  # [N], the softmax response
     scores = selection_scores(logits, selection, point.score)  # [N]
-    return Decisions(
-        answered=scores >= point.threshold,
-        class_index=top,
-        confidence=confidence,
-        selection=selection,
-        score_value=scores,
-        threshold=float(point.threshold),
-    )
+    return Decisions(answered=scores >= point.threshold, class_index=top.astype(np.int64),
+                     confidence=confidence, selection=selection, score_value=scores, point=point)

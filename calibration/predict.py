@@ -1,27 +1,25 @@
 """``abstain predict``: offline predict-or-abstain decisions for a folder, an ``.npz`` or a split.
 
-Torch-free (numpy, ONNX Runtime, Pillow, pyarrow for Parquet). Every input becomes one record
-whose decision is the service's: the numeric core is :func:`abstain.decisions.decide_arrays`,
-the same lines ``serving.decisions.decide`` runs, on the same graph outputs
-(:class:`abstain.runtime.OnnxModel`) at the same calibrated operating point.
+The decisions are the service's own (:func:`abstain.decisions.decide_arrays` on the graph's
+outputs from :class:`abstain.runtime.OnnxModel`, with the calibration bound to the graph by
+its sha256), so a batch scored offline gets exactly the answers ``abstain serve`` would give.
 
-Memory is bounded by one batch: images are decoded ``batch_size`` at a time, each batch is run,
-its records are written and the batch is dropped (only the file list is held whole). The output
-is written to a temp file next to ``--out`` and renamed over it at the end
-(:func:`abstain.io.atomic_writer`), so an interrupted run leaves no half-written file.
+Inputs stream in batches: an image folder is listed (recursively), then decoded
+``batch_size`` files at a time, so memory is bounded by one batch, not by the folder. A file
+that cannot be read becomes an error record (``decision: "error"`` and its reason) instead
+of stopping the run, unless ``fail_fast`` is set.
 
-Record fields (:data:`FIELDS`): ``source`` (file path, or ``index`` in the array), ``decision``
-(``predict``, ``abstain`` or ``error``), ``label`` (answered) or ``candidate`` (abstained: the
-top class, for human review), ``class_index``, ``confidence`` (softmax response), ``selection``
-(g), ``score``, ``score_value``, ``threshold``, ``operating_point``, ``true_label`` (when the
-input has labels) and ``error`` (why a file could not be read).
+Outputs, by the file's extension: JSON Lines (``.jsonl``), CSV (``.csv``) or Parquet
+(``.parquet``, written by pyarrow). Every format has the columns of :data:`COLUMNS`; the file
+is written next to its final name and renamed into place at the end (:mod:`abstain.io`), so
+an interrupted run leaves no half-written output.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,361 +27,345 @@ from typing import IO, Any
 
 import numpy as np
 
-from abstain.calibration.data_sources import IMAGE_SUFFIXES, image_to_pixels, open_dataset_split
+from abstain.calibration.data_sources import image_to_pixels, open_labelled_data
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, resolve_version_dir
-from abstain.decisions import decide_arrays
+from abstain.decisions import Decisions, decide_arrays
 from abstain.io import atomic_writer
-from abstain.operating_points import OperatingPoint, load_calibration, verify_graph
+from abstain.operating_points import load_calibration, verify_graph
 from abstain.runtime import OnnxModel, validate_pixels
 
-PREDICT, ABSTAIN, ERROR = "predict", "abstain", "error"
-#: Output columns, in order (CSV header, Parquet schema).
-FIELDS = (
-    "source",
-    "index",
-    "decision",
-    "label",
-    "candidate",
-    "class_index",
-    "confidence",
-    "selection",
-    "score",
+#: Suffixes of images an input folder may hold (PNG and JPEG are what the service accepts).
+PREDICT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: What ``--out`` may end with.
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+#: One record per input, in this column order (``None`` where a column does not apply).
+COLUMNS: tuple[str, ...] = (
+    "input",            # the image's path relative to the folder, or the row index
+    "decision",         # predict | abstain | error
+    "label",            # the predicted class name (decision == predict)
+    "candidate",        # the arg-max class name of an abstention, for review
+    "class_index",      # index of label or candidate
+    "confidence",       # softmax response of class_index
+    "score",            # the score the operating point thresholds
     "score_value",
     "threshold",
     "operating_point",
-    "true_label",
-    "error",
+    "true_label",       # when the input has labels
+    "correct",          # class_index == true label, when the input has labels
+    "error",            # why the input could not be read (decision == error)
 )
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-
-
-class UnreadableInputError(ValueError):
-    """An input file could not be decoded (raised under ``--fail-fast``)."""
+ERROR = "error"
 
 
 @dataclass
-class Item:
-    """One input of a batch: where it came from, its label if known, its pixels or why it has none."""
+class Batch:
+    """One batch of inputs: ``ids`` name every input; ``x`` holds the readable ones.
 
-    source: str | None
-    index: int
-    true_label: int | None = None
-    pixels: np.ndarray | None = None
-    error: str | None = None
+    Attributes:
+        ids: ``B`` input names (paths or indices), in order.
+        x: float32 ``[b, C, H, W]`` pixels of the readable inputs (``b <= B``).
+        readable: bool ``[B]``, which ids have a row in ``x``.
+        errors: reason per unreadable id.
+        y: int64 ``[b]`` labels of the readable inputs, or ``None``.
+    """
 
-
-@dataclass
-class Summary:
-    """What a run decided. ``selective_risk`` and ``accuracy_answered`` need labels (else ``None``)."""
-
-    out: Path
-    operating_point: str
-    inputs: int = 0
-    errors: int = 0
-    answered: int = 0
-    labelled: int = 0
-    answered_wrong: int = 0
-    error_examples: list[str] = field(default_factory=list)
-
-    @property
-    def decided(self) -> int:
-        return self.inputs - self.errors
-
-    @property
-    def coverage(self) -> float:
-        """Answered / decided (unreadable inputs are neither)."""
-        return self.answered / self.decided if self.decided else math.nan
-
-    @property
-    def selective_risk(self) -> float | None:
-        """Errors among the answered labelled inputs (Geifman & El-Yaniv 2017's selective risk)."""
-        if not self.labelled:
-            return None
-        return self.answered_wrong / self.answered if self.answered else math.nan
-
-    @property
-    def accuracy_answered(self) -> float | None:
-        risk = self.selective_risk
-        return None if risk is None else 1.0 - risk
+    ids: list[str]
+    x: np.ndarray
+    readable: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    y: np.ndarray | None = None
 
 
-def output_format(path: Path) -> str:
-    """``jsonl``, ``csv`` or ``parquet`` from ``path``'s extension; ``ValueError`` otherwise."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise ValueError(
-            f"--out {path}: the extension should be one of {', '.join(FORMATS)} (JSON Lines, CSV or Parquet)"
-        )
-    return fmt
-
-
-def scan_images(root: Path) -> list[Path]:
-    """Every image file under ``root`` (recursive, sorted, hidden entries skipped)."""
-    root = Path(root)
+def list_images(root: Path) -> list[Path]:
+    """Every PNG/JPEG under ``root`` (recursive, hidden entries skipped), sorted for a stable order."""
     paths = [
-        p
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in PREDICT_IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     if not paths:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found in it or below it")
-    return paths
+        raise ValueError(f"{root}: no images ({', '.join(PREDICT_IMAGE_SUFFIXES)}) in the folder or below it")
+    return sorted(paths)
 
 
-def folder_labels(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> list[int | None]:
-    """Labels from class folders ``root/<class name>/...`` when every image sits in one, else none."""
+def folder_labels(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> np.ndarray | None:
+    """Labels when the folder is an ImageFolder tree (``root/<class name>/…``) of the graph's classes."""
+    firsts = [p.relative_to(root).parts for p in paths]
+    if any(len(parts) < 2 or parts[0] not in class_names for parts in firsts):
+        return None
     index = {name: i for i, name in enumerate(class_names)}
-    labels = [
-        index.get(p.relative_to(root).parts[0]) if len(p.relative_to(root).parts) > 1 else None for p in paths
-    ]
-    return labels if all(label is not None for label in labels) else [None] * len(paths)
+    return np.asarray([index[parts[0]] for parts in firsts], dtype=np.int64)
 
 
-def _folder_batches(root: Path, model: OnnxModel, batch_size: int) -> Iterator[list[Item]]:
-    paths = scan_images(root)
+def folder_batches(root: Path, model: OnnxModel, batch_size: int,
+                   fail_fast: bool) -> tuple[int, Iterator[Batch]]:
+    """An image folder, decoded ``batch_size`` files at a time; unreadable files become errors."""
+    paths = list_images(root)
     labels = folder_labels(root, paths, model.class_names)
-    for start in range(0, len(paths), batch_size):
-        batch: list[Item] = []
-        for i in range(start, min(start + batch_size, len(paths))):
-            item = Item(source=str(paths[i]), index=i, true_label=labels[i])
-            try:
-                item.pixels = image_to_pixels(paths[i], model.input_spec)
-            except (ValueError, OSError, SyntaxError) as exc:  # what Pillow raises for a bad file
-                item.error = str(exc)
-            batch.append(item)
-        yield batch
+    spec = model.input_spec
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start: start + batch_size]
+            x = np.empty((len(chunk), *spec.shape), dtype=np.float32)
+            readable = np.zeros(len(chunk), dtype=bool)
+            errors: dict[int, str] = {}
+            for i, path in enumerate(chunk):
+                try:
+                    x[int(readable.sum())] = image_to_pixels(path, spec)
+                    readable[i] = True
+                except ValueError as exc:
+                    if fail_fast:
+                        raise
+                    errors[i] = str(exc)
+            y = None if labels is None else labels[start: start + len(chunk)][readable]
+            yield Batch(ids=[str(p.relative_to(root)) for p in chunk],
+                        x=validate_pixels(x[: int(readable.sum())], spec) if readable.any() else x[:0],
+                        readable=readable, errors=errors, y=y)
+
+    return len(paths), batches()
 
 
-def load_unlabelled_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``x`` float ``[N, C, H, W]`` in [0, 1] and the optional ``y`` ``[N]`` of an ``.npz``."""
+def labelled_batches(model: OnnxModel, batch_size: int, **source: Any) -> tuple[int, Iterator[Batch]]:
+    """An ``.npz`` (``x``, optional ``y``) or a dataset split, as ``calibrate`` reads it."""
+    data = source.get("data")
+    if data is not None and Path(data).suffix == ".npz":
+        x, y = _load_npz(Path(data))
+        x = validate_pixels(x, model.input_spec)
+        if y is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+            raise ValueError(f"{data}: labels y should be class indices in [0, {model.num_classes}), "
+                             f"but range over [{int(y.min())}, {int(y.max())}]")
+        n = x.shape[0]
+        chunks = ((x[i: i + batch_size], None if y is None else y[i: i + batch_size], i)
+                  for i in range(0, n, batch_size))
+    else:
+        labelled = open_labelled_data(model.input_spec, model.class_names, **source)
+        n = len(labelled)
+        starts = range(0, n, batch_size)
+        chunks = ((xb, labelled.y[s: s + xb.shape[0]], s)
+                  for xb, s in zip(labelled.iter_batches(batch_size), starts, strict=True))
+
+    def batches() -> Iterator[Batch]:
+        for xb, yb, start in chunks:
+            yield Batch(ids=[str(start + i) for i in range(xb.shape[0])], x=xb,
+                        readable=np.ones(xb.shape[0], dtype=bool), y=yb)
+
+    return n, batches()
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` float ``[N, C, H, W]`` in [0, 1] and, when present, integer ``y`` ``[N]``."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise ValueError(
-                    f"{path}: an .npz for abstain predict should hold an array 'x' "
-                    f"[N, C, H, W] (and optionally 'y' [N]), but it holds {sorted(archive.files)}"
-                )
-            x = archive["x"]
-            y = archive["y"] if "y" in archive.files else None
-    except (OSError, EOFError) as exc:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # BadZipFile, pickle refusal, truncated file...
         raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive with array 'x' (and optionally 'y')")
+    with archive:
+        if "x" not in archive.files:
+            raise ValueError(f"{path}: an .npz for abstain predict should hold 'x' [N, C, H, W] "
+                             f"(and optionally 'y' [N]), but it holds {sorted(archive.files)}")
+        x = archive["x"]
+        y = archive["y"] if "y" in archive.files else None
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{path}: x should be floating point in [0, 1], but got dtype {x.dtype}")
-    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],)):
-        raise ValueError(
-            f"{path}: y should be {x.shape[0]} integer class indices, but got "
-            f"dtype {y.dtype} shape {list(y.shape)}"
-        )
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+            raise ValueError(f"{path}: y should be {x.shape[0]} integer class indices, but got "
+                             f"dtype {y.dtype} and shape {list(y.shape)}")
+        y = y.astype(np.int64)
     return x.astype(np.float32, copy=False), y
 
 
-def _array_batches(
-    x: np.ndarray, y: np.ndarray | None, model: OnnxModel, batch_size: int
-) -> Iterator[list[Item]]:
-    x = validate_pixels(x, model.input_spec)  # shape, NaN/Inf, range: the service's checks
-    k = model.num_classes
-    if y is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise ValueError(f"labels y should be class indices in [0, {k}), but got values outside it")
-    for start in range(0, x.shape[0], batch_size):
-        yield [
-            Item(source=None, index=i, pixels=x[i], true_label=None if y is None else int(y[i]))
-            for i in range(start, min(start + batch_size, x.shape[0]))
-        ]
-
-
-def open_input(
-    model: OnnxModel,
-    batch_size: int,
-    *,
-    data: Path | None = None,
-    dataset: str | None = None,
-    split: str = "test",
-    data_root: Path | None = None,
-) -> tuple[int, Iterator[list[Item]]]:
-    """(number of inputs, batches of :class:`Item`) for a folder, an ``.npz`` or a dataset split."""
-    if (data is None) == (dataset is None):
-        raise ValueError(
-            "give exactly one input: INPUT (an image folder or an .npz file), or --dataset NAME --split SPLIT"
+def batch_records(batch: Batch, d: Decisions | None, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per id of ``batch`` (see :data:`COLUMNS`); ``d`` decides its readable rows."""
+    records: list[dict[str, Any]] = []
+    row = 0
+    for i, input_id in enumerate(batch.ids):
+        rec: dict[str, Any] = dict.fromkeys(COLUMNS)
+        rec["input"] = input_id
+        if not batch.readable[i]:
+            rec["decision"], rec["error"] = ERROR, batch.errors[i]
+            records.append(rec)
+            continue
+        assert d is not None
+        k = int(d.class_index[row])
+        answered = bool(d.answered[row])
+        rec.update(
+            decision="predict" if answered else "abstain",
+            label=class_names[k] if answered else None,
+            candidate=None if answered else class_names[k],
+            class_index=k,
+            confidence=float(d.confidence[row]),
+            score=d.point.score,
+            score_value=float(d.score_value[row]),
+            threshold=float(d.point.threshold),
+            operating_point=d.point.name,
         )
-    if batch_size < 1:
-        raise ValueError(f"batch size should be at least 1, but got {batch_size}")
-    if dataset is not None:
-        source = open_dataset_split(dataset, split, model.input_spec, model.class_names, data_root)
-        split_data = source.materialise()  # array datasets are in memory already
-        return len(split_data), _array_batches(split_data.x, split_data.y, model, batch_size)
-    path = Path(data)  # type: ignore[arg-type]
-    if path.is_dir():
-        n = len(scan_images(path))
-        return n, _folder_batches(path, model, batch_size)
-    if path.is_file() and path.suffix.lower() == ".npz":
-        x, y = load_unlabelled_npz(path)
-        return int(x.shape[0]), _array_batches(x, y, model, batch_size)
-    raise ValueError(f"INPUT {path}: should be an image folder or an .npz file, and it is neither")
-
-
-def decide_batch(model: OnnxModel, point: OperatingPoint, batch: list[Item]) -> list[dict[str, Any]]:
-    """Records for one batch: readable items through the graph and ``decide_arrays``, others as errors."""
-    good = [item for item in batch if item.error is None]
-    records: dict[int, dict[str, Any]] = {}
-    if good:
-        x = validate_pixels(np.stack([item.pixels for item in good]), model.input_spec)
-        out = model.run(x)
-        d = decide_arrays(out.logits, out.selection, point)
-        for j, item in enumerate(good):
-            k = int(d.class_index[j])
-            answered = bool(d.answered[j])
-            records[item.index] = {
-                "decision": PREDICT if answered else ABSTAIN,
-                "label": model.class_names[k] if answered else None,
-                "candidate": None if answered else model.class_names[k],
-                "class_index": k,
-                "confidence": float(d.confidence[j]),
-                "selection": float(d.selection[j]),
-                "score_value": float(d.score_value[j]),
-            }
-    rows = []
-    for item in batch:
-        row = {name: None for name in FIELDS}
-        row.update(
-            source=item.source,
-            index=item.index,
-            score=point.score,
-            threshold=float(point.threshold),
-            operating_point=point.name,
-            true_label=None if item.true_label is None else model.class_names[item.true_label],
-        )
-        if item.error is not None:
-            row.update(decision=ERROR, error=item.error)
-        else:
-            row.update(records[item.index])
-        rows.append(row)
-    return rows
+        if batch.y is not None:
+            rec["true_label"] = class_names[int(batch.y[row])]
+            rec["correct"] = bool(k == int(batch.y[row]))
+        records.append(rec)
+        row += 1
+    return records
 
 
 class RecordWriter:
-    """Writes record batches to an open binary handle as JSON Lines, CSV or Parquet (streamed)."""
+    """Writes records to an open binary file in one of :data:`OUTPUT_FORMATS`."""
 
     def __init__(self, handle: IO[bytes], fmt: str) -> None:
         self.handle, self.fmt = handle, fmt
-        self._csv: Any = None
-        self._text: Any = None
         self._parquet: Any = None
-        if fmt in ("jsonl", "csv"):
-            import io
+        if fmt == "csv":
+            self._text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+            self._csv = csv.DictWriter(self._text, fieldnames=COLUMNS)
+            self._csv.writeheader()
 
-            self._text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
-            if fmt == "csv":
-                self._csv = csv.DictWriter(self._text, fieldnames=FIELDS)
-                self._csv.writeheader()
-        elif fmt == "parquet":
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self.fmt == "jsonl":
+            self.handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
+        elif self.fmt == "csv":
+            self._csv.writerows(records)
+        else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            self._schema = pa.schema(
-                [
-                    ("source", pa.string()),
-                    ("index", pa.int64()),
-                    ("decision", pa.string()),
-                    ("label", pa.string()),
-                    ("candidate", pa.string()),
-                    ("class_index", pa.int64()),
-                    ("confidence", pa.float64()),
-                    ("selection", pa.float64()),
-                    ("score", pa.string()),
-                    ("score_value", pa.float64()),
-                    ("threshold", pa.float64()),
-                    ("operating_point", pa.string()),
-                    ("true_label", pa.string()),
-                    ("error", pa.string()),
-                ]
-            )
-            self._pa = pa
-            self._parquet = pq.ParquetWriter(handle, self._schema)
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if self.fmt == "jsonl":
-            for row in rows:
-                self._text.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
-        elif self.fmt == "csv":
-            self._csv.writerows(rows)
-        else:
-            self._parquet.write_table(self._pa.Table.from_pylist(rows, schema=self._schema))
+            table = pa.Table.from_pylist(records, schema=PARQUET_SCHEMA())
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.handle, table.schema)
+            self._parquet.write_table(table)
 
     def close(self) -> None:
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._text is not None:
+        if self.fmt == "csv":
             self._text.flush()
-            self._text.detach()  # the atomic writer owns and closes the handle
+            self._text.detach()  # leave the handle open: atomic_writer fsyncs and closes it
+        elif self.fmt == "parquet":
+            if self._parquet is None:  # no records: still a valid, empty Parquet file
+                self.write([])
+            self._parquet.close()
 
 
-def run_predict(
-    model_dir: Path,
-    out: Path,
-    *,
-    data: Path | None = None,
-    dataset: str | None = None,
-    split: str = "test",
-    data_root: Path | None = None,
-    operating_point: str | None = None,
-    batch_size: int = 256,
-    fail_fast: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Summary:
-    """Decide every input, write the records to ``out`` atomically, return the summary.
+def PARQUET_SCHEMA() -> Any:  # noqa: N802 — a constant, built lazily so pyarrow loads only for Parquet
+    """The Parquet schema of :data:`COLUMNS` (typed, nullable)."""
+    import pyarrow as pa
+
+    types = {"class_index": pa.int64(), "confidence": pa.float64(), "score_value": pa.float64(),
+             "threshold": pa.float64(), "correct": pa.bool_()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
+
+
+@dataclass
+class PredictSummary:
+    """Counts of one run; risk and accuracy need labels (``None`` without)."""
+
+    path: Path
+    operating_point: str
+    images: int = 0
+    errors: int = 0
+    answered: int = 0
+    labelled: int = 0
+    correct: int = 0
+    answered_correct: int = 0
+
+    @property
+    def decided(self) -> int:
+        return self.images - self.errors
+
+    @property
+    def coverage(self) -> float | None:
+        return self.answered / self.decided if self.decided else None
+
+    @property
+    def selective_risk(self) -> float | None:
+        """Errors among the answered (labelled inputs only)."""
+        if not self.labelled or not self.answered:
+            return None
+        return 1.0 - self.answered_correct / self.answered
+
+    @property
+    def accuracy(self) -> float | None:
+        """Accuracy at full coverage (every readable labelled input)."""
+        return self.correct / self.labelled if self.labelled else None
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.images += 1
+            if r["decision"] == ERROR:
+                self.errors += 1
+                continue
+            answered = r["decision"] == "predict"
+            self.answered += answered
+            if r["correct"] is not None:
+                self.labelled += 1
+                self.correct += r["correct"]
+                self.answered_correct += answered and r["correct"]
+
+
+def output_format(path: Path) -> str:
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"--out should end with one of {', '.join(OUTPUT_FORMATS)}, but got {str(path)!r}")
+    return fmt
+
+
+def run_predict(model_dir: Path, out: Path, *, input_path: Path | None = None, dataset: str | None = None,
+                split: str = "test", data_root: Path | None = None, operating_point: str | None = None,
+                batch_size: int = 256, fail_fast: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> PredictSummary:
+    """Decide every input and write one record each to ``out`` (atomically).
 
     Args:
         model_dir: ``models/<name>`` (latest version) or ``models/<name>/<version>``, calibrated.
-        out: ``.jsonl``, ``.csv`` or ``.parquet``.
-        operating_point: a name from calibration.json (default: its default).
-        fail_fast: raise :class:`UnreadableInput` at the first unreadable file (nothing is written).
-        progress: called as ``progress(done, total)`` after each batch.
+        out: ``.jsonl``, ``.csv`` or ``.parquet`` file to write.
+        input_path: an image folder or an ``.npz``; or give ``dataset`` (+ ``split``, ``data_root``).
+        operating_point: a name in the calibration (default: its default point).
+        progress: called with ``(done, total)`` after each batch.
+
+    Raises:
+        ValueError: bad arguments, an uncalibrated or mismatched graph, unreadable input data,
+            or (with ``fail_fast``) the first unreadable image.
     """
     fmt = output_format(out)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size should be at least 1, but got {batch_size!r}")
+    if (input_path is None) == (dataset is None):
+        raise ValueError("give exactly one input: INPUT (an image folder or an .npz), "
+                         "or --dataset NAME --split SPLIT")
     version_dir = resolve_version_dir(Path(model_dir))
-    graph = version_dir / MODEL_FILENAME
-    calibration = load_calibration(version_dir / CALIBRATION_FILENAME)
-    model = OnnxModel(graph)
-    verify_graph(calibration, graph, model.sha256)
+    calibration_path = version_dir / CALIBRATION_FILENAME
+    if not calibration_path.is_file():
+        raise FileNotFoundError(
+            f"{calibration_path}: no calibration; run `abstain calibrate {model_dir}` first")
+    calibration = load_calibration(calibration_path)
+    model = OnnxModel(version_dir / MODEL_FILENAME)
+    verify_graph(calibration, version_dir / MODEL_FILENAME, graph_sha256=model.sha256)
     try:
         point = calibration.operating_point(operating_point)
-    except KeyError as exc:  # a user's typo: a one-line error, not a traceback
+    except KeyError as exc:  # a user's typo: one line on the command line, not a traceback
         raise ValueError(exc.args[0]) from None
-    total, batches = open_input(
-        model, batch_size, data=data, dataset=dataset, split=split, data_root=data_root
-    )
-    summary = Summary(out=Path(out), operating_point=point.name)
+
+    if input_path is not None and Path(input_path).is_dir():
+        total, batches = folder_batches(Path(input_path), model, batch_size, fail_fast)
+    elif input_path is not None:
+        if not Path(input_path).is_file():
+            raise FileNotFoundError(f"{input_path}: no such image folder or .npz file")
+        total, batches = labelled_batches(model, batch_size, data=Path(input_path))
+    else:
+        total, batches = labelled_batches(model, batch_size, dataset=dataset, split=split,
+                                          data_root=data_root, data=None)
+
+    summary = PredictSummary(path=Path(out), operating_point=point.name)
     with atomic_writer(Path(out), "wb") as handle:
         writer = RecordWriter(handle, fmt)
-        try:
-            for batch in batches:
-                if fail_fast:
-                    bad = next((item for item in batch if item.error is not None), None)
-                    if bad is not None:
-                        raise UnreadableInputError(f"{bad.error} (stopped by --fail-fast; nothing written)")
-                rows = decide_batch(model, point, batch)
-                writer.write(rows)
-                _tally(summary, rows)
-                if progress is not None:
-                    progress(summary.inputs, total)
-        finally:
-            writer.close()
+        for batch in batches:
+            d = None
+            if batch.x.shape[0]:
+                outputs = model.run(batch.x)
+                d = decide_arrays(outputs.logits, outputs.selection, point)
+            records = batch_records(batch, d, model.class_names)
+            writer.write(records)
+            summary.add(records)
+            if progress is not None:
+                progress(summary.images, total)
+        writer.close()
     return summary
-
-
-def _tally(summary: Summary, rows: list[dict[str, Any]]) -> None:
-    for row in rows:
-        summary.inputs += 1
-        if row["decision"] == ERROR:
-            summary.errors += 1
-            if len(summary.error_examples) < 5:
-                summary.error_examples.append(row["error"])
-            continue
-        if row["true_label"] is not None:
-            summary.labelled += 1
-        if row["decision"] == PREDICT:
-            summary.answered += 1
-            if row["true_label"] is not None and row["label"] != row["true_label"]:
-                summary.answered_wrong += 1

@@ -1,376 +1,367 @@
-"""``abstain import``: any ONNX image classifier → a contract entry in the model repository.
+"""``abstain import``: put a classifier this project did not train behind the same front door.
 
-A classifier someone already has (scikit-learn via skl2onnx, a torchvision network, a model
-from a zoo) has no selection head. It is wrapped, inside the ONNX graph, so that it follows
-``abstain.contract`` like an exported SelectiveNet::
+Any ONNX image classifier whose output is logits (or probabilities) becomes a model-repository
+entry that follows the contract (:mod:`abstain.contract`)::
 
-    pixels    float32 [N, C, H, W] in [0, 1]
-      → (pixels - mean) / std            per channel (normalisation folded into the graph)
-      → flatten to [N, C·H·W]            only if the original input is rank 2 (e.g. scikit-learn)
-      → the original graph (names prefixed ``src/``, its own opset kept)
-      → logits   float32 [N, K]          the chosen output; log(max(p, 1e-12)) for probabilities
-      → selection float32 [N]            max softmax(logits), the softmax response
-                                         (Geifman & El-Yaniv, NeurIPS 2017)
+    pixels    float32 [N, C, H, W] in [0, 1]   → (pixels - mean) / std, reshaped to the
+                                                 original input (flattened for [N, D] models)
+    logits    float32 [N, K]                   the original output (log of it for probabilities)
+    selection float32 [N]                      the softmax response max_k softmax(logits)_k
 
-For probabilities, softmax(log p) = p, so the softmax response is the classifier's own top
-probability. The wrapped graph is checked against the original in ONNX Runtime on random
-pixels before anything is written, its provenance is recorded under
-``abstain.contract.META_IMPORT``, and the entry is written atomically
-(:mod:`abstain.export.repository`). No torch is needed on this path.
+Such a model has no selection head, so its selection score is the softmax response (Geifman &
+El-Yaniv, NeurIPS 2017, "Selective Classification for Deep Neural Networks"), computed inside
+the graph: ``calibrate``, ``evaluate``, ``predict`` and ``serve`` then work on it unchanged, and
+its operating points compare directly with a SYNC model's.
+
+The wrapping is graph surgery with ``onnx.compose`` (the original's names get a prefix, so they
+cannot collide with ours), checked by ``onnx.checker`` and by running both graphs in ONNX Runtime
+on the same random inputs before anything is written; the entry is written atomically by
+:mod:`abstain.export.repository`. PyTorch models (TorchScript, ``torch.export``, a torchvision
+classifier with a local weights file) are first exported to ONNX by ``torch.onnx.export`` and
+then wrapped the same way (:func:`torch_to_onnx`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from abstain.contract import (
     INPUT_NAME,
     LOGITS_NAME,
     META_CLASS_NAMES,
     META_CODE_VERSION,
-    META_IMPORT,
+    META_IMPORTED,
     META_INPUT_SPEC,
     SELECTION_NAME,
     InputSpec,
     class_names_json,
-    read_labels,
 )
 from abstain.export.repository import DEFAULT_MAX_BATCH_SIZE, commit_entry, plan_entry, render_triton_config
 from abstain.io import sha256_bytes
 from abstain.version import code_version
 
-PREFIX = "src/"
-#: floor under probabilities before the log (a probability of exactly 0 → log 1e-12 ≈ -27.6)
-PROB_FLOOR = 1e-12
-#: wrapped vs original on random pixels: float32 arithmetic in a different order
+#: Prefix given to every name of the imported graph (values, nodes, initializers).
+PREFIX = "imported/"
+#: Probabilities are clipped to this before the log, so a 0 gives a finite logit.
+MIN_PROBABILITY = 1e-12
+#: The wrapped graph must match the original this closely (float32 arithmetic, same kernels).
 ATOL, RTOL = 1e-5, 1e-4
-#: images used by the parity check, at batch sizes 1 and all of them
-PARITY_IMAGES = 32
+#: Opset of the nodes we add; the original's default-domain opset is raised to it if lower.
+WRAP_OPSET = 13
 
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What an import wrote and how close the wrapped graph is to the original."""
+    """What :func:`import_onnx` wrote and how well the wrapper matched the original."""
 
     model_path: Path
     version: int
     sha256: str
-    max_abs_logits: float
-    max_abs_selection: float
-    source: dict[str, Any]
+    num_classes: int
+    max_abs_diff: float
+    replaced: bool
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [
-        d.dim_param or (d.dim_value if d.dim_value else "?") for d in value_info.type.tensor_type.shape.dim
-    ]
+def parse_input_spec(text: str | None, mean: Sequence[float] | None, std: Sequence[float] | None,
+                     graph_dims: Sequence[int | None]) -> InputSpec:
+    """``"C,H,W"`` (or the original input's dims when it is ``[N, C, H, W]``) + mean/std → spec."""
+    if text:
+        try:
+            c, h, w = (int(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--input-spec should be C,H,W (three positive integers), but got {text!r}") from None
+    elif len(graph_dims) == 4 and all(isinstance(d, int) and d > 0 for d in graph_dims[1:]):
+        c, h, w = (int(d) for d in graph_dims[1:])
+    else:
+        raise ValueError(
+            f"the graph's input has shape {list(graph_dims)}, not [N, C, H, W] with fixed C, H, W: "
+            "give --input-spec C,H,W (the image the flattened input comes from)"
+        )
+    mean = tuple(float(m) for m in (mean or [0.0] * c))
+    std = tuple(float(s) for s in (std or [1.0] * c))
+    if len(mean) == 1 and c > 1:
+        mean = mean * c
+    if len(std) == 1 and c > 1:
+        std = std * c
+    return InputSpec(channels=c, height=h, width=w, mean=mean, std=std)
 
 
-def _graph_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
-    """The one real input (initializers listed as inputs by old exporters are not)."""
-    weights = {t.name for t in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in weights]
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | None,
+               probabilities: bool) -> onnx.ModelProto:
+    """The original graph between our preprocessing and our two outputs (see the module docstring).
+
+    Raises ``ValueError`` when the graph has not exactly one float input, the named output does
+    not exist, or the input cannot take a ``spec`` image.
+    """
+    graph = original.graph
+    initializer_names = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializer_names]
     if len(inputs) != 1:
         raise ValueError(
-            f"an image classifier should have one input, but this graph has {[v.name for v in inputs]}"
-        )
-    return inputs[0]
+            f"the graph should have one input (an image batch), but has {[i.name for i in inputs]}")
+    (source_input,) = inputs
+    if source_input.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ValueError(f"the graph's input {source_input.name!r} should be float32, but is "
+                         f"{TensorProto.DataType.Name(source_input.type.tensor_type.elem_type)}")
+    outputs = [o.name for o in graph.output]
+    chosen = logits_output or outputs[0]
+    if chosen not in outputs:
+        raise ValueError(f"--logits {chosen!r} is not an output of the graph; its outputs are {outputs}")
+    in_dims = _dims(source_input)
+    flat = spec.channels * spec.height * spec.width
+    if len(in_dims) == 2:
+        if in_dims[1] not in (None, flat):
+            raise ValueError(f"the graph takes [N, {in_dims[1]}] features, but --input-spec "
+                             f"{spec.shape} flattens to {flat}")
+    elif len(in_dims) != 4 or any(d not in (None, s) for d, s in zip(in_dims[1:], spec.shape, strict=True)):
+        raise ValueError(f"the graph's input {in_dims} does not take images of shape {list(spec.shape)}")
 
-
-def _pick_output(graph: onnx.GraphProto, name: str | None) -> onnx.ValueInfoProto:
-    """``name``, or the only float tensor output of rank 2 ``[N, K]``."""
-    outputs = {v.name: v for v in graph.output}
-    if name is not None:
-        if name not in outputs:
-            raise ValueError(f"--logits {name!r}: the graph's outputs are {list(outputs)}")
-        chosen = outputs[name]
-    else:
-        candidates = [
-            v
-            for v in graph.output
-            if v.type.HasField("tensor_type")
-            and v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)
-            and len(v.type.tensor_type.shape.dim) == 2
-        ]
-        if len(candidates) != 1:
-            raise ValueError(
-                f"cannot tell which output holds the class scores among {list(outputs)}; "
-                "name it with --logits OUTPUT_NAME"
-            )
-        chosen = candidates[0]
-    tensor = chosen.type.tensor_type if chosen.type.HasField("tensor_type") else None
-    if (
-        tensor is None
-        or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE)
-        or len(tensor.shape.dim) != 2
-    ):
-        raise ValueError(
-            f"output {chosen.name!r} should be a float tensor [N, K] of class scores; "
-            "for a scikit-learn model convert it with options={'zipmap': False}"
-        )
-    return chosen
-
-
-def infer_input_spec(
-    original: onnx.ValueInfoProto,
-    input_spec: Sequence[int] | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-) -> InputSpec:
-    """The wrapped graph's spec: ``--input-spec C,H,W`` or the original's static NCHW shape."""
-    dims = _dims(original)
-    if input_spec is None:
-        if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
-            raise ValueError(
-                f"input {original.name!r} has shape {dims}; give --input-spec C,H,W "
-                "(the image the classifier sees)"
-            )
-        c, h, w = (int(d) for d in dims[1:])
-    else:
-        if len(input_spec) != 3:
-            raise ValueError(f"--input-spec should be C,H,W, but got {list(input_spec)}")
-        c, h, w = (int(v) for v in input_spec)
-    mean_t = tuple(float(v) for v in (mean or [0.0]))
-    std_t = tuple(float(v) for v in (std or [1.0]))
-    if len(mean_t) == 1:
-        mean_t *= c
-    if len(std_t) == 1:
-        std_t *= c
-    spec = InputSpec(channels=c, height=h, width=w, mean=mean_t, std=std_t)
-    flat = c * h * w
-    if len(dims) == 2 and isinstance(dims[1], int) and dims[1] != flat:
-        raise ValueError(
-            f"input {original.name!r} takes {dims[1]} features per row, but "
-            f"--input-spec {c},{h},{w} gives {flat}"
-        )
-    if len(dims) == 4 and all(isinstance(d, int) for d in dims[1:]) and tuple(dims[1:]) != (c, h, w):
-        raise ValueError(f"input {original.name!r} has shape {dims}, not [N, {c}, {h}, {w}]")
-    if len(dims) not in (2, 4):
-        raise ValueError(
-            f"input {original.name!r} should be [N, C, H, W] or [N, features], but has shape {dims}"
-        )
-    return spec
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def wrap_graph(
-    model: onnx.ModelProto,
-    spec: InputSpec,
-    class_names: Sequence[str],
-    logits_output: str | None = None,
-    probabilities: bool = False,
-) -> onnx.ModelProto:
-    """The contract graph around ``model`` (see the module docstring); metadata not yet set."""
-    original_input = _graph_input(model.graph)
-    scores = _pick_output(model.graph, logits_output)
-    rank = len(original_input.type.tensor_type.shape.dim)
-    in_type = original_input.type.tensor_type.elem_type
-    k = len(class_names)
-    k_dim = scores.type.tensor_type.shape.dim[1].dim_value
-    if k_dim and k_dim != k:
-        raise ValueError(f"output {scores.name!r} has {k_dim} classes but the labels file names {k}")
-    src = onnx.compose.add_prefix(model, PREFIX)  # no name clash with the wrapper's tensors
-    opset = _opset(model)
-    c = spec.channels
-    consts = [
-        numpy_helper.from_array(np.asarray(spec.mean, np.float32).reshape(1, c, 1, 1), "wrap/mean"),
-        numpy_helper.from_array(np.asarray(spec.std, np.float32).reshape(1, c, 1, 1), "wrap/std"),
+    prefixed = onnx.compose.add_prefix(original, PREFIX)
+    g = prefixed.graph
+    src_in, src_out = PREFIX + source_input.name, PREFIX + chosen
+    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    nodes = [
+        helper.make_node("Sub", [INPUT_NAME, "abstain/mean"], ["abstain/centred"]),
+        helper.make_node("Div", ["abstain/centred", "abstain/std"],
+                         ["abstain/normalised" if len(in_dims) == 2 else src_in]),
     ]
-    pre = [
-        helper.make_node("Sub", [INPUT_NAME, "wrap/mean"], ["wrap/centred"]),
-        helper.make_node("Div", ["wrap/centred", "wrap/std"], ["wrap/normalised"]),
-    ]
-    x = "wrap/normalised"
-    if rank == 2:
-        pre.append(helper.make_node("Flatten", [x], ["wrap/flat"], axis=1))
-        x = "wrap/flat"
-    if in_type != TensorProto.FLOAT:
-        pre.append(helper.make_node("Cast", [x], ["wrap/cast_in"], to=in_type))
-        x = "wrap/cast_in"
-    pre.append(helper.make_node("Identity", [x], [PREFIX + original_input.name]))
+    if len(in_dims) == 2:
+        nodes.append(helper.make_node("Flatten", ["abstain/normalised"], [src_in], axis=1))
     post = []
-    y = PREFIX + scores.name
-    if scores.type.tensor_type.elem_type != TensorProto.FLOAT:
-        post.append(helper.make_node("Cast", [y], ["wrap/scores32"], to=TensorProto.FLOAT))
-        y = "wrap/scores32"
     if probabilities:
-        consts.append(numpy_helper.from_array(np.asarray([PROB_FLOOR], np.float32), "wrap/floor"))
-        post += [
-            helper.make_node("Max", [y, "wrap/floor"], ["wrap/floored"]),
-            helper.make_node("Log", ["wrap/floored"], ["wrap/log_p"]),
-        ]
-        y = "wrap/log_p"
-    post += [
-        helper.make_node("Identity", [y], [LOGITS_NAME]),
-        helper.make_node("Softmax", [LOGITS_NAME], ["wrap/probs"], axis=1),
-    ]
-    if opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
-        consts.append(numpy_helper.from_array(np.asarray([1], np.int64), "wrap/axis"))
-        post.append(helper.make_node("ReduceMax", ["wrap/probs", "wrap/axis"], [SELECTION_NAME], keepdims=0))
+        post += [helper.make_node("Clip", [src_out, "abstain/min_probability", ""], ["abstain/clipped"]),
+                 helper.make_node("Log", ["abstain/clipped"], [LOGITS_NAME])]
     else:
-        post.append(helper.make_node("ReduceMax", ["wrap/probs"], [SELECTION_NAME], axes=[1], keepdims=0))
-    graph = helper.make_graph(
-        [*pre, *src.graph.node, *post],
-        "abstain_import",
+        post.append(helper.make_node("Identity", [src_out], [LOGITS_NAME]))
+    # our nodes need opset >= 13 (Softmax over one axis); from opset 18 ReduceMax takes its
+    # axes as an input instead of an attribute
+    opsets = {o.domain: o.version for o in original.opset_import}
+    opset = max(opsets.pop("ai.onnx", opsets.get("", WRAP_OPSET)), opsets.get("", WRAP_OPSET), WRAP_OPSET)
+    opsets[""] = opset
+    initializers = [
+        helper.make_tensor("abstain/mean", TensorProto.FLOAT, mean.shape, mean.ravel()),
+        helper.make_tensor("abstain/std", TensorProto.FLOAT, std.shape, std.ravel()),
+        helper.make_tensor("abstain/min_probability", TensorProto.FLOAT, [], [MIN_PROBABILITY]),
+    ]
+    post.append(helper.make_node("Softmax", [LOGITS_NAME], ["abstain/probs"], axis=1))
+    if opset >= 18:
+        initializers.append(helper.make_tensor("abstain/axes", TensorProto.INT64, [1], [1]))
+        post.append(helper.make_node("ReduceMax", ["abstain/probs", "abstain/axes"], [SELECTION_NAME],
+                                     keepdims=0))
+    else:
+        post.append(helper.make_node("ReduceMax", ["abstain/probs"], [SELECTION_NAME], axes=[1], keepdims=0))
+    new_graph = helper.make_graph(
+        nodes + list(g.node) + post, "abstain-imported",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *spec.shape])],
-        [
-            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", k]),
-            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
-        ],
-        initializer=[*consts, *src.graph.initializer],
-        sparse_initializer=list(src.graph.sparse_initializer),
+        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", None]),
+         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"])],
+        initializer=list(g.initializer) + initializers,
+        value_info=list(g.value_info),
     )
-    wrapped = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="abstain import")
-    wrapped.ir_version = model.ir_version
-    wrapped.functions.extend(src.functions)
-    return wrapped
+    new_graph.sparse_initializer.extend(g.sparse_initializer)
+    model = helper.make_model(
+        new_graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+        producer_name="abstain import",
+    )
+    model.ir_version = max(original.ir_version, 8)
+    model.functions.extend(prefixed.functions)
+    onnx.checker.check_model(model)
+    return model
 
 
-def parity(
-    original: bytes,
-    wrapped: bytes,
-    spec: InputSpec,
-    input_name: str,
-    output_name: str,
-    probabilities: bool,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Max |Δlogits| and |Δselection| between the graphs on random pixels (batch 1 and all).
+def check_against_original(original: bytes, wrapped: bytes, spec: InputSpec,
+                           source_input_dims: list[int | None], logits_output: str, probabilities: bool,
+                           n: int = 16, seed: int = 0) -> float:
+    """Max |Δ| of the wrapped graph's logits (or softmax, for probabilities) vs the original on random pixels.
 
-    The reference is computed from the original graph in numpy: normalise, reshape as the
-    original wants, run, log if probabilities, softmax response. Raises ``ValueError`` beyond
-    ``ATOL + RTOL·|reference|``.
+    Raises ``ValueError`` when they differ by more than ``ATOL + RTOL·|x|``.
     """
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    ref_sess = ort.InferenceSession(original, providers=providers)
-    new_sess = ort.InferenceSession(wrapped, providers=providers)
-    rng = np.random.default_rng(seed)
-    x = rng.random((PARITY_IMAGES, *spec.shape), dtype=np.float32)
-    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-    ref_in = (x - mean) / std
-    info = ref_sess.get_inputs()[0]
-    if len(info.shape) == 2:
-        ref_in = ref_in.reshape(len(x), -1)
-    if info.type == "tensor(double)":
-        ref_in = ref_in.astype(np.float64)
-    worst_l = worst_s = 0.0
-    for batch in (1, PARITY_IMAGES):
-        for start in range(0, PARITY_IMAGES if batch == PARITY_IMAGES else 4, batch):
-            sl = slice(start, start + batch)
-            ref = np.asarray(ref_sess.run([output_name], {input_name: ref_in[sl]})[0], np.float64)
-            if probabilities:
-                ref = np.log(np.maximum(ref, PROB_FLOOR))
-            z = np.exp(ref - ref.max(axis=1, keepdims=True))
-            ref_sel = (z / z.sum(axis=1, keepdims=True)).max(axis=1)
-            logits, selection = new_sess.run([LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: x[sl]})
-            for got, want, label in ((logits, ref, "logits"), (selection, ref_sel, "selection")):
-                if got.shape != want.shape or not np.allclose(got, want, atol=ATOL, rtol=RTOL):
-                    diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
-                    raise ValueError(
-                        f"the wrapped graph's {label} differ from the original's by "
-                        f"{diff:.3g} at batch size {batch} (tolerance atol={ATOL}, rtol={RTOL})"
-                    )
-            worst_l = max(worst_l, float(np.max(np.abs(logits - ref))))
-            worst_s = max(worst_s, float(np.max(np.abs(selection - ref_sel))))
-    return worst_l, worst_s
+    x = np.random.default_rng(seed).random((n, *spec.shape), dtype=np.float32)
+    normalised = (x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)) / np.asarray(
+        spec.std, np.float32).reshape(1, -1, 1, 1)
+    if len(source_input_dims) == 2:
+        normalised = normalised.reshape(n, -1)
+    ref_session = ort.InferenceSession(original, providers=["CPUExecutionProvider"])
+    (ref,) = ref_session.run([logits_output], {ref_session.get_inputs()[0].name: normalised})
+    session = ort.InferenceSession(wrapped, providers=["CPUExecutionProvider"])
+    logits, selection = session.run([LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: x})
+    got = np.exp(logits) if probabilities else logits
+    ref = np.asarray(ref, dtype=np.float32)
+    if got.shape != ref.shape or selection.shape != (n,):
+        raise ValueError(f"the wrapped graph gives logits {list(got.shape)} and selection "
+                         f"{list(selection.shape)}; expected {list(ref.shape)} and [{n}]")
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    diff = float(np.max(np.abs(got - ref)))
+    same_selection = np.allclose(selection, probs.max(axis=1), atol=1e-6)
+    if not np.allclose(got, ref, atol=ATOL, rtol=RTOL) or not same_selection:
+        raise ValueError(f"the wrapped graph does not match the original (max |Δ| = {diff:.3g}); "
+                         "nothing was written")
+    return diff
 
 
-def import_onnx(
-    graph_path: Path,
-    name: str,
-    labels_path: Path,
-    repository: Path = Path("models"),
-    *,
-    input_spec: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    logits_output: str | None = None,
-    probabilities: bool = False,
-    version: int | None = None,
-    force: bool = False,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    provenance: dict[str, Any] | None = None,
-    check: Callable[[bytes], None] | None = None,
-) -> ImportResult:
-    """Wrap ``graph_path``, check it, and commit ``repository/name/<version>`` atomically.
+def read_label_file(path: Path) -> list[str]:
+    """One class name per line (blank lines at the end ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such labels file (one class name per line)")
+    names = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: labels should be distinct, non-empty class names, one per line")
+    return names
 
-    ``provenance`` adds to what :data:`abstain.contract.META_IMPORT` records (the PyTorch
-    importers say what they exported from); ``check(wrapped_bytes)`` is a further check run
-    before anything is written (the PyTorch importers compare with the module).
+
+def import_onnx(graph: Path | bytes, name: str, labels: Sequence[str], repository: Path = Path("models"), *,
+                input_spec: str | None = None, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, logits_output: str | None = None,
+                probabilities: bool = False, version: int | None = None, force: bool = False,
+                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, source: dict[str, Any] | None = None,
+                ) -> ImportResult:
+    """Wrap an ONNX classifier into ``repository/name/<version>/`` (model.onnx, config, labels).
+
+    Args:
+        graph: the ONNX file (or its bytes).
+        labels: the ``K`` class names, in the order of the output's columns.
+        input_spec: ``"C,H,W"``; needed unless the graph's input is ``[N, C, H, W]``.
+        mean, std: per-channel normalisation the classifier expects (folded into the graph).
+        logits_output: which output holds the scores (default: the first).
+        probabilities: the output is probabilities, not logits (its log becomes ``logits``).
+        source: extra facts for the metadata (what the ONNX graph was made from).
+
+    Raises (nothing written in every case): ``FileNotFoundError``, ``ValueError`` (not a
+    classifier graph, a bad spec or labels, or a wrapper that does not match the original),
+    ``FileExistsError`` (version exists, no ``force``).
     """
-    graph_path, labels_path = Path(graph_path), Path(labels_path)
-    if not graph_path.is_file():
-        raise FileNotFoundError(f"{graph_path}: no such ONNX file")
-    if not labels_path.is_file():
-        raise FileNotFoundError(f"--labels {labels_path}: no such file (one class name per line)")
-    class_names = read_labels(labels_path)
-    if len(class_names) < 2 or len(set(class_names)) != len(class_names):
-        raise ValueError(f"--labels {labels_path}: should name at least 2 distinct classes, one per line")
-    data = graph_path.read_bytes()
+    if isinstance(graph, (bytes, bytearray)):
+        original_bytes, origin = bytes(graph), "<bytes>"
+    else:
+        if not Path(graph).is_file():
+            raise FileNotFoundError(f"{graph}: no such ONNX file")
+        original_bytes, origin = Path(graph).read_bytes(), str(graph)
     try:
-        model = onnx.load_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # DecodeError, ValidationError
-        raise ValueError(f"{graph_path} is not a valid ONNX model: {exc}") from exc
-    original_input = _graph_input(model.graph)
-    spec = infer_input_spec(original_input, input_spec, mean, std)
-    scores = _pick_output(model.graph, logits_output)
-    wrapped = wrap_graph(model, spec, class_names, scores.name, probabilities)
-    source = {
-        "file": graph_path.name,
-        "sha256": sha256_bytes(data),
-        "input": original_input.name,
-        "input_shape": _dims(original_input),
-        "scores_output": scores.name,
-        "probabilities": bool(probabilities),
-        "opset": _opset(model),
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "selection": "softmax_response (computed in the graph)",
-        **(provenance or {}),
-    }
-    meta = {
+        original = onnx.load_from_string(original_bytes)
+        onnx.checker.check_model(original)
+    except Exception as exc:  # DecodeError, ValidationError: either way not a usable graph
+        raise ValueError(f"{origin} is not a valid ONNX graph: {exc}") from exc
+    initializer_names = {i.name for i in original.graph.initializer}
+    inputs = [i for i in original.graph.input if i.name not in initializer_names]
+    in_dims = _dims(inputs[0]) if len(inputs) == 1 else []
+    spec = parse_input_spec(input_spec, mean, std, in_dims)
+    chosen = logits_output or original.graph.output[0].name
+    wrapped = wrap_graph(original, spec, chosen, probabilities)
+    k = _output_classes(wrapped, spec)
+    if k != len(labels):
+        raise ValueError(f"the graph scores {k} classes but {len(labels)} labels were given")
+    metadata = {
+        META_CLASS_NAMES: class_names_json(list(labels)),
         META_INPUT_SPEC: spec.to_json(),
-        META_CLASS_NAMES: class_names_json(class_names),
         META_CODE_VERSION: code_version(),
-        META_IMPORT: json.dumps(source, sort_keys=True),
+        META_IMPORTED: json.dumps({
+            "source": origin, "sha256": sha256_bytes(original_bytes), "logits_output": chosen,
+            "probabilities": probabilities, "producer": original.producer_name or None,
+            "opset": {o.domain or "ai.onnx": o.version for o in original.opset_import},
+            "selection": "softmax response (no selection head)", **(source or {}),
+        }, sort_keys=True),
     }
-    for key in sorted(meta):
+    for key, value in sorted(metadata.items()):
         entry = wrapped.metadata_props.add()
-        entry.key, entry.value = key, meta[key]
-    try:
-        onnx.checker.check_model(wrapped, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ValueError(f"the wrapped graph fails onnx.checker: {exc}") from exc
-    wrapped_bytes = wrapped.SerializeToString()
-    config = render_triton_config(name, spec, len(class_names), max_batch_size)
-    plan = plan_entry(Path(repository), name, class_names, config, version=version, force=force)
-    max_l, max_s = parity(data, wrapped_bytes, spec, original_input.name, scores.name, probabilities)
-    if check is not None:
-        check(wrapped_bytes)
-    model_path = commit_entry(plan, wrapped_bytes, config, class_names)
-    return ImportResult(model_path, plan.version, sha256_bytes(wrapped_bytes), max_l, max_s, source)
+        entry.key, entry.value = key, value
+    model_bytes = wrapped.SerializeToString()
+    diff = check_against_original(original_bytes, model_bytes, spec, in_dims, chosen, probabilities)
+    config_text = render_triton_config(name, spec, k, max_batch_size)
+    plan = plan_entry(Path(repository), name, list(labels), config_text, version=version, force=force)
+    model_path = commit_entry(plan, model_bytes, config_text, list(labels))
+    return ImportResult(model_path, plan.version, sha256_bytes(model_bytes), k, diff, plan.replace_version)
 
 
-def describe(result: ImportResult) -> str:
-    """What the CLI prints."""
-    return (
-        f"wrote {result.model_path} (version {result.version}, sha256 {result.sha256})\n"
-        f"parity vs the original on {PARITY_IMAGES} random images: max |Δlogits| = "
-        f"{result.max_abs_logits:.2e}, max |Δselection| = {result.max_abs_selection:.2e} "
-        f"(tolerance atol={ATOL:g}, rtol={RTOL:g})\n"
-        f"next: abstain calibrate {result.model_path.parent.parent} --data VAL.npz (or --dataset ...)"
-    )
+def _output_classes(model: onnx.ModelProto, spec: InputSpec) -> int:
+    """K, from one run of the wrapped graph on a black image (shapes may be symbolic)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([LOGITS_NAME], {INPUT_NAME: np.zeros((1, *spec.shape), np.float32)})
+    return int(logits.shape[1])
+
+
+def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name: str | None = None,
+                  weights: Path | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A PyTorch classifier → ONNX bytes (input ``[N, C, H, W]`` normalised, output logits).
+
+    One of: ``model_file`` (TorchScript, or a ``torch.export`` ``.pt2`` program) or
+    ``torchvision_name`` with a local ``weights`` state dict (never downloaded). Needs the
+    ``train`` extra. The normalisation is *not* in this graph: :func:`import_onnx` folds it in.
+    """
+    import torch
+
+    if (model_file is None) == (torchvision_name is None):
+        raise ValueError("give a TorchScript / torch.export file, or --torchvision NAME with --weights")
+    if torchvision_name is not None:
+        import torchvision
+
+        if weights is None or not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"--weights {weights}: a local state-dict file is needed for --torchvision "
+                f"{torchvision_name} (nothing is downloaded)")
+        try:
+            builder = torchvision.models.get_model_builder(torchvision_name)
+        except ValueError as exc:
+            raise ValueError(f"--torchvision {torchvision_name!r}: {exc}") from None
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+        module = builder(weights=None, num_classes=int(head[-1].shape[0]) if head else 1000)
+        module.load_state_dict(state)
+        info = {"format": "torchvision", "torchvision_model": torchvision_name, "weights": str(weights)}
+    else:
+        path = Path(model_file)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such model file")
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path))  # an ExportedProgram: exported as it is
+            info = {"format": "torch.export", "file": str(path)}
+        else:
+            try:
+                module = torch.jit.load(str(path), map_location="cpu")
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{path}: neither TorchScript nor a torch.export .pt2 file ({exc})") from None
+            info = {"format": "torchscript", "file": str(path)}
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+    example = torch.rand(2, *spec.shape, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1)
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if info["format"] == "torchscript":  # the dynamo exporter does not take ScriptModules
+            buffer = io.BytesIO()
+            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                              opset_version=17)
+            return buffer.getvalue(), info
+        if isinstance(module, torch.export.ExportedProgram):  # its dynamic shapes are its own
+            program = torch.onnx.export(module, dynamo=True, input_names=["input"],
+                                        output_names=["output"], external_data=False)
+        else:
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
+                                        output_names=["output"], dynamic_shapes=({0: batch},),
+                                        external_data=False)
+    return program.model_proto.SerializeToString(), info

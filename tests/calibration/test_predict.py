@@ -1,181 +1,159 @@
-"""``abstain predict``: the service's decisions, offline, in each output format.
-
-Reference decisions come from the service's own code in-process: ``serving.validation``
-decodes each PNG as an upload, the graph runs, ``serving.decisions.decide`` decides.
-"""
+"""``abstain predict``: offline decisions equal the service's, in every output format."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from abstain.calibration.predict import UnreadableInputError, run_predict
+from abstain.calibration.data_sources import image_to_pixels
+from abstain.calibration.predict import COLUMNS, run_predict
+from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
 from abstain.datasets import load_digits
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
 from abstain.serving.decisions import decide
-from abstain.serving.validation import decode_image
 
 REPO = Path(__file__).resolve().parents[2]
-VERSION = REPO / "models" / "digits" / "1"
-FORMATS = ("jsonl", "csv", "parquet")
+MODEL_DIR = REPO / "models" / "digits"
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records back as dicts with ``None`` for missing values, whatever the format."""
+    """Records back from any output format, with the types of JSON."""
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
     if path.suffix == ".csv":
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        types = {"class_index": int, "confidence": float, "score_value": float, "threshold": float,
+                 "correct": lambda v: v == "True"}
+        return [{k: (None if v == "" else types.get(k, str)(v)) for k, v in row.items()} for row in rows]
+    import pyarrow.parquet as pq
+
     return pq.read_table(path).to_pylist()
 
 
-def service_decisions(x: np.ndarray, point_name: str | None) -> list[dict]:
-    model = OnnxModel(VERSION / "model.onnx")
-    point = load_calibration(VERSION / "calibration.json").operating_point(point_name)
-    out = model.run(x)
+def service_answers(pixels: np.ndarray, point_name: str | None) -> list[dict]:
+    """What ``abstain serve`` answers for these pixels: its graph runner and its decide()."""
+    version_dir = sorted(p for p in MODEL_DIR.iterdir() if p.is_dir())[-1]
+    model = OnnxModel(version_dir / MODEL_FILENAME)
+    point = load_calibration(version_dir / CALIBRATION_FILENAME).operating_point(point_name)
+    out = model.run(pixels)
     return decide(out.logits, out.selection, point, model.class_names)
 
 
-def assert_same(records: list[dict], expected: list[dict]) -> None:
-    assert len(records) == len(expected)
-    for got, want in zip(records, expected, strict=True):
-        assert got["decision"] == want["decision"]
-        label = want["label"] if want["decision"] == "predict" else want["candidate"]["label"]
-        assert (got["label"] if want["decision"] == "predict" else got["candidate"]) == label
-        assert float(got["confidence"]) == pytest.approx(want["confidence"], abs=1e-12)
-        assert float(got["score_value"]) == pytest.approx(want["score_value"], abs=1e-12)
-        assert float(got["threshold"]) == want["threshold"]
-        assert got["operating_point"] == want["operating_point"]
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_digits_test_split_equals_the_service(tmp_path: Path, fmt: str) -> None:
-    out = tmp_path / f"d.{fmt}"
-    summary = run_predict(
-        VERSION, out, dataset="digits", split="test", batch_size=50, operating_point="risk-0.05"
-    )
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_digits_test_split_equals_the_service_at_every_point(tmp_path: Path, suffix: str) -> None:
     test = load_digits("test")
-    expected = service_decisions(test.x, "risk-0.05")
-    records = read_records(out)
-    assert_same(records, expected)
-    assert [int(r["index"]) for r in records] == list(range(360))
-    # the summary, worked out from the service's decisions and the true labels
-    answered = [i for i, e in enumerate(expected) if e["decision"] == "predict"]
-    wrong = sum(expected[i]["label"] != test.class_names[test.y[i]] for i in answered)
-    assert (summary.inputs, summary.errors, summary.answered) == (360, 0, len(answered))
-    assert summary.coverage == pytest.approx(len(answered) / 360)
-    assert summary.selective_risk == pytest.approx(wrong / len(answered))
-    assert summary.accuracy_answered == pytest.approx(1 - wrong / len(answered))
+    version_dir = sorted(p for p in MODEL_DIR.iterdir() if p.is_dir())[-1]
+    names = load_calibration(version_dir / CALIBRATION_FILENAME).names
+    for name in names:
+        out = tmp_path / f"{name}{suffix}"
+        summary = run_predict(MODEL_DIR, out, dataset="digits", split="test", operating_point=name,
+                              batch_size=97)  # a batch size that does not divide 360
+        records = read_records(out)
+        expected = service_answers(test.x, name)
+        assert [r["input"] for r in records] == [str(i) for i in range(len(test.y))]
+        assert list(records[0]) == list(COLUMNS)
+        assert [r["decision"] for r in records] == [e["decision"] for e in expected]
+        for r, e in zip(records, expected, strict=True):
+            k = e["class_index"] if e["decision"] == "predict" else e["candidate"]["class_index"]
+            assert r["class_index"] == k
+            assert r["score_value"] == pytest.approx(e["score_value"], abs=0)
+            assert r["threshold"] == e["threshold"] and r["operating_point"] == name
+            assert (r["label"], r["candidate"]) == ((e["label"], None) if e["decision"] == "predict"
+                                                    else (None, e["candidate"]["label"]))
+            assert r["true_label"] == test.class_names[int(test.y[int(r["input"])])]
+        # the summary, worked out from the service's answers
+        answered = np.array([e["decision"] == "predict" for e in expected])
+        top = np.array([e.get("class_index", e.get("candidate", {}).get("class_index")) for e in expected])
+        wrong = top != test.y
+        assert summary.images == 360 and summary.errors == 0
+        assert summary.answered == int(answered.sum())
+        assert summary.coverage == pytest.approx(answered.mean())
+        assert summary.selective_risk == pytest.approx(wrong[answered].mean())
+        assert summary.accuracy == pytest.approx(1 - wrong.mean())
 
 
-@pytest.fixture(scope="module")
-def png_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 test digits as 8-bit PNGs in class folders (two levels deep), plus one broken file."""
-    root = tmp_path_factory.mktemp("pngs")
-    test = load_digits("test")
-    for i in range(40):
-        folder = root / test.class_names[test.y[i]] / "scan"
+def write_pngs(root: Path, x: np.ndarray, y: np.ndarray, class_folders: bool) -> list[Path]:
+    paths = []
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / str(int(label)) / "nested" if class_folders else root / f"part{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(test.x[i, 0] * 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
-    (root / "3" / "scan").mkdir(parents=True, exist_ok=True)
-    (root / "3" / "scan" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    return root
+        path = folder / f"img{i:04d}.png"
+        Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_png_folder_equals_the_service_and_records_the_broken_file(
-    tmp_path: Path, png_folder: Path, fmt: str
-) -> None:
-    out = tmp_path / f"d.{fmt}"
-    summary = run_predict(VERSION, out, data=png_folder, batch_size=7)
-    records = read_records(out)
-    assert len(records) == 41 and summary.inputs == 41 and summary.errors == 1
-    broken = [r for r in records if r["decision"] == "error"]
-    assert len(broken) == 1 and broken[0]["source"].endswith("broken.png")
-    assert "not a readable image" in broken[0]["error"]
-    good = [r for r in records if r["decision"] != "error"]
-    x = np.concatenate(
-        [
-            decode_image(Path(r["source"]).read_bytes(), OnnxModel(VERSION / "model.onnx").input_spec)
-            for r in good
-        ]
-    )
-    assert_same(good, service_decisions(x, None))
-    # labels come from the class folders
-    assert all(r["true_label"] == Path(r["source"]).relative_to(png_folder).parts[0] for r in records)
-    assert summary.labelled == 40
-
-
-def test_fail_fast_stops_and_writes_nothing(tmp_path: Path, png_folder: Path) -> None:
+def test_png_folder_equals_the_service_and_records_unreadable_files(tmp_path: Path) -> None:
+    test = load_digits("test")
+    root = tmp_path / "pngs"
+    paths = write_pngs(root, test.x[:50], test.y[:50], class_folders=True)
+    (root / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # unreadable
     out = tmp_path / "d.jsonl"
-    with pytest.raises(UnreadableInputError, match=r"broken\.png"):
-        run_predict(VERSION, out, data=png_folder, fail_fast=True)
-    assert not out.exists() and os.listdir(tmp_path) == []  # no temp file left either
+    summary = run_predict(MODEL_DIR, out, input_path=root, batch_size=8)
+    records = {r["input"]: r for r in read_records(out)}
+    assert len(records) == 51 and summary.images == 51 and summary.errors == 1
+    broken = records[str(Path("3") / "broken.png")]
+    assert broken["decision"] == "error" and "not a readable image" in broken["error"]
+    model = OnnxModel(sorted(p for p in MODEL_DIR.iterdir() if p.is_dir())[-1] / MODEL_FILENAME)
+    pixels = np.stack([image_to_pixels(p, model.input_spec) for p in paths])
+    expected = service_answers(pixels, None)
+    for path, label, e in zip(paths, test.y[:50], expected, strict=True):
+        r = records[str(path.relative_to(root))]
+        assert r["decision"] == e["decision"]
+        assert r["true_label"] == str(int(label))  # labels from the ImageFolder tree
+    assert summary.labelled == 50
+
+
+def test_fail_fast_stops_and_leaves_the_old_output(tmp_path: Path) -> None:
+    root = tmp_path / "pngs"
+    test = load_digits("test")
+    write_pngs(root, test.x[:4], test.y[:4], class_folders=False)
+    (root / "part0" / "a-broken.png").write_bytes(b"nope")
+    out = tmp_path / "d.csv"
+    out.write_text("previous run\n")
+    with pytest.raises(ValueError, match="not a readable image"):
+        run_predict(MODEL_DIR, out, input_path=root, fail_fast=True)
+    assert out.read_text() == "previous run\n"  # atomic: nothing half-written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_npz_without_labels(tmp_path: Path) -> None:
-    x = load_digits("test").x[:10]
-    np.savez(tmp_path / "x.npz", x=x)
-    summary = run_predict(VERSION, tmp_path / "d.jsonl", data=tmp_path / "x.npz")
+    test = load_digits("test")
+    np.savez(tmp_path / "x.npz", x=test.x[:20])
+    summary = run_predict(MODEL_DIR, tmp_path / "d.jsonl", input_path=tmp_path / "x.npz")
     records = read_records(tmp_path / "d.jsonl")
-    assert_same(records, service_decisions(x, None))
-    assert summary.selective_risk is None and all("true_label" not in r for r in records)
+    assert summary.labelled == 0 and summary.selective_risk is None
+    assert all(r["true_label"] is None and r["correct"] is None for r in records)
+    assert [r["decision"] for r in records] == [e["decision"] for e in service_answers(test.x[:20], None)]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"out_name": "d.txt"}, "extension should be one of"),
-        ({"operating_point": "nope"}, "nope"),
-        ({"data_file": "x.npy"}, "should be an image folder or an .npz"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"out_name": "d.txt"}, "should end with one of .jsonl, .csv, .parquet"),
+    ({"operating_point": "coverage-0.5"}, "coverage-0.5"),
+    ({"batch_size": 0}, "at least 1"),
+])
 def test_bad_arguments_say_what_is_valid(tmp_path: Path, kwargs: dict, message: str) -> None:
-    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    out = tmp_path / kwargs.pop("out_name", "d.jsonl")
     with pytest.raises(ValueError, match=message):
-        run_predict(
-            VERSION,
-            tmp_path / kwargs.get("out_name", "d.jsonl"),
-            data=tmp_path / kwargs.get("data_file", "x.npy") if "data_file" in kwargs else None,
-            dataset=None if "data_file" in kwargs else "digits",
-            operating_point=kwargs.get("operating_point"),
-        )
+        run_predict(MODEL_DIR, out, dataset="digits", split="test", **kwargs)
+    assert not out.exists()
 
 
 def test_cli_prints_the_summary(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from abstain.cli import app
-
-    out = tmp_path / "d.csv"
-    result = CliRunner().invoke(
-        app,
-        [
-            "predict",
-            str(VERSION),
-            "--dataset",
-            "digits",
-            "--split",
-            "test",
-            "--out",
-            str(out),
-            "--operating-point",
-            "coverage-0.9",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    records = read_records(out)
-    answered = sum(r["decision"] == "predict" for r in records)
-    assert f"answered {answered}, coverage {answered / 360:.4f}" in result.output
-    assert "selective risk" in result.output and f"wrote {out}" in result.output
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "abstain", "predict", str(MODEL_DIR), "--dataset", "digits",
+                           "--split", "test", "--out", str(tmp_path / "d.parquet")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("360 inputs at operating point ")
+    assert "selective risk" in done.stdout and f"wrote {tmp_path / 'd.parquet'}" in done.stdout

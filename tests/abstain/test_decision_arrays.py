@@ -23,7 +23,7 @@ def test_selection_score_answers_at_or_above_the_threshold() -> None:
     # softmax response: e^2 / (1 + e^2), 1/2, e^3 / (1 + e^3)
     e2, e3 = math.exp(2), math.exp(3)
     assert d.confidence == pytest.approx([e2 / (1 + e2), 0.5, e3 / (1 + e3)])
-    assert d.score_value.tolist() == [0.9, 0.2, 0.5] and d.threshold == 0.5
+    assert d.score_value.tolist() == [0.9, 0.2, 0.5] and d.point.threshold == 0.5
 
 
 def test_softmax_response_and_combined_scores() -> None:
