@@ -1,0 +1,237 @@
+"""The decision store: every answer recorded, delayed labels joined to it, live risk read from it.
+
+One interface, :class:`DecisionStore`, two implementations selected by ``ABSTAIN_STORE``
+(:func:`open_store`):
+
+* ``sqlite`` (the default): one SQLite file in WAL mode in ``ABSTAIN_STORE_DIR``. WAL lets the
+  readers of every worker run beside the one writer, and the file outlives restarts;
+* ``postgresql://…``: a PostgreSQL database shared by several replicas
+  (:mod:`abstain.serving.store_postgres`, psycopg 3, the ``store-postgres`` extra).
+
+A store object is used by one thread only (the recorder's, :mod:`abstain.serving.recorder`),
+so it holds one plain connection. Retention (``ABSTAIN_STORE_MAX_ROWS``,
+``ABSTAIN_STORE_MAX_AGE_DAYS``) is enforced by every write: the store never grows past it.
+
+Labelling is all-or-nothing: a batch of labels is applied only if every request id is known
+and not yet labelled (:class:`LabelConflictError` otherwise), so a client can retry a batch
+as it is. The live statistics are over the last ``window`` *labelled* decisions of one
+model, version and operating point, counted in SQL, so every worker (every replica) that
+asks gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Protocol
+
+#: Columns of one recorded decision, in table order (both stores use the same schema).
+COLUMNS = (
+    "request_id", "t", "model", "version", "operating_point", "decision", "class_index",
+    "score", "threshold",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One answered-or-abstained image. ``class_index`` is the arg-max (the candidate of an abstention)."""
+
+    request_id: str
+    t: float  # Unix time of the answer
+    model: str
+    version: str
+    operating_point: str
+    decision: str  # "predict" | "abstain"
+    class_index: int
+    score: float  # the operating point's selection-score value
+    threshold: float
+
+
+@dataclass(frozen=True)
+class LiveStats:
+    """Counts over the last labelled decisions of one model, version and operating point.
+
+    ``labelled`` decisions, ``answered`` of them predicted (not abstained), ``errors`` of
+    those with a label other than the prediction. Selective risk is ``errors / answered``
+    and coverage ``answered / labelled`` (Geifman & El-Yaniv, NeurIPS 2017).
+    """
+
+    labelled: int
+    answered: int
+    errors: int
+
+    @property
+    def risk(self) -> float | None:
+        return self.errors / self.answered if self.answered else None
+
+    @property
+    def coverage(self) -> float | None:
+        return self.answered / self.labelled if self.labelled else None
+
+
+class LabelConflictError(Exception):
+    """A batch of labels that cannot be applied: nothing of it was applied.
+
+    ``unknown``: ids never recorded (or dropped by retention); ``duplicate``: ids already labelled.
+    """
+
+    def __init__(self, unknown: Sequence[str], duplicate: Sequence[str]) -> None:
+        self.unknown, self.duplicate = list(unknown), list(duplicate)
+        super().__init__(f"unknown request ids {self.unknown}, already labelled {self.duplicate}")
+
+
+class DecisionStore(Protocol):
+    """What the service needs from a store; each method is one transaction."""
+
+    def record(self, decisions: Sequence[Decision]) -> int:
+        """Insert ``decisions`` (an id already present is skipped), then enforce retention.
+        Returns how many were inserted."""
+        ...
+
+    def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
+        """Attach ``(request_id, class_index)`` labels, all or none (:class:`LabelConflictError`).
+        Returns the labelled decisions, in the order given."""
+        ...
+
+    def live_stats(self, model: str, version: str, operating_point: str, window: int) -> LiveStats:
+        """:class:`LiveStats` over the last ``window`` labelled decisions (by labelling time)."""
+        ...
+
+    def count(self) -> int:
+        """Rows held (for tests and the retention check)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Keep at most ``max_rows`` decisions, none older than ``max_age_s`` seconds."""
+
+    max_rows: int
+    max_age_s: float
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or not self.max_age_s > 0:
+            raise ValueError(
+                f"retention should keep >= 1 row for > 0 s, but got {self.max_rows} rows, {self.max_age_s} s"
+            )
+
+
+#: SQL shared by both stores; ``?`` placeholders (the PostgreSQL store swaps them for ``%s``).
+LIVE_STATS_SQL = """
+SELECT COUNT(*),
+       COALESCE(SUM(CASE WHEN decision = 'predict' THEN 1 ELSE 0 END), 0),
+       COALESCE(SUM(CASE WHEN decision = 'predict' AND label <> class_index THEN 1 ELSE 0 END), 0)
+FROM (SELECT decision, label, class_index FROM decisions
+      WHERE model = ? AND version = ? AND operating_point = ? AND label IS NOT NULL
+      ORDER BY labelled_at DESC, seq DESC LIMIT ?) AS recent
+"""
+
+
+class SqliteStore:
+    """:class:`DecisionStore` in one SQLite file (WAL mode), shared by the workers of one host."""
+
+    FILENAME = "decisions.sqlite3"
+
+    def __init__(self, directory: Path, retention: Retention) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / self.FILENAME
+        self.retention = retention
+        # autocommit mode (isolation_level=None): transactions are explicit, BEGIN IMMEDIATE takes
+        # the write lock up front so two workers' label checks cannot interleave
+        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        # executescript commits by itself; each CREATE … IF NOT EXISTS is safe when workers race
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS decisions (
+                seq INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL UNIQUE,
+                t REAL NOT NULL,
+                model TEXT NOT NULL, version TEXT NOT NULL, operating_point TEXT NOT NULL,
+                decision TEXT NOT NULL, class_index INTEGER NOT NULL,
+                score REAL NOT NULL, threshold REAL NOT NULL,
+                label INTEGER, labelled_at REAL);
+            CREATE INDEX IF NOT EXISTS decisions_t ON decisions (t);
+            CREATE INDEX IF NOT EXISTS decisions_labelled ON decisions
+                (model, version, operating_point, labelled_at) WHERE label IS NOT NULL;
+            """
+        )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def record(self, decisions: Sequence[Decision]) -> int:
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany(
+                f"INSERT OR IGNORE INTO decisions ({', '.join(COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(COLUMNS))})",
+                [astuple(d) for d in decisions],
+            )
+            inserted = db.total_changes - before
+            # seq grows by one per row, so "seq <= newest - max_rows" leaves at most max_rows rows
+            db.execute(
+                "DELETE FROM decisions WHERE seq <= (SELECT MAX(seq) FROM decisions) - ?",
+                (self.retention.max_rows,),
+            )
+            db.execute("DELETE FROM decisions WHERE t < ?", (time.time() - self.retention.max_age_s,))
+        return inserted
+
+    def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
+        ids = [rid for rid, _ in labels]
+        with self._write() as db:
+            rows = {}
+            for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                chunk = ids[start : start + 500]
+                for row in db.execute(
+                    f"SELECT {', '.join(COLUMNS)}, label FROM decisions "
+                    f"WHERE request_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    rows[row[0]] = row
+            unknown = [rid for rid in ids if rid not in rows]
+            duplicate = [rid for rid in ids if rid in rows and rows[rid][-1] is not None]
+            if unknown or duplicate:
+                raise LabelConflictError(unknown, duplicate)
+            now = time.time()
+            db.executemany(
+                "UPDATE decisions SET label = ?, labelled_at = ? WHERE request_id = ?",
+                [(label, now, rid) for rid, label in labels],
+            )
+        return [Decision(*rows[rid][:-1]) for rid in ids]
+
+    def live_stats(self, model: str, version: str, operating_point: str, window: int) -> LiveStats:
+        row = self._db.execute(LIVE_STATS_SQL, (model, version, operating_point, window)).fetchone()
+        return LiveStats(*(int(v) for v in row))
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_store(url: str, directory: Path, retention: Retention) -> DecisionStore:
+    """The store ``url`` names: ``sqlite`` (a file in ``directory``) or ``postgresql://…``."""
+    if url == "sqlite":
+        return SqliteStore(directory, retention)
+    if url.startswith(("postgresql://", "postgres://")):
+        from abstain.serving.store_postgres import PostgresStore  # psycopg only when asked for
+
+        return PostgresStore(url, retention)
+    raise ValueError(f"ABSTAIN_STORE should be sqlite, off or a postgresql:// URL, but got {url!r}")
