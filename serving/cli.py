@@ -53,7 +53,9 @@ def serve(
     store: Annotated[str, _option("store")] = OPTION["store"].default,
     store_dir: Annotated[str | None, _option("store_dir")] = OPTION["store_dir"].default,
     store_max_rows: Annotated[int, _option("store_max_rows")] = OPTION["store_max_rows"].default,
-    store_max_age_days: Annotated[float, _option("store_max_age_days")] = OPTION["store_max_age_days"].default,
+    store_max_age_days: Annotated[float, _option("store_max_age_days")] = (
+        OPTION["store_max_age_days"].default
+    ),
     live_window: Annotated[int, _option("live_window")] = OPTION["live_window"].default,
 ) -> None:
     """Serve a model over HTTP: every answer is a prediction or an explained abstention.

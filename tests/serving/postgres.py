@@ -40,14 +40,18 @@ def running_postgres() -> Iterator[str]:
         shutil.chown(data, "postgres")
     port = free_port()
     subprocess.run(
-        _as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", "abstain", "--auth=trust", "-E", "UTF8"]),
+        _as_server_user(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "abstain", "--auth=trust", "-E", "UTF8"]
+        ),
         check=True,
         capture_output=True,
     )
     options = f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off -c full_page_writes=off"
     log = data / "server.log"
     subprocess.run(
-        _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]),
+        _as_server_user(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
+        ),
         check=True,
         capture_output=True,
         timeout=60,

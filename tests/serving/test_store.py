@@ -59,7 +59,9 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
 
 def decision(i: int, decision: str = "predict", class_index: int = 0, t: float | None = None,
              point: str = "op") -> Decision:  # fmt: skip
-    return Decision(f"r{i}", time.time() if t is None else t, "digits", "1", point, decision, class_index, 0.9, 0.5)
+    return Decision(
+        f"r{i}", time.time() if t is None else t, "digits", "1", point, decision, class_index, 0.9, 0.5
+    )
 
 
 def test_labels_join_decisions_and_live_stats_count_them(make_store) -> None:
