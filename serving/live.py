@@ -22,11 +22,12 @@ computed them last (``multiprocess_mode="mostrecent"``): every worker reads the 
 so they agree. They are refreshed after every accepted label and every few seconds (labels
 posted to another replica, retention). Before any answered label the risk gauges are NaN.
 
-``abstain_calibrated_risk`` is what the alert compares with: the operating point's target
-risk (risk points, certified by SGR) or, for coverage points, the selective risk measured
-on the calibration data. ``AbstainLiveRiskAboveCalibrated`` in deploy/prometheus/rules.yml
-fires when the live lower bound stays above it: the model is then wrong more often than
-calibrated with 97.5 % confidence, not merely by bad luck.
+``abstain_calibrated_risk`` is what the alert compares with (:func:`calibrated_risk`): the
+operating point's target risk (risk points, certified by SGR) or, for coverage points, the
+upper end of the risk interval measured on the calibration data.
+``AbstainLiveRiskAboveCalibrated`` in deploy/prometheus/rules.yml fires when the live lower
+bound stays above it: the model is then wrong more often than calibrated with 97.5 %
+confidence, not merely by bad luck.
 """
 
 from __future__ import annotations
@@ -59,8 +60,20 @@ def new_request_id() -> str:
 
 
 def calibrated_risk(point: OperatingPoint) -> float | None:
-    """The risk the operating point promises: its target (risk points), else the calibration-measured risk."""
-    return point.target_risk if point.target_risk is not None else point.risk
+    """The selective risk calibration vouches for at ``point``, which the live lower bound is held to.
+
+    A risk point: its target (SGR certified the risk below it). A coverage point: the upper
+    end of the risk interval measured at calibration (``risk_interval``, Clopper-Pearson),
+    so the alert asks whether the live interval lies wholly above the calibrated one — a
+    point estimate would make a single live error "significant" wherever calibration saw
+    none. Older calibrations without the interval: the measured risk.
+    """
+    if point.target_risk is not None:
+        return point.target_risk
+    interval = point.extra.get("risk_interval")
+    if isinstance(interval, list | tuple) and len(interval) == 2 and interval[1] is not None:
+        return float(interval[1])
+    return point.risk
 
 
 class LiveMetrics:
@@ -87,7 +100,7 @@ class LiveMetrics:
         self.labelled = gauge("abstain_live_labelled_decisions", "Labelled decisions in the live window.")
         self.calibrated = gauge(
             "abstain_calibrated_risk",
-            "Target risk of the operating point, else its risk measured at calibration.",
+            "Risk calibration vouches for: the target risk, else the top of the calibration risk interval.",
         )
         self.feedback = Counter("abstain_feedback", "Labels posted to /feedback, by result.", ["result"])
         self.not_recorded = Counter(
