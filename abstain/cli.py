@@ -25,6 +25,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "serve": ("abstain.serving.cli", "serve", False),
+    "review": ("abstain.serving.cli", "review", True),
 }
 
 

@@ -40,10 +40,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from abstain.bounds import clopper_pearson
 from abstain.operating_points import Calibration, OperatingPoint
 from abstain.serving.recorder import Recorder
-from abstain.serving.store import Decision, DecisionStore, Retention, open_store
+from abstain.serving.store import Decision, DecisionStore, Retention, ReviewItem, open_store
 
 log = logging.getLogger(__name__)
 #: Two-sided level of the live risk interval (each bound one-sided at 97.5 %).
@@ -135,8 +137,16 @@ class LiveMetrics:
 class DecisionLog:
     """What the service holds when the store is on: the recorder thread and the live metrics."""
 
-    def __init__(self, open_fn: Any, model: str, version: str, calibration: Calibration, window: int) -> None:
-        self.model, self.version, self.window = model, version, window
+    def __init__(
+        self,
+        open_fn: Any,
+        model: str,
+        version: str,
+        calibration: Calibration,
+        window: int,
+        review: bool = False,
+    ) -> None:
+        self.model, self.version, self.window, self.review = model, version, window, review
         self.metrics = LiveMetrics(model, version, calibration)
         self.recorder = Recorder(
             open_fn,
@@ -152,7 +162,12 @@ class DecisionLog:
         """``None`` when ``ABSTAIN_STORE=off``; else a log on the store the settings name."""
         if settings.store == "off":
             return None
-        retention = Retention(settings.store_max_rows, settings.store_max_age_days * 86400.0)
+        retention = Retention(
+            settings.store_max_rows,
+            settings.store_max_age_days * 86400.0,
+            review_items=settings.review_queue,
+            review_bytes=settings.review_max_bytes,
+        )
         directory = Path(settings.store_dir) if settings.store_dir else default_store_dir()
         try:  # a store that is down at start-up is not a reason to refuse answers: it is retried
             open_store(settings.store, directory, retention).close()
@@ -170,11 +185,34 @@ class DecisionLog:
             version,
             calibration,
             settings.live_window,
+            review=settings.review_queue > 0,
         )
 
-    def record(self, request_ids: Sequence[str], answers: Sequence[dict[str, Any]]) -> None:
-        """Queue one :class:`Decision` per answer (never blocks, never fails the answer)."""
+    def record(
+        self, request_ids: Sequence[str], answers: Sequence[dict[str, Any]], x: np.ndarray | None = None
+    ) -> None:
+        """Queue one :class:`Decision` per answer (never blocks, never fails the answer), and, with
+        the review queue on, each abstained input of ``x`` (float32 ``[N, C, H, W]``)."""
         now = time.time()
+        reviews = []
+        if self.review and x is not None:
+            reviews = [
+                ReviewItem(
+                    request_id=rid,
+                    t=now,
+                    model=self.model,
+                    version=self.version,
+                    operating_point=a["operating_point"],
+                    candidate=a["candidate"]["class_index"],
+                    confidence=a["candidate"]["confidence"],
+                    score=a["score_value"],
+                    threshold=a["threshold"],
+                    shape=tuple(x.shape[1:]),
+                    pixels=np.ascontiguousarray(x[i], dtype=np.float32).tobytes(),
+                )
+                for i, (rid, a) in enumerate(zip(request_ids, answers, strict=True))
+                if a["decision"] == "abstain"
+            ]
         self.recorder.record(
             [
                 Decision(
@@ -189,7 +227,8 @@ class DecisionLog:
                     threshold=a["threshold"],
                 )
                 for rid, a in zip(request_ids, answers, strict=True)
-            ]
+            ],
+            reviews,
         )
 
     async def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
@@ -211,10 +250,14 @@ def default_store_dir() -> Path:
 
 
 def with_request_ids(
-    answers: list[dict[str, Any]], request_ids: Sequence[str] | None, log: DecisionLog | None
+    answers: list[dict[str, Any]],
+    request_ids: Sequence[str] | None,
+    log: DecisionLog | None,
+    x: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Each answer with its ``request_id`` first (the client's, else a new one), recorded in ``log``."""
+    """Each answer with its ``request_id`` first (the client's, else a new one), recorded in ``log``
+    (with the abstained inputs of ``x`` ``[N, C, H, W]`` when the review queue is on)."""
     ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in answers]
     if log is not None:
-        log.record(ids, answers)
+        log.record(ids, answers, x)
     return [{"request_id": rid, **a} for rid, a in zip(ids, answers, strict=True)]

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from abstain.serving.store import Decision, DecisionStore, LabelConflictError
+from abstain.serving.store import Decision, DecisionStore, LabelConflictError, ReviewItem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,10 +67,10 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="abstain-recorder", daemon=True)
         self._thread.start()
 
-    def record(self, decisions: Sequence[Decision]) -> None:
-        """Queue ``decisions`` for writing; never blocks."""
+    def record(self, decisions: Sequence[Decision], reviews: Sequence[ReviewItem] = ()) -> None:
+        """Queue ``decisions`` (and abstained inputs kept for review) for writing; never blocks."""
         try:
-            self._queue.put_nowait(list(decisions))
+            self._queue.put_nowait([*decisions, *reviews])
         except queue.Full:
             self._on_dropped(len(decisions))
 
@@ -108,18 +108,20 @@ class Recorder:
                 self._store.close()
             self._store = None
 
-    def _write(self, pending: list[Decision]) -> None:
+    def _write(self, pending: list[Decision | ReviewItem]) -> None:
         if not pending:
             return
+        decisions = [d for d in pending if isinstance(d, Decision)]
+        reviews = [r for r in pending if isinstance(r, ReviewItem)]
         try:
-            self._store_or_open().record(pending)
-        except Exception as exc:
+            self._store_or_open().record(decisions, reviews)
+        except Exception as exc:  # a failing store costs the records, never the answers
             self._fail(exc)
-            self._on_dropped(len(pending))
+            self._on_dropped(len(decisions))
         pending.clear()
 
     def _run(self) -> None:
-        pending: list[Decision] = []
+        pending: list[Decision | ReviewItem] = []
         next_tick = time.monotonic() + self._tick_s
         while True:
             try:
@@ -146,7 +148,7 @@ class Recorder:
                 if self._on_tick is not None:
                     try:
                         self._on_tick(self._store_or_open())
-                    except Exception as exc:
+                    except Exception as exc:  # the next tick tries again
                         self._fail(exc)
 
     def _answer(self, call: _Call) -> None:
@@ -154,7 +156,7 @@ class Recorder:
             call.future.set_result(call.fn(self._store_or_open()))
         except (StoreUnavailableError, LabelConflictError) as exc:  # answers, not store failures
             call.future.set_exception(exc)
-        except Exception as exc:
+        except Exception as exc:  # the endpoint answers 503 with it
             self._fail(exc)
             call.future.set_exception(StoreUnavailableError(f"the decision store failed: {exc}"))
 

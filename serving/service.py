@@ -36,6 +36,7 @@ from abstain.serving.live import DecisionLog, with_request_ids
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
 from abstain.serving.responses import backend_unavailable, rejection
+from abstain.serving.review import ROUTES as REVIEW_ROUTES
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
@@ -64,7 +65,9 @@ async def _metadata(_: Request) -> JSONResponse:
     return JSONResponse(service.metadata())
 
 
-metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES])
+metadata_app = Starlette(
+    routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES, *REVIEW_ROUTES]
+)
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -193,7 +196,7 @@ class Abstain:
             return backend_unavailable(self.backend.name, exc)
         answers = decide(out.logits, out.selection, point, self.class_names)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
-        answers = with_request_ids(answers, request_ids, self.decision_log)
+        answers = with_request_ids(answers, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,

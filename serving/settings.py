@@ -54,6 +54,8 @@ class ServeSettings:
     store_max_rows: int = _default("store_max_rows")
     store_max_age_days: float = _default("store_max_age_days")
     live_window: int = _default("live_window")
+    review_queue: int = _default("review_queue")
+    review_max_bytes: int = _default("review_max_bytes")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -52,6 +52,46 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class ReviewItem:
+    """An abstained input kept for people to label: the pixels the model saw and its candidate.
+
+    ``pixels`` are the float32 bytes of the ``shape`` ``[C, H, W]`` input, in [0, 1].
+    ``label`` is set by ``POST /feedback``; labelled items leave the queue (``GET /review``)
+    and wait for ``abstain review export``.
+    """
+
+    request_id: str
+    t: float
+    model: str
+    version: str
+    operating_point: str
+    candidate: int  # the arg-max class of the abstention
+    confidence: float  # its softmax probability
+    score: float
+    threshold: float
+    shape: tuple[int, int, int]
+    pixels: bytes
+    label: int | None = None
+
+    def row(self) -> tuple:
+        """Values of :data:`REVIEW_COLUMNS`, in order."""
+        return (*astuple(self)[:9], ",".join(map(str, self.shape)), self.pixels, len(self.pixels))
+
+    @classmethod
+    def from_row(cls, row: Sequence) -> ReviewItem:
+        """From ``SELECT {REVIEW_COLUMNS}, label`` (``nbytes`` left out)."""
+        shape = tuple(int(v) for v in row[9].split(","))
+        return cls(*row[:9], shape=shape, pixels=bytes(row[10]), label=row[12])  # type: ignore[arg-type]
+
+
+#: Columns of one review item, in table order.
+REVIEW_COLUMNS = (
+    "request_id", "t", "model", "version", "operating_point", "candidate", "confidence",
+    "score", "threshold", "shape", "pixels", "nbytes",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class LiveStats:
     """Counts over the last labelled decisions of one model, version and operating point.
 
@@ -87,9 +127,21 @@ class LabelConflictError(Exception):
 class DecisionStore(Protocol):
     """What the service needs from a store; each method is one transaction."""
 
-    def record(self, decisions: Sequence[Decision]) -> int:
-        """Insert ``decisions`` (an id already present is skipped), then enforce retention.
-        Returns how many were inserted."""
+    def record(self, decisions: Sequence[Decision], reviews: Sequence[ReviewItem] = ()) -> int:
+        """Insert ``decisions`` (an id already present is skipped) and review items, then enforce
+        retention and the review queue's bounds. Returns how many decisions were inserted."""
+        ...
+
+    def review_page(self, offset: int, limit: int) -> tuple[int, list[ReviewItem]]:
+        """(unlabelled items in the queue, up to ``limit`` of them from ``offset``, oldest first)."""
+        ...
+
+    def review_item(self, request_id: str) -> ReviewItem | None:
+        """One review item, labelled or not; ``None`` if not kept."""
+        ...
+
+    def labelled_reviews(self) -> list[ReviewItem]:
+        """Every labelled review item, oldest first (``abstain review export``)."""
         ...
 
     def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
@@ -110,10 +162,13 @@ class DecisionStore(Protocol):
 
 @dataclass(frozen=True)
 class Retention:
-    """Keep at most ``max_rows`` decisions, none older than ``max_age_s`` seconds."""
+    """Keep at most ``max_rows`` decisions, none older than ``max_age_s`` seconds, and at most
+    ``review_items`` review items of ``review_bytes`` pixel bytes in all (0: no review queue)."""
 
     max_rows: int
     max_age_s: float
+    review_items: int = 0
+    review_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or not self.max_age_s > 0:
@@ -131,6 +186,28 @@ FROM (SELECT decision, label, class_index FROM decisions
       WHERE model = ? AND version = ? AND operating_point = ? AND label IS NOT NULL
       ORDER BY labelled_at DESC, seq DESC LIMIT ?) AS recent
 """
+
+
+#: Review-queue SQL shared by both stores (``?`` placeholders). Trimming keeps the newest rows:
+#: the count bound drops everything older than the ``review_items``-th newest; the byte bound
+#: drops everything older than the newest row at which the running total (newest first)
+#: passes ``review_bytes``.
+REVIEW_TRIM_COUNT_SQL = (
+    "DELETE FROM review WHERE seq <= (SELECT seq FROM review ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
+REVIEW_TRIM_BYTES_SQL = """
+DELETE FROM review WHERE seq <= (
+    SELECT seq FROM (SELECT seq, SUM(nbytes) OVER (ORDER BY seq DESC) AS newer FROM review) AS running
+    WHERE newer > ? ORDER BY seq DESC LIMIT 1)
+"""
+REVIEW_COUNT_SQL = "SELECT COUNT(*) FROM review WHERE label IS NULL"
+REVIEW_PAGE_SQL = (
+    f"SELECT {', '.join(REVIEW_COLUMNS)}, label FROM review WHERE label IS NULL ORDER BY seq LIMIT ? OFFSET ?"
+)
+REVIEW_ITEM_SQL = f"SELECT {', '.join(REVIEW_COLUMNS)}, label FROM review WHERE request_id = ?"
+REVIEW_LABELLED_SQL = (
+    f"SELECT {', '.join(REVIEW_COLUMNS)}, label FROM review WHERE label IS NOT NULL ORDER BY seq"
+)
 
 
 class SqliteStore:
@@ -162,6 +239,15 @@ class SqliteStore:
             CREATE INDEX IF NOT EXISTS decisions_t ON decisions (t);
             CREATE INDEX IF NOT EXISTS decisions_labelled ON decisions
                 (model, version, operating_point, labelled_at) WHERE label IS NOT NULL;
+            CREATE TABLE IF NOT EXISTS review (
+                seq INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL UNIQUE,
+                t REAL NOT NULL,
+                model TEXT NOT NULL, version TEXT NOT NULL, operating_point TEXT NOT NULL,
+                candidate INTEGER NOT NULL, confidence REAL NOT NULL,
+                score REAL NOT NULL, threshold REAL NOT NULL,
+                shape TEXT NOT NULL, pixels BLOB NOT NULL, nbytes INTEGER NOT NULL,
+                label INTEGER);
             """
         )
 
@@ -175,7 +261,7 @@ class SqliteStore:
             raise
         self._db.execute("COMMIT")
 
-    def record(self, decisions: Sequence[Decision]) -> int:
+    def record(self, decisions: Sequence[Decision], reviews: Sequence[ReviewItem] = ()) -> int:
         with self._write() as db:
             before = db.total_changes
             db.executemany(
@@ -190,7 +276,27 @@ class SqliteStore:
                 (self.retention.max_rows,),
             )
             db.execute("DELETE FROM decisions WHERE t < ?", (time.time() - self.retention.max_age_s,))
+            if reviews and self.retention.review_items:
+                db.executemany(
+                    f"INSERT OR IGNORE INTO review ({', '.join(REVIEW_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(REVIEW_COLUMNS))})",
+                    [r.row() for r in reviews],
+                )
+                db.execute(REVIEW_TRIM_COUNT_SQL, (self.retention.review_items,))
+                db.execute(REVIEW_TRIM_BYTES_SQL, (self.retention.review_bytes,))
         return inserted
+
+    def review_page(self, offset: int, limit: int) -> tuple[int, list[ReviewItem]]:
+        total = int(self._db.execute(REVIEW_COUNT_SQL).fetchone()[0])
+        rows = self._db.execute(REVIEW_PAGE_SQL, (limit, offset)).fetchall()
+        return total, [ReviewItem.from_row(r) for r in rows]
+
+    def review_item(self, request_id: str) -> ReviewItem | None:
+        row = self._db.execute(REVIEW_ITEM_SQL, (request_id,)).fetchone()
+        return None if row is None else ReviewItem.from_row(row)
+
+    def labelled_reviews(self) -> list[ReviewItem]:
+        return [ReviewItem.from_row(r) for r in self._db.execute(REVIEW_LABELLED_SQL)]
 
     def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
         ids = [rid for rid, _ in labels]
@@ -212,6 +318,10 @@ class SqliteStore:
             db.executemany(
                 "UPDATE decisions SET label = ?, labelled_at = ? WHERE request_id = ?",
                 [(label, now, rid) for rid, label in labels],
+            )
+            # a labelled abstention leaves the review queue and waits for `abstain review export`
+            db.executemany(
+                "UPDATE review SET label = ? WHERE request_id = ?", [(lb, rid) for rid, lb in labels]
             )
         return [Decision(*rows[rid][:-1]) for rid in ids]
 

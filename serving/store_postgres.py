@@ -12,7 +12,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple
 
-from abstain.serving.store import COLUMNS, LIVE_STATS_SQL, Decision, LabelConflictError, LiveStats, Retention
+from abstain.serving.store import (
+    COLUMNS,
+    LIVE_STATS_SQL,
+    REVIEW_COLUMNS,
+    REVIEW_COUNT_SQL,
+    REVIEW_ITEM_SQL,
+    REVIEW_LABELLED_SQL,
+    REVIEW_PAGE_SQL,
+    REVIEW_TRIM_BYTES_SQL,
+    REVIEW_TRIM_COUNT_SQL,
+    Decision,
+    LabelConflictError,
+    LiveStats,
+    Retention,
+    ReviewItem,
+)
+
+
+def _pg(sql: str) -> str:
+    """The shared SQL with psycopg's placeholders."""
+    return sql.replace("?", "%s")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -26,6 +47,15 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE INDEX IF NOT EXISTS decisions_t ON decisions (t);
 CREATE INDEX IF NOT EXISTS decisions_labelled ON decisions
     (model, version, operating_point, labelled_at) WHERE label IS NOT NULL;
+CREATE TABLE IF NOT EXISTS review (
+    seq BIGSERIAL PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    t DOUBLE PRECISION NOT NULL,
+    model TEXT NOT NULL, version TEXT NOT NULL, operating_point TEXT NOT NULL,
+    candidate INTEGER NOT NULL, confidence DOUBLE PRECISION NOT NULL,
+    score DOUBLE PRECISION NOT NULL, threshold DOUBLE PRECISION NOT NULL,
+    shape TEXT NOT NULL, pixels BYTEA NOT NULL, nbytes INTEGER NOT NULL,
+    label INTEGER);
 """
 
 
@@ -42,7 +72,7 @@ class PostgresStore:
             self._db.execute("SELECT pg_advisory_xact_lock(727113)")
             self._db.execute(SCHEMA)
 
-    def record(self, decisions: Sequence[Decision]) -> int:
+    def record(self, decisions: Sequence[Decision], reviews: Sequence[ReviewItem] = ()) -> int:
         with self._db.transaction(), self._db.cursor() as cur:
             cur.executemany(
                 f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
@@ -59,7 +89,31 @@ class PostgresStore:
                 (self.retention.max_rows,),
             )
             cur.execute("DELETE FROM decisions WHERE t < %s", (time.time() - self.retention.max_age_s,))
+            if reviews and self.retention.review_items:
+                cur.executemany(
+                    f"INSERT INTO review ({', '.join(REVIEW_COLUMNS)}) "
+                    f"VALUES ({', '.join(['%s'] * len(REVIEW_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING",
+                    [r.row() for r in reviews],
+                )
+                cur.execute(_pg(REVIEW_TRIM_COUNT_SQL), (self.retention.review_items,))
+                cur.execute(_pg(REVIEW_TRIM_BYTES_SQL), (self.retention.review_bytes,))
         return inserted
+
+    def review_page(self, offset: int, limit: int) -> tuple[int, list[ReviewItem]]:
+        with self._db.transaction():
+            total = int(self._db.execute(REVIEW_COUNT_SQL).fetchone()[0])
+            rows = self._db.execute(_pg(REVIEW_PAGE_SQL), (limit, offset)).fetchall()
+        return total, [ReviewItem.from_row(r) for r in rows]
+
+    def review_item(self, request_id: str) -> ReviewItem | None:
+        with self._db.transaction():
+            row = self._db.execute(_pg(REVIEW_ITEM_SQL), (request_id,)).fetchone()
+        return None if row is None else ReviewItem.from_row(row)
+
+    def labelled_reviews(self) -> list[ReviewItem]:
+        with self._db.transaction():
+            rows = self._db.execute(REVIEW_LABELLED_SQL).fetchall()
+        return [ReviewItem.from_row(r) for r in rows]
 
     def label(self, labels: Sequence[tuple[str, int]]) -> list[Decision]:
         ids = [rid for rid, _ in labels]
@@ -78,13 +132,14 @@ class PostgresStore:
                 "UPDATE decisions SET label = %s, labelled_at = %s WHERE request_id = %s",
                 [(label, now, rid) for rid, label in labels],
             )
+            cur.executemany(
+                "UPDATE review SET label = %s WHERE request_id = %s", [(lb, rid) for rid, lb in labels]
+            )
         return [Decision(*rows[rid][:-1]) for rid in ids]
 
     def live_stats(self, model: str, version: str, operating_point: str, window: int) -> LiveStats:
         with self._db.transaction():
-            row = self._db.execute(
-                LIVE_STATS_SQL.replace("?", "%s"), (model, version, operating_point, window)
-            ).fetchone()
+            row = self._db.execute(_pg(LIVE_STATS_SQL), (model, version, operating_point, window)).fetchone()
         return LiveStats(*(int(v) for v in row))
 
     def count(self) -> int:
