@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from abstain.serving.recorder import Recorder, StoreUnavailableError
@@ -18,6 +19,7 @@ from abstain.serving.store import (
     LabelConflictError,
     LiveStats,
     Retention,
+    ReviewItem,
     SqliteStore,
     open_store,
 )
@@ -43,12 +45,14 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
         import psycopg
 
         with psycopg.connect(url, autocommit=True) as db:
-            db.execute("DROP TABLE IF EXISTS decisions")
+            db.execute("DROP TABLE IF EXISTS decisions, review")
     else:
         url = "sqlite"
 
-    def make(max_rows: int = 1000, max_age_s: float = DAY) -> DecisionStore:
-        store = open_store(url, tmp_path, Retention(max_rows, max_age_s))
+    def make(
+        max_rows: int = 1000, max_age_s: float = DAY, review_items: int = 0, review_bytes: int = 0
+    ) -> DecisionStore:
+        store = open_store(url, tmp_path, Retention(max_rows, max_age_s, review_items, review_bytes))
         opened.append(store)
         return store
 
@@ -179,3 +183,41 @@ def test_a_failing_store_drops_records_and_counts_them_but_never_raises_to_the_c
         asyncio.run(recorder.call(lambda store: store.count()))
     recorder.close()
     assert opened.is_set() and dropped == [2]
+
+
+def review_item(i: int, value: float = 0.5, shape: tuple[int, int, int] = (1, 2, 2)) -> ReviewItem:
+    pixels = np.full(shape, value, dtype=np.float32).tobytes()  # 16 bytes for [1, 2, 2]
+    return ReviewItem(f"r{i}", time.time(), "digits", "1", "op", 3, 0.4, 0.2, 0.5, shape, pixels)
+
+
+def test_review_queue_keeps_abstentions_until_labelled(make_store) -> None:
+    store = make_store(review_items=10, review_bytes=1000)
+    store.record([decision(i, "abstain") for i in range(3)], [review_item(i, 0.25 * i) for i in range(3)])
+    total, page = store.review_page(offset=0, limit=2)
+    assert total == 3 and [i.request_id for i in page] == ["r0", "r1"]  # oldest first
+    assert [i.request_id for i in store.review_page(2, 2)[1]] == ["r2"]
+    item = store.review_item("r2")
+    assert item is not None and item.shape == (1, 2, 2) and item.candidate == 3 and item.label is None
+    np.testing.assert_array_equal(np.frombuffer(item.pixels, np.float32), [0.5] * 4)
+    store.label([("r1", 7)])
+    assert [i.request_id for i in store.review_page(0, 10)[1]] == ["r0", "r2"]  # r1 left the queue
+    (labelled,) = store.labelled_reviews()
+    assert labelled.request_id == "r1" and labelled.label == 7
+    assert store.review_item("nope") is None
+
+
+def test_review_queue_bounds_drop_the_oldest(make_store) -> None:
+    store = make_store(review_items=4, review_bytes=48)  # 4 items, or 3 of 16 bytes
+    store.record([], [review_item(i) for i in range(3)])
+    assert [i.request_id for i in store.review_page(0, 10)[1]] == ["r0", "r1", "r2"]
+    store.record([], [review_item(3)])  # 64 bytes > 48: r0 goes
+    assert [i.request_id for i in store.review_page(0, 10)[1]] == ["r1", "r2", "r3"]
+    store.record([], [review_item(i, shape=(1, 1, 1)) for i in range(4, 7)])  # 4 bytes each
+    # count bound: the 4 newest (r3 16 + 3 * 4 = 28 bytes <= 48)
+    assert [i.request_id for i in store.review_page(0, 10)[1]] == ["r3", "r4", "r5", "r6"]
+
+
+def test_review_queue_off_keeps_nothing(make_store) -> None:
+    store = make_store()  # review_items=0
+    store.record([decision(0, "abstain")], [review_item(0)])
+    assert store.review_page(0, 10) == (0, [])
