@@ -14,38 +14,19 @@ id, candidate and score, in the decision store beside the decisions.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import bentoml
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from abstain.serving.recorder import StoreUnavailableError
+from abstain.serving.review_export import item_pixels, to_png
 from abstain.serving.store import ReviewItem
 
 #: Most items one ``GET /review`` page lists.
 MAX_PAGE = 500
-
-
-def item_pixels(item: ReviewItem) -> np.ndarray:
-    """The stored input as float32 ``[C, H, W]`` in [0, 1]."""
-    return np.frombuffer(item.pixels, dtype=np.float32).reshape(item.shape)
-
-
-def to_png(x: np.ndarray) -> bytes:
-    """Float ``[C, H, W]`` in [0, 1] → PNG bytes: grey for 1 channel, RGB for 3 (else the first)."""
-    from PIL import Image
-
-    pixels = np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    image = (
-        Image.fromarray(np.moveaxis(pixels, 0, -1)) if pixels.shape[0] == 3 else Image.fromarray(pixels[0])
-    )
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def describe(item: ReviewItem, class_names: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ written. Items stay in the store (bounded by the review queue's limits).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -24,11 +25,28 @@ from pathlib import Path
 
 import numpy as np
 
-from abstain.serving.review import item_pixels, to_png
 from abstain.serving.store import ReviewItem
 
 FORMATS = ("npz", "imagefolder")
 NPZ_NAME = "review.npz"
+
+
+def item_pixels(item: ReviewItem) -> np.ndarray:
+    """The stored input as float32 ``[C, H, W]`` in [0, 1]."""
+    return np.frombuffer(item.pixels, dtype=np.float32).reshape(item.shape)
+
+
+def to_png(x: np.ndarray) -> bytes:
+    """Float ``[C, H, W]`` in [0, 1] → PNG bytes: grey for 1 channel, RGB for 3 (else the first)."""
+    from PIL import Image
+
+    pixels = np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    image = (
+        Image.fromarray(np.moveaxis(pixels, 0, -1)) if pixels.shape[0] == 3 else Image.fromarray(pixels[0])
+    )
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def select(items: Sequence[ReviewItem], model: str | None, version: str | None) -> list[ReviewItem]:
