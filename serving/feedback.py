@@ -171,7 +171,7 @@ async def feedback(request: Request) -> JSONResponse:
                     404,
                     "unknown_request_id",
                     f"unknown request ids {exc.unknown[:10]}: never answered here, dropped by retention, "
-                    "or not recorded yet (decisions are written within milliseconds; retry); "
+                    "or not recorded yet (decisions are written within 0.1 s; retry); "
                     "nothing was applied",
                     count=len(exc.unknown),
                     unknown=exc.unknown,

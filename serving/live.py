@@ -32,6 +32,7 @@ confidence, not merely by bad luck.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import time
@@ -154,6 +155,7 @@ class DecisionLog:
             on_tick=lambda store: self.metrics.refresh(store, window),
             tick_s=REFRESH_S,
         )
+        atexit.register(self.recorder.close)  # a worker that stops writes what it buffered
 
     @classmethod
     def from_settings(

@@ -1,15 +1,18 @@
 """The recorder thread: the only thread that touches the decision store, so answers never wait on it.
 
-``record`` is called on the event loop after each answer: it puts the decisions on a bounded
-queue and returns at once (a full queue, or a store that is down, drops them and counts them
-"not recorded"; the answer is sent regardless). The thread drains the queue in batches (one
-transaction for everything that queued up, which is what keeps the cost per answer small)
-and runs the store calls the endpoints hand it (``call``: labels, live statistics), after
-writing every decision queued before them — so a label posted after its answer was
-recorded by this worker finds its decision.
+``record`` is called on the event loop after each answer: it appends the decisions to an
+in-memory buffer and returns at once — no lock handed over, no thread woken (a full buffer,
+or a store that is down, drops them and counts them "not recorded"; the answer is sent
+regardless). The thread wakes every :data:`FLUSH_S` seconds and writes everything buffered
+in one transaction. Why not wake it per answer: on a small machine a thread woken ~200
+times a second competes with the event loop for the GIL and the cores, and single-row
+transactions cost ~5x more per row than bursts (``benchmarks/serve_store.py``).
 
-The store is opened on the thread, lazily, and reopened after a failure (a database that
-restarts comes back without restarting the service).
+Store calls from the endpoints (``call``: labels, review pages) wake the thread at once, and
+run after every decision buffered before them is written — so a label posted after its
+answer was recorded by this worker finds its decision. The store is opened on the thread,
+lazily, and reopened after a failure (a database that restarts comes back without
+restarting the service).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,10 +34,12 @@ from abstain.serving.store import Decision, DecisionStore, LabelConflictError, R
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Most queued answers (batches of decisions) before new ones are dropped as not recorded.
-MAX_QUEUED = 10_000
-#: Most decisions written in one transaction.
+#: Most buffered rows (decisions and review items) before new ones are dropped as not recorded.
+MAX_BUFFERED = 100_000
+#: Most rows written in one transaction.
 MAX_WRITE = 5_000
+#: Seconds between writes: how stale the store may be (a label waits for at most one).
+FLUSH_S = 0.1
 
 
 class StoreUnavailableError(RuntimeError):
@@ -45,7 +51,7 @@ class Recorder:
 
     Args:
         open_store: builds the store (called on the thread; again after a failure).
-        on_dropped: called with the number of decisions not recorded (queue full, store down).
+        on_dropped: called with the number of decisions not recorded (buffer full, store down).
         on_tick: called on the thread with the open store every ``tick_s`` seconds (live gauges).
     """
 
@@ -56,41 +62,38 @@ class Recorder:
         on_tick: Callable[[DecisionStore], None] | None = None,
         tick_s: float = 5.0,
     ) -> None:
-        self._open_store, self._on_dropped, self._on_tick, self._tick_s = (
-            open_store,
-            on_dropped,
-            on_tick,
-            tick_s,
-        )
-        self._queue: queue.Queue[Any] = queue.Queue(MAX_QUEUED)
+        self._open_store, self._on_dropped = open_store, on_dropped
+        self._on_tick, self._tick_s = on_tick, tick_s
+        self._buffer: deque[Decision | ReviewItem] = deque()  # append/popleft are thread-safe
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
         self._store: DecisionStore | None = None
         self._thread = threading.Thread(target=self._run, name="abstain-recorder", daemon=True)
         self._thread.start()
 
     def record(self, decisions: Sequence[Decision], reviews: Sequence[ReviewItem] = ()) -> None:
-        """Queue ``decisions`` (and abstained inputs kept for review) for writing; never blocks."""
-        try:
-            self._queue.put_nowait([*decisions, *reviews])
-        except queue.Full:
+        """Buffer ``decisions`` (and abstained inputs kept for review) for writing; never blocks."""
+        if len(self._buffer) >= MAX_BUFFERED:
             self._on_dropped(len(decisions))
+            return
+        self._buffer.extend(decisions)
+        self._buffer.extend(reviews)
 
     async def call(self, fn: Callable[[DecisionStore], T]) -> T:
-        """Run ``fn(store)`` on the recorder thread (after the decisions queued so far) and await it.
+        """Run ``fn(store)`` on the recorder thread (after the decisions buffered so far) and await it.
 
         Raises :class:`StoreUnavailableError` when the store cannot be opened, or ``fn``'s own error.
         """
         future: Future[T] = Future()
-        try:
-            self._queue.put_nowait(_Call(fn, future))
-        except queue.Full:
-            raise StoreUnavailableError(
-                f"the decision store is {MAX_QUEUED} writes behind; retry later"
-            ) from None
+        self._calls.put(_Call(fn, future))
+        self._wake.set()
         return await asyncio.wrap_future(future)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread and close the store."""
-        self._queue.put(_STOP)
+        """Write what is buffered, then stop the thread and close the store."""
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout)
 
     def _store_or_open(self) -> DecisionStore:
@@ -108,41 +111,36 @@ class Recorder:
                 self._store.close()
             self._store = None
 
-    def _write(self, pending: list[Decision | ReviewItem]) -> None:
-        if not pending:
-            return
-        decisions = [d for d in pending if isinstance(d, Decision)]
-        reviews = [r for r in pending if isinstance(r, ReviewItem)]
-        try:
-            self._store_or_open().record(decisions, reviews)
-        except Exception as exc:  # a failing store costs the records, never the answers
-            self._fail(exc)
-            self._on_dropped(len(decisions))
-        pending.clear()
+    def _flush(self) -> None:
+        """Write everything buffered now, :data:`MAX_WRITE` rows per transaction."""
+        while self._buffer:
+            rows = [self._buffer.popleft() for _ in range(min(len(self._buffer), MAX_WRITE))]
+            decisions = [r for r in rows if isinstance(r, Decision)]
+            reviews = [r for r in rows if isinstance(r, ReviewItem)]
+            try:
+                self._store_or_open().record(decisions, reviews)
+            except Exception as exc:  # a failing store costs the records, never the answers
+                self._fail(exc)
+                self._on_dropped(len(decisions))
 
     def _run(self) -> None:
-        pending: list[Decision | ReviewItem] = []
         next_tick = time.monotonic() + self._tick_s
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = None
-            while isinstance(item, list):  # gather what else queued up into the same transaction
-                pending.extend(item)
-                if len(pending) >= MAX_WRITE:
-                    self._write(pending)
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            calls = []  # taken before the flush: their decisions were buffered before them
+            while True:
                 try:
-                    item = self._queue.get_nowait()
+                    calls.append(self._calls.get_nowait())
                 except queue.Empty:
-                    item = None
-            self._write(pending)  # before a call or a stop: they see every earlier decision
-            if item is _STOP:
+                    break
+            self._flush()
+            for call in calls:
+                self._answer(call)
+            if self._stopping:
                 if self._store is not None:
                     self._store.close()
                 return
-            if isinstance(item, _Call):
-                self._answer(item)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._tick_s
                 if self._on_tick is not None:
@@ -165,6 +163,3 @@ class Recorder:
 class _Call:
     fn: Callable[[DecisionStore], Any]
     future: Future[Any]
-
-
-_STOP = object()

@@ -25,7 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +49,13 @@ class Decision:
     class_index: int
     score: float  # the operating point's selection-score value
     threshold: float
+
+    def row(self) -> tuple:
+        """Values of :data:`COLUMNS`, in order (by hand: ``dataclasses.astuple`` deep-copies, 12 µs/row)."""
+        return (
+            self.request_id, self.t, self.model, self.version, self.operating_point,
+            self.decision, self.class_index, self.score, self.threshold,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ class ReviewItem:
 
     def row(self) -> tuple:
         """Values of :data:`REVIEW_COLUMNS`, in order."""
-        return (*astuple(self)[:9], ",".join(map(str, self.shape)), self.pixels, len(self.pixels))
+        head = (self.request_id, self.t, self.model, self.version, self.operating_point)
+        tail = (self.candidate, self.confidence, self.score, self.threshold)
+        return (*head, *tail, ",".join(map(str, self.shape)), self.pixels, len(self.pixels))
 
     @classmethod
     def from_row(cls, row: Sequence) -> ReviewItem:
@@ -267,7 +276,7 @@ class SqliteStore:
             db.executemany(
                 f"INSERT OR IGNORE INTO decisions ({', '.join(COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                [astuple(d) for d in decisions],
+                [d.row() for d in decisions],
             )
             inserted = db.total_changes - before
             # seq grows by one per row, so "seq <= newest - max_rows" leaves at most max_rows rows

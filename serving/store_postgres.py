@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import astuple
 
 from abstain.serving.store import (
     COLUMNS,
@@ -77,7 +76,7 @@ class PostgresStore:
             cur.executemany(
                 f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
                 "ON CONFLICT (request_id) DO NOTHING",
-                [astuple(d) for d in decisions],
+                [d.row() for d in decisions],
                 returning=False,
             )
             inserted = max(cur.rowcount, 0)

@@ -106,7 +106,7 @@ def _send_and_label(client: httpx.Client, point: str, wrong: bool) -> tuple[int,
         errors += p["decision"] == "predict" and label != top
     deadline = time.monotonic() + 10
     while (reply := client.post("/feedback", json=labels)).status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the answering worker writes its decisions within milliseconds
+        time.sleep(0.1)  # the answering worker writes its decisions within 0.1 s
     assert reply.status_code == 200, reply.text
     return answered, errors
 
