@@ -13,7 +13,7 @@ Then, in-process, where the time of the store goes: what ``record`` costs on the
 per answer (it only queues), and how many decisions per second the recorder thread writes
 to SQLite (which runs beside the event loop, off the answer's path).
 
-    nice -n 10 python benchmarks/serve_store.py     # 8 pairs of 6 s side-by-side runs, 8 clients each: ≈ 3 min
+    nice -n 10 python benchmarks/serve_store.py     # 8 side-by-side pairs, 6 s, 8 clients each: ≈ 3 min
 
 Writes the ``## Decision store`` section of docs/benchmarks.md (other sections are kept).
 """
@@ -180,8 +180,24 @@ def main() -> None:
     ratios = [p["sqlite"]["rps"] / p["off"]["rps"] for p in pairs]
     p50_ratios = [p["sqlite"]["p50"] / p["off"]["p50"] for p in pairs]
     mean_ratio = statistics.mean(ratios)
-    within = mean_ratio >= 0.95  # "slower by at most 5 %"; faster is noise, not a cost
+    # two standard errors either side of the mean ratio; "faster" is noise, not a gain
+    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("inf")
+    low, high = mean_ratio - 2 * se, mean_ratio + 2 * se
+    if low >= 0.95:
+        verdict = f"**met**: the mean ratio's ±2 standard errors, [{low:.3f}, {high:.3f}], lie above 0.95"
+    elif high < 0.95:
+        verdict = f"**missed**: the mean ratio's ±2 standard errors, [{low:.3f}, {high:.3f}], lie below 0.95"
+    else:
+        verdict = (
+            f"**not resolved by the end-to-end runs**: the mean ratio's ±2 standard errors, [{low:.3f}, "
+            f"{high:.3f}], straddle 0.95 — this shared machine's noise is larger than the effect; the "
+            "direct measurement below bounds it"
+        )
     on_loop_us, write_rate = where_the_time_goes()
+    # the CPU that recording takes at the measured "off" throughput, as a share of one core
+    off_rps = statistics.mean(p["off"]["rps"] for p in pairs)
+    cost_us = on_loop_us + 1e6 / write_rate
+    share = cost_us * off_rps / 1e6
     print(
         f"recording on the event loop: {on_loop_us:.1f} µs per answer; SQLite {write_rate:,.0f} decisions/s"
     )
@@ -211,17 +227,17 @@ shared with other jobs while this ran; the load generator shares the cores with 
 
 Throughput on / off: **{mean_std(ratios)}** (mean ± std over pairs; p50 latency on / off
 {mean_std(p50_ratios)}). Off: {stat("off", "rps", ".0f")} req/s, on: {stat("sqlite", "rps", ".0f")} req/s.
-Target "on slower by at most 5 %": **{"met" if within else "missed"}** on this machine{
-        "" if within else " (see below for where the time goes)"
-    }. {errors} errors; every answer of the "on" runs was recorded
+Target "on slower by at most 5 %": {verdict}. {errors} errors; every answer of the "on" runs was recorded
 ({unrecorded} missing).
 
 Where the time goes: recording adds **{on_loop_us:.1f} µs** per answer on the event loop (a request id,
 one row, appended to the recorder's buffer: no lock handed over, no thread woken); the recorder thread
 wakes every 0.1 s and writes the buffer in one transaction, **{write_rate:,.0f} decisions/s** into SQLite
 at 25 rows a transaction (≈ 250 answers/s), off the answer's path. An earlier version woke the thread
-and committed once per answer (≈ 100 µs a row): that measured 0.83 ± 0.08 of "off" here — the
+and committed once per answer (≈ 100 µs a row): back to back it measured 0.83 ± 0.08 of "off" — the
 thread's wake-ups competed with the event loop for the GIL and the two cores.
+Together, **{cost_us:.0f} µs of CPU per answer**: at the {off_rps:.0f} req/s measured here, {share:.2%} of one
+core{" — inside 5 %" if share < 0.05 else " — above 5 %"}.
 """
     print(text)
     if not args.no_write:
