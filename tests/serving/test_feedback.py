@@ -1,20 +1,21 @@
 """Request ids, ``POST /feedback`` and the live selective risk, on a real 2-worker ``bentoml serve``.
 
-The server records into its own SQLite store directory; the test restarts it on the same
-directory and the decisions and labels are still there.
+The store tests run twice: the server recording into its own SQLite directory, and into a
+real PostgreSQL server; each restarts the service on the same store and finds the decisions
+and labels still there.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 
 from abstain.bounds import clopper_pearson
 from tests.digits import load_digits
+from tests.serving.conftest import empty_postgres
 from tests.serving.servers import MODEL_DIR, Server, stop
 
 pytestmark = pytest.mark.server
@@ -47,16 +48,19 @@ def wait_metric(
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store_options(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, object]:
+    """The same tests for both stores: a fresh SQLite directory, or an emptied PostgreSQL database."""
+    if request.param == "sqlite":
+        return {"store_dir": tmp_path_factory.mktemp("store")}
+    return {"store": empty_postgres(request.getfixturevalue("postgres_url"))}
 
 
 @pytest.fixture(scope="module")
-def store_server(start_server, store_dir: Path) -> Server:
-    return start_server(
-        model_dir=MODEL_DIR, workers=2, ort_threads=1, store_dir=store_dir, operating_point=POINT
-    )
+def store_server(start_server, store_options: dict[str, object]) -> Server:
+    return start_server(model_dir=MODEL_DIR, workers=2, ort_threads=1, operating_point=POINT, **store_options)
 
 
 def test_every_answer_carries_a_request_id(server: Server) -> None:
@@ -133,7 +137,7 @@ def test_feedback_refusals_are_clear_4xx_and_counted(store_server: Server) -> No
 
 
 def test_live_risk_at_metrics_is_the_hand_computed_one_and_survives_a_restart(
-    start_server, store_server: Server, store_dir: Path
+    start_server, store_server: Server, store_options: dict[str, object]
 ) -> None:
     test = load_digits("test")
     ids = [f"live-{i}" for i in range(N)]
@@ -181,11 +185,10 @@ def test_live_risk_at_metrics_is_the_hand_computed_one_and_survives_a_restart(
     reply = post_feedback(store_server, {"request_id": ids[50], "label": truth[50]})
     assert reply.json()["results"][0]["correct"] == ((top[50] == truth[50]) if answered[50] else None)
 
-    # restart on the same store directory: the decisions and labels are still there
+    # restart on the same store: the decisions and labels are still there
     stop(store_server.process)
-    again = start_server(
-        model_dir=MODEL_DIR, workers=2, ort_threads=1, store_dir=store_dir, operating_point=POINT
-    )
+    options = {"model_dir": MODEL_DIR, "workers": 2, "ort_threads": 1, "operating_point": POINT}
+    again = start_server(**options, **store_options)
     n_answered += answered[50]
     errors += answered[50] and top[50] != truth[50]
     assert (

@@ -23,17 +23,9 @@ from abstain.serving.store import (
     SqliteStore,
     open_store,
 )
-from tests.serving.postgres import postgres_bin, running_postgres
+from tests.serving.conftest import empty_postgres
 
 DAY = 86400.0
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
-    with running_postgres() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -41,11 +33,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
     """Factory ``make_store(max_rows, max_age_s)`` → a fresh, empty store of each kind."""
     opened: list[DecisionStore] = []
     if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as db:
-            db.execute("DROP TABLE IF EXISTS decisions, review")
+        url = empty_postgres(request.getfixturevalue("postgres_url"))
     else:
         url = "sqlite"
 
