@@ -110,7 +110,7 @@ def review(
     """
     from abstain.serving.live import default_store_dir
     from abstain.serving.review_export import FORMATS, export, select
-    from abstain.serving.store import Retention, open_store
+    from abstain.serving.store import Retention, SqliteStore, open_store
 
     if action != "export":
         raise typer.BadParameter(f"action should be export, but got {action!r}", param_hint="ACTION")
@@ -121,6 +121,10 @@ def review(
     if store == "off":
         raise typer.BadParameter("there is no store to export from", param_hint="--store")
     directory_of_store = Path(store_dir) if store_dir else default_store_dir()
+    if store == "sqlite" and not (directory_of_store / SqliteStore.FILENAME).is_file():
+        typer.echo(f"error: no decision store in {directory_of_store}; give the service's --store-dir",
+                   err=True)
+        raise typer.Exit(1)
     # reading only: retention is enforced by writes, which this never makes
     opened = open_store(store, directory_of_store, Retention(max_rows=1, max_age_s=1.0))
     try:
