@@ -124,7 +124,7 @@ class Recorder:
                 self._on_dropped(len(decisions))
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + self._tick_s
+        next_tick = time.monotonic()  # the first tick at once: the live gauges exist from the start
         while True:
             self._wake.wait(FLUSH_S)
             self._wake.clear()
