@@ -68,6 +68,7 @@ class Recorder:
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
+        self._failing = False
         self._store: DecisionStore | None = None
         self._thread = threading.Thread(target=self._run, name="abstain-recorder", daemon=True)
         self._thread.start()
@@ -102,10 +103,15 @@ class Recorder:
                 self._store = self._open_store()
             except Exception as exc:
                 raise StoreUnavailableError(f"the decision store cannot be opened: {exc}") from exc
+            if self._failing:
+                log.warning("decision store is back; decisions are recorded again")
+                self._failing = False
         return self._store
 
     def _fail(self, exc: Exception) -> None:
-        log.warning("decision store failed: %s", exc)
+        if not self._failing:  # once per outage, not once per flush (10 a second)
+            log.warning("decision store failed (%s); decisions are not recorded until it is back", exc)
+            self._failing = True
         if self._store is not None:
             with contextlib.suppress(Exception):  # it is being dropped anyway
                 self._store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -211,4 +212,20 @@ def test_with_the_store_off_answers_still_carry_ids_and_feedback_says_why_not(st
     )
     assert reply.status_code == 503 and "ABSTAIN_STORE=off" in reply.json()["error"]
     assert "abstain_live_selective_risk" not in httpx.get(f"{server.url}/metrics", timeout=10).text
+    stop(server.process)
+
+
+def test_a_store_that_cannot_open_costs_the_records_never_the_answers(start_server, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the store directory should be")
+    server = start_server(model_dir=MODEL_DIR, workers=1, ort_threads=1, store_dir=blocked)
+    x = load_digits("test").x[:4].tolist()
+    reply = httpx.post(f"{server.url}/predict", json={"pixels": x}, timeout=30)
+    assert reply.status_code == 200 and len(reply.json()["predictions"]) == 4
+    labels = {"model": "digits", "version": MODEL_DIR.name}
+    assert wait_metric(server, "abstain_decisions_not_recorded_total", lambda v: v == 4, **labels) == 4
+    rid = reply.json()["predictions"][0]["request_id"]
+    reply = httpx.post(f"{server.url}/feedback", json={"request_id": rid, "label": 0}, timeout=30)
+    assert reply.status_code == 503 and reply.json()["reason"] == "store_unavailable"
+    assert "cannot be opened" in reply.json()["error"]
     stop(server.process)
