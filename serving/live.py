@@ -39,7 +39,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from abstain.bounds import clopper_pearson
 from abstain.operating_points import Calibration, OperatingPoint
 from abstain.serving.recorder import Recorder
 from abstain.serving.store import Decision, DecisionStore, Retention, ReviewItem, open_store
+
+if TYPE_CHECKING:
+    from abstain.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 #: Two-sided level of the live risk interval (each bound one-sided at 97.5 %).
@@ -159,7 +163,7 @@ class DecisionLog:
 
     @classmethod
     def from_settings(
-        cls, settings: Any, model: str, version: str, calibration: Calibration
+        cls, settings: ServeSettings, model: str, version: str, calibration: Calibration
     ) -> DecisionLog | None:
         """``None`` when ``ABSTAIN_STORE=off``; else a log on the store the settings name."""
         if settings.store == "off":
@@ -178,7 +182,7 @@ class DecisionLog:
         except Exception as exc:
             log.warning(
                 "decision store %s unavailable at start-up (%s); decisions are not recorded until it is back",
-                settings.store,
+                redact(settings.store),
                 exc,
             )
         return cls(
@@ -263,3 +267,12 @@ def with_request_ids(
     if log is not None:
         log.record(ids, answers, x)
     return [{"request_id": rid, **a} for rid, a in zip(ids, answers, strict=True)]
+
+
+def redact(url: str) -> str:
+    """A store URL fit for logs: a password in it is replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -7,7 +7,7 @@ import pytest
 from abstain.contract import CALIBRATION_FILENAME
 from abstain.operating_points import OperatingPoint, load_calibration
 from abstain.serving.feedback import class_index, parse_request_ids
-from abstain.serving.live import calibrated_risk
+from abstain.serving.live import calibrated_risk, redact
 from abstain.serving.validation import InputRejectedError
 from tests.serving.servers import MODEL_DIR
 
@@ -63,3 +63,9 @@ def test_labels_are_class_names_or_indices() -> None:
         and class_index("2", names) is None
         and class_index(1.0, names) is None
     )
+
+
+def test_store_urls_are_logged_without_their_password() -> None:
+    assert redact("postgresql://abstain:s3cret@db:5432/abstain") == "postgresql://abstain:***@db:5432/abstain"
+    assert redact("postgresql://abstain@db/abstain") == "postgresql://abstain@db/abstain"
+    assert redact("sqlite") == "sqlite"
