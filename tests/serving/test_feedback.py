@@ -137,6 +137,7 @@ def test_feedback_refusals_are_clear_4xx_and_counted(store_server: Server) -> No
     assert reply.status_code == 400 and "not JSON" in reply.json()["error"]
 
 
+@pytest.mark.slow  # two server starts per store
 def test_live_risk_at_metrics_is_the_hand_computed_one_and_survives_a_restart(
     start_server, store_server: Server, store_options: dict[str, object]
 ) -> None:
