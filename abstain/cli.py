@@ -27,6 +27,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "predict": ("abstain.calibration.cli", "predict", True),
     "serve": ("abstain.serving.cli", "serve", False),
+    "review": ("abstain.serving.cli", "review", True),
 }
 
 

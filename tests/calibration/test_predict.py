@@ -157,3 +157,27 @@ def test_cli_prints_the_summary(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("360 inputs at operating point ")
     assert "selective risk" in done.stdout and f"wrote {tmp_path / 'd.parquet'}" in done.stdout
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_png_folder_in_csv_and_parquet_equals_the_service_upload_path(tmp_path: Path, suffix: str) -> None:
+    """The PNG folder in the other two formats, against the service's own upload decoding
+    (``serving.validation.decode_image``, what ``POST /predict_image`` runs) and ``decide``."""
+    from abstain.serving.validation import decode_image
+
+    test = load_digits("test")
+    root = tmp_path / "pngs"
+    paths = write_pngs(root, test.x[:30], test.y[:30], class_folders=False)
+    (root / "part1" / "zz-truncated.png").write_bytes(paths[0].read_bytes()[:40])
+    out = tmp_path / f"d{suffix}"
+    summary = run_predict(MODEL_DIR, out, input_path=root, batch_size=7)
+    records = {r["input"]: r for r in read_records(out)}
+    assert len(records) == 31 and summary.errors == 1
+    assert records[str(Path("part1") / "zz-truncated.png")]["decision"] == "error"
+    model = OnnxModel(sorted(p for p in MODEL_DIR.iterdir() if p.is_dir())[-1] / MODEL_FILENAME)
+    uploads = np.concatenate([decode_image(p.read_bytes(), model.input_spec) for p in paths])
+    for path, e in zip(paths, service_answers(uploads, None), strict=True):
+        r = records[str(path.relative_to(root))]
+        assert r["decision"] == e["decision"] and r["score_value"] == e["score_value"]
+        k = e["class_index"] if e["decision"] == "predict" else e["candidate"]["class_index"]
+        assert r["class_index"] == k and r["true_label"] is None  # no class folders: no labels
