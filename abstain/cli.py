@@ -25,6 +25,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "serve": ("abstain.serving.cli", "serve", False),
+    "export-selective": ("abstain.export.selective", "export_selective", True),
 }
 
 
