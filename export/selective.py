@@ -94,14 +94,23 @@ def build_from_version_dir(version_dir: Path) -> tuple[Any, list[str]]:
     base = onnx.load(str(base_path))
     props = {p.key: p.value for p in base.metadata_props}
     class_names = json.loads(props[META_CLASS_NAMES])
-    info = SelectiveInfo(base_sha, sha256_file(calibration_path), calibration.default_operating_point,
-                         point_records(calibration))
+    info = SelectiveInfo(
+        base_sha,
+        sha256_file(calibration_path),
+        calibration.default_operating_point,
+        point_records(calibration),
+    )
     return build_selective_model(base, calibration, info), class_names
 
 
-def export_selective_entry(model_dir: Path, name: str | None = None, repository: Path | None = None,
-                           version: int | None = None, force: bool = False,
-                           max_batch_size: int = 256) -> SelectiveResult:
+def export_selective_entry(
+    model_dir: Path,
+    name: str | None = None,
+    repository: Path | None = None,
+    version: int | None = None,
+    force: bool = False,
+    max_batch_size: int = 256,
+) -> SelectiveResult:
     """Write ``REPOSITORY/NAME/VERSION/model.onnx`` (+ config, labels) for ``model_dir``.
 
     Defaults: ``NAME`` = ``<base name>-selective``, ``REPOSITORY`` = the base entry's repository,
@@ -128,19 +137,27 @@ def export_selective_entry(model_dir: Path, name: str | None = None, repository:
     from abstain.export.selective_graph import SelectiveInfo
 
     points = tuple(p["name"] for p in SelectiveInfo.from_model(model).operating_points)
-    return SelectiveResult(path, version_dir / "model.onnx", version_dir / "calibration.json",
-                           points, sha256_bytes(data))
+    return SelectiveResult(
+        path, version_dir / "model.onnx", version_dir / "calibration.json", points, sha256_bytes(data)
+    )
 
 
 def export_selective(
-    model_dir: Annotated[Path, typer.Argument(
-        help="Calibrated entry (models/NAME, latest version) or version directory (models/NAME/3).")],
-    name: Annotated[str | None, typer.Option(
-        "--name", help="Entry name to write; default: <base name>-selective.")] = None,
-    repository: Annotated[Path | None, typer.Option(
-        help="Model repository to write into; default: the base entry's.")] = None,
-    version: Annotated[int | None, typer.Option(
-        help="Version to write; default: the base graph's version.")] = None,
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Calibrated entry (models/NAME, latest version) or version directory (models/NAME/3)."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Entry name to write; default: <base name>-selective.")
+    ] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="Model repository to write into; default: the base entry's.")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version to write; default: the base graph's version.")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace the version if it already exists.")] = False,
     max_batch_size: Annotated[int, typer.Option(help="Triton's max_batch_size in config.pbtxt.")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -159,10 +176,19 @@ def export_selective(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if json_output:
-        typer.echo(json.dumps({"model": str(result.model_path), "base": str(result.base_path),
-                               "calibration": str(result.calibration_path),
-                               "operating_points": list(result.operating_points),
-                               "sha256": result.sha256}))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": str(result.model_path),
+                    "base": str(result.base_path),
+                    "calibration": str(result.calibration_path),
+                    "operating_points": list(result.operating_points),
+                    "sha256": result.sha256,
+                }
+            )
+        )
     else:
-        typer.echo(f"wrote {result.model_path} (operating points: {', '.join(result.operating_points)}; "
-                   f"from {result.base_path} + {result.calibration_path})")
+        typer.echo(
+            f"wrote {result.model_path} (operating points: {', '.join(result.operating_points)}; "
+            f"from {result.base_path} + {result.calibration_path})"
+        )

@@ -63,14 +63,17 @@ class SelectiveInfo:
     operating_points: tuple[dict, ...]  # name, score, threshold, method, targets; graph order
 
     def to_json(self) -> str:
-        return json.dumps({
-            "base_graph_sha256": self.base_graph_sha256,
-            "calibration_sha256": self.calibration_sha256,
-            "default_operating_point": self.default_operating_point,
-            "operating_points": list(self.operating_points),
-            "outputs": list(SELECTIVE_OUTPUT_NAMES),
-            "decision": "accept[:, p] = scores[:, p] >= threshold[p], float64",
-        }, sort_keys=True)
+        return json.dumps(
+            {
+                "base_graph_sha256": self.base_graph_sha256,
+                "calibration_sha256": self.calibration_sha256,
+                "default_operating_point": self.default_operating_point,
+                "operating_points": list(self.operating_points),
+                "outputs": list(SELECTIVE_OUTPUT_NAMES),
+                "decision": "accept[:, p] = scores[:, p] >= threshold[p], float64",
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> SelectiveInfo:
@@ -82,8 +85,12 @@ class SelectiveInfo:
                 "(make one with `abstain export-selective MODEL_DIR`)"
             )
         raw = json.loads(props[META_SELECTIVE])
-        return cls(raw["base_graph_sha256"], raw["calibration_sha256"],
-                   raw["default_operating_point"], tuple(raw["operating_points"]))
+        return cls(
+            raw["base_graph_sha256"],
+            raw["calibration_sha256"],
+            raw["default_operating_point"],
+            tuple(raw["operating_points"]),
+        )
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -102,14 +109,23 @@ def _reduce(op: str, x: str, out: str, opset: int, axes_const: str) -> onnx.Node
 
 def point_records(calibration: Calibration) -> tuple[dict, ...]:
     """The operating points as stored in the metadata, in the calibration's order."""
-    return tuple({
-        "name": p.name, "method": p.method, "score": p.score, "threshold": p.threshold,
-        "target_coverage": p.target_coverage, "target_risk": p.target_risk, "delta": p.delta,
-    } for p in calibration.operating_points)
+    return tuple(
+        {
+            "name": p.name,
+            "method": p.method,
+            "score": p.score,
+            "threshold": p.threshold,
+            "target_coverage": p.target_coverage,
+            "target_risk": p.target_risk,
+            "delta": p.delta,
+        }
+        for p in calibration.operating_points
+    )
 
 
-def build_selective_model(base: onnx.ModelProto, calibration: Calibration,
-                          info: SelectiveInfo) -> onnx.ModelProto:
+def build_selective_model(
+    base: onnx.ModelProto, calibration: Calibration, info: SelectiveInfo
+) -> onnx.ModelProto:
     """A copy of ``base`` with the decision for every operating point of ``calibration``.
 
     Args:
@@ -147,45 +163,68 @@ def build_selective_model(base: onnx.ModelProto, calibration: Calibration,
         numpy_helper.from_array(np.array([1], dtype=np.int64), name("axis1")),
         numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("column")),
         # float64, bit-for-bit the calibration's thresholds; [P] broadcasts over [N, P]
-        numpy_helper.from_array(np.array([p.threshold for p in points], dtype=np.float64),
-                                name("thresholds")),
+        numpy_helper.from_array(
+            np.array([p.threshold for p in points], dtype=np.float64), name("thresholds")
+        ),
     ]
     graph.initializer.extend(consts)
     a1 = name("axis1")
     nodes = [
         # numpy's path in abstain.selective.softmax, in float64: z - max, exp, / sum
-        helper.make_node("Cast", [LOGITS_NAME], [name("logits64")], to=TensorProto.DOUBLE,
-                         name=name("cast_logits")),
+        helper.make_node(
+            "Cast", [LOGITS_NAME], [name("logits64")], to=TensorProto.DOUBLE, name=name("cast_logits")
+        ),
         _reduce("ReduceMax", name("logits64"), name("zmax"), opset, a1),
         helper.make_node("Sub", [name("logits64"), name("zmax")], [name("z")], name=name("sub")),
         helper.make_node("Exp", [name("z")], [name("e")], name=name("exp")),
         _reduce("ReduceSum", name("e"), name("esum"), opset, a1),
         helper.make_node("Div", [name("e"), name("esum")], [name("probs")], name=name("div")),
-        helper.make_node("ArgMax", [name("probs")], [CLASS_INDEX_NAME], axis=1, keepdims=0,
-                         select_last_index=0, name=name("argmax")),
-        helper.make_node("ReduceMax", [name("probs"), a1] if opset >= 18 else [name("probs")],
-                         [CONFIDENCE_NAME], keepdims=0, name=name("confidence"),
-                         **({} if opset >= 18 else {"axes": [1]})),
-        helper.make_node("Cast", [SELECTION_NAME], [name("g_flat")], to=TensorProto.DOUBLE,
-                         name=name("cast_selection")),
+        helper.make_node(
+            "ArgMax",
+            [name("probs")],
+            [CLASS_INDEX_NAME],
+            axis=1,
+            keepdims=0,
+            select_last_index=0,
+            name=name("argmax"),
+        ),
+        helper.make_node(
+            "ReduceMax",
+            [name("probs"), a1] if opset >= 18 else [name("probs")],
+            [CONFIDENCE_NAME],
+            keepdims=0,
+            name=name("confidence"),
+            **({} if opset >= 18 else {"axes": [1]}),
+        ),
+        helper.make_node(
+            "Cast", [SELECTION_NAME], [name("g_flat")], to=TensorProto.DOUBLE, name=name("cast_selection")
+        ),
     ]
     columns: dict[str, str] = {}  # score name -> [N] tensor
     needed = {p.score for p in points}
     if SCORE_SELECTION in needed or SCORE_COMBINED in needed:
         # selection is [N] (or [N, 1] in older exports): flatten to [N]
-        nodes.append(helper.make_node("Reshape", [name("g_flat"), name("g_shape")], [name("g")],
-                                      name=name("reshape_g")))
+        nodes.append(
+            helper.make_node(
+                "Reshape", [name("g_flat"), name("g_shape")], [name("g")], name=name("reshape_g")
+            )
+        )
         graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name("g_shape")))
         columns[SCORE_SELECTION] = name("g")
     if SCORE_SOFTMAX_RESPONSE in needed or SCORE_COMBINED in needed:
         columns[SCORE_SOFTMAX_RESPONSE] = CONFIDENCE_NAME
     if SCORE_COMBINED in needed:
-        graph.initializer.extend([numpy_helper.from_array(np.array(0.0, dtype=np.float64), name("zero")),
-                                  numpy_helper.from_array(np.array(1.0, dtype=np.float64), name("one"))])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0.0, dtype=np.float64), name("zero")),
+                numpy_helper.from_array(np.array(1.0, dtype=np.float64), name("one")),
+            ]
+        )
         # sqrt(clip(g, 0, 1) * softmax_response), as abstain.selective.selection_scores
         nodes += [
-            helper.make_node("Clip", [name("g"), name("zero"), name("one")], [name("g_clip")],
-                             name=name("clip_g")),
+            helper.make_node(
+                "Clip", [name("g"), name("zero"), name("one")], [name("g_clip")], name=name("clip_g")
+            ),
             helper.make_node("Mul", [name("g_clip"), CONFIDENCE_NAME], [name("g_sr")], name=name("mul")),
             helper.make_node("Sqrt", [name("g_sr")], [name("combined")], name=name("sqrt")),
         ]
@@ -194,23 +233,30 @@ def build_selective_model(base: onnx.ModelProto, calibration: Calibration,
     column_names = []
     for i, p in enumerate(points):
         col = name(f"col{i}")
-        nodes.append(helper.make_node("Reshape", [columns[p.score], name("column")], [col],
-                                      name=name(f"reshape_col{i}")))
+        nodes.append(
+            helper.make_node(
+                "Reshape", [columns[p.score], name("column")], [col], name=name(f"reshape_col{i}")
+            )
+        )
         column_names.append(col)
     nodes += [
         helper.make_node("Concat", column_names, [SCORES_NAME], axis=1, name=name("concat")),
-        helper.make_node("GreaterOrEqual", [SCORES_NAME, name("thresholds")], [ACCEPT_NAME],
-                         name=name("accept")),
+        helper.make_node(
+            "GreaterOrEqual", [SCORES_NAME, name("thresholds")], [ACCEPT_NAME], name=name("accept")
+        ),
     ]
     graph.node.extend(nodes)
     batch = "batch"
-    graph.output.extend([
-        helper.make_tensor_value_info(CLASS_INDEX_NAME, TensorProto.INT64, [batch]),
-        helper.make_tensor_value_info(CONFIDENCE_NAME, TensorProto.DOUBLE, [batch]),
-        helper.make_tensor_value_info(SCORES_NAME, TensorProto.DOUBLE, [batch, len(points)]),
-        helper.make_tensor_value_info(ACCEPT_NAME, TensorProto.BOOL, [batch, len(points)]),
-    ])
-    helper.set_model_props(model, {**{p.key: p.value for p in base.metadata_props},
-                                   META_SELECTIVE: info.to_json()})
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(CLASS_INDEX_NAME, TensorProto.INT64, [batch]),
+            helper.make_tensor_value_info(CONFIDENCE_NAME, TensorProto.DOUBLE, [batch]),
+            helper.make_tensor_value_info(SCORES_NAME, TensorProto.DOUBLE, [batch, len(points)]),
+            helper.make_tensor_value_info(ACCEPT_NAME, TensorProto.BOOL, [batch, len(points)]),
+        ]
+    )
+    helper.set_model_props(
+        model, {**{p.key: p.value for p in base.metadata_props}, META_SELECTIVE: info.to_json()}
+    )
     onnx.checker.check_model(model, full_check=True)
     return model

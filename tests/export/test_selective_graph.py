@@ -46,8 +46,9 @@ def _run(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(None, {INPUT_NAME: x}), strict=True))
 
 
-def _service(logits: np.ndarray, selection: np.ndarray, points: tuple[OperatingPoint, ...],
-             names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _service(
+    logits: np.ndarray, selection: np.ndarray, points: tuple[OperatingPoint, ...], names: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(accept [N, P], class_index [N], score_value [N, P]) as `abstain serve` decides them."""
     per_point = [decide(logits, selection, p, names) for p in points]
     accept = np.array([[d["decision"] == "predict" for d in col] for col in per_point]).T
@@ -79,7 +80,9 @@ def test_metadata_names_points_in_order_with_provenance(built: Path) -> None:
     info = json.loads({p.key: p.value for p in model.metadata_props}[META_SELECTIVE])
     calibration = load_calibration(DIGITS / "1" / "calibration.json")
     assert [p["name"] for p in info["operating_points"]] == calibration.names
-    assert [p["threshold"] for p in info["operating_points"]] == [p.threshold for p in calibration.operating_points]
+    assert [p["threshold"] for p in info["operating_points"]] == [
+        p.threshold for p in calibration.operating_points
+    ]
     assert info["operating_points"][0]["target_coverage"] == calibration.operating_points[0].target_coverage
     assert info["base_graph_sha256"] == sha256_file(DIGITS / "1" / "model.onnx")
     assert info["calibration_sha256"] == sha256_file(DIGITS / "1" / "calibration.json")
@@ -98,7 +101,9 @@ def test_decisions_equal_the_service_on_the_whole_digits_test_split(built: Path)
     # the base outputs pass through untouched
     np.testing.assert_array_equal(out[LOGITS_NAME], base[LOGITS_NAME])
     np.testing.assert_array_equal(out[SELECTION_NAME], base[SELECTION_NAME])
-    accept, index, scores = _service(base[LOGITS_NAME], base[SELECTION_NAME], calibration.operating_points, names)
+    accept, index, scores = _service(
+        base[LOGITS_NAME], base[SELECTION_NAME], calibration.operating_points, names
+    )
     assert out[ACCEPT_NAME].dtype == np.bool_ and out[ACCEPT_NAME].shape == (len(x), 4)
     np.testing.assert_array_equal(out[ACCEPT_NAME], accept)
     np.testing.assert_array_equal(out[CLASS_INDEX_NAME], index)
@@ -119,21 +124,27 @@ def _passthrough_base() -> onnx.ModelProto:
         helper.make_node("Slice", [INPUT_NAME, "sK", "sK1", "ax"], ["g2"]),
         helper.make_node("Reshape", ["g2", "flat"], [SELECTION_NAME]),
     ]
-    inits = [numpy_helper.from_array(np.array([v], dtype=np.int64), n)
-             for n, v in (("s0", 0), ("sK", K), ("sK1", K + 1), ("ax", 1), ("flat", -1))]
+    inits = [
+        numpy_helper.from_array(np.array([v], dtype=np.int64), n)
+        for n, v in (("s0", 0), ("sK", K), ("sK1", K + 1), ("ax", 1), ("flat", -1))
+    ]
     graph = helper.make_graph(
-        nodes, "passthrough",
+        nodes,
+        "passthrough",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", K + 1])],
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", K]),
-         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", K]),
+            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
+        ],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def _selective(points: list[OperatingPoint]) -> ort.InferenceSession:
-    calibration = Calibration(graph_sha256="0" * 64, operating_points=tuple(points),
-                              default_operating_point=points[0].name)
+    calibration = Calibration(
+        graph_sha256="0" * 64, operating_points=tuple(points), default_operating_point=points[0].name
+    )
     info = SelectiveInfo("0" * 64, "0" * 64, points[0].name, point_records(calibration))
     return _session(build_selective_model(_passthrough_base(), calibration, info))
 
@@ -141,15 +152,20 @@ def _selective(points: list[OperatingPoint]) -> ort.InferenceSession:
 def _neighbours32(t: float) -> np.ndarray:
     """float32 selections around a float64 threshold t: the float32 nearest t, and one ulp either side."""
     t32 = np.float32(t)
-    return np.array([np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(2))], dtype=np.float32)
+    return np.array(
+        [np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(2))], dtype=np.float32
+    )
 
 
-@pytest.mark.parametrize("threshold", [
-    *[p.threshold for p in load_calibration(DIGITS / "1" / "calibration.json").operating_points],
-    0.5,  # exactly representable in both
-    0.1,  # not a float32: the float32 neighbours straddle it
-    float(np.float32(0.7)) + 1e-12,  # just above a float32: that float32 must abstain
-])
+@pytest.mark.parametrize(
+    "threshold",
+    [
+        *[p.threshold for p in load_calibration(DIGITS / "1" / "calibration.json").operating_points],
+        0.5,  # exactly representable in both
+        0.1,  # not a float32: the float32 neighbours straddle it
+        float(np.float32(0.7)) + 1e-12,  # just above a float32: that float32 must abstain
+    ],
+)
 def test_selection_score_at_and_around_the_threshold(threshold: float) -> None:
     points = [OperatingPoint(name="p", method="coverage", score="selection", threshold=threshold)]
     g = _neighbours32(threshold)
@@ -177,17 +193,19 @@ def test_softmax_scores_agree_to_an_ulp_and_decide_alike_off_the_threshold(score
     _, _, values = _service(logits, g, (probe,), ["a", "b", "c"])
     off, at = [], []
     for i, v in enumerate(values[:20, 0]):
-        off += [OperatingPoint(name=f"lo{i}", method="coverage", score=score, threshold=float(v * (1 - 1e-12))),
-                OperatingPoint(name=f"hi{i}", method="coverage", score=score, threshold=float(v * (1 + 1e-12)))]
+        off += [
+            OperatingPoint(name=f"lo{i}", method="coverage", score=score, threshold=float(v * (1 - 1e-12))),
+            OperatingPoint(name=f"hi{i}", method="coverage", score=score, threshold=float(v * (1 + 1e-12))),
+        ]
         at.append(OperatingPoint(name=f"at{i}", method="coverage", score=score, threshold=float(v)))
     out = _run(_selective(off + at), np.c_[logits, g].astype(np.float32))
     accept, _, scores = _service(logits, g, tuple(off + at), ["a", "b", "c"])
     np.testing.assert_allclose(out[SCORES_NAME], scores, rtol=1e-15, atol=0)
     np.testing.assert_array_equal(out[ACCEPT_NAME][:, : len(off)], accept[:, : len(off)])
-    same = out[SCORES_NAME][:, len(off):] == scores[:, len(off):]
+    same = out[SCORES_NAME][:, len(off) :] == scores[:, len(off) :]
     assert same.mean() > 0.5  # most scores are bit-equal, so the check below is not vacuous
-    np.testing.assert_array_equal(out[ACCEPT_NAME][:, len(off):][same], accept[:, len(off):][same])
-    assert accept[:, len(off):].any() and not accept[:, len(off):].all()
+    np.testing.assert_array_equal(out[ACCEPT_NAME][:, len(off) :][same], accept[:, len(off) :][same])
+    assert accept[:, len(off) :].any() and not accept[:, len(off) :].all()
 
 
 def test_cli_refuses_an_uncalibrated_graph_and_an_existing_version(tmp_path: Path) -> None:
