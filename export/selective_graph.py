@@ -118,6 +118,7 @@ def point_records(calibration: Calibration) -> tuple[dict, ...]:
             "target_coverage": p.target_coverage,
             "target_risk": p.target_risk,
             "delta": p.delta,
+            "coverage": p.coverage,  # measured on the calibration data
         }
         for p in calibration.operating_points
     )
