@@ -26,6 +26,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "serve": ("abstain.serving.cli", "serve", False),
     "export-selective": ("abstain.export.selective", "export_selective", True),
+    "triton-ensemble": ("abstain.serving.triton_ensemble", "triton_ensemble", True),
 }
 
 

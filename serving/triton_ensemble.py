@@ -18,6 +18,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from abstain.contract import (
     ACCEPT_NAME,
@@ -114,3 +117,28 @@ def write_monitored_ensemble(
     atomic_write_text(repository / ensemble / "config.pbtxt", ensemble_config)
     (repository / ensemble / version).mkdir(parents=True, exist_ok=True)
     return ensemble
+
+
+def triton_ensemble(
+    version_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Selective entry version (models/NAME-selective/1), as `abstain export-selective` wrote it."
+        ),
+    ],
+    repository: Annotated[
+        Path,
+        typer.Option(help="Triton model repository to write into (where the selective entry is served)."),
+    ] = Path("models"),
+    model_label: Annotated[
+        str | None,
+        typer.Option(help="`model` label of the counters; default: the entry name without -selective."),
+    ] = None,
+) -> None:
+    """Write a Triton ensemble NAME-monitored: the selective graph, then a Python-backend step
+    counting decisions on Triton's /metrics with the service's metric names and labels
+    (abstain_decisions_total, abstain_target_coverage), so deploy/'s rules and dashboard work."""
+    from abstain.contract import resolve_version_dir
+
+    name = write_monitored_ensemble(resolve_version_dir(version_dir), repository, model_label)
+    typer.echo(f"wrote {Path(repository) / name} (serve it with its steps: --load-model {name})")
