@@ -27,7 +27,11 @@ DECISIONS = (PREDICT, ABSTAIN)
 
 
 def decide(
-    logits: np.ndarray, selection: np.ndarray, point: OperatingPoint, class_names: Sequence[str]
+    logits: np.ndarray,
+    selection: np.ndarray,
+    point: OperatingPoint,
+    class_names: Sequence[str],
+    answered: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One decision dict per row of ``logits``.
 
@@ -36,6 +40,8 @@ def decide(
         selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
         point: the operating point whose ``score`` and ``threshold`` decide.
         class_names: ``K`` labels, index ``i`` names class ``i``.
+        answered: bool ``[N]``, the decision already taken for ``point`` (a selective graph's
+            ``accept`` column, ``serving/selective_remote.py``); default ``score >= threshold``.
 
     Returns:
         ``N`` dicts. Always: ``decision``, ``confidence`` (softmax response), ``selection`` (g),
@@ -58,7 +64,7 @@ def decide(
     top = probs.argmax(axis=1)  # [N]
     confidence = probs[np.arange(len(top)), top]  # [N], the softmax response
     scores = selection_scores(logits, selection, point.score)  # [N]
-    answered = scores >= point.threshold  # [N] bool
+    answered = scores >= point.threshold if answered is None else np.asarray(answered, bool).reshape(-1)
     out: list[dict[str, Any]] = []
     for i in range(len(top)):
         k = int(top[i])

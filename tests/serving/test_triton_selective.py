@@ -9,6 +9,9 @@ Triton runs the graph through the Python-backend stand-in for ``onnxruntime_onnx
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +111,59 @@ def test_triton_metadata_and_provenance(triton: tuple[int, int]) -> None:
     props = ort.InferenceSession(str(SELECTIVE_DIR / MODEL_FILENAME)).get_modelmeta().custom_metadata_map
     info = json.loads(props["abstain.selective"])
     assert info["calibration_sha256"] == sha256_file(Path(MODEL_DIR / CALIBRATION_FILENAME))
+
+
+def test_abstain_serve_fronts_the_selective_entry_and_triton_decides(
+    triton: tuple[int, int], server, start_server
+) -> None:
+    """`abstain serve --backend triton --triton-model digits-selective`: the decision comes from
+    Triton's accept, and equals the embedded service's on the whole test split."""
+    remote = start_server(
+        model_dir=MODEL_DIR,
+        backend="triton",
+        triton_url=f"grpc://127.0.0.1:{triton[1]}",
+        triton_model=SELECTIVE_DIR.parent.name,
+        workers=1,
+    )
+    x = load_digits("test").x
+    chunks = np.array_split(np.arange(len(x)), 4)
+    for point in ("coverage-0.8", "risk-0.05"):
+        with server.client() as embedded_client, remote.client() as remote_client:
+            body = [{"pixels": x[i].tolist(), "operating_point": point} for i in chunks]
+            embedded = [
+                p for b in body for p in embedded_client.post("/predict", json=b).json()["predictions"]
+            ]
+            replies = [remote_client.post("/predict", json=b) for b in body]
+        assert all(r.status_code == 200 for r in replies), replies[0].text
+        answers = [p for r in replies for p in r.json()["predictions"]]
+        assert [a["decision"] for a in answers] == [e["decision"] for e in embedded]
+        assert [a.get("class_index") for a in answers] == [e.get("class_index") for e in embedded]
+    assert remote.metric("abstain_decisions_total", operating_point="coverage-0.8", decision="abstain") > 0
+
+
+def test_abstain_serve_refuses_a_selective_entry_of_another_calibration(
+    triton: tuple[int, int], tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(MODEL_DIR.parent, repo / MODEL_DIR.parent.name)
+    shutil.copytree(SELECTIVE_DIR.parent, repo / SELECTIVE_DIR.parent.name)
+    calibration = repo / MODEL_DIR.parent.name / MODEL_DIR.name / CALIBRATION_FILENAME
+    raw = json.loads(calibration.read_text())
+    raw["created_at"] = "2000-01-01T00:00:00+00:00"  # same graph, same points, another file
+    calibration.write_text(json.dumps(raw))
+    argv = [
+        sys.executable,
+        "-m",
+        "abstain",
+        "serve",
+        str(repo / MODEL_DIR.parent.name / MODEL_DIR.name),
+        "--backend",
+        "triton",
+        "--triton-url",
+        f"127.0.0.1:{triton[0]}",
+        "--triton-model",
+        SELECTIVE_DIR.parent.name,
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "another calibration" in result.stderr and "abstain export-selective" in result.stderr
