@@ -15,6 +15,7 @@ of ``docs/benchmarks.md``. The load generator shares the machine's cores with th
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -161,7 +162,8 @@ def main() -> None:
     finally:
         stop(service)
         stop(triton)
-    machine = f"nproc {cpu_count()}, {cpu_model()}, Python {platform.python_version()}"
+    load = os.getloadavg()[0]  # other jobs on the machine: says how much the figures can be trusted
+    machine = f"nproc {cpu_count()}, {cpu_model()}, Python {platform.python_version()}, load average {load:.1f}"
     lines = [
         f"## {HEADING}",
         "",
