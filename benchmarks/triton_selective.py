@@ -163,7 +163,9 @@ def main() -> None:
         stop(service)
         stop(triton)
     load = os.getloadavg()[0]  # other jobs on the machine: says how much the figures can be trusted
-    machine = f"nproc {cpu_count()}, {cpu_model()}, Python {platform.python_version()}, load average {load:.1f}"
+    machine = (
+        f"nproc {cpu_count()}, {cpu_model()}, Python {platform.python_version()}, load average {load:.1f}"
+    )
     lines = [
         f"## {HEADING}",
         "",
