@@ -112,7 +112,7 @@ def test_prometheus_rule_computes_the_abstention_rate_sent(
     def query(promql: str) -> list[dict]:
         try:
             body = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5).json()
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):  # not up yet: refused, or a non-JSON "not ready" page
             return []
         return body.get("data", {}).get("result", [])
 
