@@ -12,6 +12,7 @@ input), which says how much of the difference is the decision and how much is no
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -113,7 +114,7 @@ def main() -> None:
     rows = run(args.repeats)
     machine = (
         f"nproc {cpu_count()}, {cpu_model()}, onnxruntime {ort.__version__}, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
     )
     lines = [
         f"## {HEADING}",

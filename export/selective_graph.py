@@ -203,7 +203,7 @@ def build_selective_model(
     ]
     columns: dict[str, str] = {}  # score name -> [N] tensor
     needed = {p.score for p in points}
-    if SCORE_SELECTION in needed or SCORE_COMBINED in needed:
+    if SCORE_COMBINED in needed:
         # selection is [N] (or [N, 1] in older exports): flatten to [N]
         nodes.append(
             helper.make_node(
@@ -211,9 +211,8 @@ def build_selective_model(
             )
         )
         graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name("g_shape")))
-        columns[SCORE_SELECTION] = name("g")
-    if SCORE_SOFTMAX_RESPONSE in needed or SCORE_COMBINED in needed:
-        columns[SCORE_SOFTMAX_RESPONSE] = CONFIDENCE_NAME
+    columns[SCORE_SELECTION] = name("g_flat")
+    columns[SCORE_SOFTMAX_RESPONSE] = CONFIDENCE_NAME
     if SCORE_COMBINED in needed:
         graph.initializer.extend(
             [
@@ -230,18 +229,29 @@ def build_selective_model(
             helper.make_node("Sqrt", [name("g_sr")], [name("combined")], name=name("sqrt")),
         ]
         columns[SCORE_COMBINED] = name("combined")
-    # one [N, 1] column per operating point, concatenated to [N, P]
+    # each distinct score once as an [N, 1] column, stacked [N, S]; one Gather picks the column
+    # of every operating point ([N, P]): fewer nodes than a column per point (the per-node
+    # dispatch cost is what the decision costs at batch 1, see benchmarks/selective_graph.py)
+    distinct = [s for s in SCORE_NAMES if s in needed]
     column_names = []
-    for i, p in enumerate(points):
-        col = name(f"col{i}")
+    for s in distinct:
+        col = name(f"column_{s}")
         nodes.append(
-            helper.make_node(
-                "Reshape", [columns[p.score], name("column")], [col], name=name(f"reshape_col{i}")
-            )
+            helper.make_node("Reshape", [columns[s], name("column")], [col], name=name(f"reshape_{s}"))
         )
         column_names.append(col)
+    if len(column_names) > 1:
+        nodes.append(helper.make_node("Concat", column_names, [name("stacked")], axis=1, name=name("concat")))
+    stacked = column_names[0] if len(column_names) == 1 else name("stacked")
+    graph.initializer.append(
+        numpy_helper.from_array(
+            np.array([distinct.index(p.score) for p in points], dtype=np.int64), name("point_score")
+        )
+    )
     nodes += [
-        helper.make_node("Concat", column_names, [SCORES_NAME], axis=1, name=name("concat")),
+        helper.make_node(
+            "Gather", [stacked, name("point_score")], [SCORES_NAME], axis=1, name=name("gather")
+        ),
         helper.make_node(
             "GreaterOrEqual", [SCORES_NAME, name("thresholds")], [ACCEPT_NAME], name=name("accept")
         ),
