@@ -127,7 +127,7 @@ def test_abstain_serve_fronts_the_selective_entry_and_triton_decides(
     )
     x = load_digits("test").x
     chunks = np.array_split(np.arange(len(x)), 4)
-    for point in ("coverage-0.8", "risk-0.05"):
+    for point in load_calibration(MODEL_DIR / CALIBRATION_FILENAME).names:  # every operating point
         with server.client() as embedded_client, remote.client() as remote_client:
             body = [{"pixels": x[i].tolist(), "operating_point": point} for i in chunks]
             embedded = [
