@@ -87,8 +87,11 @@ def main() -> None:
     flips = {
         p.name: sum(
             u["decision"] != v["decision"]
-            for u, v in zip(decide(a.logits, a.selection, p, cpu.class_names, a.selection_logit),
-                            decide(b.logits, b.selection, p, cpu.class_names, b.selection_logit), strict=True)
+            for u, v in zip(
+                decide(a.logits, a.selection, p, cpu.class_names, selection_logit=a.selection_logit),
+                decide(b.logits, b.selection, p, cpu.class_names, selection_logit=b.selection_logit),
+                strict=True,
+            )
         )
         for p in calibration.operating_points
     }
@@ -118,7 +121,7 @@ def main() -> None:
         os.killpg(server.pid, 15)
         server.wait(30)
     reference = decide(a.logits, a.selection, calibration.operating_point(None), cpu.class_names,
-                       a.selection_logit)
+                       selection_logit=a.selection_logit)
     service_flips = sum(u["decision"] != v["decision"] for u, v in zip(reference, served, strict=True))
 
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

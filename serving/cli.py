@@ -41,6 +41,7 @@ def serve(
     backend: Annotated[str, _option("backend")] = OPTION["backend"].default,
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
+    triton_model: Annotated[str | None, _option("triton_model")] = OPTION["triton_model"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     batch_max_size: Annotated[int, _option("batch_max_size")] = OPTION["batch_max_size"].default,
     batch_max_latency_ms: Annotated[float, _option("batch_max_latency_ms")] = (
@@ -74,7 +75,15 @@ def serve(
     settings = ServeSettings(**values)  # the same checks as the service's (backend, minimums)
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
-    if settings.backend == "triton":
+    if settings.backend == "triton" and triton_model not in (None, artifacts.name):
+        # a selective entry: Triton decides (serving/selective_remote.py)
+        from abstain.serving.selective_remote import verify_selective_triton
+
+        verify_selective_triton(
+            settings.triton_url, artifacts.version_dir, triton_model, artifacts.calibration.names,
+            timeout_s=settings.triton_timeout,
+        )
+    elif settings.backend == "triton":
         from abstain.serving.backends import verify_triton_serves
 
         verify_triton_serves(

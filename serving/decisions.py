@@ -12,6 +12,7 @@ sees the model's top candidate for an abstention.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ def decide(
     selection: np.ndarray,
     point: OperatingPoint,
     class_names: Sequence[str],
+    answered: np.ndarray | None = None,
     selection_logit: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One decision dict per row of ``logits``.
@@ -39,6 +41,8 @@ def decide(
         selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
         point: the operating point whose ``score`` and ``threshold`` decide.
         class_names: ``K`` labels, index ``i`` names class ``i``.
+        answered: bool ``[N]``, the decision already taken for ``point`` (a selective graph's
+            ``accept`` column, ``serving/selective_remote.py``); default ``score >= threshold``.
         selection_logit: float ``[N]`` g's logit z when the graph exports it; the
             ``selection`` score is then z (``score_value`` and ``threshold`` are logits).
 
@@ -49,6 +53,8 @@ def decide(
         (``label``, ``class_index``, ``confidence``) for human review.
     """
     d = decide_arrays(logits, selection, point, selection_logit)  # checks the shapes
+    if answered is not None:  # Triton decided (a selective entry): its accept column wins
+        d = dataclasses.replace(d, answered=np.asarray(answered, dtype=bool).reshape(-1))
     if np.shape(logits)[1] != len(class_names):
         raise ValueError(
             f"the graph gives {np.shape(logits)[1]} classes but {len(class_names)} class names were given"

@@ -67,6 +67,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("triton_url", str, "127.0.0.1:8000", "Triton endpoint: host:port (HTTP) or grpc://host:port"),
     Option("triton_timeout", float, 10.0, "seconds one Triton call may take before the request gets a 503",
            minimum=0.001),
+    Option("triton_model", str, None,
+           "Triton model the triton backend calls; a selective entry (`abstain export-selective`) makes "
+           "Triton decide", default_text="the served entry's name"),
     Option("max_batch", int, 256, "most images one request may carry", minimum=1),
     Option("batch_max_size", int, 64, "adaptive batching: most images per forward pass", minimum=1),
     Option("batch_max_latency_ms", float, 0.0,

@@ -47,6 +47,7 @@ class ServeSettings:
     backend: str = _default("backend")
     triton_url: str = _default("triton_url")
     triton_timeout: float = _default("triton_timeout")
+    triton_model: str | None = _default("triton_model")
     max_batch: int = _default("max_batch")
     batch_max_size: int = _default("batch_max_size")
     batch_max_latency_ms: float = _default("batch_max_latency_ms")
