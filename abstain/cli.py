@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "train": ("abstain.training.cli", "train", False),
     "export": ("abstain.export.cli", "export", True),
+    "export-selective": ("abstain.export.cli", "export_selective", True),
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "serve": ("abstain.serving.cli", "serve", False),

@@ -29,6 +29,19 @@ LOGITS_NAME = "logits"
 SELECTION_NAME = "selection"
 OUTPUT_NAMES = (LOGITS_NAME, SELECTION_NAME)
 
+# --- selective graph (abstain export-selective; issue 11) ------------------------------
+#: Arg-max of ``logits``: int64 [N], the predicted class whether or not it is answered.
+CLASS_INDEX_NAME = "class_index"
+#: Softmax response (max softmax of ``logits``), float64 [N].
+CONFIDENCE_NAME = "confidence"
+#: Each operating point's score, float64 [N, P] (P operating points in metadata order).
+SCORES_NAME = "scores"
+#: ``scores >= thresholds``, bool [N, P]: the service's decision for every operating point.
+ACCEPT_NAME = "accept"
+SELECTIVE_OUTPUT_NAMES = (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)
+#: Default entry-name suffix of a selective graph made from entry ``<name>``.
+SELECTIVE_SUFFIX = "-selective"
+
 # --- files ------------------------------------------------------------------------------
 CHECKPOINT_FILENAME = "checkpoint.pt"
 METRICS_FILENAME = "metrics.jsonl"
@@ -57,6 +70,9 @@ META_TEST_METRICS = "abstain.test_metrics"
 META_SPLIT_METRICS = "abstain.{split}_metrics"
 #: JSON: how the graph was made (exporter, opset, precision, optimisation, tolerance, training code).
 META_EXPORT = "abstain.export"
+#: JSON: a selective graph's operating points (in ``accept`` column order) and provenance
+#: (sha256 of the base graph and of the calibration.json it was built from).
+META_SELECTIVE = "abstain.selective"
 
 # --- selection scores (higher = more confident = answer first) ------------------------
 SCORE_SELECTION = "selection"  # g, the selection head
