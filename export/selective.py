@@ -34,6 +34,7 @@ from abstain.contract import (
     META_INPUT_SPEC,
     META_SELECTIVE,
     MODEL_FILENAME,
+    SCORE_SELECTION,
     SCORES_NAME,
     SELECTION_NAME,
     SELECTIVE_SUFFIX,
@@ -65,7 +66,9 @@ class SelectiveResult:
 def selective_metadata(calibration: Calibration, base_sha256: str, calibration_sha256: str) -> dict[str, Any]:
     """The ``abstain.selective`` metadata: operating points in ``accept``-column order + provenance."""
     return {
-        "operating_points": [{k: p.to_dict().get(k) for k in POINT_FIELDS} for p in calibration.operating_points],
+        # exact: bit-identical to the service's decision (see abstain.export.selective_graph)
+        "operating_points": [{**{k: p.to_dict().get(k) for k in POINT_FIELDS}, "exact": p.score == SCORE_SELECTION}
+                             for p in calibration.operating_points],
         "default_operating_point": calibration.default_operating_point,
         "base_graph_sha256": base_sha256,
         "calibration_sha256": calibration_sha256,
