@@ -49,8 +49,17 @@ from abstain.operating_points import Calibration, calibration_from_dict, verify_
 from abstain.selective import selection_scores
 
 #: Operating-point fields copied into the graph's metadata (what a client needs to read ``accept``).
-POINT_FIELDS = ("name", "method", "score", "threshold", "target_coverage", "target_risk", "delta",
-                "coverage", "risk")
+POINT_FIELDS = (
+    "name",
+    "method",
+    "score",
+    "threshold",
+    "target_coverage",
+    "target_risk",
+    "delta",
+    "coverage",
+    "risk",
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,10 @@ def selective_metadata(calibration: Calibration, base_sha256: str, calibration_s
     """The ``abstain.selective`` metadata: operating points in ``accept``-column order + provenance."""
     return {
         # exact: bit-identical to the service's decision (see abstain.export.selective_graph)
-        "operating_points": [{**{k: p.to_dict().get(k) for k in POINT_FIELDS}, "exact": p.score == SCORE_SELECTION}
-                             for p in calibration.operating_points],
+        "operating_points": [
+            {**{k: p.to_dict().get(k) for k in POINT_FIELDS}, "exact": p.score == SCORE_SELECTION}
+            for p in calibration.operating_points
+        ],
         "default_operating_point": calibration.default_operating_point,
         "base_graph_sha256": base_sha256,
         "calibration_sha256": calibration_sha256,
@@ -85,8 +96,13 @@ def read_selective_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
     return None
 
 
-def render_selective_config(name: str, spec: InputSpec, num_classes: int, num_points: int,
-                            max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
+def render_selective_config(
+    name: str,
+    spec: InputSpec,
+    num_classes: int,
+    num_points: int,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> str:
     """Triton ``config.pbtxt`` for a selective graph (per-item scalars as ``[1]`` + reshape)."""
     c, h, w = spec.shape
 
@@ -94,14 +110,16 @@ def render_selective_config(name: str, spec: InputSpec, num_classes: int, num_po
         return f'  {{\n    name: "{tensor}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n{extra}  }}'
 
     scalar = "    reshape: { shape: [ ] }\n"
-    outputs = ",\n".join([
-        output(LOGITS_NAME, "TYPE_FP32", str(num_classes), f'    label_filename: "{LABELS_FILENAME}"\n'),
-        output(SELECTION_NAME, "TYPE_FP32", "1", scalar),
-        output(CLASS_INDEX_NAME, "TYPE_INT64", "1", scalar),
-        output(CONFIDENCE_NAME, "TYPE_FP64", "1", scalar),
-        output(SCORES_NAME, "TYPE_FP64", str(num_points)),
-        output(ACCEPT_NAME, "TYPE_BOOL", str(num_points)),
-    ])
+    outputs = ",\n".join(
+        [
+            output(LOGITS_NAME, "TYPE_FP32", str(num_classes), f'    label_filename: "{LABELS_FILENAME}"\n'),
+            output(SELECTION_NAME, "TYPE_FP32", "1", scalar),
+            output(CLASS_INDEX_NAME, "TYPE_INT64", "1", scalar),
+            output(CONFIDENCE_NAME, "TYPE_FP64", "1", scalar),
+            output(SCORES_NAME, "TYPE_FP64", str(num_points)),
+            output(ACCEPT_NAME, "TYPE_BOOL", str(num_points)),
+        ]
+    )
     return (
         f'name: "{validate_model_name(name)}"\n'
         'platform: "onnxruntime_onnx"\n'
@@ -144,12 +162,19 @@ def verify_selective(model_bytes: bytes, calibration: Calibration, spec: InputSp
         for j, point in enumerate(calibration.operating_points):
             want = selection_scores(out[LOGITS_NAME], out[SELECTION_NAME], point.score) >= point.threshold
             if not np.array_equal(out[ACCEPT_NAME][:, j], want):
-                raise RuntimeError(f"selective graph disagrees with the service's decision for {point.name!r}")
+                raise RuntimeError(
+                    f"selective graph disagrees with the service's decision for {point.name!r}"
+                )
 
 
-def export_selective(model_dir: Path, name: str | None = None, repository: Path | None = None,
-                     version: int | None = None, force: bool = False,
-                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> SelectiveResult:
+def export_selective(
+    model_dir: Path,
+    name: str | None = None,
+    repository: Path | None = None,
+    version: int | None = None,
+    force: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> SelectiveResult:
     """Build, verify and write the selective entry for ``model_dir`` (``models/NAME`` or ``models/NAME/V``).
 
     Defaults: ``--name`` ``<base name>-selective``, ``--repository`` the base entry's repository,
@@ -179,9 +204,11 @@ def export_selective(model_dir: Path, name: str | None = None, repository: Path 
     name = name or f"{entry_dir.name}{SELECTIVE_SUFFIX}"
     repository = Path(repository) if repository is not None else entry_dir.parent
     version = version if version is not None else int(version_dir.name)
-    config = render_selective_config(name, spec, len(class_names), len(calibration.operating_points),
-                                     max_batch_size)
+    config = render_selective_config(
+        name, spec, len(class_names), len(calibration.operating_points), max_batch_size
+    )
     plan = plan_entry(repository, name, class_names, config, version=version, force=force)
     path = commit_entry(plan, model_bytes, config, class_names)
-    return SelectiveResult(path, name, plan.version, sha256_bytes(base_bytes), sha256_bytes(cal_bytes),
-                           calibration.names)
+    return SelectiveResult(
+        path, name, plan.version, sha256_bytes(base_bytes), sha256_bytes(cal_bytes), calibration.names
+    )

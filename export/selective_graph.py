@@ -61,7 +61,9 @@ def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProt
         raise ValueError("a selective graph needs at least one operating point, but got none")
     for point in points:
         if point.score not in SCORE_NAMES:
-            raise ValueError(f"operating point {point.name!r} has score {point.score!r}; valid: {SCORE_NAMES}")
+            raise ValueError(
+                f"operating point {point.name!r} has score {point.score!r}; valid: {SCORE_NAMES}"
+            )
     used = [s for s in SCORE_NAMES if any(p.score == s for p in points)]
     n = _name
     nodes: list[onnx.NodeProto] = []
@@ -71,15 +73,19 @@ def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProt
         # thresholds exactly as calibration.json's float64 values (see module docstring)
         numpy_helper.from_array(np.array([p.threshold for p in points], dtype=np.float64), n("thresholds")),
         # which score column each operating point reads
-        numpy_helper.from_array(np.array([used.index(p.score) for p in points], dtype=np.int64),
-                                n("point_score")),
+        numpy_helper.from_array(
+            np.array([used.index(p.score) for p in points], dtype=np.int64), n("point_score")
+        ),
     ]
     # class_index [N]: first maximal logit, like numpy's argmax (select_last_index=0)
-    nodes.append(helper.make_node("ArgMax", [LOGITS_NAME], [CLASS_INDEX_NAME], name=n("argmax"),
-                                  axis=1, keepdims=0))
+    nodes.append(
+        helper.make_node("ArgMax", [LOGITS_NAME], [CLASS_INDEX_NAME], name=n("argmax"), axis=1, keepdims=0)
+    )
     # confidence [N] = max softmax = exp(0) / sum_k exp(z_k - max z), in float64 like the service
     nodes += [
-        helper.make_node("Cast", [LOGITS_NAME], [n("logits64")], name=n("cast_logits"), to=TensorProto.DOUBLE),
+        helper.make_node(
+            "Cast", [LOGITS_NAME], [n("logits64")], name=n("cast_logits"), to=TensorProto.DOUBLE
+        ),
         helper.make_node("ReduceMax", [n("logits64"), n("axis1")], [n("max")], name=n("max"), keepdims=1),
         helper.make_node("Sub", [n("logits64"), n("max")], [n("shifted")], name=n("shift")),
         helper.make_node("Exp", [n("shifted")], [n("exp")], name=n("exp")),
@@ -88,8 +94,11 @@ def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProt
     ]
     columns: dict[str, str] = {SCORE_SOFTMAX_RESPONSE: CONFIDENCE_NAME}
     if SCORE_SELECTION in used or SCORE_COMBINED in used:
-        nodes.append(helper.make_node("Cast", [SELECTION_NAME], [n("selection64")], name=n("cast_selection"),
-                                      to=TensorProto.DOUBLE))
+        nodes.append(
+            helper.make_node(
+                "Cast", [SELECTION_NAME], [n("selection64")], name=n("cast_selection"), to=TensorProto.DOUBLE
+            )
+        )
         columns[SCORE_SELECTION] = n("selection64")
     if SCORE_COMBINED in used:
         # sqrt(clip(g, 0, 1) * softmax_response), as abstain.selective.selection_scores
@@ -104,8 +113,11 @@ def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProt
     # scores [N, P]: the used score columns stacked [N, U], then one column per operating point
     stacked = []
     for score in used:
-        nodes.append(helper.make_node("Unsqueeze", [columns[score], n("axis1")], [n(f"col_{score}")],
-                                      name=n(f"col_{score}")))
+        nodes.append(
+            helper.make_node(
+                "Unsqueeze", [columns[score], n("axis1")], [n(f"col_{score}")], name=n(f"col_{score}")
+            )
+        )
         stacked.append(n(f"col_{score}"))
     if len(stacked) == 1:
         nodes.append(helper.make_node("Identity", stacked, [n("stacked")], name=n("stacked")))
@@ -162,9 +174,13 @@ def decision_model(points: Sequence[OperatingPoint], num_classes: int) -> onnx.M
     """The decision alone: inputs ``logits`` float32 [N, K] and ``selection`` float32 [N]."""
     nodes, inits = decision_nodes(points)
     graph = helper.make_graph(
-        nodes, "abstain_decision",
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", num_classes]),
-         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"])],
-        decision_outputs(len(points)), initializer=inits,
+        nodes,
+        "abstain_decision",
+        [
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", num_classes]),
+            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
+        ],
+        decision_outputs(len(points)),
+        initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DECISION_OPSET)], ir_version=8)

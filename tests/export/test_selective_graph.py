@@ -74,7 +74,9 @@ def all_score_points(calibration, test_outputs) -> list[OperatingPoint]:
     for score in ("softmax_response", "combined", "selection"):
         values = np.sort(selection_scores(logits, selection, score))
         for q in (0.1, 0.5, 0.9):  # thresholds equal to an image's own float64 score
-            extra.append(OperatingPoint(f"{score}-{q}", "coverage", score, float(values[int(q * len(values))])))
+            extra.append(
+                OperatingPoint(f"{score}-{q}", "coverage", score, float(values[int(q * len(values))]))
+            )
     return [*calibration.operating_points, *extra]
 
 
@@ -95,13 +97,16 @@ def test_shipped_operating_points_equal_the_service_on_the_whole_test_split(cali
     # the shipped points are not trivial: each answers some and abstains on some
     assert 0 < out[ACCEPT_NAME].sum() < out[ACCEPT_NAME].size
     decisions = decide(out[LOGITS_NAME], out[SELECTION_NAME], points[0], [str(k) for k in range(10)])
-    np.testing.assert_array_equal(out[CLASS_INDEX_NAME], [d.get("class_index", d.get("candidate", {})
-                                                           .get("class_index")) for d in decisions])
+    np.testing.assert_array_equal(
+        out[CLASS_INDEX_NAME],
+        [d.get("class_index", d.get("candidate", {}).get("class_index")) for d in decisions],
+    )
     np.testing.assert_allclose(out[CONFIDENCE_NAME], [d["confidence"] for d in decisions], rtol=0, atol=1e-15)
 
 
 def test_every_score_agrees_with_the_service_except_within_float64_ulps_of_the_threshold(
-        calibration, test_outputs):
+    calibration, test_outputs
+):
     """Thresholds set to test images' own float64 scores: the hardest case there is.
 
     ``selection`` is exact. ``softmax_response``/``combined`` go through ``exp`` and a sum whose
@@ -110,8 +115,10 @@ def test_every_score_agrees_with_the_service_except_within_float64_ulps_of_the_t
     more than 4 ulps away from a threshold may.
     """
     points = all_score_points(calibration, test_outputs)
-    out = run(session(append_decision(onnx.load(BASE / MODEL_FILENAME), points)),
-              {INPUT_NAME: load_digits("test").x})
+    out = run(
+        session(append_decision(onnx.load(BASE / MODEL_FILENAME), points)),
+        {INPUT_NAME: load_digits("test").x},
+    )
     band = 4 * np.finfo(np.float64).eps
     for j, point in enumerate(points):
         want = selection_scores(out[LOGITS_NAME], out[SELECTION_NAME], point.score)
@@ -126,8 +133,12 @@ def test_every_score_agrees_with_the_service_except_within_float64_ulps_of_the_t
 def crafted_selection(threshold: float) -> np.ndarray:
     """float32 g values around a float64 threshold: the float32 nearest below, at/above, and neighbours."""
     t32 = np.float32(threshold)  # rounds to nearest: may be above or below the float64 value
-    values = [t32, np.nextafter(t32, np.float32(-1)), np.nextafter(t32, np.float32(2)),
-              np.nextafter(np.nextafter(t32, np.float32(-1)), np.float32(-1))]
+    values = [
+        t32,
+        np.nextafter(t32, np.float32(-1)),
+        np.nextafter(t32, np.float32(2)),
+        np.nextafter(np.nextafter(t32, np.float32(-1)), np.float32(-1)),
+    ]
     return np.array(values, dtype=np.float32)
 
 
@@ -151,8 +162,10 @@ def test_crafted_softmax_response_at_a_float64_threshold():
     # logits [0, 0] give softmax response exactly 0.5 in both paths (1 / (1 + 1))
     logits = np.array([[0, 0], [0, -1e-6], [0, 1e-6], [2, 0]], dtype=np.float32)
     for threshold in (0.5, np.nextafter(0.5, 1.0), np.nextafter(0.5, 0.0)):
-        points = [OperatingPoint("sr", "coverage", "softmax_response", float(threshold)),
-                  OperatingPoint("cb", "coverage", "combined", float(threshold))]
+        points = [
+            OperatingPoint("sr", "coverage", "softmax_response", float(threshold)),
+            OperatingPoint("cb", "coverage", "combined", float(threshold)),
+        ]
         g = np.ones(4, dtype=np.float32)
         out = run(session(decision_model(points, 2)), {LOGITS_NAME: logits, SELECTION_NAME: g})
         for j, point in enumerate(points):
@@ -167,12 +180,20 @@ def test_metadata_names_points_in_column_order_and_the_sources(tmp_path, calibra
     model = onnx.load(result.model_path)
     meta = json.loads({p.key: p.value for p in model.metadata_props}[META_SELECTIVE])
     assert [p["name"] for p in meta["operating_points"]] == calibration.names
-    assert [p["threshold"] for p in meta["operating_points"]] == [p.threshold for p in calibration.operating_points]
+    assert [p["threshold"] for p in meta["operating_points"]] == [
+        p.threshold for p in calibration.operating_points
+    ]
     assert meta["operating_points"][0]["target_coverage"] == 0.8
     assert meta["base_graph_sha256"] == sha256_file(BASE / MODEL_FILENAME) == calibration.graph_sha256
     assert meta["calibration_sha256"] == sha256_file(BASE / CALIBRATION_FILENAME)
-    assert [o.name for o in model.graph.output] == [LOGITS_NAME, SELECTION_NAME, CLASS_INDEX_NAME,
-                                                    CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME]
+    assert [o.name for o in model.graph.output] == [
+        LOGITS_NAME,
+        SELECTION_NAME,
+        CLASS_INDEX_NAME,
+        CONFIDENCE_NAME,
+        SCORES_NAME,
+        ACCEPT_NAME,
+    ]
     assert result.model_path == repository / "digits-selective" / "1" / MODEL_FILENAME
 
 
