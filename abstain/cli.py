@@ -26,6 +26,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "serve": ("abstain.serving.cli", "serve", False),
+    "triton-ensemble": ("abstain.serving.triton_ensemble", "triton_ensemble", True),
 }
 
 

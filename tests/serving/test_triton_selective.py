@@ -61,8 +61,9 @@ def infer(protocol: str, port: int, x: np.ndarray) -> dict[str, np.ndarray]:
         chunk = np.ascontiguousarray(x[start : start + 128])
         inp = client_module.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
         inp.set_data_from_numpy(chunk)
-        result = client.infer(NAME, [inp], model_version="1",
-                              outputs=[client_module.InferRequestedOutput(n) for n in names])
+        result = client.infer(
+            NAME, [inp], model_version="1", outputs=[client_module.InferRequestedOutput(n) for n in names]
+        )
         for n in names:
             parts[n].append(result.as_numpy(n))
     return {n: np.concatenate(v) for n, v in parts.items()}
@@ -85,8 +86,9 @@ def test_triton_decisions_equal_the_embedded_service_for_every_operating_point(
         want = np.array([d["decision"] == PREDICT for d in decisions])
         np.testing.assert_array_equal(remote[ACCEPT_NAME][:, j], want, err_msg=point.name)
         np.testing.assert_array_equal(remote[SCORES_NAME][:, j], [d["score_value"] for d in decisions])
-        classes = [d["class_index"] if d["decision"] == PREDICT else d["candidate"]["class_index"]
-                   for d in decisions]
+        classes = [
+            d["class_index"] if d["decision"] == PREDICT else d["candidate"]["class_index"] for d in decisions
+        ]
         np.testing.assert_array_equal(remote[CLASS_INDEX_NAME].reshape(-1), classes)
     # the decision is not trivial on this split: some answered, some abstained
     assert 0 < remote[ACCEPT_NAME].sum() < remote[ACCEPT_NAME].size
@@ -97,6 +99,10 @@ def test_triton_reports_the_operating_points_it_was_built_with(triton: tuple[int
     model = OnnxModel(SELECTIVE_DIR / MODEL_FILENAME, intra_op_threads=1, prefer_cuda=False)
     meta = json.loads(model.metadata[META_SELECTIVE])
     calibration = load_calibration(MODEL_DIR / "calibration.json")
-    points = [OperatingPoint.from_dict({k: v for k, v in p.items() if k != "exact"})
-              for p in meta["operating_points"]]
-    assert [(p.name, p.threshold) for p in points] == [(p.name, p.threshold) for p in calibration.operating_points]
+    points = [
+        OperatingPoint.from_dict({k: v for k, v in p.items() if k != "exact"})
+        for p in meta["operating_points"]
+    ]
+    assert [(p.name, p.threshold) for p in points] == [
+        (p.name, p.threshold) for p in calibration.operating_points
+    ]
