@@ -16,6 +16,7 @@ min-max over rounds.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.5, help="per graph, batch size and round")
     args = parser.parse_args()
+    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     sessions = {name: session(path) for name, path in GRAPHS.items()}
     images = load_digits("test").x
     rows = []
@@ -83,7 +85,8 @@ def main() -> None:
     section = (
         f"## {HEADING}\n\n"
         f"`nice -n 10 python benchmarks/selective_graph.py --repeats {args.repeats}` on {cpu_count()} CPU "
-        f"cores ({cpu_model()}), onnxruntime {ort.__version__}, no GPU; one intra-op thread per session.\n"
+        f"cores ({cpu_model()}), onnxruntime {ort.__version__}, no GPU; one intra-op thread per session; "
+        f"load average before the run {load_before} (machine shared with other jobs).\n"
         "ONNX Runtime on `models/digits/1` (base: logits, selection) vs `models/digits-selective/1` "
         "(the same graph + class_index, confidence, scores and accept for 4 operating points). "
         "Microseconds per `session.run`, median over rounds (min–max); target: the decision costs < 5 %.\n\n"
