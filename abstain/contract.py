@@ -73,6 +73,9 @@ META_EXPORT = "abstain.export"
 #: JSON: a selective graph's operating points (in ``accept`` column order) and provenance
 #: (sha256 of the base graph and of the calibration.json it was built from).
 META_SELECTIVE = "abstain.selective"
+#: JSON: what `abstain import` wrapped (source file, its sha256, format, output used) — set only
+#: on imported graphs, whose selection output is the softmax response (no selection head).
+META_IMPORTED = "abstain.imported"
 
 # --- selection scores (higher = more confident = answer first) ------------------------
 SCORE_SELECTION = "selection"  # g, the selection head

@@ -30,9 +30,13 @@ from starlette.routing import Route
 from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
+from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
+from abstain.serving.feedback import parse_request_ids
+from abstain.serving.live import DecisionLog, with_request_ids
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
 from abstain.serving.responses import backend_unavailable, rejection
+from abstain.serving.review import ROUTES as REVIEW_ROUTES
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
@@ -61,7 +65,9 @@ async def _metadata(_: Request) -> JSONResponse:
     return JSONResponse(service.metadata())
 
 
-metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
+metadata_app = Starlette(
+    routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES, *REVIEW_ROUTES]
+)
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -105,6 +111,10 @@ class Abstain:
             SETTINGS.batch_max_size,
             SETTINGS.batch_max_latency_ms,
             on_batch=self.metrics.observe_batch,
+        )
+        # decisions recorded off the event loop, labels joined by POST /feedback (None: ABSTAIN_STORE=off)
+        self.decision_log = DecisionLog.from_settings(
+            SETTINGS, ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.calibration
         )
         if isinstance(backend, TritonBackend):
             # on the inference thread: the HTTP client is per-thread (see abstain.serving.backends)
@@ -163,7 +173,9 @@ class Abstain:
             ],
         }
 
-    async def _decide(self, x: Any, operating_point: str | None) -> dict[str, Any] | JSONResponse:
+    async def _decide(
+        self, x: Any, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> dict[str, Any] | JSONResponse:
         try:
             point = self.artifacts.calibration.operating_point(
                 operating_point or self.settings.operating_point
@@ -184,6 +196,7 @@ class Abstain:
             return backend_unavailable(self.backend.name, exc)
         answers = decide(out.logits, out.selection, point, self.class_names)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
+        answers = with_request_ids(answers, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
@@ -192,24 +205,32 @@ class Abstain:
         }
 
     @bentoml.api(route="/predict")
-    async def predict(self, pixels: list[Any], operating_point: str | None = None) -> dict[str, Any]:
-        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1])."""
+    async def predict(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
+
+        ``request_id``: the client's own id per image (else one is made); answers carry it."""
         try:
             x = parse_pixels(pixels, self.model.input_spec, self.settings.max_batch)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
-    async def predict_image(self, image: Path, operating_point: str | None = None) -> dict[str, Any]:
+    async def predict_image(
+        self, image: Path, operating_point: str | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         """Predict or abstain for one PNG or JPEG upload, converted to the graph's input spec."""
         try:
             x = decode_image(Path(image).read_bytes(), self.model.input_spec)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)
