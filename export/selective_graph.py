@@ -6,7 +6,7 @@ adds the decision to a base graph whose outputs are ``logits`` float32 ``[N, K]`
 keeping every original output. :func:`decision_model` is the same nodes as a standalone
 graph fed with ``logits`` and ``selection`` directly, so tests can craft scores at a threshold.
 
-Exactness. The service decides ``score >= threshold`` in float64 (``serving/decisions.py``):
+Exactness. The service decides ``score >= threshold`` in float64 (``abstain/decisions.py``):
 the float32 head outputs are widened to float64 (exact) and the softmax is computed in
 float64. The graph does the same: it casts both heads to float64 *before* any arithmetic and
 stores every threshold as the float64 of ``calibration.json``. For the ``selection`` score the
@@ -15,7 +15,9 @@ the threshold. For ``softmax_response`` and ``combined`` the score is the max of
 float64 ``Softmax`` (the service's value up to the order of the float64 summation and the
 ``exp`` implementation), so the two may differ by a few
 float64 ulps (~1e-16): only a sample whose score lies within that band of the threshold can
-flip (a threshold set to a test image's own ``combined`` score flipped 1 of 360 images). The
+flip. Measured on the digits test split with every image's own score as a threshold (360
+thresholds x 360 images): 0 flips for ``selection``, 89 of 129,600 for ``softmax_response`` and
+for ``combined``, every one an image whose score *is* the threshold. The
 metadata marks each operating point ``exact`` accordingly. Tests check both on the digits test
 split and on crafted scores.
 """
