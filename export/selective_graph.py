@@ -46,15 +46,19 @@ from abstain.operating_points import OperatingPoint
 
 #: Prefix of every node / intermediate tensor this module adds (no clash with the base graph).
 PREFIX = "abstain_decision/"
-#: ONNX opset of the decision nodes (ReduceMax/ReduceSum take ``axes`` as an input from 18).
+#: ONNX opset of a standalone decision graph; appended nodes follow the base graph's opset.
 DECISION_OPSET = 18
+#: Oldest base-graph opset supported (Unsqueeze takes ``axes`` as an input from 13).
+MIN_OPSET = 13
 
 
 def _name(local: str) -> str:
     return PREFIX + local
 
 
-def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def decision_nodes(
+    points: Sequence[OperatingPoint], opset: int = DECISION_OPSET
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes and initializers from ``logits`` [N, K] and ``selection`` [N] to the four outputs.
 
     Only the score columns some operating point uses are computed (fewer nodes, less latency).
@@ -90,6 +94,10 @@ def decision_nodes(points: Sequence[OperatingPoint]) -> tuple[list[onnx.NodeProt
         helper.make_node("Softmax", [n("logits64")], [n("probs")], name=n("softmax"), axis=1),
         helper.make_node(
             "ReduceMax", [n("probs"), n("axis1")], [CONFIDENCE_NAME], name=n("confidence"), keepdims=0
+        )
+        if opset >= 18  # ReduceMax takes axes as an input from opset 18, as an attribute before
+        else helper.make_node(
+            "ReduceMax", [n("probs")], [CONFIDENCE_NAME], name=n("confidence"), axes=[1], keepdims=0
         ),
     ]
     columns: dict[str, str] = {SCORE_SOFTMAX_RESPONSE: CONFIDENCE_NAME}
@@ -152,8 +160,8 @@ def append_decision(base: onnx.ModelProto, points: Sequence[OperatingPoint]) -> 
     """A copy of ``base`` with the decision for ``points`` appended; the original outputs stay first.
 
     Raises ``ValueError`` if ``base`` lacks ``logits``/``selection`` outputs or already has an
-    output of one of the new names, or if its default-domain opset is not ``DECISION_OPSET``
-    or newer with the same operator semantics (checked by ``onnx.checker`` afterwards).
+    output of one of the new names, or if its default-domain opset is older than ``MIN_OPSET``
+    (the nodes follow the base graph's opset; ``onnx.checker`` checks the result).
     """
     outputs = [o.name for o in base.graph.output]
     for needed in (LOGITS_NAME, SELECTION_NAME):
@@ -163,23 +171,26 @@ def append_decision(base: onnx.ModelProto, points: Sequence[OperatingPoint]) -> 
     if clash:
         raise ValueError(f"the base graph already has output(s) {clash}: is it a selective graph already?")
     opsets = {o.domain: o.version for o in base.opset_import}
-    if opsets.get("", opsets.get("ai.onnx", 0)) < DECISION_OPSET:
+    opset = opsets.get("", opsets.get("ai.onnx", 0))
+    if opset < MIN_OPSET:
         raise ValueError(
-            f"the base graph uses ONNX opset {opsets.get('', 0)}; the decision needs opset "
-            f">= {DECISION_OPSET}: re-export it with the current `abstain export`"
+            f"the base graph uses ONNX opset {opset}; the decision needs opset >= {MIN_OPSET}: "
+            "re-export it with the current `abstain export` (or convert it with onnx.version_converter)"
         )
     model = onnx.ModelProto()
     model.CopyFrom(base)
-    nodes, inits = decision_nodes(points)
+    nodes, inits = decision_nodes(points, opset)
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(inits)
     model.graph.output.extend(decision_outputs(len(points)))
     return model
 
 
-def decision_model(points: Sequence[OperatingPoint], num_classes: int) -> onnx.ModelProto:
+def decision_model(
+    points: Sequence[OperatingPoint], num_classes: int, opset: int = DECISION_OPSET
+) -> onnx.ModelProto:
     """The decision alone: inputs ``logits`` float32 [N, K] and ``selection`` float32 [N]."""
-    nodes, inits = decision_nodes(points)
+    nodes, inits = decision_nodes(points, opset)
     graph = helper.make_graph(
         nodes,
         "abstain_decision",
@@ -190,4 +201,4 @@ def decision_model(points: Sequence[OperatingPoint], num_classes: int) -> onnx.M
         decision_outputs(len(points)),
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DECISION_OPSET)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)

@@ -247,3 +247,32 @@ def test_a_selective_graph_cannot_be_made_selective_again(calibration):
         append_decision(model, calibration.operating_points)
     with pytest.raises(ValueError, match="at least one operating point"):
         decision_model([], 10)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_older_opsets_get_the_same_decision(opset):
+    points = [
+        OperatingPoint("g", "coverage", "selection", 0.5),
+        OperatingPoint("sr", "coverage", "softmax_response", 0.6),
+        OperatingPoint("cb", "coverage", "combined", 0.55),
+    ]
+    rng = np.random.default_rng(opset)
+    feeds = {
+        LOGITS_NAME: rng.normal(size=(50, 4)).astype(np.float32),
+        SELECTION_NAME: rng.random(50, dtype=np.float32),
+    }
+    model = decision_model(points, 4, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    out = run(session(model), feeds)
+    for j, point in enumerate(points):
+        np.testing.assert_array_equal(
+            out[ACCEPT_NAME][:, j], service_accepts(feeds[LOGITS_NAME], feeds[SELECTION_NAME], point)
+        )
+
+
+def test_a_base_graph_older_than_opset_13_is_refused(calibration):
+    base = onnx.load(BASE / MODEL_FILENAME)
+    del base.opset_import[:]
+    base.opset_import.add(domain="", version=12)
+    with pytest.raises(ValueError, match="opset >= 13"):
+        append_decision(base, calibration.operating_points)
