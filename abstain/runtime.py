@@ -27,6 +27,8 @@ class GraphOutputs:
 
     logits: np.ndarray
     selection: np.ndarray
+    #: bool ``[N, P]`` when a selective graph decided (``abstain export-selective``), else None
+    accept: np.ndarray | None = None
 
 
 def available_providers(prefer_cuda: bool = True) -> list[str]:

@@ -139,7 +139,8 @@ class AdaptiveBatcher:
             for x, future in items:
                 stop = start + len(x)
                 if not future.done():
-                    future.set_result(GraphOutputs(out.logits[start:stop], out.selection[start:stop]))
+                    accept = None if out.accept is None else out.accept[start:stop]
+                    future.set_result(GraphOutputs(out.logits[start:stop], out.selection[start:stop], accept))
                 start = stop
 
     def _run_chunks(self, x: np.ndarray) -> GraphOutputs:
@@ -153,4 +154,5 @@ class AdaptiveBatcher:
         return GraphOutputs(
             logits=np.concatenate([p.logits for p in parts]),
             selection=np.concatenate([p.selection for p in parts]),
+            accept=None if parts[0].accept is None else np.concatenate([p.accept for p in parts]),
         )

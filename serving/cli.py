@@ -40,6 +40,7 @@ def serve(
     workers: Annotated[int, _option("workers")] = OPTION["workers"].default,
     backend: Annotated[str, _option("backend")] = OPTION["backend"].default,
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
+    triton_model: Annotated[str, _option("triton_model")] = OPTION["triton_model"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     batch_max_size: Annotated[int, _option("batch_max_size")] = OPTION["batch_max_size"].default,
@@ -75,10 +76,13 @@ def serve(
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
     if settings.backend == "triton":
-        from abstain.serving.backends import verify_triton_serves
+        from abstain.serving.backends import check_selective_entry, verify_triton_serves
 
+        check_selective_entry(
+            artifacts.version_dir, triton_model or artifacts.name, artifacts.calibration.names
+        )
         verify_triton_serves(
-            settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
+            settings.triton_url, artifacts.graph_path, triton_model or artifacts.name, artifacts.version,
             graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
         )
     env = dict(os.environ)

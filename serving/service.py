@@ -27,7 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
+from abstain.serving.backends import (
+    Backend,
+    OnnxRuntimeBackend,
+    TritonBackend,
+    check_selective_entry,
+    verify_triton_serves,
+)
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
 from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
@@ -42,12 +48,17 @@ from abstain.serving.validation import InputRejectedError, decode_image, parse_p
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
+#: Triton's entry: the served model's, or a selective entry that decides in Triton (issue 11)
+TRITON_MODEL = SETTINGS.triton_model or ARTIFACTS.name
+SELECTIVE = SETTINGS.backend == "triton" and check_selective_entry(
+    ARTIFACTS.version_dir, TRITON_MODEL, ARTIFACTS.calibration.names
+)
 if SETTINGS.backend == "triton":
     # here too, so that `bentoml serve` exits with the message instead of restarting workers
     verify_triton_serves(
         SETTINGS.triton_url,
         ARTIFACTS.graph_path,
-        ARTIFACTS.name,
+        TRITON_MODEL,
         ARTIFACTS.version,
         graph_sha256=ARTIFACTS.graph_sha256,
         timeout_s=SETTINGS.triton_timeout,
@@ -94,7 +105,8 @@ class Abstain:
         backend: Backend
         if SETTINGS.backend == "triton":
             backend = TritonBackend(
-                SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout
+                SETTINGS.triton_url, TRITON_MODEL, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout,
+                selective=SELECTIVE,
             )
         else:
             backend = OnnxRuntimeBackend(self.model)
@@ -194,7 +206,10 @@ class Abstain:
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
             return backend_unavailable(self.backend.name, exc)
-        answers = decide(out.logits, out.selection, point, self.class_names)
+        # a selective entry decided in Triton: its accept column for this point is the decision
+        column = self.artifacts.calibration.names.index(point.name)
+        answered = None if out.accept is None else out.accept[:, column]
+        answers = decide(out.logits, out.selection, point, self.class_names, answered=answered)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
         answers = with_request_ids(answers, request_ids, self.decision_log, x)
         return {

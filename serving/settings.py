@@ -40,6 +40,7 @@ class ServeSettings:
     operating_point: str | None = _default("operating_point")
     backend: str = _default("backend")
     triton_url: str = _default("triton_url")
+    triton_model: str = _default("triton_model")
     triton_timeout: float = _default("triton_timeout")
     max_batch: int = _default("max_batch")
     batch_max_size: int = _default("batch_max_size")
