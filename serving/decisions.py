@@ -27,7 +27,10 @@ DECISIONS = (PREDICT, ABSTAIN)
 
 
 def decide(
-    logits: np.ndarray, selection: np.ndarray, point: OperatingPoint, class_names: Sequence[str],
+    logits: np.ndarray,
+    selection: np.ndarray,
+    point: OperatingPoint,
+    class_names: Sequence[str],
     answered: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One decision dict per row of ``logits``.

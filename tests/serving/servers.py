@@ -136,8 +136,9 @@ def triton_backend_dir(tmp: Path) -> Path:
     return tmp / "backends"
 
 
-def start_triton(repository: Path, tmp: Path, models: list[str],
-                 metrics_port: int | None = None) -> tuple[subprocess.Popen, int, int, Path]:
+def start_triton(
+    repository: Path, tmp: Path, models: list[str], metrics_port: int | None = None
+) -> tuple[subprocess.Popen, int, int, Path]:
     """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log).
 
     ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (default: metrics off).
@@ -170,9 +171,22 @@ def start_triton(repository: Path, tmp: Path, models: list[str],
         "127.0.0.1",
         "--grpc-port",
         str(grpc),
-        *(["--allow-metrics", "false"] if metrics_port is None else
-          ["--allow-metrics", "true", "--allow-gpu-metrics", "false", "--allow-cpu-metrics", "false",
-           "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port)]),
+        *(
+            ["--allow-metrics", "false"]
+            if metrics_port is None
+            else [
+                "--allow-metrics",
+                "true",
+                "--allow-gpu-metrics",
+                "false",
+                "--allow-cpu-metrics",
+                "false",
+                "--metrics-address",
+                "127.0.0.1",
+                "--metrics-port",
+                str(metrics_port),
+            ]
+        ),
         "--exit-timeout-secs",
         "5",
     ]

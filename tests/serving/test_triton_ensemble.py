@@ -91,7 +91,7 @@ def prometheus(triton: tuple[int, int, str], tmp_path_factory: pytest.TempPathFa
             try:
                 if _prometheus_query(url, 'abstain_decisions_total{model="digits"}'):
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not listening yet, or 503 text while it starts
                 pass
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)

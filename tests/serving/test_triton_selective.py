@@ -122,17 +122,26 @@ def test_backend_reads_triton_s_accept_for_a_selective_entry(triton: tuple[int, 
 def test_abstain_serve_fronting_the_selective_entry_answers_like_the_embedded_service(
     triton: tuple[int, int], server, start_server
 ) -> None:
-    remote = start_server(model_dir=MODEL_DIR, backend="triton", triton_url=f"grpc://127.0.0.1:{triton[1]}",
-                          triton_model=NAME, workers=1)
+    remote = start_server(
+        model_dir=MODEL_DIR,
+        backend="triton",
+        triton_url=f"grpc://127.0.0.1:{triton[1]}",
+        triton_model=NAME,
+        workers=1,
+    )
     x = load_digits("test").x
     chunks = np.array_split(np.arange(len(x)), 4)
     calibration = load_calibration(MODEL_DIR / "calibration.json")
     with server.client() as embedded_client, remote.client() as remote_client:
         for point in calibration.names:
             embedded, fronted = (
-                [p for i in chunks for p in c.post("/predict", json={"pixels": x[i].tolist(),
-                                                                     "operating_point": point})
-                 .json()["predictions"]]
+                [
+                    p
+                    for i in chunks
+                    for p in c.post(
+                        "/predict", json={"pixels": x[i].tolist(), "operating_point": point}
+                    ).json()["predictions"]
+                ]
                 for c in (embedded_client, remote_client)
             )
             assert [p["decision"] for p in fronted] == [p["decision"] for p in embedded], point
@@ -154,9 +163,22 @@ def test_abstain_serve_refuses_a_selective_entry_built_from_another_calibration(
     raw["created_at"] = "2000-01-01T00:00:00+00:00"  # same thresholds, other file: other sha256
     cal.write_text(json.dumps(raw))
     result = subprocess.run(
-        [sys.executable, "-m", "abstain", "serve", str(repo / "digits"), "--backend", "triton",
-         "--triton-url", f"127.0.0.1:{triton[0]}", "--triton-model", NAME],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "serve",
+            str(repo / "digits"),
+            "--backend",
+            "triton",
+            "--triton-url",
+            f"127.0.0.1:{triton[0]}",
+            "--triton-model",
+            NAME,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2, result.stderr
     assert "another calibration" in result.stderr and "abstain export-selective" in result.stderr
