@@ -22,14 +22,14 @@ from typer.core import TyperGroup
 STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "train": ("abstain.training.cli", "train", False),
     "export": ("abstain.export.cli", "export", True),
-    "export-selective": ("abstain.export.cli", "export_selective", True),
     "import": ("abstain.export.cli", "import_model", True),
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
     "predict": ("abstain.calibration.cli", "predict", True),
     "serve": ("abstain.serving.cli", "serve", False),
-    "triton-ensemble": ("abstain.serving.triton_ensemble", "triton_ensemble", True),
     "review": ("abstain.serving.cli", "review", True),
+    "export-selective": ("abstain.export.selective", "export_selective", True),
+    "triton-ensemble": ("abstain.serving.triton_ensemble", "triton_ensemble", True),
 }
 
 

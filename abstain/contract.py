@@ -29,19 +29,6 @@ LOGITS_NAME = "logits"
 SELECTION_NAME = "selection"
 OUTPUT_NAMES = (LOGITS_NAME, SELECTION_NAME)
 
-# --- selective graph (abstain export-selective; issue 11) ------------------------------
-#: Arg-max of ``logits``: int64 [N], the predicted class whether or not it is answered.
-CLASS_INDEX_NAME = "class_index"
-#: Softmax response (max softmax of ``logits``), float64 [N].
-CONFIDENCE_NAME = "confidence"
-#: Each operating point's score, float64 [N, P] (P operating points in metadata order).
-SCORES_NAME = "scores"
-#: ``scores >= thresholds``, bool [N, P]: the service's decision for every operating point.
-ACCEPT_NAME = "accept"
-SELECTIVE_OUTPUT_NAMES = (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)
-#: Default entry-name suffix of a selective graph made from entry ``<name>``.
-SELECTIVE_SUFFIX = "-selective"
-
 # --- files ------------------------------------------------------------------------------
 CHECKPOINT_FILENAME = "checkpoint.pt"
 METRICS_FILENAME = "metrics.jsonl"
@@ -70,9 +57,6 @@ META_TEST_METRICS = "abstain.test_metrics"
 META_SPLIT_METRICS = "abstain.{split}_metrics"
 #: JSON: how the graph was made (exporter, opset, precision, optimisation, tolerance, training code).
 META_EXPORT = "abstain.export"
-#: JSON: a selective graph's operating points (in ``accept`` column order) and provenance
-#: (sha256 of the base graph and of the calibration.json it was built from).
-META_SELECTIVE = "abstain.selective"
 #: JSON: what `abstain import` wrapped (source file, its sha256, format, output used) — set only
 #: on imported graphs, whose selection output is the softmax response (no selection head).
 META_IMPORTED = "abstain.imported"
@@ -222,3 +206,16 @@ def default_repository() -> Path:
 
 def class_names_json(names: Sequence[str]) -> str:
     return json.dumps(list(names))
+
+# --- selective graph (issue 11: `abstain export-selective`) -----------------------------
+#: Outputs the selective graph adds to the base graph's (export/selective_graph.py).
+CLASS_INDEX_NAME = "class_index"  # int64 [N], arg-max class
+CONFIDENCE_NAME = "confidence"  # float64 [N], softmax response
+SCORES_NAME = "scores"  # float64 [N, P], one column per operating point
+ACCEPT_NAME = "accept"  # bool [N, P], scores >= thresholds
+SELECTIVE_OUTPUT_NAMES = (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)
+#: JSON: operating points (name, score, threshold, targets) in column order, base graph and
+#: calibration sha256 (export/selective_graph.py SelectiveInfo).
+META_SELECTIVE = "abstain.selective"
+#: Default entry name of a selective graph: ``<base name>-selective``.
+SELECTIVE_SUFFIX = "-selective"

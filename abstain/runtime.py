@@ -27,8 +27,6 @@ class GraphOutputs:
 
     logits: np.ndarray
     selection: np.ndarray
-    #: bool ``[N, P]`` when a selective graph decided (``abstain export-selective``), else None
-    accept: np.ndarray | None = None
 
 
 def available_providers(prefer_cuda: bool = True) -> list[str]:

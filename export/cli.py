@@ -43,39 +43,6 @@ def export(
     typer.echo(report_json(result) if json_output else describe(result))
 
 
-def export_selective(
-    model_dir: Annotated[Path, typer.Argument(
-        help="A calibrated model: models/NAME (latest version) or models/NAME/VERSION with "
-             "model.onnx and calibration.json.")],
-    name: Annotated[str | None, typer.Option(
-        "--name", help="Entry name; default: <NAME>-selective.")] = None,
-    repository: Annotated[Path | None, typer.Option(
-        help="Model repository root; default: the one MODEL_DIR is in.")] = None,
-    version: Annotated[int | None, typer.Option(
-        help="Version to write; default: the base model's version.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace --version if it already exists.")] = False,
-    max_batch_size: Annotated[int, typer.Option(help="Triton's max_batch_size in config.pbtxt.")] = 256,
-) -> None:
-    """Bake MODEL_DIR's calibrated decision into a new graph: REPOSITORY/NAME/<version>/model.onnx.
-
-    Outputs: the original logits and selection, plus class_index int64 [N], confidence
-    (softmax response) float64 [N], scores float64 [N, P] and accept bool [N, P] for the P
-    operating points of calibration.json (order and thresholds in the graph's
-    "abstain.selective" metadata, with the sha256 of the base graph and of the calibration).
-    accept equals `abstain serve`'s decision (score >= threshold in float64). Deterministic:
-    the same inputs give the same bytes.
-    """
-    from abstain.export.selective import export_selective as run
-
-    result = run(model_dir, name=name, repository=repository, version=version, force=force,
-                 max_batch_size=max_batch_size)
-    typer.echo(
-        f"wrote {result.model_path} (entry {result.name}, version {result.version}); operating points "
-        f"{', '.join(result.operating_points)}; base graph sha256 {result.base_sha256[:12]}…, "
-        f"calibration sha256 {result.calibration_sha256[:12]}…"
-    )
-
-
 def _floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None

@@ -1,15 +1,10 @@
-"""``abstain export-selective``: a calibrated version → a predict-or-abstain graph in the repository.
+"""``abstain export-selective``: a calibrated version directory → a selective-graph entry.
 
-``models/<name>/<v>/{model.onnx, calibration.json}`` becomes ``models/<name>-selective/<v>/model.onnx``
-(+ ``config.pbtxt``, ``labels.txt``): the base graph with every operating point of the
-calibration baked in (:mod:`abstain.export.selective_graph`), so any ONNX runtime — Triton
-included — returns the service's decision without the Python front door.
-
-Deterministic: the same base graph and calibration give byte-identical files (no time stamps,
-no code version in the graph), so the shipped ``models/digits-selective`` can be checked
-against a fresh run. Verified before writing (``onnx.checker``, ONNX Runtime against the
-numpy decision of ``abstain.selective``); written with :func:`abstain.export.repository.commit_entry`
-(all or nothing).
+``models/digits/1`` (``model.onnx`` + ``calibration.json``) becomes ``models/digits-selective/1``
+whose graph returns the decision for every operating point (``export/selective_graph.py``),
+with ``config.pbtxt`` and ``labels.txt`` like any entry, written all-or-nothing through
+``export/repository.py``. The output is deterministic (no timestamp, no code version of its
+own), so re-running the command on the same inputs writes the same bytes.
 """
 
 from __future__ import annotations
@@ -17,116 +12,57 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
-import onnx
+import typer
 
-from abstain.contract import (
-    ACCEPT_NAME,
-    CALIBRATION_FILENAME,
-    CLASS_INDEX_NAME,
-    CONFIDENCE_NAME,
-    INPUT_NAME,
-    LABELS_FILENAME,
-    LOGITS_NAME,
-    META_CLASS_NAMES,
-    META_INPUT_SPEC,
-    META_SELECTIVE,
-    MODEL_FILENAME,
-    SCORE_SELECTION,
-    SCORES_NAME,
-    SELECTION_NAME,
-    SELECTIVE_SUFFIX,
-    InputSpec,
-    resolve_version_dir,
-    validate_model_name,
-)
-from abstain.export.repository import DEFAULT_MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, commit_entry, plan_entry
-from abstain.export.selective_graph import append_decision
-from abstain.io import sha256_bytes
-from abstain.operating_points import Calibration, calibration_from_dict, verify_graph
-from abstain.selective import selection_scores
-
-#: Operating-point fields copied into the graph's metadata (what a client needs to read ``accept``).
-POINT_FIELDS = (
-    "name",
-    "method",
-    "score",
-    "threshold",
-    "target_coverage",
-    "target_risk",
-    "delta",
-    "coverage",
-    "risk",
-)
+#: Triton data types of the ONNX element types a selective graph outputs.
+_TRITON_DTYPES = {1: "TYPE_FP32", 11: "TYPE_FP64", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
 
 
 @dataclass(frozen=True)
 class SelectiveResult:
+    """What :func:`export_selective_entry` wrote."""
+
     model_path: Path
-    name: str
-    version: int
-    base_sha256: str
-    calibration_sha256: str
-    operating_points: list[str]
+    base_path: Path
+    calibration_path: Path
+    operating_points: tuple[str, ...]
+    sha256: str
 
 
-def selective_metadata(calibration: Calibration, base_sha256: str, calibration_sha256: str) -> dict[str, Any]:
-    """The ``abstain.selective`` metadata: operating points in ``accept``-column order + provenance."""
-    return {
-        # exact: bit-identical to the service's decision (see abstain.export.selective_graph)
-        "operating_points": [
-            {**{k: p.to_dict().get(k) for k in POINT_FIELDS}, "exact": p.score == SCORE_SELECTION}
-            for p in calibration.operating_points
-        ],
-        "default_operating_point": calibration.default_operating_point,
-        "base_graph_sha256": base_sha256,
-        "calibration_sha256": calibration_sha256,
-        "rule": "accept[:, j] = scores[:, j] >= threshold_j, scores in float64 (as serving/decisions.py)",
-        "outputs": [CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME],
-    }
+def render_selective_config(name: str, model: Any, max_batch_size: int) -> str:
+    """Triton ``config.pbtxt`` for ``model``: every input and output with its dims.
 
+    Dims exclude the batch dimension. A per-item scalar (``[N]`` in the graph) is declared
+    ``[1]`` with ``reshape { shape: [ ] }``, as ``export/repository.py`` does for ``selection``.
+    ``labels.txt`` is attached to ``logits``.
+    """
+    from abstain.contract import LABELS_FILENAME, LOGITS_NAME, validate_model_name
 
-def read_selective_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
-    """The parsed ``abstain.selective`` metadata of a graph, or ``None`` for a plain graph."""
-    for prop in model.metadata_props:
-        if prop.key == META_SELECTIVE:
-            return json.loads(prop.value)
-    return None
+    def tensor(value_info: Any, labels: bool) -> str:
+        t = value_info.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim[1:]]
+        if t.elem_type not in _TRITON_DTYPES or any(d < 1 for d in dims):
+            raise ValueError(f"tensor {value_info.name!r} has a type or shape Triton config cannot state")
+        lines = [f'    name: "{value_info.name}"', f"    data_type: {_TRITON_DTYPES[t.elem_type]}"]
+        if dims:
+            lines.append(f"    dims: [ {', '.join(map(str, dims))} ]")
+        else:
+            lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
+        if labels:
+            lines.append(f'    label_filename: "{LABELS_FILENAME}"')
+        return "  {\n" + "\n".join(lines) + "\n  }"
 
+    inputs = ",\n".join(tensor(v, False) for v in model.graph.input)
+    outputs = ",\n".join(tensor(v, v.name == LOGITS_NAME) for v in model.graph.output)
+    from abstain.export.repository import MAX_QUEUE_DELAY_US
 
-def render_selective_config(
-    name: str,
-    spec: InputSpec,
-    num_classes: int,
-    num_points: int,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-) -> str:
-    """Triton ``config.pbtxt`` for a selective graph (per-item scalars as ``[1]`` + reshape)."""
-    c, h, w = spec.shape
-
-    def output(tensor: str, dtype: str, dims: str, extra: str = "") -> str:
-        return f'  {{\n    name: "{tensor}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n{extra}  }}'
-
-    scalar = "    reshape: { shape: [ ] }\n"
-    outputs = ",\n".join(
-        [
-            output(LOGITS_NAME, "TYPE_FP32", str(num_classes), f'    label_filename: "{LABELS_FILENAME}"\n'),
-            output(SELECTION_NAME, "TYPE_FP32", "1", scalar),
-            output(CLASS_INDEX_NAME, "TYPE_INT64", "1", scalar),
-            output(CONFIDENCE_NAME, "TYPE_FP64", "1", scalar),
-            output(SCORES_NAME, "TYPE_FP64", str(num_points)),
-            output(ACCEPT_NAME, "TYPE_BOOL", str(num_points)),
-        ]
-    )
     return (
         f'name: "{validate_model_name(name)}"\n'
         'platform: "onnxruntime_onnx"\n'
         f"max_batch_size: {max_batch_size}\n"
-        "input [\n"
-        f'  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_FP32\n    dims: [ {c}, {h}, {w} ]\n  }}\n'
-        "]\n"
+        f"input [\n{inputs}\n]\n"
         f"output [\n{outputs}\n]\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n"
@@ -134,81 +70,125 @@ def render_selective_config(
     )
 
 
-def build_selective(base_bytes: bytes, calibration: Calibration, calibration_sha256: str) -> onnx.ModelProto:
-    """The selective graph (checked) for ``base_bytes`` and its calibration."""
-    base = onnx.load_from_string(base_bytes)
-    model = append_decision(base, calibration.operating_points)
-    meta = selective_metadata(calibration, sha256_bytes(base_bytes), calibration_sha256)
-    del model.metadata_props[:]
-    for prop in base.metadata_props:
-        if prop.key != META_SELECTIVE:
-            model.metadata_props.add(key=prop.key, value=prop.value)
-    model.metadata_props.add(key=META_SELECTIVE, value=json.dumps(meta, sort_keys=True))
-    onnx.checker.check_model(model, full_check=True)
-    return model
+def build_from_version_dir(version_dir: Path) -> tuple[Any, list[str]]:
+    """The selective ``ModelProto`` and the class names for a calibrated version directory.
+
+    Raises ``FileNotFoundError`` without ``calibration.json`` and ``CalibrationError`` when the
+    calibration belongs to another graph (its ``graph_sha256`` differs).
+    """
+    import onnx
+
+    from abstain.contract import CALIBRATION_FILENAME, META_CLASS_NAMES, MODEL_FILENAME
+    from abstain.export.selective_graph import SelectiveInfo, build_selective_model, point_records
+    from abstain.io import sha256_file
+    from abstain.operating_points import load_calibration, verify_graph
+
+    base_path = version_dir / MODEL_FILENAME
+    calibration_path = version_dir / CALIBRATION_FILENAME
+    if not calibration_path.is_file():
+        raise FileNotFoundError(
+            f"{calibration_path} not found: calibrate the graph first (`abstain calibrate {version_dir}`)"
+        )
+    calibration = load_calibration(calibration_path)
+    base_sha = verify_graph(calibration, base_path)
+    base = onnx.load(str(base_path))
+    props = {p.key: p.value for p in base.metadata_props}
+    class_names = json.loads(props[META_CLASS_NAMES])
+    info = SelectiveInfo(
+        base_sha,
+        sha256_file(calibration_path),
+        calibration.default_operating_point,
+        point_records(calibration),
+    )
+    return build_selective_model(base, calibration, info), class_names
 
 
-def verify_selective(model_bytes: bytes, calibration: Calibration, spec: InputSpec, seed: int = 0) -> None:
-    """Run the graph in ONNX Runtime on random pixels (batch 1 and 64): ``accept`` must equal
-    the numpy float64 decision for every operating point, else ``RuntimeError``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    names = [o.name for o in session.get_outputs()]
-    for batch in (1, 64):
-        x = rng.random((batch, *spec.shape), dtype=np.float32)
-        out = dict(zip(names, session.run(None, {INPUT_NAME: x}), strict=True))
-        for j, point in enumerate(calibration.operating_points):
-            want = selection_scores(out[LOGITS_NAME], out[SELECTION_NAME], point.score) >= point.threshold
-            if not np.array_equal(out[ACCEPT_NAME][:, j], want):
-                raise RuntimeError(
-                    f"selective graph disagrees with the service's decision for {point.name!r}"
-                )
-
-
-def export_selective(
+def export_selective_entry(
     model_dir: Path,
     name: str | None = None,
     repository: Path | None = None,
     version: int | None = None,
     force: bool = False,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_batch_size: int = 256,
 ) -> SelectiveResult:
-    """Build, verify and write the selective entry for ``model_dir`` (``models/NAME`` or ``models/NAME/V``).
+    """Write ``REPOSITORY/NAME/VERSION/model.onnx`` (+ config, labels) for ``model_dir``.
 
-    Defaults: ``--name`` ``<base name>-selective``, ``--repository`` the base entry's repository,
-    ``--version`` the base version (so ``digits/1`` → ``digits-selective/1``).
+    Defaults: ``NAME`` = ``<base name>-selective``, ``REPOSITORY`` = the base entry's repository,
+    ``VERSION`` = the base version (so ``digits/1`` → ``digits-selective/1``).
     """
+    import onnxruntime as ort
+
+    from abstain.contract import SELECTIVE_SUFFIX, resolve_version_dir
+    from abstain.export.repository import commit_entry, plan_entry
+    from abstain.io import sha256_bytes
+
     version_dir = resolve_version_dir(Path(model_dir))
-    entry_dir = version_dir.parent
-    cal_path = version_dir / CALIBRATION_FILENAME
-    if not cal_path.is_file():
-        raise FileNotFoundError(
-            f"{cal_path} does not exist: run `abstain calibrate {version_dir}` first; a selective "
-            "graph bakes in the calibrated thresholds"
-        )
-    base_bytes = (version_dir / MODEL_FILENAME).read_bytes()
-    cal_bytes = cal_path.read_bytes()
-    try:
-        calibration = calibration_from_dict(json.loads(cal_bytes), where=str(cal_path))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cal_path} is not valid JSON: {exc}") from exc
-    verify_graph(calibration, version_dir / MODEL_FILENAME, sha256_bytes(base_bytes))
-    model = build_selective(base_bytes, calibration, sha256_bytes(cal_bytes))
-    meta = {p.key: p.value for p in model.metadata_props}
-    spec = InputSpec.from_dict(json.loads(meta[META_INPUT_SPEC]))
-    class_names = json.loads(meta[META_CLASS_NAMES])
-    model_bytes = model.SerializeToString(deterministic=True)
-    verify_selective(model_bytes, calibration, spec)
-    name = name or f"{entry_dir.name}{SELECTIVE_SUFFIX}"
-    repository = Path(repository) if repository is not None else entry_dir.parent
+    model, class_names = build_from_version_dir(version_dir)
+    entry = version_dir.parent
+    name = name or entry.name + SELECTIVE_SUFFIX
+    repository = Path(repository) if repository is not None else entry.parent
     version = version if version is not None else int(version_dir.name)
-    config = render_selective_config(
-        name, spec, len(class_names), len(calibration.operating_points), max_batch_size
-    )
-    plan = plan_entry(repository, name, class_names, config, version=version, force=force)
-    path = commit_entry(plan, model_bytes, config, class_names)
+    config_text = render_selective_config(name, model, max_batch_size)
+    plan = plan_entry(repository, name, class_names, config_text, version=version, force=force)
+    data = model.SerializeToString()
+    # load it once in ONNX Runtime before writing: a graph ORT rejects never reaches the repository
+    ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    path = commit_entry(plan, data, config_text, class_names)
+    from abstain.export.selective_graph import SelectiveInfo
+
+    points = tuple(p["name"] for p in SelectiveInfo.from_model(model).operating_points)
     return SelectiveResult(
-        path, name, plan.version, sha256_bytes(base_bytes), sha256_bytes(cal_bytes), calibration.names
+        path, version_dir / "model.onnx", version_dir / "calibration.json", points, sha256_bytes(data)
     )
+
+
+def export_selective(
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Calibrated entry (models/NAME, latest version) or version directory (models/NAME/3)."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Entry name to write; default: <base name>-selective.")
+    ] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="Model repository to write into; default: the base entry's.")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version to write; default: the base graph's version.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the version if it already exists.")] = False,
+    max_batch_size: Annotated[int, typer.Option(help="Triton's max_batch_size in config.pbtxt.")] = 256,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Bake the calibrated decision into the graph: a model-repository entry any ONNX runtime serves.
+
+    Outputs: the base graph's (logits, selection), plus class_index int64 [N], confidence
+    float64 [N], scores float64 [N, P] and accept bool [N, P] for the P operating points of
+    calibration.json, in its order (listed in the graph's abstain.selective metadata with the
+    sha256 of the base graph and of the calibration). accept[:, p] equals `abstain serve`'s
+    decision with operating point p.
+    """
+    try:
+        result = export_selective_entry(model_dir, name, repository, version, force, max_batch_size)
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_output:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": str(result.model_path),
+                    "base": str(result.base_path),
+                    "calibration": str(result.calibration_path),
+                    "operating_points": list(result.operating_points),
+                    "sha256": result.sha256,
+                }
+            )
+        )
+    else:
+        typer.echo(
+            f"wrote {result.model_path} (operating points: {', '.join(result.operating_points)}; "
+            f"from {result.base_path} + {result.calibration_path})"
+        )

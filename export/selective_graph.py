@@ -1,30 +1,31 @@
-"""The calibrated decision as ONNX nodes: ``(logits, selection)`` → class, confidence, scores, accept.
+"""Append the calibrated predict-or-abstain decision to an exported graph (pure ``onnx`` + numpy).
 
-Pure graph building with ``onnx.helper`` (no torch, no file I/O). :func:`append_decision`
-adds the decision to a base graph whose outputs are ``logits`` float32 ``[N, K]`` and
-``selection`` float32 ``[N]`` (SelectiveNet's heads f and g, Geifman & El-Yaniv, ICML 2019),
-keeping every original output. :func:`decision_model` is the same nodes as a standalone
-graph fed with ``logits`` and ``selection`` directly, so tests can craft scores at a threshold.
+The base graph maps ``pixels [N, C, H, W]`` to ``logits [N, K]`` and ``selection [N]``. The
+selective graph keeps every base output and adds, for the ``P`` operating points of a
+``calibration.json`` (baked in as constants, in the calibration's order):
 
-Exactness. The service decides ``score >= threshold`` in float64 (``abstain/decisions.py``):
-the float32 head outputs are widened to float64 (exact) and the softmax is computed in
-float64. The graph does the same: it casts both heads to float64 *before* any arithmetic and
-stores every threshold as the float64 of ``calibration.json``. For the ``selection`` score the
-comparison is then bit-for-bit the service's (a cast is exact and ``>=`` is exact), whatever
-the threshold. For ``softmax_response`` and ``combined`` the score is the max of ONNX Runtime's
-float64 ``Softmax`` (the service's value up to the order of the float64 summation and the
-``exp`` implementation), so the two may differ by a few
-float64 ulps (~1e-16): only a sample whose score lies within that band of the threshold can
-flip. Measured on the digits test split with every image's own score as a threshold (360
-thresholds x 360 images): 0 flips for ``selection``, 89 of 129,600 for ``softmax_response`` and
-for ``combined``, every one an image whose score *is* the threshold. The
-metadata marks each operating point ``exact`` accordingly. Tests check both on the digits test
-split and on crafted scores.
+* ``class_index`` int64 ``[N]`` — arg-max of the softmax (first index on ties, as numpy);
+* ``confidence`` float64 ``[N]`` — the softmax response (max probability);
+* ``scores`` float64 ``[N, P]`` — each point's score (``abstain.selective.selection_scores``);
+* ``accept`` bool ``[N, P]`` — ``scores >= thresholds``: answer with point ``p``.
+
+Exactness. The service (``serving/decisions.py``) casts the float32 outputs to float64 and
+compares a float64 score with the float64 threshold. The decision here does the same: the
+outputs are cast to DOUBLE (exact: every float32 is a float64), the scores are computed in
+float64 with numpy's formula, step by step, and compared with the float64 thresholds stored as
+DOUBLE constants (bit-for-bit the JSON value). For the ``selection`` score the graph's score
+*is* ``float64(g)``, so ``accept`` equals the service's decision for every possible input,
+including a score exactly at the threshold. For ``softmax_response``/``combined`` the float64
+``exp``/sum of ONNX Runtime may differ from numpy's by an ulp (~1e-16), so a decision could
+differ only for a score within a few float64 ulps of its threshold (none on the digits test
+split; tested). Storing a float32 threshold (the smallest float32 ``>= t``) would be equally
+exact for ``selection`` but not for the softmax scores, which would lose 9 digits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -35,170 +36,238 @@ from abstain.contract import (
     CLASS_INDEX_NAME,
     CONFIDENCE_NAME,
     LOGITS_NAME,
+    META_SELECTIVE,
     SCORE_COMBINED,
     SCORE_NAMES,
     SCORE_SELECTION,
     SCORE_SOFTMAX_RESPONSE,
     SCORES_NAME,
     SELECTION_NAME,
+    SELECTIVE_OUTPUT_NAMES,
 )
-from abstain.operating_points import OperatingPoint
+from abstain.operating_points import Calibration
 
-#: Prefix of every node / intermediate tensor this module adds (no clash with the base graph).
+#: Prefix of every node and tensor this module adds, so none collides with the base graph's.
 PREFIX = "abstain_decision/"
-#: ONNX opset of a standalone decision graph; appended nodes follow the base graph's opset.
-DECISION_OPSET = 18
-#: Oldest base-graph opset supported (Unsqueeze takes ``axes`` as an input from 13).
+#: Lowest opset whose operators (GreaterOrEqual, Clip with inputs, ReduceSum axes input) we use.
 MIN_OPSET = 13
 
 
-def _name(local: str) -> str:
-    return PREFIX + local
+@dataclass(frozen=True)
+class SelectiveInfo:
+    """What the selective graph was made from (stored as JSON under ``META_SELECTIVE``)."""
 
+    base_graph_sha256: str
+    calibration_sha256: str
+    default_operating_point: str
+    operating_points: tuple[dict, ...]  # name, score, threshold, method, targets; graph order
 
-def decision_nodes(
-    points: Sequence[OperatingPoint], opset: int = DECISION_OPSET
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers from ``logits`` [N, K] and ``selection`` [N] to the four outputs.
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "base_graph_sha256": self.base_graph_sha256,
+                "calibration_sha256": self.calibration_sha256,
+                "default_operating_point": self.default_operating_point,
+                "operating_points": list(self.operating_points),
+                "outputs": list(SELECTIVE_OUTPUT_NAMES),
+                "decision": "accept[:, p] = scores[:, p] >= threshold[p], float64",
+            },
+            sort_keys=True,
+        )
 
-    Only the score columns some operating point uses are computed (fewer nodes, less latency).
-    """
-    if not points:
-        raise ValueError("a selective graph needs at least one operating point, but got none")
-    for point in points:
-        if point.score not in SCORE_NAMES:
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> SelectiveInfo:
+        """Read the info back from a selective graph; ``ValueError`` if it is not one."""
+        props = {p.key: p.value for p in model.metadata_props}
+        if META_SELECTIVE not in props:
             raise ValueError(
-                f"operating point {point.name!r} has score {point.score!r}; valid: {SCORE_NAMES}"
+                f"the graph has no {META_SELECTIVE} metadata: it is not a selective graph "
+                "(make one with `abstain export-selective MODEL_DIR`)"
             )
-    used = [s for s in SCORE_NAMES if any(p.score == s for p in points)]
-    n = _name
-    nodes: list[onnx.NodeProto] = []
-    inits = [
-        numpy_helper.from_array(np.array([1], dtype=np.int64), n("axis1")),
-        # thresholds exactly as calibration.json's float64 values (see module docstring)
-        numpy_helper.from_array(np.array([p.threshold for p in points], dtype=np.float64), n("thresholds")),
-        # which score column each operating point reads
-        numpy_helper.from_array(
-            np.array([used.index(p.score) for p in points], dtype=np.int64), n("point_score")
-        ),
-    ]
-    # class_index [N]: first maximal logit, like numpy's argmax (select_last_index=0)
-    nodes.append(
-        helper.make_node("ArgMax", [LOGITS_NAME], [CLASS_INDEX_NAME], name=n("argmax"), axis=1, keepdims=0)
+        raw = json.loads(props[META_SELECTIVE])
+        return cls(
+            raw["base_graph_sha256"],
+            raw["calibration_sha256"],
+            raw["default_operating_point"],
+            tuple(raw["operating_points"]),
+        )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ValueError("the base graph imports no default-domain opset")
+
+
+def _reduce(op: str, x: str, out: str, opset: int, axes_const: str) -> onnx.NodeProto:
+    """``op`` over axis 1 keeping dims; ReduceMax takes ``axes`` as an input only from opset 18."""
+    if op == "ReduceSum" or opset >= 18:
+        return helper.make_node(op, [x, axes_const], [out], keepdims=1, name=PREFIX + out)
+    return helper.make_node(op, [x], [out], axes=[1], keepdims=1, name=PREFIX + out)
+
+
+def point_records(calibration: Calibration) -> tuple[dict, ...]:
+    """The operating points as stored in the metadata, in the calibration's order."""
+    return tuple(
+        {
+            "name": p.name,
+            "method": p.method,
+            "score": p.score,
+            "threshold": p.threshold,
+            "target_coverage": p.target_coverage,
+            "target_risk": p.target_risk,
+            "delta": p.delta,
+            "coverage": p.coverage,  # measured on the calibration data
+        }
+        for p in calibration.operating_points
     )
-    # confidence [N] = max softmax in float64 like the service (3 nodes: each node costs ~µs at batch 1)
-    nodes += [
-        helper.make_node(
-            "Cast", [LOGITS_NAME], [n("logits64")], name=n("cast_logits"), to=TensorProto.DOUBLE
-        ),
-        helper.make_node("Softmax", [n("logits64")], [n("probs")], name=n("softmax"), axis=1),
-        helper.make_node(
-            "ReduceMax", [n("probs"), n("axis1")], [CONFIDENCE_NAME], name=n("confidence"), keepdims=0
-        )
-        if opset >= 18  # ReduceMax takes axes as an input from opset 18, as an attribute before
-        else helper.make_node(
-            "ReduceMax", [n("probs")], [CONFIDENCE_NAME], name=n("confidence"), axes=[1], keepdims=0
-        ),
-    ]
-    columns: dict[str, str] = {SCORE_SOFTMAX_RESPONSE: CONFIDENCE_NAME}
-    if SCORE_SELECTION in used or SCORE_COMBINED in used:
-        nodes.append(
-            helper.make_node(
-                "Cast", [SELECTION_NAME], [n("selection64")], name=n("cast_selection"), to=TensorProto.DOUBLE
-            )
-        )
-        columns[SCORE_SELECTION] = n("selection64")
-    if SCORE_COMBINED in used:
-        # sqrt(clip(g, 0, 1) * softmax_response), as abstain.selective.selection_scores
-        nodes += [
-            helper.make_node("Min", [n("selection64"), n("one")], [n("g_hi")], name=n("clip_hi")),
-            helper.make_node("Max", [n("g_hi"), n("zero")], [n("g_clip")], name=n("clip_lo")),
-            helper.make_node("Mul", [n("g_clip"), CONFIDENCE_NAME], [n("g_sr")], name=n("combined_mul")),
-            helper.make_node("Sqrt", [n("g_sr")], [n("combined")], name=n("combined")),
-        ]
-        columns[SCORE_COMBINED] = n("combined")
-        inits += [
-            numpy_helper.from_array(np.array(1.0, dtype=np.float64), n("one")),
-            numpy_helper.from_array(np.array(0.0, dtype=np.float64), n("zero")),
-        ]
-    # scores [N, P]: the used score columns stacked [N, U], then one column per operating point
-    stacked = []
-    for score in used:
-        nodes.append(
-            helper.make_node(
-                "Unsqueeze", [columns[score], n("axis1")], [n(f"col_{score}")], name=n(f"col_{score}")
-            )
-        )
-        stacked.append(n(f"col_{score}"))
-    if len(stacked) > 1:
-        nodes.append(helper.make_node("Concat", stacked, [n("stacked")], name=n("stacked"), axis=1))
-    nodes += [
-        helper.make_node(
-            "Gather",
-            [n("stacked") if len(stacked) > 1 else stacked[0], n("point_score")],
-            [SCORES_NAME],
-            name=n("scores"),
-            axis=1,
-        ),
-        # accept [N, P] = scores >= thresholds, broadcast over the batch
-        helper.make_node("GreaterOrEqual", [SCORES_NAME, n("thresholds")], [ACCEPT_NAME], name=n("accept")),
-    ]
-    return nodes, inits
 
 
-def decision_outputs(num_points: int) -> list[onnx.ValueInfoProto]:
-    """The four outputs' declarations (batch dimension ``batch``)."""
-    return [
-        helper.make_tensor_value_info(CLASS_INDEX_NAME, TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info(CONFIDENCE_NAME, TensorProto.DOUBLE, ["batch"]),
-        helper.make_tensor_value_info(SCORES_NAME, TensorProto.DOUBLE, ["batch", num_points]),
-        helper.make_tensor_value_info(ACCEPT_NAME, TensorProto.BOOL, ["batch", num_points]),
-    ]
+def build_selective_model(
+    base: onnx.ModelProto, calibration: Calibration, info: SelectiveInfo
+) -> onnx.ModelProto:
+    """A copy of ``base`` with the decision for every operating point of ``calibration``.
 
+    Args:
+        base: the exported graph (outputs ``logits [N, K]`` and ``selection [N]``, float32).
+        calibration: its calibration; its P operating points become the columns of
+            ``scores``/``accept`` in the same order.
+        info: provenance stored as metadata (:class:`SelectiveInfo`).
 
-def append_decision(base: onnx.ModelProto, points: Sequence[OperatingPoint]) -> onnx.ModelProto:
-    """A copy of ``base`` with the decision for ``points`` appended; the original outputs stay first.
-
-    Raises ``ValueError`` if ``base`` lacks ``logits``/``selection`` outputs or already has an
-    output of one of the new names, or if its default-domain opset is older than ``MIN_OPSET``
-    (the nodes follow the base graph's opset; ``onnx.checker`` checks the result).
+    Raises:
+        ValueError: the base graph lacks ``logits``/``selection``, already has a decision
+            output, or uses an opset older than ``MIN_OPSET``.
     """
-    outputs = [o.name for o in base.graph.output]
-    for needed in (LOGITS_NAME, SELECTION_NAME):
-        if needed not in outputs:
-            raise ValueError(f"the base graph should have a {needed!r} output, but its outputs are {outputs}")
-    clash = [o for o in outputs if o in (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)]
-    if clash:
-        raise ValueError(f"the base graph already has output(s) {clash}: is it a selective graph already?")
-    opsets = {o.domain: o.version for o in base.opset_import}
-    opset = opsets.get("", opsets.get("ai.onnx", 0))
-    if opset < MIN_OPSET:
-        raise ValueError(
-            f"the base graph uses ONNX opset {opset}; the decision needs opset >= {MIN_OPSET}: "
-            "re-export it with the current `abstain export` (or convert it with onnx.version_converter)"
-        )
     model = onnx.ModelProto()
     model.CopyFrom(base)
-    nodes, inits = decision_nodes(points, opset)
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(inits)
-    model.graph.output.extend(decision_outputs(len(points)))
-    return model
+    graph = model.graph
+    names = [o.name for o in graph.output]
+    for needed in (LOGITS_NAME, SELECTION_NAME):
+        if needed not in names:
+            raise ValueError(f"the base graph should output {needed!r}, but its outputs are {names}")
+    clash = sorted(set(names) & set(SELECTIVE_OUTPUT_NAMES))
+    if clash:
+        raise ValueError(f"the base graph already outputs {clash}: is it a selective graph already?")
+    opset = _opset(model)
+    if opset < MIN_OPSET:
+        raise ValueError(f"the base graph's opset should be >= {MIN_OPSET}, but it is {opset}")
+    points = calibration.operating_points
+    for p in points:
+        if p.score not in SCORE_NAMES:
+            raise ValueError(f"operating point {p.name!r} has score {p.score!r}; valid: {SCORE_NAMES}")
 
+    def name(s: str) -> str:
+        return PREFIX + s
 
-def decision_model(
-    points: Sequence[OperatingPoint], num_classes: int, opset: int = DECISION_OPSET
-) -> onnx.ModelProto:
-    """The decision alone: inputs ``logits`` float32 [N, K] and ``selection`` float32 [N]."""
-    nodes, inits = decision_nodes(points, opset)
-    graph = helper.make_graph(
-        nodes,
-        "abstain_decision",
-        [
-            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", num_classes]),
-            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
-        ],
-        decision_outputs(len(points)),
-        initializer=inits,
+    consts = [
+        numpy_helper.from_array(np.array([1], dtype=np.int64), name("axis1")),
+        numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("column")),
+        # float64, bit-for-bit the calibration's thresholds; [P] broadcasts over [N, P]
+        numpy_helper.from_array(
+            np.array([p.threshold for p in points], dtype=np.float64), name("thresholds")
+        ),
+    ]
+    graph.initializer.extend(consts)
+    a1 = name("axis1")
+    nodes = [
+        # numpy's path in abstain.selective.softmax, in float64: z - max, exp, / sum
+        helper.make_node(
+            "Cast", [LOGITS_NAME], [name("logits64")], to=TensorProto.DOUBLE, name=name("cast_logits")
+        ),
+        _reduce("ReduceMax", name("logits64"), name("zmax"), opset, a1),
+        helper.make_node("Sub", [name("logits64"), name("zmax")], [name("z")], name=name("sub")),
+        helper.make_node("Exp", [name("z")], [name("e")], name=name("exp")),
+        _reduce("ReduceSum", name("e"), name("esum"), opset, a1),
+        helper.make_node("Div", [name("e"), name("esum")], [name("probs")], name=name("div")),
+        helper.make_node(
+            "ArgMax",
+            [name("probs")],
+            [CLASS_INDEX_NAME],
+            axis=1,
+            keepdims=0,
+            select_last_index=0,
+            name=name("argmax"),
+        ),
+        helper.make_node(
+            "ReduceMax",
+            [name("probs"), a1] if opset >= 18 else [name("probs")],
+            [CONFIDENCE_NAME],
+            keepdims=0,
+            name=name("confidence"),
+            **({} if opset >= 18 else {"axes": [1]}),
+        ),
+        helper.make_node(
+            "Cast", [SELECTION_NAME], [name("g_flat")], to=TensorProto.DOUBLE, name=name("cast_selection")
+        ),
+    ]
+    columns: dict[str, str] = {}  # score name -> [N] tensor
+    needed = {p.score for p in points}
+    if SCORE_COMBINED in needed:
+        # selection is [N] (or [N, 1] in older exports): flatten to [N]
+        nodes.append(
+            helper.make_node(
+                "Reshape", [name("g_flat"), name("g_shape")], [name("g")], name=name("reshape_g")
+            )
+        )
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), name("g_shape")))
+    columns[SCORE_SELECTION] = name("g_flat")
+    columns[SCORE_SOFTMAX_RESPONSE] = CONFIDENCE_NAME
+    if SCORE_COMBINED in needed:
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0.0, dtype=np.float64), name("zero")),
+                numpy_helper.from_array(np.array(1.0, dtype=np.float64), name("one")),
+            ]
+        )
+        # sqrt(clip(g, 0, 1) * softmax_response), as abstain.selective.selection_scores
+        nodes += [
+            helper.make_node(
+                "Clip", [name("g"), name("zero"), name("one")], [name("g_clip")], name=name("clip_g")
+            ),
+            helper.make_node("Mul", [name("g_clip"), CONFIDENCE_NAME], [name("g_sr")], name=name("mul")),
+            helper.make_node("Sqrt", [name("g_sr")], [name("combined")], name=name("sqrt")),
+        ]
+        columns[SCORE_COMBINED] = name("combined")
+    # each distinct score once as an [N, 1] column, stacked [N, S]; one Gather picks the column
+    # of every operating point ([N, P]): fewer nodes than a column per point (the per-node
+    # dispatch cost is what the decision costs at batch 1, see benchmarks/selective_graph.py)
+    distinct = [s for s in SCORE_NAMES if s in needed]
+    column_names = []
+    for s in distinct:
+        col = name(f"column_{s}")
+        nodes.append(
+            helper.make_node("Reshape", [columns[s], name("column")], [col], name=name(f"reshape_{s}"))
+        )
+        column_names.append(col)
+    if len(column_names) > 1:
+        nodes.append(helper.make_node("Concat", column_names, [name("stacked")], axis=1, name=name("concat")))
+    stacked = column_names[0] if len(column_names) == 1 else name("stacked")
+    graph.initializer.append(
+        numpy_helper.from_array(
+            np.array([distinct.index(p.score) for p in points], dtype=np.int64), name("point_score")
+        )
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    nodes += [
+        helper.make_node(
+            "Gather", [stacked, name("point_score")], [SCORES_NAME], axis=1, name=name("gather")
+        ),
+        helper.make_node(
+            "GreaterOrEqual", [SCORES_NAME, name("thresholds")], [ACCEPT_NAME], name=name("accept")
+        ),
+    ]
+    graph.node.extend(nodes)
+    batch = "batch"
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(CLASS_INDEX_NAME, TensorProto.INT64, [batch]),
+            helper.make_tensor_value_info(CONFIDENCE_NAME, TensorProto.DOUBLE, [batch]),
+            helper.make_tensor_value_info(SCORES_NAME, TensorProto.DOUBLE, [batch, len(points)]),
+            helper.make_tensor_value_info(ACCEPT_NAME, TensorProto.BOOL, [batch, len(points)]),
+        ]
+    )
+    helper.set_model_props(
+        model, {**{p.key: p.value for p in base.metadata_props}, META_SELECTIVE: info.to_json()}
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model

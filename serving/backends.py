@@ -22,16 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from abstain.contract import (
-    ACCEPT_NAME,
-    CALIBRATION_FILENAME,
-    INPUT_NAME,
-    LOGITS_NAME,
-    META_SELECTIVE,
-    MODEL_FILENAME,
-    SELECTION_NAME,
-    InputSpec,
-)
+from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_NAME, InputSpec
 from abstain.runtime import GraphOutputs, OnnxModel
 
 PROBE_ATOL = 1e-4
@@ -84,8 +75,7 @@ class TritonBackend:
     name = "triton"
 
     def __init__(
-        self, url: str, model_name: str, model_version: str, timeout_s: float = DEFAULT_TIMEOUT_S,
-        selective: bool = False,
+        self, url: str, model_name: str, model_version: str, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s should be > 0 seconds, but got {timeout_s!r}")
@@ -93,8 +83,6 @@ class TritonBackend:
         self.url = url.removeprefix("grpc://").removeprefix("http://")
         self.model_name, self.model_version = model_name, str(model_version)
         self.timeout_s = timeout_s
-        #: the entry is a selective graph: Triton also returns ``accept`` (see check_selective_entry)
-        self.selective = selective
         # the HTTP client (geventhttpclient) must not be shared between threads: one per thread
         self._local = threading.local()
 
@@ -123,15 +111,13 @@ class TritonBackend:
         triton = self._local.module
         inp = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        names = [LOGITS_NAME, SELECTION_NAME, *([ACCEPT_NAME] if self.selective else [])]
-        outputs = [triton.InferRequestedOutput(n) for n in names]
+        outputs = [triton.InferRequestedOutput(LOGITS_NAME), triton.InferRequestedOutput(SELECTION_NAME)]
         result = client.infer(
             self.model_name, [inp], model_version=self.model_version, outputs=outputs, **self._call_timeout()
         )
         return GraphOutputs(
             logits=result.as_numpy(LOGITS_NAME),
             selection=result.as_numpy(SELECTION_NAME).reshape(-1),
-            accept=result.as_numpy(ACCEPT_NAME) if self.selective else None,
         )
 
     def verify(self, reference: OnnxModel) -> None:
@@ -192,38 +178,3 @@ def verify_triton_serves(
             f"{graph_sha256[:12]}…); restart once the graph and its calibration agree"
         )
     TritonBackend(url, model_name, model_version, timeout_s=timeout_s).verify(reference)
-
-
-def check_selective_entry(version_dir: Path, triton_model: str, calibration_names: list[str]) -> bool:
-    """Whether Triton's entry ``triton_model`` is a selective graph built from this calibration.
-
-    The service keeps a copy of the model repository: ``<repository>/<triton_model>/<version>``
-    beside the served ``version_dir``. If that copy is a selective graph (``abstain
-    export-selective``), its metadata must name the sha256 of ``version_dir``'s ``model.onnx`` and
-    ``calibration.json`` and the same operating points in order, else ``ValueError`` saying which
-    command rebuilds it; Triton's answers are then checked against the base graph by
-    :func:`verify_triton_serves`. Returns ``False`` for a plain entry (or no local copy).
-    """
-    import json
-
-    from abstain.io import sha256_file
-
-    local = Path(version_dir).parent.parent / triton_model / Path(version_dir).name / MODEL_FILENAME
-    if not local.is_file():
-        return False
-    meta = OnnxModel(local, intra_op_threads=1, prefer_cuda=False).metadata.get(META_SELECTIVE)
-    if meta is None:
-        return False
-    built = json.loads(meta)
-    rebuild = (f"run `abstain export-selective {Path(version_dir).parent} --force` and deploy "
-               f"{local.parent.parent}")
-    if built.get("base_graph_sha256") != sha256_file(Path(version_dir) / MODEL_FILENAME):
-        raise ValueError(
-            f"{local} was built from another graph than {version_dir / MODEL_FILENAME}: {rebuild}"
-        )
-    if built.get("calibration_sha256") != sha256_file(Path(version_dir) / CALIBRATION_FILENAME):
-        raise ValueError(f"{local} was built from another calibration than "
-                         f"{version_dir / CALIBRATION_FILENAME}: {rebuild}")
-    if [p["name"] for p in built.get("operating_points", [])] != list(calibration_names):
-        raise ValueError(f"{local} has other operating points than the calibration: {rebuild}")
-    return True

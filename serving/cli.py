@@ -40,8 +40,8 @@ def serve(
     workers: Annotated[int, _option("workers")] = OPTION["workers"].default,
     backend: Annotated[str, _option("backend")] = OPTION["backend"].default,
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
-    triton_model: Annotated[str, _option("triton_model")] = OPTION["triton_model"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
+    triton_model: Annotated[str | None, _option("triton_model")] = OPTION["triton_model"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     batch_max_size: Annotated[int, _option("batch_max_size")] = OPTION["batch_max_size"].default,
     batch_max_latency_ms: Annotated[float, _option("batch_max_latency_ms")] = (
@@ -75,14 +75,19 @@ def serve(
     settings = ServeSettings(**values)  # the same checks as the service's (backend, minimums)
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
-    if settings.backend == "triton":
-        from abstain.serving.backends import check_selective_entry, verify_triton_serves
+    if settings.backend == "triton" and triton_model not in (None, artifacts.name):
+        # a selective entry: Triton decides (serving/selective_remote.py)
+        from abstain.serving.selective_remote import verify_selective_triton
 
-        check_selective_entry(
-            artifacts.version_dir, triton_model or artifacts.name, artifacts.calibration.names
+        verify_selective_triton(
+            settings.triton_url, artifacts.version_dir, triton_model, artifacts.calibration.names,
+            timeout_s=settings.triton_timeout,
         )
+    elif settings.backend == "triton":
+        from abstain.serving.backends import verify_triton_serves
+
         verify_triton_serves(
-            settings.triton_url, artifacts.graph_path, triton_model or artifacts.name, artifacts.version,
+            settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
             graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
         )
     env = dict(os.environ)

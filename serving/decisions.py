@@ -40,8 +40,8 @@ def decide(
         selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
         point: the operating point whose ``score`` and ``threshold`` decide.
         class_names: ``K`` labels, index ``i`` names class ``i``.
-        answered: bool ``[N]`` decided elsewhere (a selective graph's ``accept`` column, served
-            by Triton) instead of ``score >= threshold`` here; the same rule, baked into the graph.
+        answered: bool ``[N]``, the decision already taken for ``point`` (a selective graph's
+            ``accept`` column, ``serving/selective_remote.py``); default ``score >= threshold``.
 
     Returns:
         ``N`` dicts. Always: ``decision``, ``confidence`` (softmax response), ``selection`` (g),
@@ -50,7 +50,7 @@ def decide(
         (``label``, ``class_index``, ``confidence``) for human review.
     """
     d = decide_arrays(logits, selection, point)  # checks the shapes
-    if answered is not None:
+    if answered is not None:  # Triton decided (a selective entry): its accept column wins
         d = dataclasses.replace(d, answered=np.asarray(answered, dtype=bool).reshape(-1))
     if np.shape(logits)[1] != len(class_names):
         raise ValueError(

@@ -27,13 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from abstain.serving.backends import (
-    Backend,
-    OnnxRuntimeBackend,
-    TritonBackend,
-    check_selective_entry,
-    verify_triton_serves,
-)
+from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
 from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
@@ -43,22 +37,28 @@ from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
 from abstain.serving.responses import backend_unavailable, rejection
 from abstain.serving.review import ROUTES as REVIEW_ROUTES
+from abstain.serving.selective_remote import TritonSelectiveBackend, verify_selective_triton
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
-#: Triton's entry: the served model's, or a selective entry that decides in Triton (issue 11)
-TRITON_MODEL = SETTINGS.triton_model or ARTIFACTS.name
-SELECTIVE = SETTINGS.backend == "triton" and check_selective_entry(
-    ARTIFACTS.version_dir, TRITON_MODEL, ARTIFACTS.calibration.names
-)
-if SETTINGS.backend == "triton":
+#: Triton serves a selective entry (`abstain export-selective`): it decides (serving/selective_remote.py)
+TRITON_DECIDES = SETTINGS.backend == "triton" and SETTINGS.triton_model not in (None, ARTIFACTS.name)
+if TRITON_DECIDES:
+    verify_selective_triton(
+        SETTINGS.triton_url,
+        ARTIFACTS.version_dir,
+        SETTINGS.triton_model,
+        ARTIFACTS.calibration.names,
+        timeout_s=SETTINGS.triton_timeout,
+    )
+elif SETTINGS.backend == "triton":
     # here too, so that `bentoml serve` exits with the message instead of restarting workers
     verify_triton_serves(
         SETTINGS.triton_url,
         ARTIFACTS.graph_path,
-        TRITON_MODEL,
+        ARTIFACTS.name,
         ARTIFACTS.version,
         graph_sha256=ARTIFACTS.graph_sha256,
         timeout_s=SETTINGS.triton_timeout,
@@ -103,10 +103,16 @@ class Abstain:
                 f"has {self.model.num_classes} classes; fix labels.txt"
             )
         backend: Backend
-        if SETTINGS.backend == "triton":
+        if TRITON_DECIDES:
+            backend = TritonSelectiveBackend(
+                SETTINGS.triton_url,
+                SETTINGS.triton_model,
+                ARTIFACTS.version,
+                timeout_s=SETTINGS.triton_timeout,
+            )
+        elif SETTINGS.backend == "triton":
             backend = TritonBackend(
-                SETTINGS.triton_url, TRITON_MODEL, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout,
-                selective=SELECTIVE,
+                SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout
             )
         else:
             backend = OnnxRuntimeBackend(self.model)
@@ -206,10 +212,9 @@ class Abstain:
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
             return backend_unavailable(self.backend.name, exc)
-        # a selective entry decided in Triton: its accept column for this point is the decision
-        column = self.artifacts.calibration.names.index(point.name)
-        answered = None if out.accept is None else out.accept[:, column]
-        answers = decide(out.logits, out.selection, point, self.class_names, answered=answered)
+        accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
+        column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
+        answers = decide(out.logits, out.selection, point, self.class_names, answered=column)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
         answers = with_request_ids(answers, request_ids, self.decision_log, x)
         return {

@@ -141,7 +141,7 @@ def start_triton(
 ) -> tuple[subprocess.Popen, int, int, Path]:
     """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log).
 
-    ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (default: metrics off).
+    ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (off by default).
     """
     src = pytriton_dir()
     assert src is not None
@@ -171,21 +171,12 @@ def start_triton(
         "127.0.0.1",
         "--grpc-port",
         str(grpc),
+        "--allow-metrics",
+        "false" if metrics_port is None else "true",
         *(
-            ["--allow-metrics", "false"]
+            []
             if metrics_port is None
-            else [
-                "--allow-metrics",
-                "true",
-                "--allow-gpu-metrics",
-                "false",
-                "--allow-cpu-metrics",
-                "false",
-                "--metrics-address",
-                "127.0.0.1",
-                "--metrics-port",
-                str(metrics_port),
-            ]
+            else ["--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port)]
         ),
         "--exit-timeout-secs",
         "5",
