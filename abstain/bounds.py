@@ -153,8 +153,9 @@ def beta_binomial_pmf(n: int, a: float, b: float) -> np.ndarray:
     return pmf / pmf.sum()
 
 
-def coverage_prediction_interval(n_selected: int, n: int, n_test: int,
-                                 confidence: float = 0.95) -> tuple[float, float]:
+def coverage_prediction_interval(
+    n_selected: int, n: int, n_test: int, confidence: float = 0.95
+) -> tuple[float, float]:
     """Where a threshold's coverage on ``n_test`` *new* samples will land, with probability
     ``>= confidence``: ``[lower, upper]`` as fractions of ``n_test``.
 
