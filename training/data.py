@@ -25,7 +25,7 @@ on ImageNet-100). The split of ``train/`` into train and val files is
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,18 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
         input_spec=InputSpec(3, crop, crop, IMAGENET_MEAN, IMAGENET_STD),
         fingerprint=train_split.fingerprint,
     )
+
+
+def subset_train(bundle: DataBundle, n: int) -> DataBundle:
+    """``bundle`` with only ``n`` training samples: the first ``n`` of a fixed shuffle (``SPLIT_SEED``).
+
+    For quick experiments (the quality benchmark's reduced setting); val and test are untouched.
+    """
+    total = len(bundle.train)  # type: ignore[arg-type]
+    if not 1 <= n <= total:
+        raise ValueError(f"train_subset should be in [1, {total}] (the training split's size), but got {n}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(total)[:n]
+    return replace(bundle, train=Subset(bundle.train, np.sort(order).tolist()))
 
 
 def load_data(name: str, data_root: Path | None = None, download: bool = False) -> DataBundle:

@@ -11,6 +11,9 @@ DATASETS = ("digits", "fashion-mnist", "cifar100", "imagefolder")
 LOSSES = ("ce", "selectivenet", "sync")
 BODIES = ("small_cnn", "vgg16_bn", "resnet18", "resnet34")
 PRIOR_HEADS = ("f", "h")
+#: How SYNC's prior enters the loss: ``bce`` (g pulled towards the softmax response) or
+#: ``rank`` (our second reading: g's logits ordered as the softmax responses, pairwise).
+SYNC_TERMS = ("bce", "rank")
 
 #: Defaults of SelectiveNet's paper (Geifman & El-Yaniv, ICML 2019): α weighs the selective
 #: loss against the auxiliary head, λ the coverage penalty, c the target coverage.
@@ -21,6 +24,12 @@ DEFAULT_TARGET_COVERAGE = 0.8
 #: head]). β chosen by the Fashion-MNIST sweep in benchmarks/train_fashion_mnist.py (docs/benchmarks.md).
 DEFAULT_BETA = 2.0
 DEFAULT_PRIOR = "f"
+DEFAULT_SYNC_TERM = "bce"
+#: Epochs over which SYNC's β ramps linearly from β/warmup to β (0: the full β from the start).
+DEFAULT_BETA_WARMUP = 0
 #: SGD, as the paper: lr decay factor and weight decay.
 DEFAULT_LR_GAMMA = 0.5
 DEFAULT_WEIGHT_DECAY = 5e-4
+#: Weight decay on BatchNorm weights and on biases too (SelectiveNet's Keras reference decays
+#: only conv/dense kernels; off = the reference's choice).
+DEFAULT_DECAY_NORM_BIAS = True
