@@ -101,8 +101,10 @@ def sweep_points(epochs: int) -> tuple[Point, ...]:
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads, no GPU (the cores were shared with other jobs)")
+    return (
+        f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, no GPU (the cores were shared with other jobs)"
+    )
 
 
 def run(config: TrainConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
@@ -142,9 +144,12 @@ def collect(points: tuple[Point, ...], base: dict[str, Any], seeds: list[int], o
             rows["val"].append(val)
             rows["test"].append(test)
             rows["seconds"].append(seconds)
-            print(f"{point.name} seed {seed}: test acc {test['accuracy']:.4f} "
-                  + " ".join(f"AURC({s}) {test['by_score'][s]['aurc']:.5f}" for s in scores_for(point))
-                  + f" ({seconds:.0f}s)", flush=True)
+            print(
+                f"{point.name} seed {seed}: test acc {test['accuracy']:.4f} "
+                + " ".join(f"AURC({s}) {test['by_score'][s]['aurc']:.5f}" for s in scores_for(point))
+                + f" ({seconds:.0f}s)",
+                flush=True,
+            )
         results[point.name] = rows
     return results
 
@@ -161,8 +166,9 @@ def fmt(values: list[float], digits: int = 4) -> str:
 
 def chosen_score(point: Point, rows: dict[str, Any]) -> str:
     """The score with the lowest mean *validation* AURC over the seeds."""
-    return min(scores_for(point),
-               key=lambda s: float(np.mean([v["by_score"][s]["aurc"] for v in rows["val"]])))
+    return min(
+        scores_for(point), key=lambda s: float(np.mean([v["by_score"][s]["aurc"] for v in rows["val"]]))
+    )
 
 
 def metric(rows: dict[str, Any], split: str, score: str, name: str) -> list[float]:
@@ -171,19 +177,27 @@ def metric(rows: dict[str, Any], split: str, score: str, name: str) -> list[floa
 
 def paper_table(points: tuple[Point, ...], results: dict[str, Any]) -> str:
     """Markdown rows: method × score, test accuracy, risk at each coverage, AURC, E-AURC, AUGRC."""
-    head = ("| method | score | test acc. | " + " | ".join(f"risk @ {float(c):.0%}" for c in COVERAGES)
-            + " | AURC | E-AURC | AUGRC |")
+    head = (
+        "| method | score | test acc. | "
+        + " | ".join(f"risk @ {float(c):.0%}" for c in COVERAGES)
+        + " | AURC | E-AURC | AUGRC |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for point in points:
         rows = results[point.name]
         best = chosen_score(point, rows)
         for score in scores_for(point):
-            risks = [fmt([r["by_score"][score]["risk_at_coverage"][c] for r in rows["test"]]) for c in COVERAGES]
+            risks = [
+                fmt([r["by_score"][score]["risk_at_coverage"][c] for r in rows["test"]]) for c in COVERAGES
+            ]
             mark = " (chosen on val)" if score == best and len(scores_for(point)) > 1 else ""
-            lines.append(f"| {point.name} | {score}{mark} | {fmt([r['accuracy'] for r in rows['test']])} | "
-                         + " | ".join(risks) + f" | {fmt(metric(rows, 'test', score, 'aurc'), 5)} "
-                         f"| {fmt(metric(rows, 'test', score, 'eaurc'), 5)} "
-                         f"| {fmt(metric(rows, 'test', score, 'augrc'), 5)} |")
+            lines.append(
+                f"| {point.name} | {score}{mark} | {fmt([r['accuracy'] for r in rows['test']])} | "
+                + " | ".join(risks)
+                + f" | {fmt(metric(rows, 'test', score, 'aurc'), 5)} "
+                f"| {fmt(metric(rows, 'test', score, 'eaurc'), 5)} "
+                f"| {fmt(metric(rows, 'test', score, 'augrc'), 5)} |"
+            )
     return "\n".join(lines)
 
 
@@ -200,25 +214,31 @@ def verdict(points: tuple[Point, ...], results: dict[str, Any], seeds: list[int]
     gap, spread = m2 - m1, 2 * max(s1, s2)
     wins = sum(a < b for a, b in zip(v1, v2, strict=True))
     ranking = ", ".join(f"{n} by {sc} {m:.5f} ± {s:.5f}" for m, s, n, sc, _ in summary)
-    certain = ("exceeds" if gap > spread else "does not exceed")
-    text = (f"Test AURC of each method's validation-chosen score, best first: {ranking}. "
-            f"**{n1}** ({sc1}) has the lowest mean test AURC; its lead over {n2} ({sc2}) is {gap:.5f}, "
-            f"which {certain} two seed standard deviations ({spread:.5f}); it is lower on {wins} of "
-            f"{len(seeds)} seeds (paired).")
+    certain = "exceeds" if gap > spread else "does not exceed"
+    text = (
+        f"Test AURC of each method's validation-chosen score, best first: {ranking}. "
+        f"**{n1}** ({sc1}) has the lowest mean test AURC; its lead over {n2} ({sc2}) is {gap:.5f}, "
+        f"which {certain} two seed standard deviations ({spread:.5f}); it is lower on {wins} of "
+        f"{len(seeds)} seeds (paired)."
+    )
     if "ce" in results and n1 != "ce":
         ce = metric(results["ce"], "test", "softmax_response", "aurc")
         ce_m, ce_s = mean_std(ce)
         beats = (ce_m - m1) > 2 * max(ce_s, s1)
-        text += (f" Against the plain classifier's softmax response ({ce_m:.5f} ± {ce_s:.5f}) the gap is "
-                 f"{ce_m - m1:.5f}: {'more' if beats else 'not more'} than two seed standard deviations.")
+        text += (
+            f" Against the plain classifier's softmax response ({ce_m:.5f} ± {ce_s:.5f}) the gap is "
+            f"{ce_m - m1:.5f}: {'more' if beats else 'not more'} than two seed standard deviations."
+        )
     return text
 
 
 def sweep_table(points: tuple[Point, ...], results: dict[str, Any]) -> tuple[str, Point, str]:
     """Markdown rows per point (val AURC of each score, test of the chosen one) and the val choice."""
-    lines = ["| point | val AURC by g | val AURC by SR | val AURC by combined | chosen score "
-             "| test acc. | test AURC (chosen score) | test E-AURC | test risk @ 80 % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| point | val AURC by g | val AURC by SR | val AURC by combined | chosen score "
+        "| test acc. | test AURC (chosen score) | test E-AURC | test risk @ 80 % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     best: tuple[float, Point, str] | None = None
     for point in points:
         rows = results[point.name]
@@ -227,34 +247,50 @@ def sweep_table(points: tuple[Point, ...], results: dict[str, Any]) -> tuple[str
         if best is None or val_mean < best[0]:
             best = (val_mean, point, score)
         vals = " | ".join(fmt(metric(rows, "val", s, "aurc"), 5) for s in SCORE_NAMES)
-        lines.append(f"| {point.name} | {vals} | {score} | {fmt([r['accuracy'] for r in rows['test']])} "
-                     f"| {fmt(metric(rows, 'test', score, 'aurc'), 5)} "
-                     f"| {fmt(metric(rows, 'test', score, 'eaurc'), 5)} "
-                     f"| {fmt([r['by_score'][score]['risk_at_coverage']['0.8'] for r in rows['test']])} |")
+        lines.append(
+            f"| {point.name} | {vals} | {score} | {fmt([r['accuracy'] for r in rows['test']])} "
+            f"| {fmt(metric(rows, 'test', score, 'aurc'), 5)} "
+            f"| {fmt(metric(rows, 'test', score, 'eaurc'), 5)} "
+            f"| {fmt([r['by_score'][score]['risk_at_coverage']['0.8'] for r in rows['test']])} |"
+        )
     assert best is not None
     return "\n".join(lines), best[1], best[2]
 
 
 def setting(args: argparse.Namespace, base: dict[str, Any]) -> str:
     shown = {k: v for k, v in base.items() if k not in ("dataset", "data_root")}
-    return (f"{args.dataset}, seeds {args.seeds}, " + ", ".join(f"{k} {v}" for k, v in shown.items())
-            + (" (the dataset's defaults otherwise)" if shown else " (the dataset's defaults)"))
+    return (
+        f"{args.dataset}, seeds {args.seeds}, "
+        + ", ".join(f"{k} {v}" for k, v in shown.items())
+        + (" (the dataset's defaults otherwise)" if shown else " (the dataset's defaults)")
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=("table", "sweep"), default="table")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar100 or imagefolder")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for a spread)")
-    parser.add_argument("--full", action="store_true",
-                        help="the dataset's own defaults (all training images, its epochs) instead of the "
-                             f"reduced setting {REDUCED}")
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs (and lr step = epochs/2)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the dataset's own defaults (all training images, its epochs) instead of the "
+        f"reduced setting {REDUCED}",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override the epochs (and lr step = epochs/2)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
-    parser.add_argument("--sweep-choice", type=Path, default=None,
-                        help="JSON the sweep writes its choice to and the table reads it from "
-                             "(default: OUT/sweep_choice.json)")
+    parser.add_argument(
+        "--sweep-choice",
+        type=Path,
+        default=None,
+        help="JSON the sweep writes its choice to and the table reads it from "
+        "(default: OUT/sweep_choice.json)",
+    )
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -273,10 +309,13 @@ def main() -> None:
         points = sweep_points(int(base.get("epochs") or TrainConfig(dataset=args.dataset).resolved().epochs))
         results = collect(points, base, seeds, out)
         table, best, score = sweep_table(points, results)
-        choice_path.write_text(json.dumps({"name": best.name, "overrides": best.overrides, "score": score}) + "\n")
+        choice_path.write_text(
+            json.dumps({"name": best.name, "overrides": best.overrides, "score": score}) + "\n"
+        )
+        minutes = (time.perf_counter() - started) / 60
         section = f"""## Quality: the SYNC sweep
 
-{setting(args, base)}; produced by `{command}` on: {machine()}; {(time.perf_counter() - started) / 60:.0f} min.
+{setting(args, base)}; produced by `{command}` on: {machine()}; {minutes:.0f} min.
 One knob at a time away from the default SYNC (β 2, prior f, c 0.8, α 0.5, BCE term). Each point
 is chosen by its *validation* AURC (mean over the seeds, its best score); test is reported, never
 used to choose. `rank` is our second reading of the prior (pairwise ranking loss, see

@@ -54,14 +54,20 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
 
-def one_step(model: nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor,
-             distributed: bool) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def one_step(
+    model: nn.Module, loss_name: str, x: torch.Tensor, y: torch.Tensor, distributed: bool
+) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(loss, gradients, weights after the step) of one SGD step of ``train_step``."""
     # c = 0.95 above the batch's coverage, so the coverage penalty is active and checked too
     loss_fn = build_loss(loss_name, target_coverage=0.95, distributed=distributed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    runtime = Runtime(torch.device("cpu"), amp=False, channels_last=False,
-                      rank=dist.get_rank() if distributed else 0, world_size=WORLD if distributed else 1)
+    runtime = Runtime(
+        torch.device("cpu"),
+        amp=False,
+        channels_last=False,
+        rank=dist.get_rank() if distributed else 0,
+        world_size=WORLD if distributed else 1,
+    )
     result = train_step(model, loss_fn, x, y, optimizer, runtime)
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     grads = {n: p.grad.detach().clone() for n, p in inner.named_parameters()}
@@ -92,7 +98,9 @@ def run_ddp(tmp_path: Path, loss_name: str, fixed: bool) -> dict:
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
-def test_two_processes_take_the_step_of_one_process_on_the_global_batch(tmp_path: Path, loss_name: str) -> None:
+def test_two_processes_take_the_step_of_one_process_on_the_global_batch(
+    tmp_path: Path, loss_name: str
+) -> None:
     x, y = global_batch()
     loss, grads, weights = one_step(Tiny(), loss_name, x, y, distributed=False)
     ddp = run_ddp(tmp_path, loss_name, fixed=True)
