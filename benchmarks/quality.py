@@ -95,6 +95,7 @@ def sweep_points(epochs: int) -> tuple[Point, ...]:
         Point("sync α=0.75", {"loss": "sync", "alpha": 0.75}),
         Point("sync rank β=2", {"loss": "sync", "sync_term": "rank"}),
         Point("sync no decay on norms/biases", {"loss": "sync", "decay_norm_bias": False}),
+        Point("sync g BN γ₀=0.1 (reference)", {"loss": "sync", "selection_bn_gamma": 0.1}),
     )
 
 

@@ -70,6 +70,8 @@ def train(
     ),
     train_subset: Annotated[int | None, typer.Option(
         help="Train on this many images only (a fixed random subset; quick experiments).")] = None,
+    selection_bn_gamma: Annotated[float, typer.Option(
+        help="Initial γ of g's batch norm (SelectiveNet's reference starts at 0.1).")] = 1.0,
     sync_batchnorm: Annotated[bool, typer.Option(
         help="Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm).")] = False,
     body: Annotated[str | None, typer.Option(
@@ -114,6 +116,7 @@ def train(
         target_coverage=target_coverage, alpha=alpha, lam=lam,
         beta=beta, prior=prior, sync_term=sync_term, beta_warmup=beta_warmup,
         decay_norm_bias=decay_norm_bias, train_subset=train_subset, sync_batchnorm=sync_batchnorm,
+        selection_bn_gamma=selection_bn_gamma,
         seed=seed, deterministic=deterministic,
         device=device, amp=amp, num_workers=num_workers,
     ).validate()

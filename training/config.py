@@ -1,6 +1,7 @@
 """The training configuration (saved in every checkpoint) and the per-dataset defaults.
 
-The paper's schedule (SGD, Nesterov 0.9, weight decay 5e-4, lr 0.1 halved every 25 epochs,
+The paper's schedule (SGD, Nesterov 0.9, weight decay 5e-4 — PyTorch's, not Keras' l2, see
+:mod:`abstain.training.defaults` —, lr 0.1 halved every 25 epochs,
 300 epochs) is the default for CIFAR-100 and the image-folder datasets. The two small
 datasets get shorter schedules so they finish on a 2-core CPU:
 
@@ -67,6 +68,7 @@ class TrainConfig:
     beta_warmup: int = DEFAULT_BETA_WARMUP
     decay_norm_bias: bool = DEFAULT_DECAY_NORM_BIAS
     train_subset: int | None = None  # first N of a fixed per-class-balanced shuffle of train
+    selection_bn_gamma: float = 1.0  # initial γ of g's batch norm (SelectiveNet's reference: 0.1)
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA)
     seed: int = 0
     deterministic: bool = False

@@ -6,8 +6,11 @@
   first (only then, and only when asked).
 * ``cifar100``: torchvision's ``CIFAR100`` from ``data_root`` (``cifar-100-python/``); val is
   5,000 images carved from train per class with :data:`abstain.datasets.SPLIT_SEED`; test is
-  the official test set. Training augmentation is SelectiveNet's: random crop with padding 4
-  and horizontal flip.
+  the official test set. Training augmentation: random crop with padding 4 and horizontal
+  flip, the usual CIFAR recipe. SelectiveNet's Keras reference differs: ``ImageDataGenerator``
+  with rotations of up to 15°, shifts of up to 10 % (3 pixels) and horizontal flips; a crop
+  with padding 4 is a shift of up to 4 pixels without the rotation. Not compared here (the
+  Fashion-MNIST benchmarks use no augmentation at all).
 * ``imagefolder``: ImageNet-100 / Stanford Cars as ``data_root/train/<class>/*`` and
   ``data_root/val/<class>/*``. val (for calibration) is 10 % of ``train/`` carved per class
   with the fixed seed; test is ``val/``. Training: RandomResizedCrop(224) + flip; eval:

@@ -27,7 +27,9 @@ DEFAULT_PRIOR = "f"
 DEFAULT_SYNC_TERM = "bce"
 #: Epochs over which SYNC's β ramps linearly from β/warmup to β (0: the full β from the start).
 DEFAULT_BETA_WARMUP = 0
-#: SGD, as the paper: lr decay factor and weight decay.
+#: SGD, as the paper: lr decay factor and weight decay. PyTorch's ``weight_decay`` adds wd·w to
+#: the gradient; the Keras reference's ``l2(5e-4)`` adds 5e-4·Σw² to the loss, i.e. 1e-3·w to
+#: the gradient, and only on conv/dense kernels (see DEFAULT_DECAY_NORM_BIAS).
 DEFAULT_LR_GAMMA = 0.5
 DEFAULT_WEIGHT_DECAY = 5e-4
 #: Weight decay on BatchNorm weights and on biases too (SelectiveNet's Keras reference decays

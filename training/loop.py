@@ -327,6 +327,7 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     model_config = ModelConfig(
         body=config.body, num_classes=len(data.class_names), in_channels=spec.channels,  # type: ignore[arg-type]
         image_size=spec.height, mean=spec.mean, std=spec.std, width=config.width,  # type: ignore[arg-type]
+        selection_bn_gamma=config.selection_bn_gamma,
     )
     model = SelectiveNet(model_config)
     if config.pretrained:

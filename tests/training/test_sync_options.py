@@ -103,3 +103,12 @@ def test_config_validates_the_new_fields() -> None:
         TrainConfig(train_subset=0).validate()
     with pytest.raises(ValueError, match="term should be one of bce, rank"):
         build_loss("sync", sync_term="margin")
+
+
+def test_selection_bn_gamma_starts_g_as_the_reference() -> None:
+    from abstain.training.model import ModelConfig, SelectiveNet
+
+    config = ModelConfig(body="small_cnn", num_classes=3, in_channels=1, image_size=8, width=4)
+    reference = SelectiveNet(ModelConfig(**{**config.to_dict(), "selection_bn_gamma": 0.1}))
+    assert torch.all(reference.selector[2].weight == 0.1)
+    assert torch.all(SelectiveNet(config).selector[2].weight == 1.0)
