@@ -87,6 +87,7 @@ def sweep_points(epochs: int) -> tuple[Point, ...]:
     """The sweep: one knob at a time away from the default SYNC (β 2, prior f, c 0.8, α 0.5, bce)."""
     return (
         Point("sync", {"loss": "sync"}),
+        Point("sync β=0.1", {"loss": "sync", "beta": 0.1}),
         Point("sync β=0.5", {"loss": "sync", "beta": 0.5}),
         Point("sync β=8", {"loss": "sync", "beta": 8.0}),
         Point(f"sync β warm-up {epochs} ep", {"loss": "sync", "beta_warmup": epochs}),
