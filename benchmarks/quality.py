@@ -223,6 +223,8 @@ def verdict(points: tuple[Point, ...], results: dict[str, Any], seeds: list[int]
         f"which {certain} two seed standard deviations ({spread:.5f}); it is lower on {wins} of "
         f"{len(seeds)} seeds (paired)."
     )
+    per_seed = "; ".join(f"{n} ({sc}) " + " / ".join(f"{v:.5f}" for v in vs) for _, _, n, sc, vs in summary)
+    text += f" Per seed ({', '.join(map(str, seeds))}): {per_seed}."
     if "ce" in results and n1 != "ce":
         ce = metric(results["ce"], "test", "softmax_response", "aurc")
         ce_m, ce_s = mean_std(ce)
