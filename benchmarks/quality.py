@@ -14,9 +14,10 @@ Two modes, one command each:
   test AURC and whether the gap exceeds two seed standard deviations (the larger of the
   two methods'), and how many seeds the winner wins on (paired).
 * ``sweep`` — SYNC points (β, a β warm-up, prior head f/h, target coverage c, α, the ``rank``
-  reading of the prior, weight decay on norms/biases), each with every seed; the point and
-  its score are chosen on validation AURC, test AURC is reported for all. Writes the choice
-  to ``--sweep-choice`` for the table.
+  reading of the prior; ``--extended`` adds no weight decay on norms/biases and g's BN γ
+  starting at 0.1, as SelectiveNet's reference), each with every seed; the point and its
+  score are chosen on validation AURC, test AURC is reported for all. Writes the choice to
+  ``--sweep-choice`` for the table.
 
 Runs are cached in ``--out`` (a run whose ``metrics.jsonl`` has its test line and whose
 checkpoint config matches is not trained again), so the table after the sweep reuses the
@@ -35,8 +36,11 @@ GPU::
 CIFAR-100 epoch is 45,000 images, so the time is 2,700 × the epoch time the ``train_throughput``
 benchmark reports for the GPU at hand.)
 
-    nice -n 10 python benchmarks/quality.py --mode table      # ≈ 10 min on 2 idle CPU cores
-    nice -n 10 python benchmarks/quality.py --mode sweep      # ≈ 25 min on 2 idle CPU cores
+    nice -n 10 python benchmarks/quality.py --mode table      # 9 runs of ≈ 40 s on 2 idle CPU cores
+    nice -n 10 python benchmarks/quality.py --mode sweep      # 27 runs (+ 6 with --extended)
+    nice -n 10 python benchmarks/quality.py --mode table      # again: adds the sweep's choice (cached)
+
+(On the shared 2 cores the runs took 40–220 s each, with other jobs running.)
 """
 
 from __future__ import annotations
