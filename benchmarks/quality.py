@@ -37,7 +37,7 @@ CIFAR-100 epoch is 45,000 images, so the time is 2,700 × the epoch time the ``t
 benchmark reports for the GPU at hand.)
 
     nice -n 10 python benchmarks/quality.py --mode table      # 9 runs of ≈ 40 s on 2 idle CPU cores
-    nice -n 10 python benchmarks/quality.py --mode sweep      # 24 runs (+ 12 with --extended)
+    nice -n 10 python benchmarks/quality.py --mode sweep      # 21 runs (+ 12 with --extended)
     nice -n 10 python benchmarks/quality.py --mode table      # again: adds the sweep's choice (cached)
 
 (On the shared 2 cores the runs took 40–220 s each, with other jobs running.)
