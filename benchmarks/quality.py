@@ -366,9 +366,9 @@ Validation's choice: **{best.name}**, scored by **{score}**.
     section = f"""## Quality: SYNC against its baselines
 
 {setting(args, base)}; produced by `{command}` on: {machine()}; {minutes:.0f} min of training
-in all (runs of earlier invocations included). Test split (10,000 images for Fashion-MNIST), mean ± std over the seeds.
-Risk is the selective 0/1 risk when answering that fraction of the test set by the score.
-Each method's score is chosen on validation (marked).
+in all (runs of earlier invocations included). Test split (10,000 images for Fashion-MNIST),
+mean ± std over the seeds. Risk is the selective 0/1 risk when answering that fraction of the
+test set by the score. Each method's score is chosen on validation (marked).
 
 {paper_table(points, results)}
 
