@@ -30,15 +30,30 @@ from starlette.routing import Route
 from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
+from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
+from abstain.serving.feedback import parse_request_ids
+from abstain.serving.live import DecisionLog, with_request_ids
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
 from abstain.serving.responses import backend_unavailable, rejection
+from abstain.serving.review import ROUTES as REVIEW_ROUTES
+from abstain.serving.selective_remote import TritonSelectiveBackend, verify_selective_triton
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
-if SETTINGS.backend == "triton":
+#: Triton serves a selective entry (`abstain export-selective`): it decides (serving/selective_remote.py)
+TRITON_DECIDES = SETTINGS.backend == "triton" and SETTINGS.triton_model not in (None, ARTIFACTS.name)
+if TRITON_DECIDES:
+    verify_selective_triton(
+        SETTINGS.triton_url,
+        ARTIFACTS.version_dir,
+        SETTINGS.triton_model,
+        ARTIFACTS.calibration.names,
+        timeout_s=SETTINGS.triton_timeout,
+    )
+elif SETTINGS.backend == "triton":
     # here too, so that `bentoml serve` exits with the message instead of restarting workers
     verify_triton_serves(
         SETTINGS.triton_url,
@@ -61,7 +76,9 @@ async def _metadata(_: Request) -> JSONResponse:
     return JSONResponse(service.metadata())
 
 
-metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
+metadata_app = Starlette(
+    routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES, *REVIEW_ROUTES]
+)
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -86,7 +103,14 @@ class Abstain:
                 f"has {self.model.num_classes} classes; fix labels.txt"
             )
         backend: Backend
-        if SETTINGS.backend == "triton":
+        if TRITON_DECIDES:
+            backend = TritonSelectiveBackend(
+                SETTINGS.triton_url,
+                SETTINGS.triton_model,
+                ARTIFACTS.version,
+                timeout_s=SETTINGS.triton_timeout,
+            )
+        elif SETTINGS.backend == "triton":
             backend = TritonBackend(
                 SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout
             )
@@ -105,6 +129,10 @@ class Abstain:
             SETTINGS.batch_max_size,
             SETTINGS.batch_max_latency_ms,
             on_batch=self.metrics.observe_batch,
+        )
+        # decisions recorded off the event loop, labels joined by POST /feedback (None: ABSTAIN_STORE=off)
+        self.decision_log = DecisionLog.from_settings(
+            SETTINGS, ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.calibration
         )
         if isinstance(backend, TritonBackend):
             # on the inference thread: the HTTP client is per-thread (see abstain.serving.backends)
@@ -163,7 +191,9 @@ class Abstain:
             ],
         }
 
-    async def _decide(self, x: Any, operating_point: str | None) -> dict[str, Any] | JSONResponse:
+    async def _decide(
+        self, x: Any, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> dict[str, Any] | JSONResponse:
         try:
             point = self.artifacts.calibration.operating_point(
                 operating_point or self.settings.operating_point
@@ -182,8 +212,11 @@ class Abstain:
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
             return backend_unavailable(self.backend.name, exc)
-        answers = decide(out.logits, out.selection, point, self.class_names)
+        accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
+        column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
+        answers = decide(out.logits, out.selection, point, self.class_names, answered=column)
         self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
+        answers = with_request_ids(answers, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
@@ -192,24 +225,32 @@ class Abstain:
         }
 
     @bentoml.api(route="/predict")
-    async def predict(self, pixels: list[Any], operating_point: str | None = None) -> dict[str, Any]:
-        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1])."""
+    async def predict(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
+
+        ``request_id``: the client's own id per image (else one is made); answers carry it."""
         try:
             x = parse_pixels(pixels, self.model.input_spec, self.settings.max_batch)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
-    async def predict_image(self, image: Path, operating_point: str | None = None) -> dict[str, Any]:
+    async def predict_image(
+        self, image: Path, operating_point: str | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         """Predict or abstain for one PNG or JPEG upload, converted to the graph's input spec."""
         try:
             x = decode_image(Path(image).read_bytes(), self.model.input_spec)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)

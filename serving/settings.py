@@ -41,6 +41,7 @@ class ServeSettings:
     backend: str = _default("backend")
     triton_url: str = _default("triton_url")
     triton_timeout: float = _default("triton_timeout")
+    triton_model: str | None = _default("triton_model")
     max_batch: int = _default("max_batch")
     batch_max_size: int = _default("batch_max_size")
     batch_max_latency_ms: float = _default("batch_max_latency_ms")
@@ -49,10 +50,22 @@ class ServeSettings:
     max_concurrency: int = _default("max_concurrency")
     timeout: int = _default("timeout")
     rolling_window: int = _default("rolling_window")
+    store: str = _default("store")
+    store_dir: str | None = _default("store_dir")
+    store_max_rows: int = _default("store_max_rows")
+    store_max_age_days: float = _default("store_max_age_days")
+    live_window: int = _default("live_window")
+    review_queue: int = _default("review_queue")
+    review_max_bytes: int = _default("review_max_bytes")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend should be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
+        postgres = self.store.startswith(("postgresql://", "postgres://"))
+        if self.store not in ("sqlite", "off") and not postgres:
+            raise ValueError(
+                f"ABSTAIN_STORE should be sqlite, off or a postgresql:// URL, but got {self.store!r}"
+            )
         for option in OPTIONS:
             value = getattr(self, option.name)
             if option.minimum is not None and not value >= option.minimum:

@@ -136,8 +136,13 @@ def triton_backend_dir(tmp: Path) -> Path:
     return tmp / "backends"
 
 
-def start_triton(repository: Path, tmp: Path, models: list[str]) -> tuple[subprocess.Popen, int, int, Path]:
-    """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log)."""
+def start_triton(
+    repository: Path, tmp: Path, models: list[str], metrics_port: int | None = None
+) -> tuple[subprocess.Popen, int, int, Path]:
+    """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log).
+
+    ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (off by default).
+    """
     src = pytriton_dir()
     assert src is not None
     site = src.parents[1]
@@ -167,7 +172,12 @@ def start_triton(repository: Path, tmp: Path, models: list[str]) -> tuple[subpro
         "--grpc-port",
         str(grpc),
         "--allow-metrics",
-        "false",
+        "false" if metrics_port is None else "true",
+        *(
+            []
+            if metrics_port is None
+            else ["--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port)]
+        ),
         "--exit-timeout-secs",
         "5",
     ]
