@@ -16,6 +16,7 @@ exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from pathlib import Path
@@ -31,7 +32,12 @@ from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend,
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
 from abstain.serving.metrics import ServiceMetrics
-from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
+from abstain.serving.middleware import (
+    CheckUploadForms,
+    CountFrameworkRejections,
+    LimitJsonBody,
+    install_request_timeout,
+)
 from abstain.serving.responses import backend_unavailable, rejection
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
@@ -48,6 +54,10 @@ if SETTINGS.backend == "triton":
         graph_sha256=ARTIFACTS.graph_sha256,
         timeout_s=SETTINGS.triton_timeout,
     )
+
+# BentoML's request timeout keeps every finished request alive for the whole timeout (growing
+# GC stalls); ours cancels its timer. Before BentoML builds the worker's app: see the docstring.
+install_request_timeout()
 
 log = logging.getLogger(__name__)
 #: BentoML's server logging shows INFO lines of the ``bentoml`` logger tree only (ours would
@@ -70,6 +80,11 @@ metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])]
     workers=SETTINGS.workers,
     # overload: beyond max_concurrency in-flight requests BentoML answers 429; past timeout, 504
     traffic={"max_concurrency": SETTINGS.max_concurrency, "timeout": SETTINGS.timeout},
+    # per-request work the service does not need, off by configuration: an access-log line
+    # (Prometheus counts requests) and an OpenTelemetry span for the hot endpoints (no exporter
+    # is configured, yet the span, its lists and locks were built and dropped per request)
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": ["/predict", "/predict_image", "/livez", "/readyz", "/metrics"]},
 )
 class Abstain:
     """Predict or abstain with the calibrated SelectiveNet graph (see the module docstring)."""
@@ -115,6 +130,10 @@ class Abstain:
             self.execution_provider or f"Triton at {SETTINGS.triton_url}",
         )
         self._ready = True
+        # the graph, sessions and imported modules live as long as the worker: move them out of
+        # the generations the collector walks, so a full collection looks at request garbage only
+        gc.collect()
+        gc.freeze()
 
     @property
     def execution_provider(self) -> str | None:

@@ -27,15 +27,16 @@ from tests.serving.servers import (
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`."""
+    """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`
+    (``target=`` another ``module:Service`` to serve, e.g. the test probe)."""
     started: list[subprocess.Popen] = []
 
-    def start(**abstain: str | int | float) -> Server:
+    def start(target: str = "abstain.serving.service:Abstain", **abstain: str | int | float) -> Server:
         port = free_port()
         log = tmp_path_factory.mktemp("bentoml") / "server.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                bentoml_command(port),
+                bentoml_command(port, target),
                 env=service_env(**abstain),
                 cwd=REPO,
                 stdout=out,

@@ -81,13 +81,13 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def bentoml_command(port: int) -> list[str]:
+def bentoml_command(port: int, target: str = "abstain.serving.service:Abstain") -> list[str]:
     return [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        "abstain.serving.service:Abstain",
+        target,
         "--host",
         "127.0.0.1",
         "--port",
