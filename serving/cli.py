@@ -42,6 +42,8 @@ def serve(
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
+    max_json_batch: Annotated[int, _option("max_json_batch")] = OPTION["max_json_batch"].default,
+    max_request_bytes: Annotated[int, _option("max_request_bytes")] = OPTION["max_request_bytes"].default,
     batch_max_size: Annotated[int, _option("batch_max_size")] = OPTION["batch_max_size"].default,
     batch_max_latency_ms: Annotated[float, _option("batch_max_latency_ms")] = (
         OPTION["batch_max_latency_ms"].default

@@ -1,6 +1,7 @@
 """ASGI middlewares of the service: what BentoML 1.4 does not do for us before our code runs.
 
-* :class:`LimitJsonBody` — a request-size limit on ``POST /predict`` (BentoML has none);
+* :class:`LimitPredictBody` — a request-size limit on ``POST /predict`` (BentoML has none);
+* :class:`NpyPredict` — ``POST /predict`` with a binary ``.npy`` body;
 * :class:`CheckUploadForms` — a 400 instead of BentoML's 500 for malformed upload forms;
 * :class:`CountFrameworkRejections` — BentoML's own 4xx answers counted as rejected inputs;
 * :class:`RequestTimeout` — BentoML's request timeout without its leak (see :func:`install_request_timeout`).
@@ -18,11 +19,11 @@ import bentoml
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from abstain.serving.responses import REJECTED_HEADER, rejection
-from abstain.serving.validation import MAX_IMAGE_BYTES, InputRejectedError
+from abstain.serving.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError
 
 
 class CountFrameworkRejections:
@@ -74,17 +75,18 @@ def replay_receive(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-class LimitJsonBody:
+class LimitPredictBody:
     """ASGI middleware: answer 413 ``batch_too_large`` to a ``/predict`` body no valid request needs.
 
-    BentoML 1.4 has no request-size limit, and ``ABSTAIN_MAX_BATCH`` is only checked after the
-    whole body is parsed into Python lists (tens of bytes per number): a huge body could take
-    a worker's memory first. The limit is what the largest valid batch can take as compact
-    JSON, :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent
-    form 24) times ``max_batch · C · H · W``, plus :data:`SLACK_BYTES` for brackets and the
-    operating point (see :meth:`Abstain.max_body_bytes`). A ``Content-Length`` over it is
-    refused before reading; a body without one is read up to the limit and refused once it
-    passes it; at most the limit is ever buffered. The rest of a refused body is read and
+    BentoML 1.4 has no request-size limit, and the batch limits are only checked after the
+    whole body is parsed (JSON: tens of bytes of Python objects per number): a huge body could
+    take a worker's memory first. The limit (:meth:`Abstain.max_body_bytes`) is the smaller
+    of ``ABSTAIN_MAX_REQUEST_BYTES`` and what the largest valid request needs: for JSON,
+    :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent form 24)
+    times ``max_json_batch · C · H · W`` plus :data:`SLACK_BYTES`; for ``.npy``, 4 bytes per
+    pixel times ``max_batch · C · H · W`` plus :data:`SLACK_BYTES`. A ``Content-Length`` over
+    it is refused before reading; a body without one is read up to the limit and refused once
+    it passes it; at most the limit is ever buffered. The rest of a refused body is read and
     dropped (up to :data:`DRAIN_BYTES`, no memory kept) so that the client, still sending,
     sees the 413 instead of a reset connection.
     """
@@ -104,8 +106,10 @@ class LimitJsonBody:
         service = bentoml.get_current_service()
         if service is None:
             return await self.app(scope, receive, send)
-        limit = service.max_body_bytes
-        length = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        npy = is_npy(headers)
+        limit = service.max_body_bytes(npy=npy)
+        length = headers.get("content-length")
         too_large = length is not None and length.isdigit() and int(length) > limit
         body = bytearray()
         seen, more = 0, True
@@ -128,16 +132,58 @@ class LimitJsonBody:
                     return
                 seen += len(message.get("body", b""))
                 more = message.get("more_body", False)
+            settings, shape = service.settings, list(service.model.input_spec.shape)
             exc = InputRejectedError(
                 "batch_too_large",
-                f"the request body is larger than {limit} bytes, the most that "
-                f"{service.settings.max_batch} images of {list(service.model.input_spec.shape)} take as "
-                f"JSON; valid: at most {service.settings.max_batch} images per request, as compact JSON",
+                f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES: "
+                f"{settings.max_request_bytes}); valid: at most {settings.json_batch} images of {shape} "
+                f"as compact JSON, or {settings.max_batch} as a .npy body ({NPY_MEDIA_TYPE}), within "
+                "that many bytes",
             )
             service.metrics.reject(exc.reason)
             return await rejection(exc)(scope, receive, send)
 
         await self.app(scope, replay_receive(bytes(body), receive), send)
+
+
+def is_npy(headers: Headers) -> bool:
+    """Whether the request's ``Content-Type`` is :data:`NPY_MEDIA_TYPE` (parameters ignored)."""
+    return headers.get("content-type", "").split(";")[0].strip().lower() == NPY_MEDIA_TYPE
+
+
+class NpyPredict:
+    """ASGI middleware: ``POST /predict`` with a ``.npy`` body (``Content-Type: application/x-npy``).
+
+    BentoML's endpoint takes JSON; a binary array is answered here, before BentoML's request
+    parsing, through the same service method as JSON (:meth:`Abstain.predict_npy`): the same
+    checks, errors, metrics and answers. The operating point comes from the query string
+    (``/predict?operating_point=coverage-0.9``). Sits inside :class:`LimitPredictBody`, so
+    the body is bounded before it is read here.
+    """
+
+    PATH = "/predict"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("path") != self.PATH
+            or scope.get("method") != "POST"
+            or not is_npy(Headers(scope=scope))
+        ):
+            return await self.app(scope, receive, send)
+        service = bentoml.get_current_service()
+        if service is None:
+            answer = JSONResponse({"error": "service is starting"}, status_code=503)
+            return await answer(scope, receive, send)
+        request = Request(scope, receive)
+        body = await request.body()
+        answer = await service.predict_npy(body, request.query_params.get("operating_point"))
+        if not isinstance(answer, Response):
+            answer = JSONResponse(answer)
+        await answer(scope, receive, send)
 
 
 class CheckUploadForms:
