@@ -20,8 +20,8 @@ import asyncio
 import gc
 import logging
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import bentoml
@@ -242,9 +242,8 @@ class Abstain:
         """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`)."""
         spec = self.model.input_spec
         try:
-            x = await off_loop(
-                len(body) >= OFFLOAD_ITEMS * 4 * math.prod(spec.shape), parse_npy, body, spec, self.settings.max_batch
-            )
+            big = len(body) >= OFFLOAD_ITEMS * 4 * math.prod(spec.shape)
+            x = await off_loop(big, parse_npy, body, spec, self.settings.max_batch)
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)
@@ -258,9 +257,8 @@ class Abstain:
         by :class:`abstain.serving.middleware.NpyPredict` before BentoML parses anything.
         """
         try:
-            x = await off_loop(
-                len(pixels) >= OFFLOAD_ITEMS, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch
-            )
+            big = len(pixels) >= OFFLOAD_ITEMS
+            x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is

@@ -141,7 +141,8 @@ def parse_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
             f"the .npy header announces {count * dtype.itemsize} bytes of pixels but the body has "
             f"{len(data) - offset} after it (truncated or padded); {valid}",
         )
-    x = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    x = np.frombuffer(data, dtype=dtype, count=count, offset=offset)  # a view of the body
+    x = x.reshape(shape, order="F" if fortran else "C")
     if dtype.kind == "u":  # uint8: scaled into [0, 1], always in range
         return np.divide(x.reshape(nchw), np.float32(255), dtype=np.float32)
     return _check_values(np.ascontiguousarray(x.reshape(nchw), dtype=np.float32), valid)

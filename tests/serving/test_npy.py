@@ -99,7 +99,8 @@ def test_bad_npy_bodies_get_4xx_json_and_are_counted(server: Server) -> None:
         pickle = client.post(
             "/predict", content=npy(np.array([1, None], dtype=object), allow_pickle=True), headers=NPY
         )
-        op = client.post("/predict?operating_point=nope", content=npy(np.zeros((1, 8, 8), np.float32)), headers=NPY)
+        zeros = npy(np.zeros((1, 8, 8), np.float32))
+        op = client.post("/predict?operating_point=nope", content=zeros, headers=NPY)
     assert garbage.status_code == 400 and garbage.json()["reason"] == "bad_npy"
     assert pickle.status_code == 400 and pickle.json()["reason"] == "bad_dtype"
     assert op.status_code == 400 and "coverage-0.9" in op.json()["error"]
