@@ -41,6 +41,10 @@ def serve(
     backend: Annotated[str, _option("backend")] = OPTION["backend"].default,
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
+    triton_concurrency: Annotated[int, _option("triton_concurrency")] = OPTION["triton_concurrency"].default,
+    triton_probe_interval: Annotated[float, _option("triton_probe_interval")] = (
+        OPTION["triton_probe_interval"].default
+    ),
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     max_json_batch: Annotated[int, _option("max_json_batch")] = OPTION["max_json_batch"].default,
     max_request_bytes: Annotated[int, _option("max_request_bytes")] = OPTION["max_request_bytes"].default,
@@ -68,12 +72,17 @@ def serve(
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
     if settings.backend == "triton":
-        from abstain.serving.backends import verify_triton_serves
+        from abstain.serving.backends import TritonUnreachableError, verify_triton_serves
 
-        verify_triton_serves(
-            settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
-            graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
-        )
+        try:
+            verify_triton_serves(
+                settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
+                graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
+            )
+        except TritonUnreachableError as exc:
+            # pods start in any order: serve, not ready, until the graph verifies; a wrong graph
+            # (GraphMismatchError) still refuses here
+            print(f"warning: {exc}; starting, not ready until Triton serves the graph", file=sys.stderr)
     env = dict(os.environ)
     values["model_dir"] = artifacts.version_dir.resolve()
     for name, value in values.items():

@@ -30,7 +30,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
+from abstain.serving.backends import (
+    Backend,
+    GraphMismatchError,
+    OnnxRuntimeBackend,
+    TritonBackend,
+    TritonUnreachableError,
+    verify_triton_serves,
+)
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import decide
 from abstain.serving.metrics import ServiceMetrics
@@ -41,22 +48,28 @@ from abstain.serving.middleware import (
     NpyPredict,
     install_request_timeout,
 )
-from abstain.serving.responses import backend_unavailable, rejection
+from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
+from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
 from abstain.serving.validation import InputRejectedError, decode_image, parse_npy, parse_pixels
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
 if SETTINGS.backend == "triton":
-    # here too, so that `bentoml serve` exits with the message instead of restarting workers
-    verify_triton_serves(
-        SETTINGS.triton_url,
-        ARTIFACTS.graph_path,
-        ARTIFACTS.name,
-        ARTIFACTS.version,
-        graph_sha256=ARTIFACTS.graph_sha256,
-        timeout_s=SETTINGS.triton_timeout,
-    )
+    # here too, so that `bentoml serve` exits with the message instead of restarting workers;
+    # a Triton not reachable *yet* is no refusal: the service starts, not ready, and its
+    # TritonMonitor makes it ready once the graph verifies (pods start in any order)
+    try:
+        verify_triton_serves(
+            SETTINGS.triton_url,
+            ARTIFACTS.graph_path,
+            ARTIFACTS.name,
+            ARTIFACTS.version,
+            graph_sha256=ARTIFACTS.graph_sha256,
+            timeout_s=SETTINGS.triton_timeout,
+        )
+    except TritonUnreachableError as exc:
+        logging.getLogger("bentoml.abstain").warning("%s; starting, not ready until it verifies", exc)
 
 # BentoML's request timeout keeps every finished request alive for the whole timeout (growing
 # GC stalls); ours cancels its timer. Before BentoML builds the worker's app: see the docstring.
@@ -137,10 +150,15 @@ class Abstain:
             SETTINGS.batch_max_size,
             SETTINGS.batch_max_latency_ms,
             on_batch=self.metrics.observe_batch,
+            # a remote pass mostly waits on the network: keep several in flight
+            max_in_flight=SETTINGS.triton_concurrency if isinstance(backend, TritonBackend) else 1,
         )
+        self.monitor: TritonMonitor | None = None
         if isinstance(backend, TritonBackend):
-            # on the inference thread: the HTTP client is per-thread (see abstain.serving.backends)
-            self.batcher._executor.submit(backend.verify, self.model).result()
+            self.monitor = TritonMonitor(backend, self.model, interval_s=SETTINGS.triton_probe_interval)
+            if self.monitor.probe() == GRAPH_MISMATCH:  # swapped since the import-time check
+                raise GraphMismatchError(self.monitor.detail)
+            self.monitor.start()  # unreachable now: up, not ready, probing until it verifies
         startup_log.info(
             "serving %s/%s (graph %s) with %s on %s",
             ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.graph_sha256[:12], backend.name,
@@ -172,7 +190,9 @@ class Abstain:
         return min(need, self.settings.max_request_bytes)
 
     def __is_ready__(self) -> bool:
-        return getattr(self, "_ready", False)
+        # not ready while Triton is unreachable or serves another graph (TritonMonitor)
+        monitor = getattr(self, "monitor", None)
+        return getattr(self, "_ready", False) and (monitor is None or monitor.ready)
 
     def metadata(self) -> dict[str, Any]:
         """Model, version, classes, input spec, backend and operating points (``GET /metadata``)."""
@@ -218,11 +238,23 @@ class Abstain:
             )
             self.metrics.reject(exc.reason)
             return rejection(exc)
+        monitor = self.monitor
+        if monitor is not None and not monitor.ready:  # known down or wrong: answer now, not at the timeout
+            self.metrics.backend_error()
+            if monitor.state == GRAPH_MISMATCH:
+                return graph_mismatch(monitor.detail)
+            return backend_unavailable(self.backend.name, RuntimeError(monitor.detail))
         try:
-            out = await self.batcher.submit(x)
+            if monitor is None:
+                out = await self.batcher.submit(x)
+            else:
+                # queued behind hung calls, a request still ends by the Triton timeout plus a little
+                out = await asyncio.wait_for(self.batcher.submit(x), self.settings.triton_timeout + 0.5)
         except Exception as exc:  # Triton down or past its timeout, an ONNX Runtime error: not a 500
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
+            if monitor is not None:
+                monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
         answers = await off_loop(len(x) >= OFFLOAD_ITEMS, self._answers, out, point)
         return {

@@ -41,6 +41,8 @@ class ServeSettings:
     backend: str = _default("backend")
     triton_url: str = _default("triton_url")
     triton_timeout: float = _default("triton_timeout")
+    triton_concurrency: int = _default("triton_concurrency")
+    triton_probe_interval: float = _default("triton_probe_interval")
     max_batch: int = _default("max_batch")
     max_json_batch: int = _default("max_json_batch")
     max_request_bytes: int = _default("max_request_bytes")
