@@ -28,10 +28,13 @@ from tests.serving.servers import (
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`
-    (``target=`` another ``module:Service`` to serve, e.g. the test probe)."""
+    (``target=`` another ``module:Service`` to serve, e.g. the test probe; ``wait="/livez"`` for a
+    service that is up but not ready)."""
     started: list[subprocess.Popen] = []
 
-    def start(target: str = "abstain.serving.service:Abstain", **abstain: str | int | float) -> Server:
+    def start(
+        target: str = "abstain.serving.service:Abstain", wait: str = "/readyz", **abstain: str | int | float
+    ) -> Server:
         port = free_port()
         log = tmp_path_factory.mktemp("bentoml") / "server.log"
         with open(log, "wb") as out:
@@ -45,7 +48,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
             )
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/readyz", process, log)
+        wait_ready(f"{url}{wait}", process, log)
         return Server(url, process, log)
 
     yield start

@@ -136,8 +136,10 @@ def triton_backend_dir(tmp: Path) -> Path:
     return tmp / "backends"
 
 
-def start_triton(repository: Path, tmp: Path, models: list[str]) -> tuple[subprocess.Popen, int, int, Path]:
-    """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log)."""
+def start_triton(
+    repository: Path, tmp: Path, models: list[str], http: int | None = None, grpc: int | None = None
+) -> tuple[subprocess.Popen, int, int, Path]:
+    """Start ``tritonserver`` on 127.0.0.1 (free ports unless given); return (process, http, grpc, log)."""
     src = pytriton_dir()
     assert src is not None
     site = src.parents[1]
@@ -147,14 +149,14 @@ def start_triton(repository: Path, tmp: Path, models: list[str]) -> tuple[subpro
         filter(None, [str(site / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")])
     )
     env["PYTHONPATH"] = ":".join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    http, grpc = free_port(), free_port()
-    log = tmp / "triton.log"
+    http, grpc = http or free_port(), grpc or free_port()
+    log = tmp / f"triton-{http}-{time.monotonic_ns()}.log"
     argv = [
         str(src / "bin" / "tritonserver"),
         "--model-repository",
         str(repository),
         "--backend-directory",
-        str(triton_backend_dir(tmp)),
+        str(backends if (backends := tmp / "backends").is_dir() else triton_backend_dir(tmp)),
         "--model-control-mode",
         "explicit",
         *[f"--load-model={m}" for m in models],
