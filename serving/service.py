@@ -39,7 +39,7 @@ from abstain.serving.backends import (
     verify_triton_serves,
 )
 from abstain.serving.batcher import AdaptiveBatcher
-from abstain.serving.decisions import decide
+from abstain.serving.decisions import answers, decision_arrays
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import (
     CheckUploadForms,
@@ -256,19 +256,20 @@ class Abstain:
             if monitor is not None:
                 monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
-        answers = await off_loop(len(x) >= OFFLOAD_ITEMS, self._answers, out, point)
+        predictions = await off_loop(len(x) >= OFFLOAD_ITEMS, self._answers, out, point)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
             "operating_point": point.name,
-            "predictions": answers,
+            "predictions": predictions,
         }
 
     def _answers(self, out: Any, point: Any) -> list[dict[str, Any]]:
         """Decisions of a forward pass's outputs, counted in the metrics."""
-        answers = decide(out.logits, out.selection, point, self.class_names)
-        self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
-        return answers
+        arrays = decision_arrays(out.logits, out.selection, point, len(self.class_names))
+        answered, scores = arrays.answered.tolist(), arrays.scores.tolist()
+        self.metrics.observe_decisions(point.name, answered, point.score, scores)
+        return answers(arrays, point, self.class_names)
 
     async def predict_npy(self, body: bytes, operating_point: str | None) -> dict[str, Any] | JSONResponse:
         """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`)."""
