@@ -81,7 +81,8 @@ class LimitPredictBody:
     BentoML 1.4 has no request-size limit, and the batch limits are only checked after the
     whole body is parsed (JSON: tens of bytes of Python objects per number): a huge body could
     take a worker's memory first. The limit (:meth:`Abstain.max_body_bytes`) is the smaller
-    of ``ABSTAIN_MAX_REQUEST_BYTES`` and what the largest valid request needs: for JSON,
+    of ``ABSTAIN_MAX_REQUEST_BYTES`` (for JSON, half of it: parsed JSON costs ~20 bytes of
+    memory a body byte) and what the largest valid request needs: for JSON,
     :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent form 24)
     times ``max_json_batch · C · H · W`` plus :data:`SLACK_BYTES`; for ``.npy``, 4 bytes per
     pixel times ``max_batch · C · H · W`` plus :data:`SLACK_BYTES`. A ``Content-Length`` over
@@ -135,8 +136,8 @@ class LimitPredictBody:
             settings, shape = service.settings, list(service.model.input_spec.shape)
             exc = InputRejectedError(
                 "batch_too_large",
-                f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES: "
-                f"{settings.max_request_bytes}); valid: at most {settings.json_batch} images of {shape} "
+                f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES "
+                f"{settings.max_request_bytes}, JSON half of it); valid: at most {settings.json_batch} images of {shape} "
                 f"as compact JSON, or {settings.max_batch} as a .npy body ({NPY_MEDIA_TYPE}), within "
                 "that many bytes",
             )
