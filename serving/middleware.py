@@ -137,8 +137,8 @@ class LimitPredictBody:
             exc = InputRejectedError(
                 "batch_too_large",
                 f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES "
-                f"{settings.max_request_bytes}, JSON half of it); valid: at most {settings.json_batch} images of {shape} "
-                f"as compact JSON, or {settings.max_batch} as a .npy body ({NPY_MEDIA_TYPE}), within "
+                f"{settings.max_request_bytes}, JSON half of it); valid: at most {settings.json_batch} "
+                f"images of {shape} as compact JSON, or {settings.max_batch} as a .npy body ({NPY_MEDIA_TYPE}), within "
                 "that many bytes",
             )
             service.metrics.reject(exc.reason)

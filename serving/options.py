@@ -79,7 +79,7 @@ OPTIONS: tuple[Option, ...] = (
            "most images one JSON request may carry (at most max_batch; .npy bodies may carry max_batch)",
            minimum=1),
     Option("max_request_bytes", int, 32 * 1024 * 1024,
-           "largest /predict .npy body in bytes; JSON bodies: half of it (a 3x224x224 worker stays under 1 GiB)",
+           "largest /predict .npy body in bytes; JSON: half of it (a 3x224x224 worker stays under 1 GiB)",
            minimum=1024),
     Option("batch_max_size", int, 64, "adaptive batching: most images per forward pass", minimum=1),
     Option("batch_max_latency_ms", float, 0.0,
