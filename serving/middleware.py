@@ -138,8 +138,8 @@ class LimitPredictBody:
                 "batch_too_large",
                 f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES "
                 f"{settings.max_request_bytes}, JSON half of it); valid: at most {settings.json_batch} "
-                f"images of {shape} as compact JSON, or {settings.max_batch} as a .npy body ({NPY_MEDIA_TYPE}), within "
-                "that many bytes",
+                f"images of {shape} as compact JSON, or {settings.max_batch} as a .npy body "
+                f"({NPY_MEDIA_TYPE}), within that many bytes",
             )
             service.metrics.reject(exc.reason)
             return await rejection(exc)(scope, receive, send)
