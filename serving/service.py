@@ -51,7 +51,13 @@ from abstain.serving.middleware import (
 from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
-from abstain.serving.validation import InputRejectedError, decode_image, parse_npy, parse_pixels
+from abstain.serving.validation import (
+    InputRejectedError,
+    batch_length,
+    decode_image,
+    parse_npy,
+    parse_pixels,
+)
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
@@ -80,11 +86,12 @@ log = logging.getLogger(__name__)
 #: need WARNING to appear): the start-up line that names the execution provider goes there.
 startup_log = logging.getLogger("bentoml.abstain")
 
-#: Requests at least this big (images, or JSON list items) are converted and decided on a
-#: thread, not on the event loop: a 256-image request must not hold up a concurrent one-image
-#: request or /livez for the milliseconds its conversion takes. Smaller ones stay on the loop,
-#: where a thread hop (~50 µs) would cost more than the work.
-OFFLOAD_ITEMS = 16
+#: Requests with at least this many pixels are converted on a thread, and requests of at least
+#: OFFLOAD_IMAGES images decided on one, not on the event loop: a 256-image request must not
+#: hold up a concurrent one-image request or /livez for the milliseconds its conversion takes.
+#: Smaller ones stay on the loop, where a thread hop (~50 µs) would cost more than the work.
+OFFLOAD_PIXELS = 64 * 1024
+OFFLOAD_IMAGES = 64
 T = TypeVar("T")
 
 
@@ -125,6 +132,7 @@ class Abstain:
         # ONNX Runtime threads share the cores between workers instead of oversubscribing them
         self.model = load_graph(ARTIFACTS, intra_op_threads=SETTINGS.intra_op_threads())
         self.class_names = ARTIFACTS.labels or self.model.class_names
+        self.pixels = math.prod(self.model.input_spec.shape)  # C·H·W of one image
         if len(self.class_names) != self.model.num_classes:
             raise ValueError(
                 f"{ARTIFACTS.entry_dir}/labels.txt has {len(self.class_names)} names but the graph "
@@ -259,7 +267,7 @@ class Abstain:
             if monitor is not None:
                 monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
-        predictions = await off_loop(len(x) >= OFFLOAD_ITEMS, self._answers, out, point)
+        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
@@ -278,7 +286,7 @@ class Abstain:
         """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`)."""
         spec = self.model.input_spec
         try:
-            big = len(body) >= OFFLOAD_ITEMS * 4 * math.prod(spec.shape)
+            big = len(body) >= 4 * OFFLOAD_PIXELS
             x = await off_loop(big, parse_npy, body, spec, self.settings.max_batch)
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
@@ -293,7 +301,7 @@ class Abstain:
         by :class:`abstain.serving.middleware.NpyPredict` before BentoML parses anything.
         """
         try:
-            big = len(pixels) >= OFFLOAD_ITEMS
+            big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
             x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)

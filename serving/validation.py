@@ -73,7 +73,7 @@ def _check_values(x: np.ndarray, valid: str) -> np.ndarray:
     return x
 
 
-def _batch_length(raw: Any) -> int:
+def batch_length(raw: Any) -> int:
     """``len(raw)`` when ``raw`` looks like a batch ``[N, C, H, W]`` of nested lists, else 0."""
     try:
         return len(raw) if isinstance(raw[0][0][0], list | tuple) else 0
@@ -91,7 +91,7 @@ def parse_pixels(raw: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     valid = _valid_text(spec, max_batch)
     if isinstance(raw, list | tuple) and len(raw) == 0:
         raise InputRejectedError("empty_batch", f"pixels is an empty array; {valid}")
-    if _batch_length(raw) > max_batch:  # before np.asarray copies a body we would refuse anyway
+    if batch_length(raw) > max_batch:  # before np.asarray copies a body we would refuse anyway
         _check_shape((len(raw), *spec.shape), spec, max_batch, valid)
     try:
         x = np.asarray(raw)
