@@ -302,9 +302,8 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
             rss0 = worker_rss_mib(service)
             soak = wrk(f"{url}/predict", npy1, "application/x-npy", 32, args.soak, lua)
             results["soak"] = (soak, rss0, worker_rss_mib(service))
-            print(
-                f"[{name}] soak {args.soak:.0f} s: {soak}, worker RSS {rss0:.0f} -> {results['soak'][2]:.0f} MiB"
-            )
+            rss1 = results["soak"][2]
+            print(f"[{name}] soak {args.soak:.0f} s: {soak}, worker RSS {rss0:.0f} -> {rss1:.0f} MiB")
     finally:
         stop(service)
     return results
@@ -317,7 +316,8 @@ def table(name: str, r: dict) -> list[str]:
         f"**{name}** — raw ONNX Runtime in-process: {raw[1]:,.0f} img/s at batch 1, {raw[32]:,.0f} at 32, "
         f"{raw[64]:,.0f} at 64.",
         "",
-        "| server | clients | rps | img/s | p50 ms | p99 ms | max ms | non-2xx | × Triton rps | × raw ORT img/s |",
+        "| server | clients | rps | img/s | p50 ms | p99 ms | max ms | non-2xx | × Triton rps "
+        "| × raw ORT img/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in servers:
@@ -366,7 +366,7 @@ def main() -> None:
         "",
     ]
     for g, r in results.items():
-        lines += table(g, r) + [""]
+        lines += [*table(g, r), ""]
         if "soak" in r:
             soak, rss0, rss1 = r["soak"]
             lines.append(
