@@ -18,13 +18,16 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 #: subcommand → (module, function, whether it shows its help when run without arguments).
-#: Listed in the order of the data flow: train → export → calibrate → evaluate → serve.
+#: Listed in the order of the data flow: train → export → calibrate → evaluate → predict → serve.
 STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "train": ("abstain.training.cli", "train", False),
     "export": ("abstain.export.cli", "export", True),
+    "import": ("abstain.export.cli", "import_model", True),
     "calibrate": ("abstain.calibration.cli", "calibrate", True),
     "evaluate": ("abstain.calibration.cli", "evaluate", True),
+    "predict": ("abstain.calibration.cli", "predict", True),
     "serve": ("abstain.serving.cli", "serve", False),
+    "review": ("abstain.serving.cli", "review", True),
 }
 
 

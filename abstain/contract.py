@@ -57,6 +57,9 @@ META_TEST_METRICS = "abstain.test_metrics"
 META_SPLIT_METRICS = "abstain.{split}_metrics"
 #: JSON: how the graph was made (exporter, opset, precision, optimisation, tolerance, training code).
 META_EXPORT = "abstain.export"
+#: JSON: what `abstain import` wrapped (source file, its sha256, format, output used) — set only
+#: on imported graphs, whose selection output is the softmax response (no selection head).
+META_IMPORTED = "abstain.imported"
 
 # --- selection scores (higher = more confident = answer first) ------------------------
 SCORE_SELECTION = "selection"  # g, the selection head

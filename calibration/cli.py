@@ -148,3 +148,58 @@ def evaluate(
     for warning in report["warnings"]:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     console.print(f"wrote {result.json_path} and {result.plot_path}")
+
+
+def predict(
+    model_dir: ModelDir,
+    input_path: Annotated[Path | None, typer.Argument(
+        metavar="[INPUT]", help="An image folder (PNG/JPEG, searched recursively; an ImageFolder tree "
+                                "of the graph's class names gives labels) or an .npz with x [N, C, H, W] "
+                                "in [0, 1] and optionally y [N]. Or use --dataset instead.")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Where to write one record per input: .jsonl, .csv or .parquet.",
+    )] = Path("predictions.jsonl"),
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
+    data_root: DataRootOpt = None,
+    operating_point: Annotated[str | None, typer.Option(
+        "--operating-point", help="An operating point of calibration.json (default: its default).")] = None,
+    batch_size: BatchOpt = 256,
+    fail_fast: Annotated[bool, typer.Option(
+        "--fail-fast", help="Stop at the first unreadable image instead of recording it as an error.",
+    )] = False,
+) -> None:
+    """Decide offline, as the service would: predict or abstain for every input, one record each.
+
+    Example: abstain predict models/digits images/ --out decisions.parquet --operating-point coverage-0.9
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from abstain.calibration.predict import run_predict
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("deciding", total=None)
+        summary = run_predict(model_dir, out, input_path=input_path, dataset=dataset, split=split,
+                              data_root=data_root, operating_point=operating_point,
+                              batch_size=batch_size, fail_fast=fail_fast,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _print_predict_summary(summary)
+
+
+def _print_predict_summary(summary: Any) -> None:
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value * 100:.2f}%"
+
+    lines = [f"{summary.images} inputs at operating point {summary.operating_point}: "
+             f"{summary.answered} answered, {summary.decided - summary.answered} abstained, "
+             f"{summary.errors} unreadable; coverage {pct(summary.coverage)}"]
+    if summary.labelled:
+        risk = summary.selective_risk
+        lines.append(f"with labels ({summary.labelled}): selective risk {pct(risk)}, "
+                     f"accuracy on the answered {pct(None if risk is None else 1 - risk)}, "
+                     f"accuracy at full coverage {pct(summary.accuracy)}")
+    lines.append(f"wrote {summary.path}")
+    typer.echo("\n".join(lines))

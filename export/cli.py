@@ -41,3 +41,72 @@ def export(
     result = export_checkpoint(checkpoint, name, repository, version=version, force=force,
                                optimize=optimize, fp16=fp16, max_batch_size=max_batch_size)
     typer.echo(report_json(result) if json_output else describe(result))
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{option} should be numbers, one per channel (e.g. 0.485,0.456,0.406), "
+                         f"but got {text!r}") from None
+
+
+def import_model(
+    model: Annotated[Path | None, typer.Argument(
+        help="The classifier: an .onnx graph, a TorchScript file, or a torch.export .pt2 program "
+             "(omit with --torchvision).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Entry name in the repository.")] = "",
+    labels: Annotated[Path, typer.Option(
+        "--labels", help="Class names, one per line, in the order of the output's columns.",
+    )] = Path("labels.txt"),
+    input_spec: Annotated[str | None, typer.Option(
+        "--input-spec", help="C,H,W of the images (needed unless the graph's input is [N, C, H, W]).",
+    )] = None,
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="Per-channel mean the classifier expects, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option(
+        "--std", help="Per-channel std the classifier expects, e.g. 0.229,0.224,0.225.")] = None,
+    logits: Annotated[str | None, typer.Option(
+        "--logits", help="The output that holds the class scores (default: the first).")] = None,
+    probabilities: Annotated[bool, typer.Option(
+        "--probabilities", help="That output is probabilities, not logits.")] = False,
+    torchvision_name: Annotated[str | None, typer.Option(
+        "--torchvision", help="A torchvision classifier by name (e.g. resnet18), with --weights.")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Local state-dict file for --torchvision (nothing is downloaded).")] = None,
+    repository: Annotated[Path, typer.Option(
+        help="Model repository root (Triton's layout).")] = Path("models"),
+    version: Annotated[int | None, typer.Option(help="Version number; default: the next free one.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --version if it already exists.")] = False,
+) -> None:
+    """Wrap a classifier you already have into a model-repository entry that abstain can calibrate and serve.
+
+    The entry takes pixels in [0, 1] (your --mean/--std folded into the graph) and outputs logits
+    and, as its selection score, the softmax response. Example:
+    abstain import lr.onnx --name digits-lr --labels labels.txt --input-spec 1,8,8
+    --logits probabilities --probabilities
+    """
+    from abstain.export.importer import import_onnx, parse_input_spec, read_label_file, torch_to_onnx
+
+    if not name:
+        raise ValueError("--name is required: the entry's name in the repository")
+    names = read_label_file(labels)
+    mean_values, std_values = _floats(mean, "--mean"), _floats(std, "--std")
+    graph: Path | bytes
+    source = None
+    if model is not None and model.suffix == ".onnx" and torchvision_name is None:
+        graph = model
+    else:
+        spec = parse_input_spec(input_spec, mean_values, std_values, [])
+        graph, source = torch_to_onnx(model, spec, torchvision_name=torchvision_name, weights=weights)
+    result = import_onnx(graph, name, names, repository, input_spec=input_spec, mean=mean_values,
+                         std=std_values, logits_output=logits, probabilities=probabilities,
+                         version=version, force=force, source=source)
+    typer.echo(
+        f"wrote {result.model_path} (version {result.version}{', replaced' if result.replaced else ''}, "
+        f"{result.num_classes} classes, sha256 {result.sha256})\n"
+        f"checked against the original on random inputs: max |Δ| = {result.max_abs_diff:.2e}\n"
+        f"next: abstain calibrate {result.model_path.parent.parent} --data HELD_OUT.npz"
+    )

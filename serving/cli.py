@@ -56,6 +56,15 @@ def serve(
     max_concurrency: Annotated[int, _option("max_concurrency")] = OPTION["max_concurrency"].default,
     timeout: Annotated[int, _option("timeout")] = OPTION["timeout"].default,
     rolling_window: Annotated[int, _option("rolling_window")] = OPTION["rolling_window"].default,
+    store: Annotated[str, _option("store")] = OPTION["store"].default,
+    store_dir: Annotated[str | None, _option("store_dir")] = OPTION["store_dir"].default,
+    store_max_rows: Annotated[int, _option("store_max_rows")] = OPTION["store_max_rows"].default,
+    store_max_age_days: Annotated[float, _option("store_max_age_days")] = (
+        OPTION["store_max_age_days"].default
+    ),
+    live_window: Annotated[int, _option("live_window")] = OPTION["live_window"].default,
+    review_queue: Annotated[int, _option("review_queue")] = OPTION["review_queue"].default,
+    review_max_bytes: Annotated[int, _option("review_max_bytes")] = OPTION["review_max_bytes"].default,
 ) -> None:
     """Serve a model over HTTP: every answer is a prediction or an explained abstention.
 
@@ -94,3 +103,47 @@ def serve(
     argv = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)
+
+
+def review(
+    action: Annotated[str, typer.Argument(help="what to do with the review queue: export")],
+    directory: Annotated[Path, typer.Argument(help="new directory to write the labelled items to")],
+    format: Annotated[str, typer.Option(help="npz (DIR/review.npz) or imagefolder (DIR/<class>/…)")] = "npz",
+    model: Annotated[str | None, typer.Option(help="only this model's items (default: the only one)")] = None,
+    version: Annotated[str | None, typer.Option(help="only this version's items")] = None,
+    store: Annotated[str, _option("store")] = OPTION["store"].default,
+    store_dir: Annotated[str | None, _option("store_dir")] = OPTION["store_dir"].default,
+) -> None:
+    """Export the labelled review items (abstentions labelled via POST /feedback) as data that
+    `abstain calibrate --data` reads: the hardest inputs become the next round's data.
+
+    Example: abstain review export review-round-1 --format imagefolder
+    """
+    from abstain.serving.live import default_store_dir
+    from abstain.serving.review_export import FORMATS, export, select
+    from abstain.serving.store import Retention, SqliteStore, open_store
+
+    if action != "export":
+        raise typer.BadParameter(f"action should be export, but got {action!r}", param_hint="ACTION")
+    if format not in FORMATS:
+        raise typer.BadParameter(
+            f"should be one of {', '.join(FORMATS)}, but got {format!r}", param_hint="--format"
+        )
+    if store == "off":
+        raise typer.BadParameter("there is no store to export from", param_hint="--store")
+    directory_of_store = Path(store_dir) if store_dir else default_store_dir()
+    if store == "sqlite" and not (directory_of_store / SqliteStore.FILENAME).is_file():
+        typer.echo(f"error: no decision store in {directory_of_store}; give the service's --store-dir",
+                   err=True)
+        raise typer.Exit(1)
+    # reading only: retention is enforced by writes, which this never makes
+    opened = open_store(store, directory_of_store, Retention(max_rows=1, max_age_s=1.0))
+    try:
+        items = select(opened.labelled_reviews(), model, version)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        opened.close()
+    written = export(items, directory, format)
+    typer.echo(f"wrote {len(items)} labelled review items to {written}")

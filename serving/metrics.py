@@ -52,6 +52,7 @@ REJECT_REASONS = (
     "unknown_operating_point",
     "bad_json",
     "bad_npy",
+    "bad_request_id",
 )
 #: 0.05, 0.10, …, 0.95, then finer towards 1: a confident model's thresholds sit there (the
 #: embedded digits model's are above 0.98), and drift shows first as mass leaving the top buckets

@@ -157,9 +157,9 @@ class NpyPredict:
 
     BentoML's endpoint takes JSON; a binary array is answered here, before BentoML's request
     parsing, through the same service method as JSON (:meth:`Abstain.predict_npy`): the same
-    checks, errors, metrics and answers. The operating point comes from the query string
-    (``/predict?operating_point=coverage-0.9``). Sits inside :class:`LimitPredictBody`, so
-    the body is bounded before it is read here.
+    checks, errors, metrics and answers. The operating point and request ids come from the
+    query string (``/predict?operating_point=coverage-0.9&request_id=a&request_id=b``). Sits
+    inside :class:`LimitPredictBody`, so the body is bounded before it is read here.
     """
 
     PATH = "/predict"
@@ -181,7 +181,8 @@ class NpyPredict:
             return await answer(scope, receive, send)
         request = Request(scope, receive)
         body = await request.body()
-        answer = await service.predict_npy(body, request.query_params.get("operating_point"))
+        query = request.query_params
+        answer = await service.predict_npy(body, query.get("operating_point"), query.getlist("request_id"))
         if not isinstance(answer, Response):
             answer = JSONResponse(answer)
         await answer(scope, receive, send)

@@ -91,6 +91,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrency", int, 64, "requests in flight per worker before a 429", minimum=1),
     Option("timeout", int, 30, "seconds before a request is answered 504", minimum=1),
     Option("rolling_window", int, 1000, "decisions in the rolling abstention-rate gauge", minimum=1),
+    # decision store and live risk (issue 13: serving/store.py, serving/live.py)
+    Option("store", str, "sqlite",
+           "decision store: sqlite (a WAL file in the store directory), a postgresql:// URL, or off"),
+    Option("store_dir", str, None, "directory of the SQLite decision store",
+           default_text="`$BENTOML_HOME/abstain-store`"),
+    Option("store_max_rows", int, 1_000_000, "decisions kept; the oldest are dropped beyond it", minimum=1),
+    Option("store_max_age_days", float, 30.0, "days a decision is kept", minimum=0.0001),
+    Option("live_window", int, 1000, "labelled decisions in the live selective-risk gauges", minimum=1),
+    Option("review_queue", int, 0,
+           "abstained inputs kept for people to label (GET /review); 0: no review queue", minimum=0),
+    Option("review_max_bytes", int, 64 * 1024 * 1024,
+           "pixel bytes the review queue keeps (float32 inputs); the oldest are dropped first", minimum=1),
 )
 OPTION = {o.name: o for o in OPTIONS}
 

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from abstain.decisions import decide_arrays
 from abstain.serving.backends import (
     Backend,
     GraphMismatchError,
@@ -39,7 +40,10 @@ from abstain.serving.backends import (
     verify_triton_serves,
 )
 from abstain.serving.batcher import AdaptiveBatcher
-from abstain.serving.decisions import answers, decision_arrays
+from abstain.serving.decisions import answers
+from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
+from abstain.serving.feedback import parse_request_ids
+from abstain.serving.live import DecisionLog, with_request_ids
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import (
     CheckUploadForms,
@@ -49,6 +53,7 @@ from abstain.serving.middleware import (
     install_request_timeout,
 )
 from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
+from abstain.serving.review import ROUTES as REVIEW_ROUTES
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
 from abstain.serving.validation import (
@@ -108,7 +113,9 @@ async def _metadata(_: Request) -> JSONResponse:
     return JSONResponse(service.metadata())
 
 
-metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
+metadata_app = Starlette(
+    routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES, *REVIEW_ROUTES]
+)
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -160,6 +167,10 @@ class Abstain:
             on_batch=self.metrics.observe_batch,
             # a remote pass mostly waits on the network: keep several in flight
             max_in_flight=SETTINGS.triton_concurrency if isinstance(backend, TritonBackend) else 1,
+        )
+        # decisions recorded off the event loop, labels joined by POST /feedback (None: ABSTAIN_STORE=off)
+        self.decision_log = DecisionLog.from_settings(
+            SETTINGS, ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.calibration
         )
         self.monitor: TritonMonitor | None = None
         if isinstance(backend, TritonBackend):
@@ -236,7 +247,9 @@ class Abstain:
             ],
         }
 
-    async def _decide(self, x: Any, operating_point: str | None) -> dict[str, Any] | JSONResponse:
+    async def _decide(
+        self, x: Any, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> dict[str, Any] | JSONResponse:
         try:
             point = self.artifacts.calibration.operating_point(
                 operating_point or self.settings.operating_point
@@ -268,6 +281,7 @@ class Abstain:
                 monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
         predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point)
+        predictions = with_request_ids(predictions, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
@@ -277,46 +291,56 @@ class Abstain:
 
     def _answers(self, out: Any, point: Any) -> list[dict[str, Any]]:
         """Decisions of a forward pass's outputs, counted in the metrics."""
-        arrays = decision_arrays(out.logits, out.selection, point, len(self.class_names))
-        answered, scores = arrays.answered.tolist(), arrays.scores.tolist()
+        decisions = decide_arrays(out.logits, out.selection, point)
+        answered, scores = decisions.answered.tolist(), decisions.score_value.tolist()
         self.metrics.observe_decisions(point.name, answered, point.score, scores)
-        return answers(arrays, point, self.class_names)
+        return answers(decisions, self.class_names)
 
-    async def predict_npy(self, body: bytes, operating_point: str | None) -> dict[str, Any] | JSONResponse:
-        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`)."""
+    async def predict_npy(
+        self, body: bytes, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> dict[str, Any] | JSONResponse:
+        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`);
+        ``request_ids``: the ``request_id`` query parameters, one per image, if any."""
         spec = self.model.input_spec
         try:
             big = len(body) >= 4 * OFFLOAD_PIXELS
             x = await off_loop(big, parse_npy, body, spec, self.settings.max_batch)
+            ids = parse_request_ids(request_ids or None, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)
-        return await self._decide(x, operating_point)
+        return await self._decide(x, operating_point, ids)
 
     @bentoml.api(route="/predict")
-    async def predict(self, pixels: list[Any], operating_point: str | None = None) -> dict[str, Any]:
+    async def predict(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: str | list[str] | None = None
+    ) -> dict[str, Any]:
         """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
 
-        The same endpoint takes a ``.npy`` body (``Content-Type: application/x-npy``), answered
-        by :class:`abstain.serving.middleware.NpyPredict` before BentoML parses anything.
-        """
+        ``request_id``: the client's own id per image (else one is made); answers carry it. The
+        same endpoint takes a ``.npy`` body (``Content-Type: application/x-npy``), answered by
+        :class:`abstain.serving.middleware.NpyPredict` before BentoML parses anything."""
         try:
             big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
             x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
-    async def predict_image(self, image: Path, operating_point: str | None = None) -> dict[str, Any]:
+    async def predict_image(
+        self, image: Path, operating_point: str | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         """Predict or abstain for one PNG or JPEG upload, converted to the graph's input spec."""
         try:
             x = decode_image(Path(image).read_bytes(), self.model.input_spec)
+            ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
             return rejection(exc)  # type: ignore[return-value]
-        return await self._decide(x, operating_point)  # type: ignore[return-value]
+        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
 
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)

@@ -53,10 +53,22 @@ class ServeSettings:
     max_concurrency: int = _default("max_concurrency")
     timeout: int = _default("timeout")
     rolling_window: int = _default("rolling_window")
+    store: str = _default("store")
+    store_dir: str | None = _default("store_dir")
+    store_max_rows: int = _default("store_max_rows")
+    store_max_age_days: float = _default("store_max_age_days")
+    live_window: int = _default("live_window")
+    review_queue: int = _default("review_queue")
+    review_max_bytes: int = _default("review_max_bytes")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend should be one of {', '.join(BACKENDS)}, but got {self.backend!r}")
+        postgres = self.store.startswith(("postgresql://", "postgres://"))
+        if self.store not in ("sqlite", "off") and not postgres:
+            raise ValueError(
+                f"ABSTAIN_STORE should be sqlite, off or a postgresql:// URL, but got {self.store!r}"
+            )
         for option in OPTIONS:
             value = getattr(self, option.name)
             if option.minimum is not None and not value >= option.minimum:

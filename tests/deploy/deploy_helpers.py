@@ -12,6 +12,16 @@ DEPLOY = REPO / "deploy"
 #: the serving and deploy work share. Histograms also expose _bucket, _sum and _count.
 COUNTERS = ("abstain_decisions_total", "abstain_rejected_inputs_total")
 GAUGES = ("abstain_target_coverage", "abstain_abstention_rate")
+# live selective risk from delayed labels (serving/live.py)
+COUNTERS += ("abstain_feedback_total", "abstain_decisions_not_recorded_total")
+GAUGES += (
+    "abstain_live_selective_risk",
+    "abstain_live_risk_lower_bound",
+    "abstain_live_risk_upper_bound",
+    "abstain_live_coverage",
+    "abstain_live_labelled_decisions",
+    "abstain_calibrated_risk",
+)
 HISTOGRAMS = ("abstain_selection_score", "abstain_inference_seconds", "abstain_batch_size")
 
 #: Raw metric names (the `abstain_...` identifiers PromQL may use); recording rules are

@@ -57,7 +57,8 @@ def test_every_alert_has_a_firing_case_in_the_unit_tests() -> None:
     fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])
              if case.get("exp_alerts")}
     assert alerts == {"AbstainAbstentionRateHigh", "AbstainAbstentionRateLow",
-                      "AbstainRejectedInputsSpike", "AbstainTargetDown"}
+                      "AbstainRejectedInputsSpike", "AbstainTargetDown",
+                      "AbstainLiveRiskAboveCalibrated"}
     assert fired == alerts
 
 

@@ -68,3 +68,23 @@ def model_copy(tmp_path: Path) -> Path:
     entry = tmp_path / "models" / "digits"
     shutil.copytree(MODEL_DIR.parent, entry)
     return entry / MODEL_DIR.name
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's package) for the session: the decision store's tests."""
+    from tests.serving.postgres import postgres_bin, running_postgres
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+    with running_postgres() as url:
+        yield url
+
+
+def empty_postgres(url: str) -> str:
+    """``url`` with the decision store's tables dropped (each user starts from an empty store)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP TABLE IF EXISTS decisions, review")
+    return url

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from abstain.decisions import decide_arrays
 from abstain.operating_points import OperatingPoint
-from abstain.serving.decisions import decide, decision_arrays
+from abstain.serving.decisions import decide
 from abstain.serving.metrics import ServiceMetrics
 
 LOGITS = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)
@@ -30,9 +31,9 @@ def point(score: str, threshold: float) -> OperatingPoint:
         ("combined", [math.sqrt(0.9 * SR[0]), math.sqrt(0.2 * SR[1])]),  # 0.890350, 0.382376
     ],
 )
-def test_decision_arrays_give_the_thresholded_score(score: str, want: list[float]) -> None:
-    arrays = decision_arrays(LOGITS, G, point(score, 0.8), num_classes=2)
-    np.testing.assert_allclose(arrays.scores, want, atol=1e-7)
+def test_decide_arrays_give_the_thresholded_score(score: str, want: list[float]) -> None:
+    arrays = decide_arrays(LOGITS, G, point(score, 0.8))
+    np.testing.assert_allclose(arrays.score_value, want, atol=1e-7)
     np.testing.assert_allclose(arrays.confidence, SR, atol=1e-7)
     assert arrays.answered.tolist() == [w >= 0.8 for w in want]
     answers = decide(LOGITS, G, point(score, 0.8), ["a", "b"])
@@ -68,8 +69,10 @@ def _calibration():
 def test_score_histogram_is_labelled_by_score_and_rejections_by_model(metrics: ServiceMetrics) -> None:
     from prometheus_client import REGISTRY
 
-    arrays = decision_arrays(LOGITS, G, point("softmax_response", 0.8), num_classes=2)
-    metrics.observe_decisions("sr-op", arrays.answered.tolist(), "softmax_response", arrays.scores.tolist())
+    arrays = decide_arrays(LOGITS, G, point("softmax_response", 0.8))
+    metrics.observe_decisions(
+        "sr-op", arrays.answered.tolist(), "softmax_response", arrays.score_value.tolist()
+    )
     labels = {"model": "digits", "version": "1", "score": "softmax_response"}
     assert REGISTRY.get_sample_value("abstain_selection_score_count", labels) == 2
     assert REGISTRY.get_sample_value("abstain_selection_score_sum", labels) == pytest.approx(sum(SR))

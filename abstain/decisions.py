@@ -1,0 +1,79 @@
+"""Graph outputs + an operating point → predict-or-abstain, as arrays (numpy only).
+
+The one definition of the decision, shared by the service (``abstain.serving.decisions``
+turns it into JSON answers) and by offline batch prediction (``abstain predict``), so the two
+cannot drift apart: a sample is answered iff ``score >= threshold``
+(:mod:`abstain.operating_points`), with the score named by the operating point
+(:func:`abstain.selective.selection_scores`: SelectiveNet's selection head g, Geifman &
+El-Yaniv ICML 2019; the softmax response; or their geometric mean). The candidate class is
+the arg-max of the prediction head f, and its softmax probability is the ``confidence``,
+reported for abstentions too so that a reviewer sees the model's top candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from abstain.operating_points import OperatingPoint
+from abstain.selective import selection_scores, softmax
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Decisions for ``N`` samples at one operating point.
+
+    Attributes:
+        answered: bool ``[N]``, ``score_value >= threshold``.
+        class_index: int64 ``[N]``, arg-max of the logits (the prediction, or the candidate).
+        confidence: float64 ``[N]``, softmax probability of ``class_index``.
+        selection: float64 ``[N]``, the selection head's output g.
+        score_value: float64 ``[N]``, the score the operating point thresholds.
+        point: the operating point that decided.
+    """
+
+    answered: np.ndarray
+    class_index: np.ndarray
+    confidence: np.ndarray
+    selection: np.ndarray
+    score_value: np.ndarray
+    point: OperatingPoint
+
+    def __len__(self) -> int:
+        return int(self.answered.shape[0])
+
+    def reason(self, i: int) -> str:
+        """Why sample ``i`` was abstained on, in words (for the JSON answer and offline records)."""
+        return (
+            f"{self.point.score} score {self.score_value[i]:.4f} below threshold "
+            f"{self.point.threshold:.4f} of operating point {self.point.name}"
+        )
+
+
+def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoint) -> Decisions:
+    """Decide every row of ``logits``.
+
+    Args:
+        logits: float ``[N, K]`` prediction-head outputs.
+        selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
+        point: the operating point whose ``score`` and ``threshold`` decide.
+
+    Raises:
+        ValueError: ``logits`` is not ``[N, K]`` or ``selection`` has not ``N`` values.
+    """
+    # float64: the threshold was fitted in float64 on the same scores (abstain.thresholds), so
+    # a sample exactly at the threshold is answered here as it was counted at calibration.
+    logits = np.asarray(logits, dtype=np.float64)
+    selection = np.asarray(selection, dtype=np.float64).reshape(-1)
+    if logits.ndim != 2 or logits.shape[0] != selection.shape[0]:
+        raise ValueError(
+            f"logits should be [N, K] and selection [N], but got {list(logits.shape)} "
+            f"and {list(selection.shape)}"
+        )
+    probs = softmax(logits)  # [N, K]
+    top = probs.argmax(axis=1)  # [N]
+    confidence = probs[np.arange(top.shape[0]), top]  # [N], the softmax response
+    scores = selection_scores(logits, selection, point.score)  # [N]
+    return Decisions(answered=scores >= point.threshold, class_index=top.astype(np.int64),
+                     confidence=confidence, selection=selection, score_value=scores, point=point)
