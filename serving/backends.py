@@ -139,9 +139,7 @@ class TritonBackend:
             f"Triton at {self.url} ({self.protocol}) model {self.model_name!r} version {self.model_version}"
         )
         try:
-            ready = self._client().is_model_ready(
-                self.model_name, self.model_version, **self._call_timeout()
-            )
+            ready = self._client().is_model_ready(self.model_name, self.model_version, **self._call_timeout())
         except Exception as exc:  # connection refused, DNS, protocol errors: all mean "not there"
             raise TritonUnreachableError(f"cannot reach {where}: {exc}") from exc
         if not ready:

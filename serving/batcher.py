@@ -84,8 +84,9 @@ class AdaptiveBatcher:
     @staticmethod
     def _loop_ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("adaptive batching loop stopped; the next request starts a new one",
-                      exc_info=task.exception())
+            log.error(
+                "adaptive batching loop stopped; the next request starts a new one", exc_info=task.exception()
+            )
 
     def run_sync(self, x: np.ndarray) -> GraphOutputs:
         """One forward pass on the inference thread, outside any event loop (start-up checks)."""

@@ -31,8 +31,10 @@ def _option(name: str, **extra: object) -> typer.models.OptionInfo:
 def serve(
     model_dir: Annotated[
         Path | None,
-        typer.Argument(help=f"{OPTION['model_dir'].help}; default: the embedded digits model",
-                       envvar=OPTION["model_dir"].env),
+        typer.Argument(
+            help=f"{OPTION['model_dir'].help}; default: the embedded digits model",
+            envvar=OPTION["model_dir"].env,
+        ),
     ] = None,
     operating_point: Annotated[str | None, _option("operating_point")] = OPTION["operating_point"].default,
     host: Annotated[str, typer.Option(help="address to bind", envvar="ABSTAIN_HOST")] = "127.0.0.1",
@@ -85,8 +87,12 @@ def serve(
 
         try:
             verify_triton_serves(
-                settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
-                graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
+                settings.triton_url,
+                artifacts.graph_path,
+                artifacts.name,
+                artifacts.version,
+                graph_sha256=artifacts.graph_sha256,
+                timeout_s=settings.triton_timeout,
             )
         except TritonUnreachableError as exc:
             # pods start in any order: serve, not ready, until the graph verifies; a wrong graph
@@ -133,8 +139,9 @@ def review(
         raise typer.BadParameter("there is no store to export from", param_hint="--store")
     directory_of_store = Path(store_dir) if store_dir else default_store_dir()
     if store == "sqlite" and not (directory_of_store / SqliteStore.FILENAME).is_file():
-        typer.echo(f"error: no decision store in {directory_of_store}; give the service's --store-dir",
-                   err=True)
+        typer.echo(
+            f"error: no decision store in {directory_of_store}; give the service's --store-dir", err=True
+        )
         raise typer.Exit(1)
     # reading only: retention is enforced by writes, which this never makes
     opened = open_store(store, directory_of_store, Retention(max_rows=1, max_age_s=1.0))

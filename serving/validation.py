@@ -22,6 +22,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 #: Pillow's formats accepted as PNG or JPEG. "MPO" is a JPEG with the MPF extension (most
 #: phone cameras write one: the photo plus a preview frame); we use its first frame, the photo.
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
+
+
 class InputRejectedError(ValueError):
     """A request the service refuses; ``reason`` labels ``abstain_rejected_inputs_total``."""
 

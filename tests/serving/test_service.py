@@ -271,4 +271,3 @@ def test_overload_answers_429_instead_of_hanging(start_server) -> None:
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 2
     assert httpx.get(f"{busy.url}/readyz", timeout=5).status_code == 200
-
