@@ -2,6 +2,7 @@
 
 * :class:`LimitPredictBody` — a request-size limit on ``POST /predict`` (BentoML has none);
 * :class:`NpyPredict` — ``POST /predict`` with a binary ``.npy`` body;
+* :class:`JsonPredict` — ``POST /predict`` with a JSON body, without BentoML's per-request IO cost;
 * :class:`CheckUploadForms` — a 400 instead of BentoML's 500 for malformed upload forms;
 * :class:`CountFrameworkRejections` — BentoML's own 4xx answers counted as rejected inputs;
 * :class:`RequestTimeout` — BentoML's request timeout without its leak (see :func:`install_request_timeout`).
@@ -13,6 +14,7 @@ instance of this worker), never at import time.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, ClassVar
 
 import bentoml
@@ -186,6 +188,73 @@ class NpyPredict:
         if not isinstance(answer, Response):
             answer = JSONResponse(answer)
         await answer(scope, receive, send)
+
+
+class JsonPredict:
+    """ASGI middleware: ``POST /predict`` with a JSON body, parsed here instead of by BentoML.
+
+    BentoML's request and response handling (a pydantic model per request, a JSON schema per
+    response, its IO descriptors) cost more per request than the whole decision for a small
+    image: measured on digits at one client, JSON answered by BentoML had a median of ~8 ms
+    against ~1.3 ms for the same answer to a ``.npy`` body answered here. The body —
+    ``{"pixels": [...], "operating_point": ..., "request_id": ...}`` — is parsed with
+    ``json.loads`` (on a thread when large), checked with the same messages and reasons as
+    BentoML's schema gave (``bad_json``), and answered by the same service method as the
+    BentoML endpoint (:meth:`Abstain.predict_pixels`). BentoML's ``/predict`` endpoint stays
+    for its OpenAPI schema and for anything this does not take.
+    """
+
+    PATH = "/predict"
+    FIELDS = ("pixels", "operating_point", "request_id")
+    VALID = (
+        'valid: a JSON object {"pixels": [[[...]]], "operating_point": "<name>" (optional), '
+        '"request_id": "<id>" or ["<id>", ...] (optional)}'
+    )
+    #: bodies at least this large are parsed on a thread (json.loads takes ~10 ms a MB)
+    THREAD_BYTES = 256 * 1024
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        media_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+        service = bentoml.get_current_service()
+        if media_type != "application/json" or service is None:
+            return await self.app(scope, receive, send)
+        body = await Request(scope, receive).body()
+        try:
+            if len(body) >= self.THREAD_BYTES:
+                payload = await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
+            else:
+                payload = json.loads(body)
+            pixels, operating_point, request_id = self._fields(payload)
+        except (ValueError, InputRejectedError) as exc:  # json.JSONDecodeError is a ValueError
+            if not isinstance(exc, InputRejectedError):
+                exc = InputRejectedError("bad_json", f"Invalid JSON: {exc}; {self.VALID}")
+            service.metrics.reject(exc.reason)
+            return await rejection(exc)(scope, receive, send)
+        answer = await service.predict_pixels(pixels, operating_point, request_id)
+        if not isinstance(answer, Response):
+            answer = JSONResponse(answer)
+        await answer(scope, receive, send)
+
+    def _fields(self, payload: Any) -> tuple[list[Any], str | None, Any]:
+        def bad(message: str) -> InputRejectedError:
+            return InputRejectedError("bad_json", f"{message}; {self.VALID}")
+
+        if not isinstance(payload, dict):
+            raise bad(f"the body should be a JSON object, but got a {type(payload).__name__}")
+        if "pixels" not in payload:
+            raise bad("field 'pixels' is required")
+        pixels, operating_point = payload["pixels"], payload.get("operating_point")
+        if not isinstance(pixels, list):
+            raise bad(f"field 'pixels' should be an array, but got a {type(pixels).__name__}")
+        if operating_point is not None and not isinstance(operating_point, str):
+            kind = type(operating_point).__name__
+            raise bad(f"field 'operating_point' should be a string, but got a {kind}")
+        return pixels, operating_point, payload.get("request_id")
 
 
 class CheckUploadForms:

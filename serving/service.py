@@ -48,6 +48,7 @@ from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.middleware import (
     CheckUploadForms,
     CountFrameworkRejections,
+    JsonPredict,
     LimitPredictBody,
     NpyPredict,
     install_request_timeout,
@@ -311,23 +312,31 @@ class Abstain:
             return rejection(exc)
         return await self._decide(x, operating_point, ids)
 
-    @bentoml.api(route="/predict")
-    async def predict(
-        self, pixels: list[Any], operating_point: str | None = None, request_id: str | list[str] | None = None
-    ) -> dict[str, Any]:
-        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
-
-        ``request_id``: the client's own id per image (else one is made); answers carry it. The
-        same endpoint takes a ``.npy`` body (``Content-Type: application/x-npy``), answered by
-        :class:`abstain.serving.middleware.NpyPredict` before BentoML parses anything."""
+    async def predict_pixels(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: Any = None
+    ) -> dict[str, Any] | JSONResponse:
+        """``POST /predict`` with JSON pixels: from :class:`abstain.serving.middleware.JsonPredict`
+        (JSON bodies) or from the BentoML endpoint below."""
         try:
             big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
             x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
             ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
-            return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
-        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
+            return rejection(exc)
+        return await self._decide(x, operating_point, ids)
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
+
+        ``request_id``: the client's own id per image (else one is made); answers carry it. JSON
+        bodies are answered by :class:`abstain.serving.middleware.JsonPredict` and ``.npy`` bodies
+        (``Content-Type: application/x-npy``) by :class:`abstain.serving.middleware.NpyPredict`,
+        both before BentoML parses anything; this endpoint documents the schema."""
+        return await self.predict_pixels(pixels, operating_point, request_id)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
     async def predict_image(
@@ -347,3 +356,4 @@ Abstain.add_asgi_middleware(CountFrameworkRejections)
 Abstain.add_asgi_middleware(CheckUploadForms)
 Abstain.add_asgi_middleware(LimitPredictBody)
 Abstain.add_asgi_middleware(NpyPredict)  # inside the limit: its body is bounded already
+Abstain.add_asgi_middleware(JsonPredict)
