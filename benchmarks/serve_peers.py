@@ -363,8 +363,8 @@ def main() -> None:
         f"127.0.0.1 sharing those CPUs. Command: `{command.strip()}` ({minutes:.1f} min). Each point: "
         f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx. "
         "Single-image requests at 1 / 8 / 32 connections; `2 × 64-image`: 2 connections sending "
-        "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, Python-backend ONNX Runtime model, "
-        "dynamic batching, KServe v2 JSON. abstain: defaults (1 worker).",
+        "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, "
+        "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker).",
         "",
     ]
     for g, r in results.items():
