@@ -206,3 +206,16 @@ def default_repository() -> Path:
 
 def class_names_json(names: Sequence[str]) -> str:
     return json.dumps(list(names))
+
+# --- selective graph (issue 11: `abstain export-selective`) -----------------------------
+#: Outputs the selective graph adds to the base graph's (export/selective_graph.py).
+CLASS_INDEX_NAME = "class_index"  # int64 [N], arg-max class
+CONFIDENCE_NAME = "confidence"  # float64 [N], softmax response
+SCORES_NAME = "scores"  # float64 [N, P], one column per operating point
+ACCEPT_NAME = "accept"  # bool [N, P], scores >= thresholds
+SELECTIVE_OUTPUT_NAMES = (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)
+#: JSON: operating points (name, score, threshold, targets) in column order, base graph and
+#: calibration sha256 (export/selective_graph.py SelectiveInfo).
+META_SELECTIVE = "abstain.selective"
+#: Default entry name of a selective graph: ``<base name>-selective``.
+SELECTIVE_SUFFIX = "-selective"

@@ -20,6 +20,7 @@ thread; the next batch is formed as soon as a pass slot is free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -179,7 +180,7 @@ class AdaptiveBatcher:
         for x, future in items:
             stop = start + len(x)
             if not future.done():
-                future.set_result(GraphOutputs(out.logits[start:stop], out.selection[start:stop]))
+                future.set_result(_rows(out, start, stop))
             start = stop
 
     def _run_chunks(self, x: np.ndarray) -> GraphOutputs:
@@ -190,7 +191,23 @@ class AdaptiveBatcher:
             parts.append(self._infer(chunk))
             if self._on_batch is not None:
                 self._on_batch(len(chunk), time.perf_counter() - t0)
-        return GraphOutputs(
-            logits=np.concatenate([p.logits for p in parts]),
-            selection=np.concatenate([p.selection for p in parts]),
-        )
+        return _concat(parts)
+
+
+def _rows(out: GraphOutputs, start: int, stop: int) -> GraphOutputs:
+    """Rows ``start:stop`` of every array of ``out``, keeping its type (a backend may return a
+    subclass with more outputs, e.g. ``serving/selective_remote.py``'s ``accept``)."""
+    return type(out)(**{
+        f.name: None if getattr(out, f.name) is None else getattr(out, f.name)[start:stop]
+        for f in dataclasses.fields(out)
+    })
+
+
+def _concat(parts: list[GraphOutputs]) -> GraphOutputs:
+    """The batches of ``parts`` stacked, field by field, keeping their type."""
+    first = parts[0]
+    names = [f.name for f in dataclasses.fields(first)]
+    return type(first)(**{
+        n: None if getattr(first, n) is None else np.concatenate([getattr(p, n) for p in parts])
+        for n in names
+    })

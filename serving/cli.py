@@ -47,6 +47,7 @@ def serve(
     triton_probe_interval: Annotated[float, _option("triton_probe_interval")] = (
         OPTION["triton_probe_interval"].default
     ),
+    triton_model: Annotated[str | None, _option("triton_model")] = OPTION["triton_model"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     max_json_batch: Annotated[int, _option("max_json_batch")] = OPTION["max_json_batch"].default,
     max_request_bytes: Annotated[int, _option("max_request_bytes")] = OPTION["max_request_bytes"].default,
@@ -82,7 +83,15 @@ def serve(
     settings = ServeSettings(**values)  # the same checks as the service's (backend, minimums)
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
-    if settings.backend == "triton":
+    if settings.backend == "triton" and triton_model not in (None, artifacts.name):
+        # a selective entry: Triton decides (serving/selective_remote.py)
+        from abstain.serving.selective_remote import verify_selective_triton
+
+        verify_selective_triton(
+            settings.triton_url, artifacts.version_dir, triton_model, artifacts.calibration.names,
+            timeout_s=settings.triton_timeout,
+        )
+    elif settings.backend == "triton":
         from abstain.serving.backends import TritonUnreachableError, verify_triton_serves
 
         try:

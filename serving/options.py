@@ -73,6 +73,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("triton_probe_interval", float, 5.0,
            "seconds between checks that Triton still serves the calibrated graph (and after a failed call)",
            minimum=0.1),
+    Option("triton_model", str, None,
+           "Triton model the triton backend calls; a selective entry (`abstain export-selective`) makes "
+           "Triton decide", default_text="the served entry's name"),
     Option("max_batch", int, 256, "most images one request may carry", minimum=1),
     # issue 9: bound what one request holds (JSON costs ~40 bytes of Python objects per number)
     Option("max_json_batch", int, 64,

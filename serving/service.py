@@ -17,6 +17,7 @@ exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import math
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import bentoml
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -55,6 +57,7 @@ from abstain.serving.middleware import (
 )
 from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
 from abstain.serving.review import ROUTES as REVIEW_ROUTES
+from abstain.serving.selective_remote import TritonSelectiveBackend, verify_selective_triton
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
 from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
 from abstain.serving.validation import (
@@ -67,7 +70,17 @@ from abstain.serving.validation import (
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
-if SETTINGS.backend == "triton":
+#: Triton serves a selective entry (`abstain export-selective`): it decides (serving/selective_remote.py)
+TRITON_DECIDES = SETTINGS.backend == "triton" and SETTINGS.triton_model not in (None, ARTIFACTS.name)
+if TRITON_DECIDES:
+    verify_selective_triton(
+        SETTINGS.triton_url,
+        ARTIFACTS.version_dir,
+        SETTINGS.triton_model,
+        ARTIFACTS.calibration.names,
+        timeout_s=SETTINGS.triton_timeout,
+    )
+elif SETTINGS.backend == "triton":
     # here too, so that `bentoml serve` exits with the message instead of restarting workers;
     # a Triton not reachable *yet* is no refusal: the service starts, not ready, and its
     # TritonMonitor makes it ready once the graph verifies (pods start in any order)
@@ -147,7 +160,14 @@ class Abstain:
                 f"has {self.model.num_classes} classes; fix labels.txt"
             )
         backend: Backend
-        if SETTINGS.backend == "triton":
+        if TRITON_DECIDES:
+            backend = TritonSelectiveBackend(
+                SETTINGS.triton_url,
+                SETTINGS.triton_model,
+                ARTIFACTS.version,
+                timeout_s=SETTINGS.triton_timeout,
+            )
+        elif SETTINGS.backend == "triton":
             backend = TritonBackend(
                 SETTINGS.triton_url, ARTIFACTS.name, ARTIFACTS.version, timeout_s=SETTINGS.triton_timeout
             )
@@ -281,7 +301,9 @@ class Abstain:
             if monitor is not None:
                 monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
-        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point)
+        accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
+        column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
+        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, column)
         predictions = with_request_ids(predictions, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
@@ -290,9 +312,12 @@ class Abstain:
             "predictions": predictions,
         }
 
-    def _answers(self, out: Any, point: Any) -> list[dict[str, Any]]:
-        """Decisions of a forward pass's outputs, counted in the metrics."""
+    def _answers(self, out: Any, point: Any, answered: Any = None) -> list[dict[str, Any]]:
+        """Decisions of a forward pass's outputs, counted in the metrics; ``answered``: the
+        decision Triton already took (a selective entry's accept column), else the threshold's."""
         decisions = decide_arrays(out.logits, out.selection, point)
+        if answered is not None:
+            decisions = dataclasses.replace(decisions, answered=np.asarray(answered, dtype=bool).reshape(-1))
         answered, scores = decisions.answered.tolist(), decisions.score_value.tolist()
         self.metrics.observe_decisions(point.name, answered, point.score, scores)
         return answers(decisions, self.class_names)

@@ -43,6 +43,7 @@ class ServeSettings:
     triton_timeout: float = _default("triton_timeout")
     triton_concurrency: int = _default("triton_concurrency")
     triton_probe_interval: float = _default("triton_probe_interval")
+    triton_model: str | None = _default("triton_model")
     max_batch: int = _default("max_batch")
     max_json_batch: int = _default("max_json_batch")
     max_request_bytes: int = _default("max_request_bytes")

@@ -36,23 +36,31 @@ class TritonPythonModel:
             str(version_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.config = json.loads(args["model_config"])
+        # every output the config declares, in its order: logits and selection for an exported
+        # graph, plus class_index, confidence, scores and accept for a selective graph
+        # (`abstain export-selective`); dtypes are the graph's, which the config states
+        self.outputs = [o["name"] for o in self.config["output"]] or [LOGITS_NAME, SELECTION_NAME]
+        # outputs declared dims [1] with reshape [ ]: the model side must be [N] (an older
+        # graph's selection may be [N, 1])
+        self.flat = {
+            o["name"] for o in self.config["output"] if "reshape" in o and not o["reshape"].get("shape")
+        }
 
     def execute(self, requests: list) -> list:
         # Triton's dynamic batcher may hand several requests at once: run them as one batch
         xs = [pb_utils.get_input_tensor_by_name(r, INPUT_NAME).as_numpy() for r in requests]
         sizes = [len(x) for x in xs]
-        logits, selection = self.session.run(
-            [LOGITS_NAME, SELECTION_NAME], {INPUT_NAME: np.concatenate(xs).astype(np.float32)}
-        )
+        values = self.session.run(self.outputs, {INPUT_NAME: np.concatenate(xs).astype(np.float32)})
         responses, start = [], 0
         for n in sizes:
             stop = start + n
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor(LOGITS_NAME, logits[start:stop].astype(np.float32)),
-                        # config.pbtxt declares dims [1] with reshape [] : the model side is [N]
-                        pb_utils.Tensor(SELECTION_NAME, selection.reshape(-1)[start:stop].astype(np.float32)),
+                        pb_utils.Tensor(
+                            name, np.ascontiguousarray(v.reshape(-1) if name in self.flat else v)[start:stop]
+                        )
+                        for name, v in zip(self.outputs, values, strict=True)
                     ]
                 )
             )

@@ -194,3 +194,13 @@ def test_triton_serves_the_model_repository_of_the_abstain_image(triton: list[di
     for probe in ("readinessProbe", "livenessProbe"):
         assert server[probe]["httpGet"]["path"].startswith("/v2/health/")
         assert server[probe]["httpGet"]["port"] in _port_names(server)
+
+
+def test_triton_selective_overlay_points_abstain_at_a_shipped_selective_entry() -> None:
+    objects = _kustomize(K8S / "triton-selective")
+    config = _find(objects, "ConfigMap", "abstain-config")["data"]
+    assert config["ABSTAIN_BACKEND"] == "triton"
+    entry = K8S.parents[1] / "models" / config["ABSTAIN_TRITON_MODEL"]
+    # Triton loads every entry of the image's models/, so the selective one must ship there
+    assert (entry / "config.pbtxt").is_file() and (entry / "1" / "model.onnx").is_file()
+    _find(objects, "Deployment", "triton")

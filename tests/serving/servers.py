@@ -137,9 +137,17 @@ def triton_backend_dir(tmp: Path) -> Path:
 
 
 def start_triton(
-    repository: Path, tmp: Path, models: list[str], http: int | None = None, grpc: int | None = None
+    repository: Path,
+    tmp: Path,
+    models: list[str],
+    http: int | None = None,
+    grpc: int | None = None,
+    metrics_port: int | None = None,
 ) -> tuple[subprocess.Popen, int, int, Path]:
-    """Start ``tritonserver`` on 127.0.0.1 (free ports unless given); return (process, http, grpc, log)."""
+    """Start ``tritonserver`` on 127.0.0.1 (free ports unless given); return (process, http, grpc, log).
+
+    ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (off by default).
+    """
     src = pytriton_dir()
     assert src is not None
     site = src.parents[1]
@@ -169,7 +177,12 @@ def start_triton(
         "--grpc-port",
         str(grpc),
         "--allow-metrics",
-        "false",
+        "false" if metrics_port is None else "true",
+        *(
+            []
+            if metrics_port is None
+            else ["--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port)]
+        ),
         "--exit-timeout-secs",
         "5",
     ]

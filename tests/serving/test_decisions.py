@@ -168,3 +168,13 @@ def test_batcher_fails_the_batch_not_the_loop() -> None:
         assert ok.selection.tolist() == [0.0]
 
     asyncio.run(main())
+
+
+def test_decide_takes_a_given_decision_over_the_threshold() -> None:
+    # a selective graph's accept column (serving/selective_remote.py) decides, not score >= threshold:
+    # g = 0.9 >= 0.5 would predict, g = 0.2 would abstain; the given answers say the opposite
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    g = np.array([0.9, 0.2], dtype=np.float32)
+    out = decide(logits, g, POINT, ["a", "b"], answered=np.array([False, True]))
+    assert [d["decision"] for d in out] == ["abstain", "predict"]
+    assert out[1]["label"] == "b" and out[0]["candidate"]["label"] == "a"
