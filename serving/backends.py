@@ -31,6 +31,14 @@ PROBE_ATOL = 1e-4
 DEFAULT_TIMEOUT_S = 10.0
 
 
+class TritonUnreachableError(ValueError):
+    """Triton cannot be reached, or does not (yet) serve the pinned model version: maybe later."""
+
+
+class GraphMismatchError(ValueError):
+    """Triton answers, but with another graph than the calibrated one: never these thresholds."""
+
+
 class Backend(Protocol):
     """What the service needs from a backend."""
 
@@ -130,27 +138,28 @@ class TritonBackend:
         """Refuse (``ValueError``) unless Triton serves the calibrated graph ``reference``.
 
         Checks that the pinned version is ready, then compares outputs on :func:`probe_batch`.
+        Raises :class:`TritonUnreachableError` (not reachable, version not ready: perhaps later)
+        or :class:`GraphMismatchError` (another graph answers), both ``ValueError``.
         """
         where = (
             f"Triton at {self.url} ({self.protocol}) model {self.model_name!r} version {self.model_version}"
         )
         try:
-            ready = self._client().is_model_ready(
-                self.model_name, self.model_version, **self._call_timeout()
-            )
+            ready = self._client().is_model_ready(self.model_name, self.model_version, **self._call_timeout())
         except Exception as exc:  # connection refused, DNS, protocol errors: all mean "not there"
-            raise ValueError(f"cannot reach {where}: {exc}") from exc
+            raise TritonUnreachableError(f"cannot reach {where}: {exc}") from exc
         if not ready:
-            raise ValueError(
+            raise TritonUnreachableError(
                 f"{where} is not ready; serve the model repository holding {reference.path} "
                 f"(version directory {self.model_version}) with Triton, or pass the right --triton-url"
             )
         self.selection_logit = reference.has_selection_logit
         x = probe_batch(reference.input_spec)
         try:
-            local, remote = reference.run(x), self.infer(x)
-        except Exception as exc:  # e.g. a Triton config that lacks the graph's selection_logit
-            raise ValueError(f"{where} failed on a probe batch: {exc}") from exc
+            remote = self.infer(x)
+        except Exception as exc:  # gone between the two calls, or past the timeout
+            raise TritonUnreachableError(f"cannot run the probe batch on {where}: {exc}") from exc
+        local = reference.run(x)
         if remote.logits.shape != local.logits.shape or not (
             np.allclose(remote.logits, local.logits, atol=PROBE_ATOL, rtol=0)
             and np.allclose(remote.selection, local.selection, atol=PROBE_ATOL, rtol=0)
@@ -162,7 +171,7 @@ class TritonBackend:
                 if remote.logits.shape == local.logits.shape
                 else "shape " + str(remote.logits.shape)
             )
-            raise ValueError(
+            raise GraphMismatchError(
                 f"{where} does not serve the calibrated graph {reference.path}: on a fixed probe batch "
                 f"its outputs differ (max |Δlogit| = {diff}); deploy the same model.onnx to Triton or "
                 "calibrate the graph Triton serves"

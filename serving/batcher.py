@@ -12,7 +12,9 @@ Policy: requests queue; the batching task takes the first, then everything alrea
 then waits up to ``max_latency_ms`` for more while the batch holds fewer than
 ``max_batch_size`` images. The forward pass runs on one dedicated thread, so the event loop
 keeps accepting requests meanwhile — what arrives during a pass forms the next batch (with
-``max_latency_ms = 0`` this is pure "batch what queued up" batching, no added wait).
+``max_latency_ms = 0`` this is pure "batch what queued up" batching, no added wait). With
+``max_in_flight > 1`` (a remote backend) up to that many passes run at once, each on its own
+thread; the next batch is formed as soon as a pass slot is free.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class AdaptiveBatcher:
         max_batch_size: most images per forward pass (a bigger single request is split).
         max_latency_ms: longest wait for more requests once one is queued.
         on_batch: called with ``(images, seconds)`` after each forward pass (metrics).
+        max_in_flight: forward passes running at once, each on its own thread. 1 for ONNX
+            Runtime in this process (it parallelises inside a pass); more for a remote backend
+            (Triton), so that one slow call does not serialise the worker and Triton's own
+            dynamic batcher sees several requests.
     """
 
     def __init__(
@@ -47,16 +53,21 @@ class AdaptiveBatcher:
         max_batch_size: int = 64,
         max_latency_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size should be >= 1, but got {max_batch_size}")
         if max_latency_ms < 0:
             raise ValueError(f"max_latency_ms should be >= 0, but got {max_latency_ms}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight should be >= 1, but got {max_in_flight}")
         self._infer, self._on_batch = infer, on_batch
+        self.max_in_flight = max_in_flight
         self.max_batch_size, self.max_latency_s = max_batch_size, max_latency_ms / 1000.0
-        # one thread: backends need not be thread-safe (tritonclient.http is not), and ONNX
-        # Runtime already parallelises inside a pass with its own intra-op threads
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="abstain-infer")
+        # one thread per pass in flight: backends need not be thread-safe (tritonclient.http is
+        # not; TritonBackend keeps a client per thread), and ONNX Runtime already parallelises
+        # inside a pass with its own intra-op threads
+        self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="abstain-infer")
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[GraphOutputs]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -74,8 +85,9 @@ class AdaptiveBatcher:
     @staticmethod
     def _loop_ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("adaptive batching loop stopped; the next request starts a new one",
-                      exc_info=task.exception())
+            log.error(
+                "adaptive batching loop stopped; the next request starts a new one", exc_info=task.exception()
+            )
 
     def run_sync(self, x: np.ndarray) -> GraphOutputs:
         """One forward pass on the inference thread, outside any event loop (start-up checks)."""
@@ -105,9 +117,16 @@ class AdaptiveBatcher:
     ) -> None:
         """The batching loop; ``items`` is the caller's list of the requests taken off the queue."""
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.max_in_flight)
+        running: set[asyncio.Task[None]] = set()
         while True:
+            await slots.acquire()  # a free pass slot first: meanwhile requests keep queueing
             items.clear()
-            items.append(await queue.get())
+            try:
+                items.append(await queue.get())
+            except BaseException:
+                slots.release()
+                raise
             n = len(items[0][0])
             deadline = loop.time() + self.max_latency_s
             while n < self.max_batch_size:
@@ -126,22 +145,43 @@ class AdaptiveBatcher:
                 n += len(items[-1][0])
             items[:] = [(x, f) for x, f in items if not f.done()]  # drop requests already cancelled
             if not items:
+                slots.release()
                 continue
-            try:
-                out = await loop.run_in_executor(
-                    self._executor, self._run_chunks, np.concatenate([x for x, _ in items])
-                )
-            except Exception as exc:  # a backend failure fails this batch's requests, not the loop
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for x, future in items:
-                stop = start + len(x)
+            task = loop.create_task(self._pass(list(items), slots))
+            running.add(task)  # a strong reference until it ends (the loop keeps only weak ones)
+            task.add_done_callback(running.discard)
+            if self.max_in_flight == 1:
+                await asyncio.shield(task)  # one pass at a time: its requests stay ours until it ends
+            items.clear()
+
+    async def _pass(
+        self, items: list[tuple[np.ndarray, asyncio.Future[GraphOutputs]]], slots: asyncio.Semaphore
+    ) -> None:
+        """One forward pass of ``items`` on the inference threads; answers every future."""
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(
+                self._executor, self._run_chunks, np.concatenate([x for x, _ in items])
+            )
+        except Exception as exc:  # a backend failure fails this batch's requests, not the loop
+            for _, future in items:
                 if not future.done():
-                    future.set_result(_rows(out, start, stop))
-                start = stop
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled at shutdown, a fatal error: nobody may wait forever
+            failure = RuntimeError("the batching loop stopped before this request was run")
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(failure)
+            raise
+        finally:
+            slots.release()
+        start = 0
+        for x, future in items:
+            stop = start + len(x)
+            if not future.done():
+                future.set_result(_rows(out, start, stop))
+            start = stop
 
     def _run_chunks(self, x: np.ndarray) -> GraphOutputs:
         parts = []

@@ -31,8 +31,10 @@ def _option(name: str, **extra: object) -> typer.models.OptionInfo:
 def serve(
     model_dir: Annotated[
         Path | None,
-        typer.Argument(help=f"{OPTION['model_dir'].help}; default: the embedded digits model",
-                       envvar=OPTION["model_dir"].env),
+        typer.Argument(
+            help=f"{OPTION['model_dir'].help}; default: the embedded digits model",
+            envvar=OPTION["model_dir"].env,
+        ),
     ] = None,
     operating_point: Annotated[str | None, _option("operating_point")] = OPTION["operating_point"].default,
     host: Annotated[str, typer.Option(help="address to bind", envvar="ABSTAIN_HOST")] = "127.0.0.1",
@@ -41,8 +43,14 @@ def serve(
     backend: Annotated[str, _option("backend")] = OPTION["backend"].default,
     triton_url: Annotated[str, _option("triton_url")] = OPTION["triton_url"].default,
     triton_timeout: Annotated[float, _option("triton_timeout")] = OPTION["triton_timeout"].default,
+    triton_concurrency: Annotated[int, _option("triton_concurrency")] = OPTION["triton_concurrency"].default,
+    triton_probe_interval: Annotated[float, _option("triton_probe_interval")] = (
+        OPTION["triton_probe_interval"].default
+    ),
     triton_model: Annotated[str | None, _option("triton_model")] = OPTION["triton_model"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
+    max_json_batch: Annotated[int, _option("max_json_batch")] = OPTION["max_json_batch"].default,
+    max_request_bytes: Annotated[int, _option("max_request_bytes")] = OPTION["max_request_bytes"].default,
     batch_max_size: Annotated[int, _option("batch_max_size")] = OPTION["batch_max_size"].default,
     batch_max_latency_ms: Annotated[float, _option("batch_max_latency_ms")] = (
         OPTION["batch_max_latency_ms"].default
@@ -84,12 +92,21 @@ def serve(
             timeout_s=settings.triton_timeout,
         )
     elif settings.backend == "triton":
-        from abstain.serving.backends import verify_triton_serves
+        from abstain.serving.backends import TritonUnreachableError, verify_triton_serves
 
-        verify_triton_serves(
-            settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
-            graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout,
-        )
+        try:
+            verify_triton_serves(
+                settings.triton_url,
+                artifacts.graph_path,
+                artifacts.name,
+                artifacts.version,
+                graph_sha256=artifacts.graph_sha256,
+                timeout_s=settings.triton_timeout,
+            )
+        except TritonUnreachableError as exc:
+            # pods start in any order: serve, not ready, until the graph verifies; a wrong graph
+            # (GraphMismatchError) still refuses here
+            print(f"warning: {exc}; starting, not ready until Triton serves the graph", file=sys.stderr)
     env = dict(os.environ)
     values["model_dir"] = artifacts.version_dir.resolve()
     for name, value in values.items():
@@ -131,8 +148,9 @@ def review(
         raise typer.BadParameter("there is no store to export from", param_hint="--store")
     directory_of_store = Path(store_dir) if store_dir else default_store_dir()
     if store == "sqlite" and not (directory_of_store / SqliteStore.FILENAME).is_file():
-        typer.echo(f"error: no decision store in {directory_of_store}; give the service's --store-dir",
-                   err=True)
+        typer.echo(
+            f"error: no decision store in {directory_of_store}; give the service's --store-dir", err=True
+        )
         raise typer.Exit(1)
     # reading only: retention is enforced by writes, which this never makes
     opened = open_store(store, directory_of_store, Retention(max_rows=1, max_age_s=1.0))

@@ -4,14 +4,18 @@
 name                                   type       labels
 =====================================  =========  ===============================================
 ``abstain_decisions_total``            counter    model, version, operating_point, decision
-``abstain_selection_score``            histogram  model, version (g, buckets 0.05 … 0.999, 1.0)
+``abstain_selection_score``            histogram  model, version, score (buckets 0.05 … 0.999, 1.0)
 ``abstain_target_coverage``            gauge      model, version, operating_point
 ``abstain_abstention_rate``            gauge      model, version, operating_point
 ``abstain_inference_seconds``          histogram  model, version, backend
 ``abstain_batch_size``                 histogram  model, version
-``abstain_rejected_inputs_total``      counter    reason
+``abstain_rejected_inputs_total``      counter    model, version, reason
 ``abstain_backend_errors_total``       counter    model, version, backend
 =====================================  =========  ===============================================
+
+``abstain_selection_score`` records, for each decided image, the score its operating point
+thresholds (``score`` = ``selection`` for g, ``softmax_response`` or ``combined``): drift is
+watched on the number that decides, not on g when g decides nothing.
 
 A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
 the client's input, so it is not a rejected input: it has its own counter, and the request
@@ -32,7 +36,7 @@ rate use ``rate(abstain_decisions_total{decision="abstain"}[5m]) / rate(abstain_
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from abstain.operating_points import Calibration
 
@@ -47,6 +51,7 @@ REJECT_REASONS = (
     "bad_image",
     "unknown_operating_point",
     "bad_json",
+    "bad_npy",
     "bad_request_id",
 )
 #: 0.05, 0.10, …, 0.95, then finer towards 1: a confident model's thresholds sit there (the
@@ -94,8 +99,9 @@ class ServiceMetrics:
         )
         self.selection_score = Histogram(
             "abstain_selection_score",
-            "Selection-head output g of each decided image.",
-            ["model", "version"],
+            "The score the operating point thresholds (label score: selection, softmax_response, "
+            "combined), per decided image.",
+            ["model", "version", "score"],
             buckets=SELECTION_BUCKETS,
         )
         self.target_coverage = Gauge(
@@ -125,7 +131,7 @@ class ServiceMetrics:
         self.rejected = Counter(
             "abstain_rejected_inputs",
             "Requests rejected before inference, by reason.",
-            ["reason"],
+            ["model", "version", "reason"],
         )
         self.backend_errors = Counter(
             "abstain_backend_errors",
@@ -143,30 +149,31 @@ class ServiceMetrics:
             for decision in ("predict", "abstain"):
                 self.decisions.labels(model, version, point.name, decision)
         for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+            self.rejected.labels(model, version, reason)
 
     def observe_decisions(
-        self, operating_point: str, decisions: list[str], selection: Iterable[float]
+        self, operating_point: str, answered: Sequence[bool], score: str, scores: Iterable[float]
     ) -> None:
-        """Count ``decisions`` (``"predict"``/``"abstain"``) and update the rolling rate."""
+        """Count the decisions (``answered[i]``: predicted, else abstained), record the ``scores``
+        the operating point thresholds (named ``score``), and update the rolling rate."""
         labels = (self.model, self.version, operating_point)
-        n_abstain = sum(d == "abstain" for d in decisions)
-        if n_abstain:
-            self.decisions.labels(*labels, "abstain").inc(n_abstain)
-        if len(decisions) - n_abstain:
-            self.decisions.labels(*labels, "predict").inc(len(decisions) - n_abstain)
-        hist = self.selection_score.labels(self.model, self.version)
-        for g in selection:
-            hist.observe(float(g))
+        n_predict = int(sum(answered))
+        if len(answered) - n_predict:
+            self.decisions.labels(*labels, "abstain").inc(len(answered) - n_predict)
+        if n_predict:
+            self.decisions.labels(*labels, "predict").inc(n_predict)
+        hist = self.selection_score.labels(self.model, self.version, score)
+        for value in scores:
+            hist.observe(value)
         rolling = self._rolling.setdefault(operating_point, RollingRate(self._window))
-        self.abstention_rate.labels(*labels).set(rolling.extend(d == "abstain" for d in decisions))
+        self.abstention_rate.labels(*labels).set(rolling.extend(not a for a in answered))
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.labels(self.model, self.version).observe(size)
         self.inference_seconds.labels(self.model, self.version, self.backend).observe(seconds)
 
     def reject(self, reason: str) -> None:
-        self.rejected.labels(reason).inc()
+        self.rejected.labels(self.model, self.version, reason).inc()
 
     def backend_error(self) -> None:
         self.backend_errors.labels(self.model, self.version, self.backend).inc()

@@ -67,10 +67,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("triton_url", str, "127.0.0.1:8000", "Triton endpoint: host:port (HTTP) or grpc://host:port"),
     Option("triton_timeout", float, 10.0, "seconds one Triton call may take before the request gets a 503",
            minimum=0.001),
+    # issue 9: Triton calls in flight per worker, and how often the graph Triton serves is re-checked
+    Option("triton_concurrency", int, 4, "Triton calls in flight per worker (Triton batches them)",
+           minimum=1),
+    Option("triton_probe_interval", float, 5.0,
+           "seconds between checks that Triton still serves the calibrated graph (and after a failed call)",
+           minimum=0.1),
     Option("triton_model", str, None,
            "Triton model the triton backend calls; a selective entry (`abstain export-selective`) makes "
            "Triton decide", default_text="the served entry's name"),
     Option("max_batch", int, 256, "most images one request may carry", minimum=1),
+    # issue 9: bound what one request holds (JSON costs ~40 bytes of Python objects per number)
+    Option("max_json_batch", int, 64,
+           "most images one JSON request may carry (at most max_batch; .npy bodies may carry max_batch)",
+           minimum=1),
+    Option("max_request_bytes", int, 32 * 1024 * 1024,
+           "largest /predict .npy body in bytes; JSON: half of it (a 3x224x224 worker stays under 1 GiB)",
+           minimum=1024),
     Option("batch_max_size", int, 64, "adaptive batching: most images per forward pass", minimum=1),
     Option("batch_max_latency_ms", float, 0.0,
            "adaptive batching: longest wait to fill a batch (ms); 0 batches what queued up during the "

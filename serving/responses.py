@@ -35,3 +35,15 @@ def backend_unavailable(backend: str, exc: Exception) -> JSONResponse:
         },
         status_code=503,
     )
+
+
+def graph_mismatch(detail: str) -> JSONResponse:
+    """503 while Triton serves another graph than the calibrated one: these thresholds do not apply."""
+    return JSONResponse(
+        {
+            "error": f"the Triton backend does not serve the calibrated graph ({detail[:400]}); no answer "
+            "is given with thresholds calibrated for another graph; the request was valid, retry later",
+            "reason": "graph_mismatch",
+        },
+        status_code=503,
+    )

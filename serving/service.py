@@ -16,30 +16,57 @@ exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import gc
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bentoml
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from abstain.serving.backends import Backend, OnnxRuntimeBackend, TritonBackend, verify_triton_serves
+from abstain.decisions import decide_arrays
+from abstain.serving.backends import (
+    Backend,
+    GraphMismatchError,
+    OnnxRuntimeBackend,
+    TritonBackend,
+    TritonUnreachableError,
+    verify_triton_serves,
+)
 from abstain.serving.batcher import AdaptiveBatcher
-from abstain.serving.decisions import decide
+from abstain.serving.decisions import answers
 from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
 from abstain.serving.feedback import parse_request_ids
 from abstain.serving.live import DecisionLog, with_request_ids
 from abstain.serving.metrics import ServiceMetrics
-from abstain.serving.middleware import CheckUploadForms, CountFrameworkRejections, LimitJsonBody
-from abstain.serving.responses import backend_unavailable, rejection
+from abstain.serving.middleware import (
+    CheckUploadForms,
+    CountFrameworkRejections,
+    JsonPredict,
+    LimitPredictBody,
+    NpyPredict,
+    install_request_timeout,
+)
+from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
 from abstain.serving.review import ROUTES as REVIEW_ROUTES
 from abstain.serving.selective_remote import TritonSelectiveBackend, verify_selective_triton
 from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
-from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
+from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
+from abstain.serving.validation import (
+    InputRejectedError,
+    batch_length,
+    decode_image,
+    parse_npy,
+    parse_pixels,
+)
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
@@ -54,20 +81,44 @@ if TRITON_DECIDES:
         timeout_s=SETTINGS.triton_timeout,
     )
 elif SETTINGS.backend == "triton":
-    # here too, so that `bentoml serve` exits with the message instead of restarting workers
-    verify_triton_serves(
-        SETTINGS.triton_url,
-        ARTIFACTS.graph_path,
-        ARTIFACTS.name,
-        ARTIFACTS.version,
-        graph_sha256=ARTIFACTS.graph_sha256,
-        timeout_s=SETTINGS.triton_timeout,
-    )
+    # here too, so that `bentoml serve` exits with the message instead of restarting workers;
+    # a Triton not reachable *yet* is no refusal: the service starts, not ready, and its
+    # TritonMonitor makes it ready once the graph verifies (pods start in any order)
+    try:
+        verify_triton_serves(
+            SETTINGS.triton_url,
+            ARTIFACTS.graph_path,
+            ARTIFACTS.name,
+            ARTIFACTS.version,
+            graph_sha256=ARTIFACTS.graph_sha256,
+            timeout_s=SETTINGS.triton_timeout,
+        )
+    except TritonUnreachableError as exc:
+        logging.getLogger("bentoml.abstain").warning("%s; starting, not ready until it verifies", exc)
+
+# BentoML's request timeout keeps every finished request alive for the whole timeout (growing
+# GC stalls); ours cancels its timer. Before BentoML builds the worker's app: see the docstring.
+install_request_timeout()
 
 log = logging.getLogger(__name__)
 #: BentoML's server logging shows INFO lines of the ``bentoml`` logger tree only (ours would
 #: need WARNING to appear): the start-up line that names the execution provider goes there.
 startup_log = logging.getLogger("bentoml.abstain")
+
+#: Requests with at least this many pixels are converted on a thread, and requests of at least
+#: OFFLOAD_IMAGES images decided on one, not on the event loop: a 256-image request must not
+#: hold up a concurrent one-image request or /livez for the milliseconds its conversion takes.
+#: Smaller ones stay on the loop, where a thread hop (~50 µs) would cost more than the work.
+OFFLOAD_PIXELS = 64 * 1024
+OFFLOAD_IMAGES = 64
+T = TypeVar("T")
+
+
+async def off_loop(big: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the loop's default thread pool when ``big``, else right here."""
+    if not big:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 async def _metadata(_: Request) -> JSONResponse:
     service = bentoml.get_current_service()
@@ -87,6 +138,11 @@ metadata_app = Starlette(
     workers=SETTINGS.workers,
     # overload: beyond max_concurrency in-flight requests BentoML answers 429; past timeout, 504
     traffic={"max_concurrency": SETTINGS.max_concurrency, "timeout": SETTINGS.timeout},
+    # per-request work the service does not need, off by configuration: an access-log line
+    # (Prometheus counts requests) and an OpenTelemetry span for the hot endpoints (no exporter
+    # is configured, yet the span, its lists and locks were built and dropped per request)
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": ["/predict", "/predict_image", "/livez", "/readyz", "/metrics"]},
 )
 class Abstain:
     """Predict or abstain with the calibrated SelectiveNet graph (see the module docstring)."""
@@ -97,6 +153,7 @@ class Abstain:
         # ONNX Runtime threads share the cores between workers instead of oversubscribing them
         self.model = load_graph(ARTIFACTS, intra_op_threads=SETTINGS.intra_op_threads())
         self.class_names = ARTIFACTS.labels or self.model.class_names
+        self.pixels = math.prod(self.model.input_spec.shape)  # C·H·W of one image
         if len(self.class_names) != self.model.num_classes:
             raise ValueError(
                 f"{ARTIFACTS.entry_dir}/labels.txt has {len(self.class_names)} names but the graph "
@@ -129,20 +186,29 @@ class Abstain:
             SETTINGS.batch_max_size,
             SETTINGS.batch_max_latency_ms,
             on_batch=self.metrics.observe_batch,
+            # a remote pass mostly waits on the network: keep several in flight
+            max_in_flight=SETTINGS.triton_concurrency if isinstance(backend, TritonBackend) else 1,
         )
         # decisions recorded off the event loop, labels joined by POST /feedback (None: ABSTAIN_STORE=off)
         self.decision_log = DecisionLog.from_settings(
             SETTINGS, ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.calibration
         )
+        self.monitor: TritonMonitor | None = None
         if isinstance(backend, TritonBackend):
-            # on the inference thread: the HTTP client is per-thread (see abstain.serving.backends)
-            self.batcher._executor.submit(backend.verify, self.model).result()
+            self.monitor = TritonMonitor(backend, self.model, interval_s=SETTINGS.triton_probe_interval)
+            if self.monitor.probe() == GRAPH_MISMATCH:  # swapped since the import-time check
+                raise GraphMismatchError(self.monitor.detail)
+            self.monitor.start()  # unreachable now: up, not ready, probing until it verifies
         startup_log.info(
             "serving %s/%s (graph %s) with %s on %s",
             ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.graph_sha256[:12], backend.name,
             self.execution_provider or f"Triton at {SETTINGS.triton_url}",
         )
         self._ready = True
+        # the graph, sessions and imported modules live as long as the worker: move them out of
+        # the generations the collector walks, so a full collection looks at request garbage only
+        gc.collect()
+        gc.freeze()
 
     @property
     def execution_provider(self) -> str | None:
@@ -153,14 +219,23 @@ class Abstain:
             return None
         return self.model.providers[0]
 
-    @property
-    def max_body_bytes(self) -> int:
-        """Largest ``/predict`` body accepted (see :class:`LimitJsonBody`)."""
-        numbers = self.settings.max_batch * math.prod(self.model.input_spec.shape)
-        return numbers * LimitJsonBody.BYTES_PER_NUMBER + LimitJsonBody.SLACK_BYTES
+    def max_body_bytes(self, npy: bool = False) -> int:
+        """Largest ``/predict`` body accepted, JSON or ``.npy`` (see :class:`LimitPredictBody`)."""
+        pixels = math.prod(self.model.input_spec.shape)
+        if npy:  # float32: 4 bytes a pixel, plus the header
+            need = self.settings.max_batch * pixels * 4 + LimitPredictBody.SLACK_BYTES
+            return min(need, self.settings.max_request_bytes)
+        need = self.settings.json_batch * pixels * LimitPredictBody.BYTES_PER_NUMBER
+        need += LimitPredictBody.SLACK_BYTES
+        # JSON: half the byte limit. BentoML parses it into Python objects, ~20 bytes of memory a
+        # body byte: measured on a 3x224x224 model, a 32 MiB body of zeros peaked at 897 MiB
+        # (worker baseline 163 MiB), too close to a 1 GiB worker share
+        return min(need, self.settings.max_request_bytes // 2)
 
     def __is_ready__(self) -> bool:
-        return getattr(self, "_ready", False)
+        # not ready while Triton is unreachable or serves another graph (TritonMonitor)
+        monitor = getattr(self, "monitor", None)
+        return getattr(self, "_ready", False) and (monitor is None or monitor.ready)
 
     def metadata(self) -> dict[str, Any]:
         """Model, version, classes, input spec, backend and operating points (``GET /metadata``)."""
@@ -174,6 +249,8 @@ class Abstain:
             "classes": list(self.class_names),
             "input_spec": self.model.input_spec.to_dict(),
             "max_batch": self.settings.max_batch,
+            "max_json_batch": self.settings.json_batch,
+            "max_request_bytes": self.settings.max_request_bytes,
             "default_operating_point": self.settings.operating_point or cal.default_operating_point,
             "operating_points": [
                 {
@@ -206,24 +283,74 @@ class Abstain:
             )
             self.metrics.reject(exc.reason)
             return rejection(exc)
+        monitor = self.monitor
+        if monitor is not None and not monitor.ready:  # known down or wrong: answer now, not at the timeout
+            self.metrics.backend_error()
+            if monitor.state == GRAPH_MISMATCH:
+                return graph_mismatch(monitor.detail)
+            return backend_unavailable(self.backend.name, RuntimeError(monitor.detail))
         try:
-            out = await self.batcher.submit(x)
+            if monitor is None:
+                out = await self.batcher.submit(x)
+            else:
+                # queued behind hung calls, a request still ends by the Triton timeout plus a little
+                out = await asyncio.wait_for(self.batcher.submit(x), self.settings.triton_timeout + 0.5)
         except Exception as exc:  # Triton down or past its timeout, an ONNX Runtime error: not a 500
             log.warning("%s backend failed: %s", self.backend.name, exc)
             self.metrics.backend_error()
+            if monitor is not None:
+                monitor.report_failure(exc)
             return backend_unavailable(self.backend.name, exc)
         accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
         column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
-        answers = decide(out.logits, out.selection, point, self.class_names, answered=column,
-                         selection_logit=out.selection_logit)
-        self.metrics.observe_decisions(point.name, [a["decision"] for a in answers], out.selection)
-        answers = with_request_ids(answers, request_ids, self.decision_log, x)
+        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, column)
+        predictions = with_request_ids(predictions, request_ids, self.decision_log, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
             "operating_point": point.name,
-            "predictions": answers,
+            "predictions": predictions,
         }
+
+    def _answers(self, out: Any, point: Any, answered: Any = None) -> list[dict[str, Any]]:
+        """Decisions of a forward pass's outputs, counted in the metrics; ``answered``: the
+        decision Triton already took (a selective entry's accept column), else the threshold's."""
+        # g's logit when the graph exports it (issue 10): a selection point's threshold is a logit
+        decisions = decide_arrays(out.logits, out.selection, point, getattr(out, "selection_logit", None))
+        if answered is not None:
+            decisions = dataclasses.replace(decisions, answered=np.asarray(answered, dtype=bool).reshape(-1))
+        answered, scores = decisions.answered.tolist(), decisions.score_value.tolist()
+        self.metrics.observe_decisions(point.name, answered, point.score, scores)
+        return answers(decisions, self.class_names)
+
+    async def predict_npy(
+        self, body: bytes, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> dict[str, Any] | JSONResponse:
+        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`);
+        ``request_ids``: the ``request_id`` query parameters, one per image, if any."""
+        spec = self.model.input_spec
+        try:
+            big = len(body) >= 4 * OFFLOAD_PIXELS
+            x = await off_loop(big, parse_npy, body, spec, self.settings.max_batch)
+            ids = parse_request_ids(request_ids or None, len(x))
+        except InputRejectedError as exc:
+            self.metrics.reject(exc.reason)
+            return rejection(exc)
+        return await self._decide(x, operating_point, ids)
+
+    async def predict_pixels(
+        self, pixels: list[Any], operating_point: str | None = None, request_id: Any = None
+    ) -> dict[str, Any] | JSONResponse:
+        """``POST /predict`` with JSON pixels: from :class:`abstain.serving.middleware.JsonPredict`
+        (JSON bodies) or from the BentoML endpoint below."""
+        try:
+            big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
+            x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
+            ids = parse_request_ids(request_id, len(x))
+        except InputRejectedError as exc:
+            self.metrics.reject(exc.reason)
+            return rejection(exc)
+        return await self._decide(x, operating_point, ids)
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -231,14 +358,11 @@ class Abstain:
     ) -> dict[str, Any]:
         """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
 
-        ``request_id``: the client's own id per image (else one is made); answers carry it."""
-        try:
-            x = parse_pixels(pixels, self.model.input_spec, self.settings.max_batch)
-            ids = parse_request_ids(request_id, len(x))
-        except InputRejectedError as exc:
-            self.metrics.reject(exc.reason)
-            return rejection(exc)  # type: ignore[return-value]  # a Response is sent as it is
-        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
+        ``request_id``: the client's own id per image (else one is made); answers carry it. JSON
+        bodies are answered by :class:`abstain.serving.middleware.JsonPredict` and ``.npy`` bodies
+        (``Content-Type: application/x-npy``) by :class:`abstain.serving.middleware.NpyPredict`,
+        both before BentoML parses anything; this endpoint documents the schema."""
+        return await self.predict_pixels(pixels, operating_point, request_id)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
     async def predict_image(
@@ -256,4 +380,6 @@ class Abstain:
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)
 Abstain.add_asgi_middleware(CheckUploadForms)
-Abstain.add_asgi_middleware(LimitJsonBody)
+Abstain.add_asgi_middleware(LimitPredictBody)
+Abstain.add_asgi_middleware(NpyPredict)  # inside the limit: its body is bounded already
+Abstain.add_asgi_middleware(JsonPredict)

@@ -47,8 +47,12 @@ class ServeSettings:
     backend: str = _default("backend")
     triton_url: str = _default("triton_url")
     triton_timeout: float = _default("triton_timeout")
+    triton_concurrency: int = _default("triton_concurrency")
+    triton_probe_interval: float = _default("triton_probe_interval")
     triton_model: str | None = _default("triton_model")
     max_batch: int = _default("max_batch")
+    max_json_batch: int = _default("max_json_batch")
+    max_request_bytes: int = _default("max_request_bytes")
     batch_max_size: int = _default("batch_max_size")
     batch_max_latency_ms: float = _default("batch_max_latency_ms")
     workers: int = _default("workers")
@@ -85,6 +89,11 @@ class ServeSettings:
         values = {o.name: o.from_env(environ) for o in OPTIONS}
         values["model_dir"] = Path(values["model_dir"] or default_repository() / DEFAULT_MODEL_NAME)
         return cls(**values)
+
+    @property
+    def json_batch(self) -> int:
+        """Most images of one JSON request: ``max_json_batch``, never more than ``max_batch``."""
+        return min(self.max_json_batch, self.max_batch)
 
     def intra_op_threads(self) -> int:
         """ONNX Runtime threads per worker: ``ort_threads``, or the usable CPUs shared by the workers.

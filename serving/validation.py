@@ -22,6 +22,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 #: Pillow's formats accepted as PNG or JPEG. "MPO" is a JPEG with the MPF extension (most
 #: phone cameras write one: the photo plus a preview frame); we use its first frame, the photo.
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
+
+
 class InputRejectedError(ValueError):
     """A request the service refuses; ``reason`` labels ``abstain_rejected_inputs_total``."""
 
@@ -36,6 +38,51 @@ def _shape_text(spec: InputSpec) -> str:
     return f"[{chw}] (one image) or [N, {chw}]"
 
 
+def _valid_text(spec: InputSpec, max_batch: int) -> str:
+    return f"valid: float pixels in [0, 1] shaped {_shape_text(spec)}, at most {max_batch} images"
+
+
+def _check_shape(shape: tuple[int, ...], spec: InputSpec, max_batch: int, valid: str) -> tuple[int, ...]:
+    """``shape`` as ``(N, C, H, W)`` (a ``[C, H, W]`` image is a batch of one), or a rejection."""
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4:
+        raise InputRejectedError(
+            "bad_shape", f"pixels should have 3 or 4 dimensions, but got shape {list(shape)}; {valid}"
+        )
+    if shape[0] == 0:
+        raise InputRejectedError("empty_batch", f"pixels holds no image; {valid}")
+    if shape[0] > max_batch:
+        raise InputRejectedError(
+            "batch_too_large",
+            f"pixels holds {shape[0]} images, more than the limit {max_batch}; split the batch; {valid}",
+        )
+    if tuple(shape[1:]) != spec.shape:
+        raise InputRejectedError("bad_shape", f"pixels has shape {list(shape)}; {valid}")
+    return shape
+
+
+def _check_values(x: np.ndarray, valid: str) -> np.ndarray:
+    """Refuse NaN/Inf and pixels outside [0, 1] of a float32 batch; return it."""
+    # min and max propagate NaN, so two reductions check both finiteness and range (no temporaries)
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputRejectedError(
+            "non_finite", f"pixels contains NaN or Inf (or a number too large for float32); {valid}"
+        )
+    if lo < 0.0 or hi > 1.0:
+        raise InputRejectedError("out_of_range", f"pixels has values in [{lo:g}, {hi:g}]; {valid}")
+    return x
+
+
+def batch_length(raw: Any) -> int:
+    """``len(raw)`` when ``raw`` looks like a batch ``[N, C, H, W]`` of nested lists, else 0."""
+    try:
+        return len(raw) if isinstance(raw[0][0][0], list | tuple) else 0
+    except (TypeError, IndexError, KeyError):
+        return 0
+
+
 def parse_pixels(raw: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     """Nested JSON lists → float32 ``[N, C, H, W]`` in [0, 1], ``1 <= N <= max_batch``.
 
@@ -43,9 +90,11 @@ def parse_pixels(raw: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     reason ``empty_batch``, ``bad_shape``, ``bad_dtype``, ``batch_too_large``, ``non_finite``
     or ``out_of_range``.
     """
-    valid = f"valid: float pixels in [0, 1] shaped {_shape_text(spec)}, at most {max_batch} images"
+    valid = _valid_text(spec, max_batch)
     if isinstance(raw, list | tuple) and len(raw) == 0:
         raise InputRejectedError("empty_batch", f"pixels is an empty array; {valid}")
+    if batch_length(raw) > max_batch:  # before np.asarray copies a body we would refuse anyway
+        _check_shape((len(raw), *spec.shape), spec, max_batch, valid)
     try:
         x = np.asarray(raw)
     except (ValueError, TypeError):  # ragged nesting
@@ -57,31 +106,58 @@ def parse_pixels(raw: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
             "bad_dtype",
             f"pixels should hold only numbers, but got {x.dtype.kind!r}-kind values ({x.dtype}); {valid}",
         )
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise InputRejectedError(
-            "bad_shape", f"pixels should have 3 or 4 dimensions, but got shape {list(x.shape)}; {valid}"
-        )
-    if x.shape[0] == 0:
-        raise InputRejectedError("empty_batch", f"pixels holds no image; {valid}")
-    if x.shape[0] > max_batch:
-        raise InputRejectedError(
-            "batch_too_large",
-            f"pixels holds {x.shape[0]} images, more than the limit {max_batch}; split the batch; {valid}",
-        )
-    if tuple(x.shape[1:]) != spec.shape:
-        raise InputRejectedError("bad_shape", f"pixels has shape {list(x.shape)}; {valid}")
+    shape = _check_shape(x.shape, spec, max_batch, valid)
     with np.errstate(over="ignore"):
-        x = np.ascontiguousarray(x, dtype=np.float32)  # [N, C, H, W]
-    if not np.isfinite(x).all():
+        x = np.ascontiguousarray(x.reshape(shape), dtype=np.float32)  # [N, C, H, W]
+    return _check_values(x, valid)
+
+
+#: ``Content-Type`` of a ``.npy`` body for ``POST /predict``.
+NPY_MEDIA_TYPE = "application/x-npy"
+
+
+def parse_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """A ``.npy`` file (``np.save``) → float32 ``[N, C, H, W]`` in [0, 1], ``1 <= N <= max_batch``.
+
+    Accepted: float32 pixels in [0, 1], or uint8 pixels 0–255 (divided by 255), shaped
+    ``[C, H, W]`` or ``[N, C, H, W]``, either byte order, C or Fortran order. What
+    ``np.load(allow_pickle=False)`` reads, read here from the header first: shape and dtype are
+    checked before any pixel is touched, object arrays (pickles) are refused without
+    unpickling, and the pixels are viewed in the request's bytes, not copied (one float32 copy
+    is made, in the graph's layout). Raises :class:`InputRejectedError` with ``bad_npy`` for a
+    body that is not a complete ``.npy`` file, ``bad_dtype`` for another dtype, and the
+    reasons of :func:`parse_pixels` otherwise.
+    """
+    valid = _valid_text(spec, max_batch) + " (.npy: float32 in [0, 1] or uint8 0-255)"
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} (valid: 1.0 or 2.0)")
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise InputRejectedError(
-            "non_finite", f"pixels contains NaN or Inf (or a number too large for float32); {valid}"
+            "bad_npy", f"the body is not a readable .npy file ({exc}); write it with numpy.save; {valid}"
+        ) from None
+    if dtype.hasobject or dtype.kind not in "fu" or dtype.itemsize != (4 if dtype.kind == "f" else 1):
+        raise InputRejectedError("bad_dtype", f"the .npy array has dtype {dtype}; {valid}")
+    nchw = _check_shape(tuple(shape), spec, max_batch, valid)
+    count = int(np.prod(shape))
+    offset = fp.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise InputRejectedError(
+            "bad_npy",
+            f"the .npy header announces {count * dtype.itemsize} bytes of pixels but the body has "
+            f"{len(data) - offset} after it (truncated or padded); {valid}",
         )
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise InputRejectedError("out_of_range", f"pixels has values in [{lo:g}, {hi:g}]; {valid}")
-    return x
+    x = np.frombuffer(data, dtype=dtype, count=count, offset=offset)  # a view of the body
+    x = x.reshape(shape, order="F" if fortran else "C")
+    if dtype.kind == "u":  # uint8: scaled into [0, 1], always in range
+        return np.divide(x.reshape(nchw), np.float32(255), dtype=np.float32)
+    return _check_values(np.ascontiguousarray(x.reshape(nchw), dtype=np.float32), valid)
 
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:

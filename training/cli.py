@@ -55,6 +55,25 @@ def train(
     prior: Annotated[str, typer.Option(help="SYNC prior head: f (prediction) or h (auxiliary).")] = (
         d.DEFAULT_PRIOR
     ),
+    sync_term: Annotated[str, typer.Option(
+        help="SYNC prior term: bce (g towards the softmax response) or rank (g ordered as it; ours).")] = (
+        d.DEFAULT_SYNC_TERM
+    ),
+    beta_warmup: Annotated[int, typer.Option(
+        help="Epochs over which SYNC's β ramps up linearly (0: full β from the first epoch).")] = (
+        d.DEFAULT_BETA_WARMUP
+    ),
+    decay_norm_bias: Annotated[bool, typer.Option(
+        "--decay-norm-bias/--no-decay-norm-bias",
+        help="Weight decay on BatchNorm weights and biases too (SelectiveNet's reference: no).")] = (
+        d.DEFAULT_DECAY_NORM_BIAS
+    ),
+    train_subset: Annotated[int | None, typer.Option(
+        help="Train on this many images only (a fixed random subset; quick experiments).")] = None,
+    selection_bn_gamma: Annotated[float, typer.Option(
+        help="Initial γ of g's batch norm (SelectiveNet's reference starts at 0.1).")] = 1.0,
+    sync_batchnorm: Annotated[bool, typer.Option(
+        help="Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm).")] = False,
     body: Annotated[str | None, typer.Option(
         help=f"{', '.join(d.BODIES)} (default per dataset).")] = None,
     width: Annotated[int | None, typer.Option(help="Channel width of small_cnn.")] = None,
@@ -95,7 +114,10 @@ def train(
         body=body, width=width, pretrained=str(pretrained) if pretrained else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
         target_coverage=target_coverage, alpha=alpha, lam=lam,
-        beta=beta, prior=prior, seed=seed, deterministic=deterministic,
+        beta=beta, prior=prior, sync_term=sync_term, beta_warmup=beta_warmup,
+        decay_norm_bias=decay_norm_bias, train_subset=train_subset, sync_batchnorm=sync_batchnorm,
+        selection_bn_gamma=selection_bn_gamma,
+        seed=seed, deterministic=deterministic,
         device=device, amp=amp, num_workers=num_workers,
     ).validate()
     # one folder per (dataset, loss) by default, so that trying another loss never collides

@@ -1,6 +1,7 @@
 """The training configuration (saved in every checkpoint) and the per-dataset defaults.
 
-The paper's schedule (SGD, Nesterov 0.9, weight decay 5e-4, lr 0.1 halved every 25 epochs,
+The paper's schedule (SGD, Nesterov 0.9, weight decay 5e-4 — PyTorch's, not Keras' l2, see
+:mod:`abstain.training.defaults` —, lr 0.1 halved every 25 epochs,
 300 epochs) is the default for CIFAR-100 and the image-folder datasets. The two small
 datasets get shorter schedules so they finish on a 2-core CPU:
 
@@ -22,13 +23,17 @@ from abstain.training.defaults import (
     DATASETS,
     DEFAULT_ALPHA,
     DEFAULT_BETA,
+    DEFAULT_BETA_WARMUP,
+    DEFAULT_DECAY_NORM_BIAS,
     DEFAULT_LAMBDA,
     DEFAULT_LR_GAMMA,
     DEFAULT_PRIOR,
+    DEFAULT_SYNC_TERM,
     DEFAULT_TARGET_COVERAGE,
     DEFAULT_WEIGHT_DECAY,
     LOSSES,
     PRIOR_HEADS,
+    SYNC_TERMS,
 )
 
 
@@ -59,6 +64,12 @@ class TrainConfig:
     lam: float = DEFAULT_LAMBDA
     beta: float = DEFAULT_BETA
     prior: str = DEFAULT_PRIOR
+    sync_term: str = DEFAULT_SYNC_TERM
+    beta_warmup: int = DEFAULT_BETA_WARMUP
+    decay_norm_bias: bool = DEFAULT_DECAY_NORM_BIAS
+    train_subset: int | None = None  # first N of a fixed per-class-balanced shuffle of train
+    selection_bn_gamma: float = 1.0  # initial γ of g's batch norm (SelectiveNet's reference: 0.1)
+    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA)
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: CUDA when present, else CPU
@@ -68,14 +79,14 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first invalid field; return ``self``."""
-        choices = {"dataset": DATASETS, "loss": LOSSES, "prior": PRIOR_HEADS}
+        choices = {"dataset": DATASETS, "loss": LOSSES, "prior": PRIOR_HEADS, "sync_term": SYNC_TERMS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(
                     f"{name} should be one of {', '.join(valid)}, but got {getattr(self, name)!r}")
         if self.body is not None and self.body not in BODIES:
             raise ValueError(f"body should be one of {', '.join(BODIES)}, but got {self.body!r}")
-        for name in ("epochs", "batch_size", "lr_step", "width"):
+        for name in ("epochs", "batch_size", "lr_step", "width", "train_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} should be a positive integer, but got {value}")
@@ -85,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"target_coverage should be in (0, 1], but got {self.target_coverage}")
         if self.beta < 0:
             raise ValueError(f"beta should be >= 0, but got {self.beta}")
+        if self.beta_warmup < 0:
+            raise ValueError(f"beta_warmup should be >= 0 epochs, but got {self.beta_warmup}")
         return self
 
     def resolved(self) -> TrainConfig:

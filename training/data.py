@@ -6,8 +6,11 @@
   first (only then, and only when asked).
 * ``cifar100``: torchvision's ``CIFAR100`` from ``data_root`` (``cifar-100-python/``); val is
   5,000 images carved from train per class with :data:`abstain.datasets.SPLIT_SEED`; test is
-  the official test set. Training augmentation is SelectiveNet's: random crop with padding 4
-  and horizontal flip.
+  the official test set. Training augmentation: random crop with padding 4 and horizontal
+  flip, the usual CIFAR recipe. SelectiveNet's Keras reference differs: ``ImageDataGenerator``
+  with rotations of up to 15°, shifts of up to 10 % (3 pixels) and horizontal flips; a crop
+  with padding 4 is a shift of up to 4 pixels without the rotation. Not compared here (the
+  Fashion-MNIST benchmarks use no augmentation at all).
 * ``imagefolder``: ImageNet-100 / Stanford Cars as ``data_root/train/<class>/*`` and
   ``data_root/val/<class>/*``. val (for calibration) is 10 % of ``train/`` carved per class
   with the fixed seed; test is ``val/``. Training: RandomResizedCrop(224) + flip; eval:
@@ -25,7 +28,7 @@ on ImageNet-100). The split of ``train/`` into train and val files is
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +202,18 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
         input_spec=InputSpec(3, crop, crop, IMAGENET_MEAN, IMAGENET_STD),
         fingerprint=train_split.fingerprint,
     )
+
+
+def subset_train(bundle: DataBundle, n: int) -> DataBundle:
+    """``bundle`` with only ``n`` training samples: the first ``n`` of a fixed shuffle (``SPLIT_SEED``).
+
+    For quick experiments (the quality benchmark's reduced setting); val and test are untouched.
+    """
+    total = len(bundle.train)  # type: ignore[arg-type]
+    if not 1 <= n <= total:
+        raise ValueError(f"train_subset should be in [1, {total}] (the training split's size), but got {n}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(total)[:n]
+    return replace(bundle, train=Subset(bundle.train, np.sort(order).tolist()))
 
 
 def load_data(name: str, data_root: Path | None = None, download: bool = False) -> DataBundle:

@@ -36,12 +36,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from abstain import selective
-from abstain.contract import CHECKPOINT_FILENAME, METRICS_FILENAME, SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE
+from abstain.contract import (
+    CHECKPOINT_FILENAME,
+    METRICS_FILENAME,
+    SCORE_NAMES,
+    SCORE_SELECTION,
+    SCORE_SOFTMAX_RESPONSE,
+)
 from abstain.io import atomic_write_text
 from abstain.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from abstain.training.config import TrainConfig
-from abstain.training.data import DataBundle, load_data
-from abstain.training.losses import build_loss
+from abstain.training.data import DataBundle, load_data, subset_train
+from abstain.training.losses import LossOutput, build_loss
 from abstain.training.model import ModelConfig, SelectiveNet, load_body_weights
 from abstain.version import code_version
 
@@ -172,6 +178,39 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> tuple[torc
     return x, y.to(runtime.device, non_blocking=runtime.cuda)
 
 
+def train_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer, runtime: Runtime) -> LossOutput:
+    """One optimisation step on this process's batch ``x [B/W, C, H, W]``, ``y [B/W]``.
+
+    Under DDP (``model`` wrapped, loss built with ``distributed=True``) the W processes'
+    steps together equal one step on the global batch of B (``tests/training/test_ddp.py``).
+    """
+    x, y = _to_device(x, y, runtime)
+    with _autocast(runtime):
+        output = model(x)
+        result = loss_fn(output, y)
+    optimizer.zero_grad(set_to_none=True)
+    result.total.backward()
+    optimizer.step()
+    return result
+
+
+def beta_scale(epoch: int, warmup: int) -> float:
+    """SYNC's β multiplier in (1-based) ``epoch``: ``min(1, epoch / warmup)``, 1 without warm-up."""
+    return 1.0 if warmup <= 0 else min(1.0, epoch / warmup)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """SGD parameter groups: weight decay on every parameter, or (``decay_norm_bias=False``, as
+    SelectiveNet's Keras reference, which regularises only conv/dense kernels) not on the
+    1-D parameters — BatchNorm scales/shifts and biases."""
+    if decay_norm_bias:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer,
                     runtime: Runtime, *, epoch: int, progress: bool = True) -> dict[str, float]:
@@ -185,13 +224,7 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
     batches = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and runtime.is_main))
     for x, y in bar:
-        x, y = _to_device(x, y, runtime)
-        with _autocast(runtime):
-            output = model(x)
-            result = loss_fn(output, y)
-        optimizer.zero_grad(set_to_none=True)
-        result.total.backward()
-        optimizer.step()
+        result = train_step(model, loss_fn, x, y, optimizer, runtime)
         for name, value in result.terms.items():
             sums[name] = sums.get(name, torch.zeros((), device=runtime.device)) + value.float()
         batches += 1
@@ -232,11 +265,18 @@ def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndar
     """Accuracy, coverage and selective risk at g ≥ 0.5, risk at the table coverages and AURC.
 
     ``score`` ranks samples for ``risk_at_coverage`` and ``aurc`` (g for the selective losses,
-    softmax response for ``ce``); AURC by both scores is reported too, for comparisons.
+    softmax response for ``ce``); AURC by both scores is reported too, for comparisons, and
+    ``by_score`` holds AURC, E-AURC, AUGRC and the risk at the table coverages by every score.
     """
     errors = (logits.argmax(axis=1) != labels).astype(np.float64)  # [N] 0/1 loss
     ranking = selective.selection_scores(logits, selection, score)
     accepted = selection >= 0.5
+    by_score = {}
+    for name in SCORE_NAMES:  # every score, so a benchmark can choose one on validation
+        s = selective.selection_scores(logits, selection, name)
+        by_score[name] = {"aurc": selective.aurc(s, errors), "eaurc": selective.eaurc(s, errors),
+                          "augrc": selective.augrc(s, errors),
+                          "risk_at_coverage": selective.risk_at_coverages(s, errors)}
     return {
         "n": int(labels.size),
         "accuracy": float(1.0 - errors.mean()),
@@ -249,6 +289,7 @@ def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndar
             s: selective.aurc(selective.selection_scores(logits, selection, s), errors)
             for s in (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE)
         },
+        "by_score": by_score,
     }
 
 
@@ -286,6 +327,7 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     model_config = ModelConfig(
         body=config.body, num_classes=len(data.class_names), in_channels=spec.channels,  # type: ignore[arg-type]
         image_size=spec.height, mean=spec.mean, std=spec.std, width=config.width,  # type: ignore[arg-type]
+        selection_bn_gamma=config.selection_bn_gamma,
     )
     model = SelectiveNet(model_config)
     if config.pretrained:
@@ -320,6 +362,8 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
     runtime = setup_runtime(config)
     seed_everything(config.seed, config.deterministic)
     data = load_data(config.dataset, Path(config.data_root) if config.data_root else None, config.download)
+    if config.train_subset is not None:
+        data = subset_train(data, config.train_subset)  # the fingerprint stays the full split's
     if checkpoint is not None and checkpoint.get("data_fingerprint") != data.fingerprint:
         raise ValueError(f"--resume: the training data differs from the one {ckpt_path} was trained on "
                          f"(fingerprint {data.fingerprint} vs {checkpoint.get('data_fingerprint')}); "
@@ -330,12 +374,18 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
 
     model = build_model(config, data)  # same seed on every rank; DDP broadcasts rank 0's weights anyway
     loss_fn = build_loss(config.loss, target_coverage=config.target_coverage, alpha=config.alpha,
-                         lam=config.lam, beta=config.beta, prior=config.prior)
+                         lam=config.lam, beta=config.beta, prior=config.prior, sync_term=config.sync_term,
+                         distributed=runtime.distributed)
+    if config.sync_batchnorm and runtime.distributed:
+        if not runtime.cuda:  # torch's SyncBatchNorm refuses CPU tensors
+            raise ValueError("--sync-batchnorm needs CUDA devices; with gloo on CPU leave it off")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
     score = SCORE_SOFTMAX_RESPONSE if config.loss == "ce" else SCORE_SELECTION
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
     model.to(runtime.device, memory_format=runtime.memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,  # type: ignore[arg-type]
+    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay, config.decay_norm_bias),
+                                lr=config.lr, momentum=config.momentum,  # type: ignore[arg-type]
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step,  # type: ignore[arg-type]
                                                 gamma=config.lr_gamma)
@@ -391,6 +441,8 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         started = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch, runtime.rank)  # type: ignore[arg-type]
         lr = optimizer.param_groups[0]["lr"]
+        if hasattr(loss_fn, "beta_scale"):
+            loss_fn.beta_scale = beta_scale(epoch, config.beta_warmup)
         terms = train_one_epoch(train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch,
                                 progress=progress)
         scheduler.step()

@@ -7,7 +7,19 @@
            ├─ g: selection head   → selection  [N]    (sigmoid, "answer this one")
            └─ h: auxiliary head   → aux_logits [N, K] (training only, not exported)
 
-The selection head is the paper's: linear → ReLU → batch norm → linear → sigmoid.
+The heads follow SelectiveNet's, with these differences from its Keras reference
+(github.com/geifmany/selectivenet, ``models/cifar10_vgg_selectivenet.py``):
+
+* g is linear → ReLU → batch norm → linear → sigmoid; the reference divides the batch norm's
+  output by 10 before the last linear layer ("identical to initialization of batchnorm gamma
+  to 1/10", its comment). ``ModelConfig.selection_bn_gamma`` sets that γ's initial value:
+  1.0 by default (ours), 0.1 for the reference's start (the quality sweep compares them).
+  The fixed division itself is not in the graph, so γ trains at its own scale.
+* ``vgg16_bn`` has dropout only after the dense layer; the reference also drops 0.3–0.4
+  after most convolutions ("massive dropout"), which matters over 300 epochs more than
+  over the short schedules run here; not added.
+* f and h are plain linear layers (as the reference's softmax heads).
+
 A :class:`ModelConfig` is saved inside every checkpoint, so a checkpoint rebuilds its model
 without any other input (as nanoGPT's ``GPTConfig``).
 """
@@ -36,6 +48,8 @@ class ModelConfig:
         selection_hidden: width of g's hidden layer (SelectiveNet uses 512).
         width: channel multiplier of ``small_cnn`` (ignored by the other bodies).
         dropout: dropout before the heads (VGG body and small CNN).
+        selection_bn_gamma: initial γ of g's batch norm (SelectiveNet's reference: 0.1, see
+            the module docstring).
     """
 
     body: str
@@ -47,6 +61,7 @@ class ModelConfig:
     selection_hidden: int = 512
     width: int = 32
     dropout: float = 0.3
+    selection_bn_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.body not in BODIES:
@@ -164,6 +179,7 @@ class SelectiveNet(nn.Module):
             nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Linear(hidden, 1),
         )
         self.auxiliary = nn.Linear(dim, k)  # h
+        nn.init.constant_(self.selector[2].weight, config.selection_bn_gamma)  # g's BN γ
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels ``[N, C, H, W]`` in [0, 1] → features ``[N, D]``."""

@@ -27,15 +27,19 @@ from tests.serving.servers import (
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`."""
+    """Factory: ``start_server(model_dir=..., workers=2, ...)`` → a ready :class:`Server`
+    (``target=`` another ``module:Service`` to serve, e.g. the test probe; ``wait="/livez"`` for a
+    service that is up but not ready)."""
     started: list[subprocess.Popen] = []
 
-    def start(**abstain: str | int | float) -> Server:
+    def start(
+        target: str = "abstain.serving.service:Abstain", wait: str = "/readyz", **abstain: str | int | float
+    ) -> Server:
         port = free_port()
         log = tmp_path_factory.mktemp("bentoml") / "server.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                bentoml_command(port),
+                bentoml_command(port, target),
                 env=service_env(**abstain),
                 cwd=REPO,
                 stdout=out,
@@ -44,7 +48,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
             )
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/readyz", process, log)
+        wait_ready(f"{url}{wait}", process, log)
         return Server(url, process, log)
 
     yield start

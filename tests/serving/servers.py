@@ -81,13 +81,13 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def bentoml_command(port: int) -> list[str]:
+def bentoml_command(port: int, target: str = "abstain.serving.service:Abstain") -> list[str]:
     return [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        "abstain.serving.service:Abstain",
+        target,
         "--host",
         "127.0.0.1",
         "--port",
@@ -137,9 +137,14 @@ def triton_backend_dir(tmp: Path) -> Path:
 
 
 def start_triton(
-    repository: Path, tmp: Path, models: list[str], metrics_port: int | None = None
+    repository: Path,
+    tmp: Path,
+    models: list[str],
+    http: int | None = None,
+    grpc: int | None = None,
+    metrics_port: int | None = None,
 ) -> tuple[subprocess.Popen, int, int, Path]:
-    """Start ``tritonserver`` on free 127.0.0.1 ports; return (process, http port, grpc port, log).
+    """Start ``tritonserver`` on 127.0.0.1 (free ports unless given); return (process, http, grpc, log).
 
     ``metrics_port``: serve Triton's Prometheus ``/metrics`` there (off by default).
     """
@@ -152,14 +157,14 @@ def start_triton(
         filter(None, [str(site / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")])
     )
     env["PYTHONPATH"] = ":".join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    http, grpc = free_port(), free_port()
-    log = tmp / "triton.log"
+    http, grpc = http or free_port(), grpc or free_port()
+    log = tmp / f"triton-{http}-{time.monotonic_ns()}.log"
     argv = [
         str(src / "bin" / "tritonserver"),
         "--model-repository",
         str(repository),
         "--backend-directory",
-        str(triton_backend_dir(tmp)),
+        str(backends if (backends := tmp / "backends").is_dir() else triton_backend_dir(tmp)),
         "--model-control-mode",
         "explicit",
         *[f"--load-model={m}" for m in models],

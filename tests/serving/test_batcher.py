@@ -141,3 +141,31 @@ def test_cancelled_loop_fails_its_requests() -> None:
         assert all(isinstance(f.exception(), RuntimeError) for f in pending)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("in_flight", "overlap"), [(1, 1), (3, 3)])
+def test_passes_in_flight_overlap_up_to_the_limit(in_flight: int, overlap: int) -> None:
+    # a remote backend: each pass waits 0.2 s on the "network"; with 3 in flight, 3 requests
+    # sent together (batch size 1) run at once; with 1, one after the other
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def forward(x: np.ndarray) -> GraphOutputs:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        threading.Event().wait(0.2)
+        with lock:
+            running -= 1
+        return Forward()(x)
+
+    batcher = AdaptiveBatcher(forward, max_batch_size=1, max_in_flight=in_flight)
+
+    async def scenario() -> list[float]:
+        outs = await asyncio.gather(*(batcher.submit(images(v)) for v in (0.1, 0.2, 0.3)))
+        batcher._task.cancel()
+        return [float(o.selection[0]) for o in outs]
+
+    assert asyncio.run(scenario()) == pytest.approx([0.1, 0.2, 0.3])  # each request its own answer
+    assert most == overlap

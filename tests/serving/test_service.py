@@ -177,7 +177,7 @@ BAD_JSON_BODIES = [  # (id, raw body, reason, status, text that the error must c
         json.dumps({"pixels": np.zeros((257, 1, 8, 8)).tolist()}).encode(),
         "batch_too_large",
         413,
-        "at most 256",
+        "at most 64",
     ),
     (
         "operating-point",
@@ -232,9 +232,9 @@ def test_operating_point_can_be_chosen_per_request(server: Server) -> None:
 def test_oversized_body_is_refused_413_before_parsing(server: Server) -> None:
     # (kept before the tests that start another server: each `bentoml serve` start empties the
     # shared $BENTOML_HOME/prometheus_multiproc_dir, and the shared server's counters with it)
-    # the limit: 256 images x 64 pixels x 25 bytes + 64 KiB; a body past it is refused
-    # whether it announces its length or streams without one, and nothing is parsed
-    limit = 256 * 64 * 25 + 64 * 1024
+    # the JSON limit: 64 images (ABSTAIN_MAX_JSON_BATCH) x 64 pixels x 25 bytes + 64 KiB; a body
+    # past it is refused whether it announces its length or streams without one, and nothing is parsed
+    limit = 64 * 64 * 25 + 64 * 1024
     body = b'{"pixels": [' + b"0.5, " * (limit // 5) + b"0.5]}"
     assert len(body) > limit
 
@@ -252,8 +252,15 @@ def test_oversized_body_is_refused_413_before_parsing(server: Server) -> None:
         assert server.metric("abstain_rejected_inputs_total", reason="batch_too_large") - before == 2
         assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
         # the largest valid batch, as compact JSON at full float precision, is still accepted
-        x = np.full((256, 1, 8, 8), 0.12345678901234568)
+        x = np.full((64, 1, 8, 8), 0.12345678901234568)
         assert client.post("/predict", json={"pixels": x.tolist()}).status_code == 200
+        # 65 images are refused as JSON, 256 taken as .npy (4 bytes a pixel)
+        reply = client.post("/predict", json={"pixels": np.zeros((65, 1, 8, 8)).tolist()})
+        assert reply.status_code == 413 and "limit 64" in reply.json()["error"]
+        buf = io.BytesIO()
+        np.save(buf, np.full((256, 1, 8, 8), 0.5, np.float32))
+        reply = client.post("/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+        assert reply.status_code == 200 and len(reply.json()["predictions"]) == 256
 
 
 def test_overload_answers_429_instead_of_hanging(start_server) -> None:
@@ -264,4 +271,3 @@ def test_overload_answers_429_instead_of_hanging(start_server) -> None:
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 2
     assert httpx.get(f"{busy.url}/readyz", timeout=5).status_code == 200
-

@@ -126,7 +126,8 @@ def test_abstain_serve_fronts_the_selective_entry_and_triton_decides(
         workers=1,
     )
     x = load_digits("test").x
-    chunks = np.array_split(np.arange(len(x)), 4)
+    # 6 chunks of 60: a JSON request holds at most ABSTAIN_MAX_JSON_BATCH (64) images
+    chunks = np.array_split(np.arange(len(x)), 6)
     for point in load_calibration(MODEL_DIR / CALIBRATION_FILENAME).names:  # every operating point
         with server.client() as embedded_client, remote.client() as remote_client:
             body = [{"pixels": x[i].tolist(), "operating_point": point} for i in chunks]

@@ -1,0 +1,135 @@
+"""``abstain serve`` with a Triton that misbehaves: late, killed under load, back with another graph.
+
+One service, one sequence against the real ``tritonserver`` (restarted on the same ports):
+
+1. start-up with Triton not running yet: the service is up (``/livez`` 200) but not ready,
+   and ``/predict`` answers 503 ``backend_unavailable`` at once;
+2. Triton starts with the calibrated graph: ready without a restart, answers 200;
+3. Triton is killed (SIGKILL) under concurrent load: every answer is 200 or 503 (never a 504
+   or another 5xx), each within ``ABSTAIN_TRITON_TIMEOUT`` plus a little; ``/readyz`` 503;
+4. Triton comes back serving *another* graph as ``digits`` version 1: ``/readyz`` stays 503
+   and requests get 503 ``graph_mismatch`` — never an answer from the wrong graph;
+5. Triton comes back with the calibrated graph: ready again, 200.
+
+Every answer's status is counted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from abstain.serving.triton_repository import write_python_backend_repository
+from tests.digits import load_digits
+from tests.graph_factory import write_graph
+from tests.serving.servers import MODEL_DIR, free_port, pytriton_dir, start_triton, stop
+
+pytestmark = [pytest.mark.server, pytest.mark.skipif(pytriton_dir() is None, reason="needs nvidia-pytriton")]
+
+TIMEOUT_S = 2.0
+ONE = {"pixels": load_digits("test").x[:1].tolist()}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def status(url: str, path: str) -> int:
+    try:
+        return httpx.get(f"{url}{path}", timeout=5).status_code
+    except httpx.HTTPError:
+        return -1
+
+
+def test_triton_late_killed_swapped_and_back(start_server, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_python_backend_repository(MODEL_DIR, good)
+    # the impostor: another graph with the same contract, as "digits" version 1
+    write_python_backend_repository(MODEL_DIR, bad, graph=write_graph(tmp_path / "other.onnx"))
+    http, grpc = free_port(), free_port()
+
+    # 1. Triton not there yet
+    service = start_server(
+        wait="/livez",
+        model_dir=MODEL_DIR,
+        backend="triton",
+        triton_url=f"127.0.0.1:{http}",
+        triton_timeout=TIMEOUT_S,
+        triton_probe_interval=1.0,
+        workers=1,
+    )
+    url = service.url
+    assert status(url, "/livez") == 200 and status(url, "/readyz") == 503
+    started = time.monotonic()
+    reply = httpx.post(f"{url}/predict", json=ONE, timeout=30)
+    assert reply.status_code == 503 and reply.json()["reason"] == "backend_unavailable"
+    assert time.monotonic() - started < 1.0  # known down: answered at once
+
+    triton = None
+    try:
+        # 2. Triton arrives with the calibrated graph
+        triton, *_ = start_triton(good, tmp_path, ["digits"], http=http, grpc=grpc)
+        wait_for(lambda: status(url, "/readyz") == 200, 30, "ready once Triton serves the graph")
+        assert httpx.post(f"{url}/predict", json=ONE, timeout=30).status_code == 200
+
+        # 3. killed under load
+        counts: Counter[int] = Counter()
+        slowest = [0.0]
+        stopping = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while not stopping.is_set():
+                    t0 = time.monotonic()
+                    code = c.post("/predict", json=ONE).status_code
+                    slowest[0] = max(slowest[0], time.monotonic() - t0)
+                    counts[code] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        os.killpg(triton.pid, signal.SIGKILL)
+        triton.wait(10)
+        time.sleep(TIMEOUT_S + 2)
+        stopping.set()
+        for t in threads:
+            t.join(30)
+        assert set(counts) <= {200, 503}, counts
+        assert counts[200] > 0 and counts[503] > 0, counts
+        assert slowest[0] < TIMEOUT_S + 1.5, f"a request took {slowest[0]:.2f} s"
+        assert status(url, "/readyz") == 503 and status(url, "/livez") == 200
+
+        # 4. back with another graph under the same name and version
+        triton, *_ = start_triton(bad, tmp_path, ["digits"], http=http, grpc=grpc)
+
+        def mismatch() -> bool:
+            body = httpx.post(f"{url}/predict", json=ONE, timeout=30)
+            assert body.status_code == 503, body.text  # never an answer from the wrong graph
+            return body.json()["reason"] == "graph_mismatch"
+
+        wait_for(mismatch, 30, "503 graph_mismatch once the impostor answers the probe")
+        assert status(url, "/readyz") == 503
+        for _ in range(20):
+            assert mismatch()
+        stop(triton)
+
+        # 5. the calibrated graph again
+        triton, *_ = start_triton(good, tmp_path, ["digits"], http=http, grpc=grpc)
+        wait_for(lambda: status(url, "/readyz") == 200, 30, "ready again with the calibrated graph")
+        assert httpx.post(f"{url}/predict", json=ONE, timeout=30).status_code == 200
+    finally:
+        if triton is not None:
+            stop(triton)
