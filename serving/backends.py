@@ -130,8 +130,9 @@ class TritonBackend:
         return GraphOutputs(
             logits=result.as_numpy(LOGITS_NAME),
             selection=result.as_numpy(SELECTION_NAME).reshape(-1),
-            selection_logit=(result.as_numpy(SELECTION_LOGIT_NAME).reshape(-1)
-                             if self.selection_logit else None),
+            selection_logit=(
+                result.as_numpy(SELECTION_LOGIT_NAME).reshape(-1) if self.selection_logit else None
+            ),
         )
 
     def verify(self, reference: OnnxModel) -> None:
@@ -163,8 +164,10 @@ class TritonBackend:
         if remote.logits.shape != local.logits.shape or not (
             np.allclose(remote.logits, local.logits, atol=PROBE_ATOL, rtol=0)
             and np.allclose(remote.selection, local.selection, atol=PROBE_ATOL, rtol=0)
-            and (not self.selection_logit
-                 or np.allclose(remote.selection_logit, local.selection_logit, atol=PROBE_ATOL, rtol=0))
+            and (
+                not self.selection_logit
+                or np.allclose(remote.selection_logit, local.selection_logit, atol=PROBE_ATOL, rtol=0)
+            )
         ):
             diff = (
                 np.abs(remote.logits - local.logits).max()
