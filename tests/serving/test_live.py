@@ -15,9 +15,12 @@ from tests.serving.servers import MODEL_DIR
 def test_calibrated_risk_is_the_target_or_the_top_of_the_calibration_interval() -> None:
     points = {p.name: p for p in load_calibration(MODEL_DIR / CALIBRATION_FILENAME).operating_points}
     assert calibrated_risk(points["risk-0.05"]) == 0.05  # the SGR target, not the measured 0.011
-    # coverage-0.8 saw 0 errors in 288 answers: its interval's top, not the point estimate 0
-    assert calibrated_risk(points["coverage-0.8"]) == pytest.approx(0.012726928093101806)
-    assert calibrated_risk(points["coverage-0.9"]) == pytest.approx(0.01707559852132417)
+    # the coverage points saw 0 errors among their n answers: the top of the two-sided
+    # Clopper-Pearson interval, 1 - (delta/2)^(1/n) when there are no errors, not the estimate 0
+    for name, n in (("coverage-0.8", 288), ("coverage-0.9", 324)):
+        point = points[name]
+        assert (point.extra["n_selected"], point.extra["n_errors"], point.delta) == (n, 0, 0.05)
+        assert calibrated_risk(point) == pytest.approx(1 - 0.025 ** (1 / n))
     old = OperatingPoint("c", "coverage", "selection", 0.9, target_coverage=0.9, risk=0.02)
     assert calibrated_risk(old) == 0.02  # a calibration without the interval: the measured risk
 
