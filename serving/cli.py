@@ -75,7 +75,7 @@ def serve(
     Kubernetes ConfigMap's); a flag on the command line wins over the variable.
     """
     from abstain.contract import DEFAULT_MODEL_NAME, default_repository
-    from abstain.serving.settings import ServeSettings, load_artifacts
+    from abstain.serving.settings import ServeSettings, load_artifacts, verify_remote_backend
 
     values = {name: value for name, value in locals().items() if name in OPTION}
     model_dir = (model_dir or default_repository() / DEFAULT_MODEL_NAME).resolve()
@@ -83,30 +83,9 @@ def serve(
     settings = ServeSettings(**values)  # the same checks as the service's (backend, minimums)
     # refuse here, with one clear line, before BentoML starts anything
     artifacts = load_artifacts(model_dir, operating_point)
-    if settings.backend == "triton" and triton_model not in (None, artifacts.name):
-        # a selective entry: Triton decides (serving/selective_remote.py)
-        from abstain.serving.selective_remote import verify_selective_triton
-
-        verify_selective_triton(
-            settings.triton_url, artifacts.version_dir, triton_model, artifacts.calibration.names,
-            timeout_s=settings.triton_timeout,
-        )
-    elif settings.backend == "triton":
-        from abstain.serving.backends import TritonUnreachableError, verify_triton_serves
-
-        try:
-            verify_triton_serves(
-                settings.triton_url,
-                artifacts.graph_path,
-                artifacts.name,
-                artifacts.version,
-                graph_sha256=artifacts.graph_sha256,
-                timeout_s=settings.triton_timeout,
-            )
-        except TritonUnreachableError as exc:
-            # pods start in any order: serve, not ready, until the graph verifies; a wrong graph
-            # (GraphMismatchError) still refuses here
-            print(f"warning: {exc}; starting, not ready until Triton serves the graph", file=sys.stderr)
+    warning = verify_remote_backend(settings, artifacts)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     env = dict(os.environ)
     values["model_dir"] = artifacts.version_dir.resolve()
     for name, value in values.items():

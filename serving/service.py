@@ -38,8 +38,6 @@ from abstain.serving.backends import (
     GraphMismatchError,
     OnnxRuntimeBackend,
     TritonBackend,
-    TritonUnreachableError,
-    verify_triton_serves,
 )
 from abstain.serving.batcher import AdaptiveBatcher
 from abstain.serving.decisions import answers
@@ -57,8 +55,14 @@ from abstain.serving.middleware import (
 )
 from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
 from abstain.serving.review import ROUTES as REVIEW_ROUTES
-from abstain.serving.selective_remote import TritonSelectiveBackend, verify_selective_triton
-from abstain.serving.settings import ServeSettings, load_artifacts, load_graph
+from abstain.serving.selective_remote import TritonSelectiveBackend
+from abstain.serving.settings import (
+    ServeSettings,
+    load_artifacts,
+    load_graph,
+    triton_decides,
+    verify_remote_backend,
+)
 from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
 from abstain.serving.validation import (
     InputRejectedError,
@@ -71,30 +75,10 @@ from abstain.serving.validation import (
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
 #: Triton serves a selective entry (`abstain export-selective`): it decides (serving/selective_remote.py)
-TRITON_DECIDES = SETTINGS.backend == "triton" and SETTINGS.triton_model not in (None, ARTIFACTS.name)
-if TRITON_DECIDES:
-    verify_selective_triton(
-        SETTINGS.triton_url,
-        ARTIFACTS.version_dir,
-        SETTINGS.triton_model,
-        ARTIFACTS.calibration.names,
-        timeout_s=SETTINGS.triton_timeout,
-    )
-elif SETTINGS.backend == "triton":
-    # here too, so that `bentoml serve` exits with the message instead of restarting workers;
-    # a Triton not reachable *yet* is no refusal: the service starts, not ready, and its
-    # TritonMonitor makes it ready once the graph verifies (pods start in any order)
-    try:
-        verify_triton_serves(
-            SETTINGS.triton_url,
-            ARTIFACTS.graph_path,
-            ARTIFACTS.name,
-            ARTIFACTS.version,
-            graph_sha256=ARTIFACTS.graph_sha256,
-            timeout_s=SETTINGS.triton_timeout,
-        )
-    except TritonUnreachableError as exc:
-        logging.getLogger("bentoml.abstain").warning("%s; starting, not ready until it verifies", exc)
+TRITON_DECIDES = triton_decides(SETTINGS, ARTIFACTS)
+# here too, so that `bentoml serve` exits with the message instead of restarting workers
+if (_warning := verify_remote_backend(SETTINGS, ARTIFACTS)) is not None:
+    logging.getLogger("bentoml.abstain").warning("%s", _warning)
 
 # BentoML's request timeout keeps every finished request alive for the whole timeout (growing
 # GC stalls); ours cancels its timer. Before BentoML builds the worker's app: see the docstring.

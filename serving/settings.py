@@ -177,3 +177,35 @@ def load_graph(
     # a logit threshold against g in [0, 1] (or the reverse) would answer everything or nothing
     check_score_scale(artifacts.calibration, model.has_selection_logit, str(artifacts.graph_path))
     return model
+
+
+def triton_decides(settings: ServeSettings, artifacts: Artifacts) -> bool:
+    """Whether Triton serves a selective entry (``abstain export-selective``) and so decides itself."""
+    return settings.backend == "triton" and settings.triton_model not in (None, artifacts.name)
+
+
+def verify_remote_backend(settings: ServeSettings, artifacts: Artifacts) -> str | None:
+    """The start-up check of a Triton backend, shared by ``abstain serve`` and the service's import.
+
+    Raises when Triton serves another graph (or a selective entry built from another
+    calibration): the service must refuse to start. Returns a warning, instead of raising, when
+    Triton is not reachable *yet* — pods start in any order, so the service starts not ready and
+    its :class:`~abstain.serving.triton_monitor.TritonMonitor` makes it ready once the graph
+    verifies. ``None`` for the embedded backend or a verified graph.
+    """
+    if settings.backend != "triton":
+        return None
+    if triton_decides(settings, artifacts):
+        from abstain.serving.selective_remote import verify_selective_triton
+
+        verify_selective_triton(settings.triton_url, artifacts.version_dir, settings.triton_model,
+                                artifacts.calibration.names, timeout_s=settings.triton_timeout)
+        return None
+    from abstain.serving.backends import TritonUnreachableError, verify_triton_serves
+
+    try:
+        verify_triton_serves(settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
+                             graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout)
+    except TritonUnreachableError as exc:
+        return f"{exc}; starting, not ready until Triton serves the graph"
+    return None
