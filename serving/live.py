@@ -35,8 +35,8 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,9 +61,15 @@ REFRESH_S = 5.0
 FEEDBACK_RESULTS = ("accepted", "unknown_request_id", "unknown_label", "duplicate", "bad_feedback")
 
 
-def new_request_id() -> str:
-    """A fresh request id: 32 hex digits of a random UUID."""
-    return uuid.uuid4().hex
+def new_request_ids(n: int) -> list[str]:
+    """``n`` fresh request ids: the 32 hex digits of random version-4 UUIDs (``uuid.uuid4().hex``),
+    all from one ``os.urandom`` call (``uuid4()`` per image cost ~2 µs each, 140 µs of event loop
+    for a 64-image request)."""
+    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = raw[:, 6] & 0x0F | 0x40  # version 4 (RFC 4122 §4.4), as uuid.uuid4() sets it
+    raw[:, 8] = raw[:, 8] & 0x3F | 0x80  # the RFC 4122 variant
+    text = raw.tobytes().hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def calibrated_risk(point: OperatingPoint) -> float | None:
@@ -263,7 +269,7 @@ def with_request_ids(
 ) -> list[dict[str, Any]]:
     """Each answer with its ``request_id`` first (the client's, else a new one), recorded in ``log``
     (with the abstained inputs of ``x`` ``[N, C, H, W]`` when the review queue is on)."""
-    ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in answers]
+    ids = list(request_ids) if request_ids is not None else new_request_ids(len(answers))
     if log is not None:
         log.record(ids, answers, x)
     return [{"request_id": rid, **a} for rid, a in zip(ids, answers, strict=True)]

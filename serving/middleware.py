@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from abstain.serving.responses import REJECTED_HEADER, rejection
+from abstain.serving.responses import REJECTED_HEADER, AnswerResponse, rejection
 from abstain.serving.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError
 
 
@@ -186,7 +186,7 @@ class NpyPredict:
         query = request.query_params
         answer = await service.predict_npy(body, query.get("operating_point"), query.getlist("request_id"))
         if not isinstance(answer, Response):
-            answer = JSONResponse(answer)
+            answer = AnswerResponse(answer)
         await answer(scope, receive, send)
 
 
@@ -237,7 +237,7 @@ class JsonPredict:
             return await rejection(exc)(scope, receive, send)
         answer = await service.predict_pixels(pixels, operating_point, request_id)
         if not isinstance(answer, Response):
-            answer = JSONResponse(answer)
+            answer = AnswerResponse(answer)
         await answer(scope, receive, send)
 
     def _fields(self, payload: Any) -> tuple[list[Any], str | None, Any]:

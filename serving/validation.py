@@ -7,6 +7,7 @@ Images are converted by :func:`abstain.images.fit_image`, the one image preproce
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
@@ -129,16 +130,11 @@ def parse_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
     reasons of :func:`parse_pixels` otherwise.
     """
     valid = _valid_text(spec, max_batch) + " (.npy: float32 in [0, 1] or uint8 0-255)"
-    fp = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f".npy format version {version[0]}.{version[1]} (valid: 1.0 or 2.0)")
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        shape, fortran, dtype, offset = _npy_header(data[: _npy_header_end(data)])
+    # numpy parses the header with ast.literal_eval: garbage raises ValueError, SyntaxError, or
+    # tokenize.TokenError (not a SyntaxError), EOFError if short; all mean "not a .npy file"
+    except Exception as exc:
         raise InputRejectedError(
             "bad_npy", f"the body is not a readable .npy file ({exc}); write it with numpy.save; {valid}"
         ) from None
@@ -146,7 +142,6 @@ def parse_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
         raise InputRejectedError("bad_dtype", f"the .npy array has dtype {dtype}; {valid}")
     nchw = _check_shape(tuple(shape), spec, max_batch, valid)
     count = int(np.prod(shape))
-    offset = fp.tell()
     if len(data) - offset != count * dtype.itemsize:
         raise InputRejectedError(
             "bad_npy",
@@ -158,6 +153,44 @@ def parse_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
     if dtype.kind == "u":  # uint8: scaled into [0, 1], always in range
         return np.divide(x.reshape(nchw), np.float32(255), dtype=np.float32)
     return _check_values(np.ascontiguousarray(x.reshape(nchw), dtype=np.float32), valid)
+
+
+#: numpy's own bound on a ``.npy`` header (``np.load``'s ``max_header_size``): bigger is refused
+MAX_NPY_HEADER = 10_000
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where the pixels of a ``.npy`` body start: the magic, the header length, the header.
+
+    Only the length fields are read here; a body too short or not a ``.npy`` at all gives an
+    end that :func:`_npy_header` then refuses with numpy's own message.
+    """
+    if data[6:8] == b"\x01\x00":  # format 1.0: a 2-byte little-endian header length
+        return 10 + int.from_bytes(data[8:10], "little")
+    if data[6:8] == b"\x02\x00":  # format 2.0: 4 bytes
+        return 12 + min(int.from_bytes(data[8:12], "little"), MAX_NPY_HEADER + 1)
+    return 10
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """``(shape, fortran_order, dtype, pixel offset)`` of a ``.npy`` file's magic and header bytes.
+
+    Cached: numpy parses the header's Python literal with ``ast.literal_eval`` (~50 µs, as long
+    as the whole decision for a small image), and a client sends the same header with every
+    request of one shape. Errors are not cached (``lru_cache`` keeps only results).
+    """
+    fp = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} (valid: 1.0 or 2.0)")
+    if fp.read(1):  # numpy stops at the header's end: anything left is not header
+        raise ValueError("the header length does not match the header")
+    return tuple(shape), bool(fortran), dtype, len(prefix)
 
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:

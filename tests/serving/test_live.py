@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from abstain.contract import CALIBRATION_FILENAME
 from abstain.operating_points import OperatingPoint, load_calibration
 from abstain.serving.feedback import class_index, parse_request_ids
-from abstain.serving.live import calibrated_risk, redact
+from abstain.serving.live import calibrated_risk, new_request_ids, redact
 from abstain.serving.validation import InputRejectedError
 from tests.serving.servers import MODEL_DIR
 
@@ -72,3 +74,11 @@ def test_store_urls_are_logged_without_their_password() -> None:
     assert redact("postgresql://abstain:s3cret@db:5432/abstain") == "postgresql://abstain:***@db:5432/abstain"
     assert redact("postgresql://abstain@db/abstain") == "postgresql://abstain@db/abstain"
     assert redact("sqlite") == "sqlite"
+
+
+def test_new_request_ids_are_distinct_version_4_uuids() -> None:
+    ids = new_request_ids(500)
+    assert len(ids) == len(set(ids)) == 500
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert (parsed.hex, parsed.version, parsed.variant) == (rid, 4, uuid.RFC_4122)

@@ -75,6 +75,32 @@ def test_bad_npy_bodies_are_rejected_with_a_reason(body: bytes, reason: str) -> 
     assert "valid:" in caught.value.message
 
 
+def test_npy_header_is_parsed_once_per_distinct_header() -> None:
+    """The header of a shape seen before is not parsed again (numpy's literal_eval costs ~50 µs)."""
+    from abstain.serving.validation import _npy_header
+
+    x = np.random.default_rng(4).random((3, 1, 8, 8), dtype=np.float32)
+    parse_npy(npy(x), SPEC, max_batch=4)
+    before = _npy_header.cache_info()
+    got = parse_npy(npy(x * 0.5), SPEC, max_batch=4)  # same header, other pixels
+    after = _npy_header.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
+    np.testing.assert_array_equal(got, x * 0.5)  # the pixels are the new body's, not cached
+
+
+def test_npy_format_2_and_lying_header_lengths() -> None:
+    x = np.random.default_rng(5).random((2, 1, 8, 8), dtype=np.float32)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, x, version=(2, 0))
+    np.testing.assert_array_equal(parse_npy(buf.getvalue(), SPEC, max_batch=4), x)
+    body = bytearray(npy(x))
+    for length in (0, 3, len(body)):  # the 2-byte header length of format 1.0 says something else
+        body[8:10] = length.to_bytes(2, "little")
+        with pytest.raises(InputRejectedError) as caught:
+            parse_npy(bytes(body), SPEC, max_batch=4)
+        assert caught.value.reason == "bad_npy"
+
+
 def test_npy_answers_equal_json_answers(server: Server) -> None:
     x = load_digits("test").x[:40]
     with server.client() as client:

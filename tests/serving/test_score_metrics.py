@@ -88,3 +88,29 @@ def test_score_histogram_is_labelled_by_score_and_rejections_by_model(metrics: S
     metrics.reject("bad_npy")
     rejected = {"model": "digits", "version": "1", "reason": "bad_npy"}
     assert REGISTRY.get_sample_value("abstain_rejected_inputs_total", rejected) == 1
+
+
+@pytest.mark.parametrize("n", [3, 200])  # observe() itself, and the bucket counts of observe_many
+def test_observe_many_exposes_what_one_observe_per_value_does(n: int) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from abstain.serving.metrics import SELECTION_BUCKETS, observe_many
+
+    rng = np.random.default_rng(n)
+    # on the bounds exactly (le is inclusive), between them, below the first, above 1.0 (+Inf)
+    values = [*SELECTION_BUCKETS, 0.0, -2.0, 3.5, math.inf, *rng.random(n).tolist()][:n]
+    exposed = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        hist = Histogram("h", "h", ["score"], buckets=SELECTION_BUCKETS, registry=registry).labels("s")
+        if bulk:
+            observe_many(hist, values)
+        else:
+            for v in values:
+                hist.observe(v)
+        exposed.append({s.labels.get("le", s.name): s.value for s in next(iter(registry.collect())).samples})
+    one_by_one, many = exposed
+    assert one_by_one.pop("h_sum") == pytest.approx(many.pop("h_sum"))
+    one_by_one.pop("h_created"), many.pop("h_created")  # when each histogram was made
+    assert many == one_by_one  # every bucket and the count, exactly
+    assert one_by_one["h_count"] == n
