@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
            "previous pass", minimum=0.0),
     Option("workers", int, 1, "BentoML worker processes", minimum=1),
     Option("ort_threads", int, 0,
-           "ONNX Runtime intra-op threads per worker; 0: the usable CPUs divided by the workers", minimum=0),
+           "ONNX Runtime intra-op threads per worker; 0: the usable CPUs (affinity mask, cgroup CPU quota) "
+           "divided by the workers", minimum=0),
     Option("max_concurrency", int, 64, "requests in flight per worker before a 429", minimum=1),
     Option("timeout", int, 30, "seconds before a request is answered 504", minimum=1),
     Option("rolling_window", int, 1000, "decisions in the rolling abstention-rate gauge", minimum=1),

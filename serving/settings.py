@@ -8,7 +8,6 @@ equivalent. The variables, their defaults and limits are :data:`abstain.serving.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from abstain.operating_points import (
     verify_graph,
 )
 from abstain.runtime import OnnxModel
+from abstain.serving.cpus import usable_cpus
 from abstain.serving.options import BACKENDS, OPTION, OPTIONS
 
 __all__ = ["BACKENDS", "Artifacts", "ServeSettings", "load_artifacts", "load_graph"]
@@ -98,13 +98,13 @@ class ServeSettings:
     def intra_op_threads(self) -> int:
         """ONNX Runtime threads per worker: ``ort_threads``, or the usable CPUs shared by the workers.
 
-        Usable CPUs come from the process's affinity mask (what a container's cpuset allows), not
+        Usable CPUs are the process's affinity mask (a container's cpuset) capped by its cgroup
+        CPU quota (a Kubernetes CPU limit): :func:`abstain.serving.cpus.usable_cpus`, not
         ``os.cpu_count()`` (the host's).
         """
         if self.ort_threads:
             return self.ort_threads
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cpus // self.workers)
+        return max(1, usable_cpus() // self.workers)
 
 
 @dataclass(frozen=True)
