@@ -18,6 +18,8 @@ import json
 from typing import Any, ClassVar
 
 import bentoml
+import numpy as np
+import orjson
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from abstain.serving.responses import REJECTED_HEADER, AnswerResponse, rejection
-from abstain.serving.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError
+from abstain.serving.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError, parse_pixels
 
 
 class CountFrameworkRejections:
@@ -210,7 +212,7 @@ class JsonPredict:
         'valid: a JSON object {"pixels": [[[...]]], "operating_point": "<name>" (optional), '
         '"request_id": "<id>" or ["<id>", ...] (optional)}'
     )
-    #: bodies at least this large are parsed on a thread (json.loads takes ~10 ms a MB)
+    #: bodies at least this large are decoded and converted on a thread (orjson: ~7 ms a MB)
     THREAD_BYTES = 256 * 1024
 
     def __init__(self, app: ASGIApp) -> None:
@@ -226,19 +228,28 @@ class JsonPredict:
         body = await Request(scope, receive).body()
         try:
             if len(body) >= self.THREAD_BYTES:
-                payload = await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
+                x, operating_point, request_id = await asyncio.get_running_loop().run_in_executor(
+                    None, self._pixels, body, service
+                )
             else:
-                payload = json.loads(body)
-            pixels, operating_point, request_id = self._fields(payload)
+                x, operating_point, request_id = self._pixels(body, service)
         except (ValueError, InputRejectedError) as exc:  # json.JSONDecodeError is a ValueError
             if not isinstance(exc, InputRejectedError):
                 exc = InputRejectedError("bad_json", f"Invalid JSON: {exc}; {self.VALID}")
             service.metrics.reject(exc.reason)
             return await rejection(exc)(scope, receive, send)
-        answer = await service.predict_pixels(pixels, operating_point, request_id)
+        answer = await service.predict_array(x, operating_point, request_id)
         if not isinstance(answer, Response):
             answer = AnswerResponse(answer)
         await answer(scope, receive, send)
+
+    def _pixels(self, body: bytes, service: Any) -> tuple[np.ndarray, str | None, Any]:
+        """The body decoded and its pixels checked and converted: ``(x float32 [N, C, H, W],
+        operating_point, request_id)``. One function, so that for a big body (on a thread) the
+        decoded lists are also freed there: ~9 ms of deallocation for a 6 MB body."""
+        pixels, operating_point, request_id = self._fields(loads_json(body))
+        x = parse_pixels(pixels, service.model.input_spec, service.settings.json_batch)
+        return x, operating_point, request_id
 
     def _fields(self, payload: Any) -> tuple[list[Any], str | None, Any]:
         def bad(message: str) -> InputRejectedError:
@@ -255,6 +266,21 @@ class JsonPredict:
             kind = type(operating_point).__name__
             raise bad(f"field 'operating_point' should be a string, but got a {kind}")
         return pixels, operating_point, payload.get("request_id")
+
+
+def loads_json(body: bytes) -> Any:
+    """``json.loads(body)``, by orjson when it can.
+
+    orjson decodes a JSON body of numbers ~4x faster, and, like ``json.loads``, holds the GIL
+    throughout: ~4x less time the event loop waits behind a big body decoded on a thread. What
+    orjson refuses goes to ``json.loads``, so that the answer is the standard library's:
+    ``NaN``/``Infinity`` literals (then ``non_finite``, not ``bad_json``), UTF-16/32 bodies,
+    integers beyond 64 bits, and the ``bad_json`` messages of a malformed body.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 class CheckUploadForms:

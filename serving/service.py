@@ -330,6 +330,17 @@ class Abstain:
         try:
             big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
             x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
+        except InputRejectedError as exc:
+            self.metrics.reject(exc.reason)
+            return rejection(exc)
+        return await self.predict_array(x, operating_point, request_id)
+
+    async def predict_array(
+        self, x: np.ndarray, operating_point: str | None = None, request_id: Any = None
+    ) -> dict[str, Any] | JSONResponse:
+        """``POST /predict`` for pixels already checked and converted (float32 ``[N, C, H, W]``),
+        by :class:`abstain.serving.middleware.JsonPredict` or :meth:`predict_pixels`."""
+        try:
             ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
             self.metrics.reject(exc.reason)
