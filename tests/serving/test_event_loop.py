@@ -145,7 +145,8 @@ def test_big_request_leaves_the_event_loop_free(start_server, model_64: Path, ki
     predict_during = [took for t0, took in predict if in_flight["start"] <= t0 <= in_flight["end"]]
     took = in_flight["end"] - in_flight["start"]
     print(
-        f"{kind}: big alone {big_alone * 1e3:.0f} ms, in flight {took * 1e3:.0f} ms; /livez alone {livez_alone * 1e3:.1f} ms, during max {max(during, default=0) * 1e3:.1f} ms "
+        f"{kind}: big alone {big_alone * 1e3:.0f} ms, in flight {took * 1e3:.0f} ms; /livez alone "
+        f"{livez_alone * 1e3:.1f} ms, during max {max(during, default=0) * 1e3:.1f} ms "
         f"({len(during)}); one image alone {one_alone * 1e3:.1f} ms, during max "
         f"{max(predict_during, default=0) * 1e3:.1f} ms"
     )
