@@ -18,7 +18,7 @@ One command, one run, the same graphs for every server:
 It writes the "Serving against its peers" section of docs/benchmarks.md (machine, command,
 tables). Needs torch (for the VGG export) and nvidia-pytriton (for Triton; skipped without).
 
-    nice -n 10 python benchmarks/serve_peers.py                  # ≈ 8 min on 2 cores
+    nice -n 10 python benchmarks/serve_peers.py                  # ≈ 12 min on 2 cores
 
 The load generator shares the machine's cores with the servers: the figures compare servers
 with each other on this machine, they are not a capacity figure for a dedicated host.
@@ -308,6 +308,19 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
             print(f"[{name}] soak {args.soak:.0f} s: {soak}, worker RSS {rss0:.0f} -> {rss1:.0f} MiB")
     finally:
         stop(service)
+    # what the decision store (SQLite, on by default) costs: the 64-image point without it
+    service, url = start_bentoml(
+        "abstain.serving.service:Abstain",
+        {"ABSTAIN_MODEL_DIR": str(version_dir), "ABSTAIN_MAX_CONCURRENCY": "1000", "ABSTAIN_STORE": "off"},
+        tmp / f"abstain-nostore-{name}.log",
+    )
+    try:
+        pts = [wrk(f"{url}/predict", npy64, "application/x-npy", 2, max(args.seconds, 6), lua)
+               for _ in range(args.repeats)]
+        results["npy64 store off"] = median_point(pts)
+        print(f"[{name}] abstain .npy, store off, 64 img c=2 {results['npy64 store off']}", flush=True)
+    finally:
+        stop(service)
     return results
 
 
@@ -341,7 +354,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per point (median reported)")
-    parser.add_argument("--soak", type=int, default=60, help="soak seconds (0: none)")
+    parser.add_argument("--soak", type=int, default=180, help="soak seconds (0: none)")
     parser.add_argument("--graphs", default="digits,vgg", help="comma-separated: digits, vgg")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
@@ -369,6 +382,13 @@ def main() -> None:
     ]
     for g, r in results.items():
         lines += [*table(g, r), ""]
+        off = r["npy64 store off"]
+        lines += [
+            f"Without the decision store (`ABSTAIN_STORE=off`), {g}'s 2 × 64-image `.npy` point: "
+            f"{off.rps:,.0f} rps, {off.rps * 64:,.0f} img/s ({off.rps * 64 / r['raw'][64]:.2f}× raw ORT at "
+            f"batch 64), p99 {off.p99_ms:.2f} ms.",
+            "",
+        ]
         if "soak" in r:
             soak, rss0, rss1 = r["soak"]
             lines.append(
