@@ -315,8 +315,10 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         tmp / f"abstain-nostore-{name}.log",
     )
     try:
-        pts = [wrk(f"{url}/predict", npy64, "application/x-npy", 2, max(args.seconds, 6), lua)
-               for _ in range(args.repeats)]
+        pts = [
+            wrk(f"{url}/predict", npy64, "application/x-npy", 2, max(args.seconds, 6), lua)
+            for _ in range(args.repeats)
+        ]
         results["npy64 store off"] = median_point(pts)
         print(f"[{name}] abstain .npy, store off, 64 img c=2 {results['npy64 store off']}", flush=True)
     finally:
