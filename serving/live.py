@@ -62,12 +62,20 @@ FEEDBACK_RESULTS = ("accepted", "unknown_request_id", "unknown_label", "duplicat
 
 
 def new_request_ids(n: int) -> list[str]:
-    """``n`` fresh request ids: the 32 hex digits of random version-4 UUIDs (``uuid.uuid4().hex``),
-    all from one ``os.urandom`` call (``uuid4()`` per image cost ~2 µs each, 140 µs of event loop
-    for a 64-image request)."""
+    """``n`` fresh request ids: the 32 hex digits of version-7 UUIDs (RFC 9562 §5.7).
+
+    A version-7 UUID starts with the Unix time in milliseconds (48 bits), then 74 random bits:
+    ids made later sort later, so the decision store's unique index on ``request_id`` grows at
+    its right edge. With random (version-4) ids every insert lands on a random index page, and
+    SQLite's cost per recorded decision grew from 3 µs to 18 µs as the table reached 400k rows
+    (a few minutes at full load); with these it stays at ~3 µs. All ``n`` come from one
+    ``os.urandom`` call (``uuid4()`` per image cost 2 µs each on the event loop).
+    """
+    millis = time.time_ns() // 1_000_000
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
-    raw[:, 6] = raw[:, 6] & 0x0F | 0x40  # version 4 (RFC 4122 §4.4), as uuid.uuid4() sets it
-    raw[:, 8] = raw[:, 8] & 0x3F | 0x80  # the RFC 4122 variant
+    raw[:, :6] = np.frombuffer(millis.to_bytes(6, "big"), dtype=np.uint8)  # unix_ts_ms, big-endian
+    raw[:, 6] = raw[:, 6] & 0x0F | 0x70  # version 7
+    raw[:, 8] = raw[:, 8] & 0x3F | 0x80  # the RFC 9562 variant (10xx)
     text = raw.tobytes().hex()
     return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 

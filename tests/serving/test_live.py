@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -76,9 +77,15 @@ def test_store_urls_are_logged_without_their_password() -> None:
     assert redact("sqlite") == "sqlite"
 
 
-def test_new_request_ids_are_distinct_version_4_uuids() -> None:
+def test_new_request_ids_are_distinct_time_ordered_version_7_uuids() -> None:
+    before = time.time_ns() // 1_000_000
     ids = new_request_ids(500)
+    after = time.time_ns() // 1_000_000
     assert len(ids) == len(set(ids)) == 500
     for rid in ids:
         parsed = uuid.UUID(hex=rid)
-        assert (parsed.hex, parsed.version, parsed.variant) == (rid, 4, uuid.RFC_4122)
+        assert (parsed.hex, parsed.version, parsed.variant) == (rid, 7, uuid.RFC_4122)
+        assert before <= int(rid[:12], 16) <= after  # the first 48 bits: Unix time in ms
+    time.sleep(0.002)
+    later = new_request_ids(3)
+    assert max(ids) < min(later)  # made later, sorted later: the store's index grows at its end
