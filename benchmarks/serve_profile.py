@@ -48,8 +48,17 @@ COMPONENTS = [
 ]
 
 
+#: Leaf frames whose samples are C code under them: uvloop's loop (its socket reads and callbacks
+#: run under ``Runner.run``) and uvicorn's ``transport.write`` of an answer (a send(2) that, on
+#: 127.0.0.1, also runs the receiving side of TCP in the kernel).
+SOCKET_IO = "event loop and socket I/O in C (uvloop, send/recv)"
+SOCKET_LEAVES = ("Runner.run (asyncio/runners.py", "RequestResponseCycle.send (uvicorn/protocols/http/")
+
+
 def classify(stack: str) -> str:
     frames = stack.split(";")[::-1]  # leaf first
+    if frames[0].startswith(SOCKET_LEAVES):
+        return SOCKET_IO
     for frame in frames:
         for name, needles in COMPONENTS:
             if any(n in frame for n in needles):
@@ -115,21 +124,33 @@ def main() -> None:
                                          tmp / f"{label}.txt")
         finally:
             stop(server)
+        # the 64-image .npy point of serve_peers.py, with the decision store on (the default)
+        (tmp / "64.npy").write_bytes(npy_bytes(load_digits("test").x[:64]))
+        server, url = start_bentoml("abstain.serving.service:Abstain",
+                                    {"ABSTAIN_MODEL_DIR": str(REPO / "models" / "digits"),
+                                     "ABSTAIN_WORKERS": "1"}, tmp / "server64.log")
+        try:
+            label = "64-image .npy, store on, 2 conn."
+            results[label] = profile(url, worker_pid(server), tmp / "64.npy", "application/x-npy",
+                                     args.seconds, 2, lua, tmp / "64.txt")
+        finally:
+            stop(server)
     idle = COMPONENTS[0][0]
-    names = [name for name, _ in COMPONENTS[1:]] + ["other Python"]
+    names = [SOCKET_IO] + [name for name, _ in COMPONENTS[1:]] + ["other Python"]
     lines = [
         f"## {HEADING}",
         "",
         f"`python benchmarks/serve_profile.py --seconds {args.seconds:g} --connections {args.connections}` — "
         "`abstain serve` (digits, 1 worker, decision store off) under `wrk` single-image requests from "
-        f"{args.connections} connections; its worker's threads sampled by `py-spy` at 200 Hz. A sample is "
+        f"{args.connections} connections, then (decision store on, as by default) 64-image `.npy` requests "
+        "from 2 connections; its worker's threads sampled by `py-spy` at 200 Hz. A sample is "
         "charged to the first frame, from the leaf up, that belongs to a component; the shares are of the "
         "busy samples (threads waiting for work are counted apart, as idle).",
         f"Machine: {platform.machine()}, {cpu_count()} CPU cores ({cpu_model()}), Python "
         f"{platform.python_version()}; the load generator shares the cores.",
         "",
         "| component (share of busy samples) | "
-        + " | ".join(f"{k} ({v[1]:.0f} rps)" for k, v in results.items()) + " |",
+        + " | ".join(f"{k} ({v[1]:,.0f} rps)" for k, v in results.items()) + " |",
         "|---|" + "---|" * len(results),
     ]
     for name in names:
