@@ -63,6 +63,10 @@ f:close()
 """
 
 
+#: abstain with one worker per usable CPU (the default is one worker using all of them)
+WORKERS_ROW = f"abstain JSON, {cpu_count()} workers"
+
+
 @dataclass
 class Point:
     rps: float
@@ -308,6 +312,20 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
             print(f"[{name}] soak {args.soak:.0f} s: {soak}, worker RSS {rss0:.0f} -> {rss1:.0f} MiB")
     finally:
         stop(service)
+    # the default of one worker against one per usable CPU (each with that share of ORT threads)
+    service, url = start_bentoml(
+        "abstain.serving.service:Abstain",
+        {
+            "ABSTAIN_MODEL_DIR": str(version_dir),
+            "ABSTAIN_MAX_CONCURRENCY": "1000",
+            "ABSTAIN_WORKERS": str(cpu_count()),
+        },
+        tmp / f"abstain-workers-{name}.log",
+    )
+    try:
+        measure(WORKERS_ROW, f"{url}/predict", json1, json64, "application/json")
+    finally:
+        stop(service)
     # what the decision store (SQLite, on by default) costs: the 64-image point without it
     service, url = start_bentoml(
         "abstain.serving.service:Abstain",
@@ -327,7 +345,11 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
 
 
 def table(name: str, r: dict) -> list[str]:
-    servers = [s for s in ("Triton direct", "plain BentoML", "abstain JSON", "abstain .npy") if (s, 1) in r]
+    servers = [
+        s
+        for s in ("Triton direct", "plain BentoML", "abstain JSON", "abstain .npy", WORKERS_ROW)
+        if (s, 1) in r
+    ]
     raw = r["raw"]
     lines = [
         f"**{name}** — raw ONNX Runtime in-process: {raw[1]:,.0f} img/s at batch 1, {raw[32]:,.0f} at 32, "
@@ -379,7 +401,8 @@ def main() -> None:
         f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx. "
         "Single-image requests at 1 / 8 / 32 connections; `2 × 64-image`: 2 connections sending "
         "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, "
-        "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker).",
+        "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker, "
+        "decision store on), except the last rows: one worker per usable CPU.",
         "",
     ]
     for g, r in results.items():
