@@ -11,14 +11,15 @@ One command, one run, the same graphs for every server:
   with ``.npy`` bodies;
 * load: ``wrk`` (Debian) with a Lua script on 127.0.0.1, 1 / 8 / 32 connections of
   single-image requests, then requests of 64 images at 2 connections; every point repeated
-  ``--repeats`` times, the median reported (single runs vary by up to a third here);
+  ``--repeats`` times, the median reported (single runs vary by up to a third here), abstain's
+  JSON and ``.npy`` runs interleaved on one server so that drift falls on both alike;
 * a soak of ``abstain serve`` (.npy, 32 connections) for ``--soak`` seconds: worst latency,
   p99 and the worker's resident memory before and after.
 
 It writes the "Serving against its peers" section of docs/benchmarks.md (machine, command,
 tables). Needs torch (for the VGG export) and nvidia-pytriton (for Triton; skipped without).
 
-    nice -n 10 python benchmarks/serve_peers.py                  # ≈ 12 min on 2 cores
+    nice -n 10 python benchmarks/serve_peers.py                  # ≈ 17 min on 2 cores
 
 The load generator shares the machine's cores with the servers: the figures compare servers
 with each other on this machine, they are not a capacity figure for a dedicated host.
@@ -267,16 +268,22 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
     results: dict = {"raw": raw_ort(version_dir, x64, args.seconds)}
     print(f"[{name}] raw ONNX Runtime img/s: {results['raw']}", flush=True)
 
-    def measure(label: str, url: str, one: Path, many: Path, ctype: str) -> None:
-        for c in (1, 8, 32):
-            pts = [wrk(url, one, ctype, c, args.seconds, lua) for _ in range(args.repeats)]
-            results[(label, c)] = median_point(pts)
-            print(f"[{name}] {label:14s} c={c:<3d} {results[(label, c)]}", flush=True)
-        # 64-image requests take long on a big graph: 2 connections, at least 6 s, so that each run
-        # completes some requests
-        pts = [wrk(url, many, ctype, 2, max(args.seconds, 6), lua) for _ in range(args.repeats)]
-        results[(label, 64)] = median_point(pts)
-        print(f"[{name}] {label:14s} 64 img c=2 {results[(label, 64)]}", flush=True)
+    def measure(url: str, *series: tuple[str, Path, Path, str]) -> None:
+        """Every point of each ``(label, one-image body, 64-image body, content type)`` series on one
+        server; several series run interleaved, repeat by repeat, so that a drift of the machine
+        or the server over the minutes of a run falls on both alike (JSON against .npy)."""
+        for c in (1, 8, 32, 64):
+            points: dict[str, list[Point]] = {label: [] for label, *_ in series}
+            for _ in range(args.repeats):
+                for label, one, many, ctype in series:
+                    if c == 64:  # 64-image requests take long on a big graph: 2 connections, >= 6 s
+                        points[label].append(wrk(url, many, ctype, 2, max(args.seconds, 6), lua))
+                    else:
+                        points[label].append(wrk(url, one, ctype, c, args.seconds, lua))
+            for label in points:
+                results[(label, c)] = median_point(points[label])
+                where = "64 img c=2" if c == 64 else f"c={c:<3d}"
+                print(f"[{name}] {label:14s} {where} {results[(label, c)]}", flush=True)
 
     if pytriton_dir() is not None:
         repo = tmp / f"triton-{name}"
@@ -284,7 +291,7 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         triton, http, _grpc, _log = start_triton(repo, tmp, [version_dir.parent.name])
         try:
             url = f"http://127.0.0.1:{http}/v2/models/{version_dir.parent.name}/versions/{version_dir.name}/infer"
-            measure("Triton direct", url, tr1, tr64, "application/json")
+            measure(url, ("Triton direct", tr1, tr64, "application/json"))
         finally:
             stop(triton)
     plain, url = start_bentoml(
@@ -293,7 +300,7 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         tmp / f"plain-{name}.log",
     )
     try:
-        measure("plain BentoML", f"{url}/predict", json1, json64, "application/json")
+        measure(f"{url}/predict", ("plain BentoML", json1, json64, "application/json"))
     finally:
         stop(plain)
     service, url = start_bentoml(
@@ -302,8 +309,11 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         tmp / f"abstain-{name}.log",
     )
     try:
-        measure("abstain JSON", f"{url}/predict", json1, json64, "application/json")
-        measure("abstain .npy", f"{url}/predict", npy1, npy64, "application/x-npy")
+        measure(
+            f"{url}/predict",
+            ("abstain JSON", json1, json64, "application/json"),
+            ("abstain .npy", npy1, npy64, "application/x-npy"),
+        )
         if name == "digits" and args.soak > 0:
             rss0 = worker_rss_mib(service)
             soak = wrk(f"{url}/predict", npy1, "application/x-npy", 32, args.soak, lua)
@@ -323,7 +333,7 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         tmp / f"abstain-workers-{name}.log",
     )
     try:
-        measure(WORKERS_ROW, f"{url}/predict", json1, json64, "application/json")
+        measure(f"{url}/predict", (WORKERS_ROW, json1, json64, "application/json"))
     finally:
         stop(service)
     # what the decision store (SQLite, on by default) costs: the 64-image point without it
@@ -377,7 +387,7 @@ def table(name: str, r: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=3, help="seconds per wrk run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per point (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per point (median reported)")
     parser.add_argument("--soak", type=int, default=180, help="soak seconds (0: none)")
     parser.add_argument("--graphs", default="digits,vgg", help="comma-separated: digits, vgg")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
@@ -398,7 +408,8 @@ def main() -> None:
         "",
         f"Machine: {cpu_model()}, {cpu_count()} usable CPUs, no GPU; load generator `wrk` (1 thread) on "
         f"127.0.0.1 sharing those CPUs. Command: `{command.strip()}` ({minutes:.1f} min). Each point: "
-        f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx. "
+        f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx; abstain's "
+        "JSON and .npy runs alternate on one server. "
         "Single-image requests at 1 / 8 / 32 connections; `2 × 64-image`: 2 connections sending "
         "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, "
         "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker, "
