@@ -408,8 +408,8 @@ def main() -> None:
         "",
         f"Machine: {cpu_model()}, {cpu_count()} usable CPUs, no GPU; load generator `wrk` (1 thread) on "
         f"127.0.0.1 sharing those CPUs. Command: `{command.strip()}` ({minutes:.1f} min). Each point: "
-        f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx; abstain's "
-        "JSON and .npy runs alternate on one server. "
+        f"{args.repeats} runs of {args.seconds:g} s, median rps / p50 / p99, worst max, summed non-2xx; "
+        "abstain's JSON and .npy runs alternate on one server. "
         "Single-image requests at 1 / 8 / 32 connections; `2 × 64-image`: 2 connections sending "
         "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, "
         "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker, "
