@@ -5,7 +5,9 @@ Run: ``python benchmarks/serve_profile.py [--seconds 15] [--connections 8]`` (ne
 
 It starts ``abstain serve`` on the shipped digits model with one worker, drives it with ``wrk``
 (single-image JSON, and the same image as ``.npy``) from 127.0.0.1, and samples the worker with
-``py-spy record --format raw`` (collapsed stacks, native frames off, idle samples kept). Each
+``py-spy record --format raw`` (collapsed stacks, native frames off; only threads that are
+running, not blocked in a system call: uvloop waits for sockets inside its C code, where no
+Python frame could tell the wait from the work). Each
 sample is charged to the first frame of its stack, from the leaf up, that belongs to a known
 component (ONNX Runtime, our code, BentoML, Starlette, uvicorn/h11, Prometheus client, JSON,
 asyncio's loop, idle waiting), so the table says what share of the worker's time each layer takes
@@ -80,7 +82,7 @@ def worker_pid(server: subprocess.Popen) -> int:
 def profile(url: str, pid: int, body: Path, ctype: str, seconds: float, connections: int, lua: Path,
             out: Path) -> tuple[collections.Counter, float]:
     spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                            "--rate", "200", "--idle", "--format", "raw", "--output", str(out)],
+                            "--rate", "200", "--format", "raw", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # py-spy attaches
     point = wrk(f"{url}/predict", body, ctype, connections, seconds - 2, lua)
@@ -145,7 +147,8 @@ def main() -> None:
         f"{args.connections} connections, then (decision store on, as by default) 64-image `.npy` requests "
         "from 2 connections; its worker's threads sampled by `py-spy` at 200 Hz. A sample is "
         "charged to the first frame, from the leaf up, that belongs to a component; the shares are of the "
-        "busy samples (threads waiting for work are counted apart, as idle).",
+        "samples py-spy takes of running threads (blocked ones are left out; those still in a wait frame "
+        "are counted apart, as idle).",
         f"Machine: {platform.machine()}, {cpu_count()} CPU cores ({cpu_model()}), Python "
         f"{platform.python_version()}; the load generator shares the cores.",
         "",
