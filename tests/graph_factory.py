@@ -106,11 +106,21 @@ def fitted_weights(spec: InputSpec = DIGITS_SPEC, ridge: float = 30.0
     return w.astype(np.float32), b.astype(np.float32), w_g.astype(np.float32), float(b_g)
 
 
+def random_weights(spec: InputSpec, scale: float, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(W [D, 10], b [10], w_g [D], b_g)`` drawn from ``N(0, scale²)``, biases zero."""
+    rng = np.random.default_rng(seed)
+    d = spec.channels * spec.height * spec.width
+    w = rng.normal(0, scale, (d, 10)).astype(np.float32)
+    return w, np.zeros(10, np.float32), rng.normal(0, scale, d).astype(np.float32), 0.0
+
+
 def build_graph(spec: InputSpec = DIGITS_SPEC,
                 class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
                 train_fingerprint: str | None = None,
                 extra_metadata: dict[str, str] | None = None,
-                selection_logit: bool = False, logit_shift: float = 0.0) -> bytes:
+                selection_logit: bool = False, logit_shift: float = 0.0,
+                random_weight_scale: float | None = None) -> bytes:
     """Serialised ONNX model bytes of the linear digits graph for ``spec``.
 
     Args:
@@ -123,13 +133,18 @@ def build_graph(spec: InputSpec = DIGITS_SPEC,
             optional output; graphs without it are the older contract).
         logit_shift: added to g's bias; ``+20`` pushes most images' z past 17, where float32
             ``sigmoid(z)`` is exactly 1.0: a model whose g saturates, as SYNC's can.
+        random_weight_scale: random weights of this scale (:func:`random_weights`) instead of the
+            fitted ones, for big input specs where the ridge fit (a D x D solve) would take long.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if len(class_names) != 10:
         raise ValueError(f"class_names should hold 10 names, but got {len(class_names)}")
-    w, b, w_g, b_g = fitted_weights(spec)
+    if random_weight_scale is None:
+        w, b, w_g, b_g = fitted_weights(spec)
+    else:
+        w, b, w_g, b_g = random_weights(spec, random_weight_scale)
     d = spec.channels * spec.height * spec.width
     inits = [
         numpy_helper.from_array(w.reshape(d, 10), "W"),
@@ -201,7 +216,8 @@ def write_model_dir(repository: Path, name: str = DEFAULT_MODEL_NAME, version: i
                     spec: InputSpec = DIGITS_SPEC,
                     class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
                     train_fingerprint: str | None = None,
-                    selection_logit: bool = False, logit_shift: float = 0.0) -> Path:
+                    selection_logit: bool = False, logit_shift: float = 0.0,
+                    random_weight_scale: float | None = None) -> Path:
     """A model-repository entry ``repository/name/{config.pbtxt, labels.txt, version/model.onnx}``.
 
     Returns the version directory (``repository/name/version``); no ``calibration.json``.
@@ -210,7 +226,7 @@ def write_model_dir(repository: Path, name: str = DEFAULT_MODEL_NAME, version: i
     version_dir = entry / str(version)
     write_graph(version_dir / MODEL_FILENAME, spec=spec, class_names=class_names,
                 train_fingerprint=train_fingerprint, selection_logit=selection_logit,
-                logit_shift=logit_shift)
+                logit_shift=logit_shift, random_weight_scale=random_weight_scale)
     (entry / LABELS_FILENAME).write_text("\n".join(class_names) + "\n")
     (entry / TRITON_CONFIG_FILENAME).write_text(
         triton_config(name, spec, len(class_names), selection_logit=selection_logit))

@@ -16,8 +16,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from abstain.contract import InputSpec
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "digits" / "1"
@@ -192,3 +196,21 @@ def start_triton(
         )
     wait_ready(f"http://127.0.0.1:{http}/v2/health/ready", process, log)
     return process, http, grpc, log
+
+
+def write_random_entry(repository: Path, spec: InputSpec, weight_scale: float) -> Path:
+    """A calibrated model-repository entry for ``spec`` (e.g. 3×224×224) with random weights of
+    ``weight_scale``: the shipped digits calibration re-pinned to this graph's sha256 (its
+    thresholds serve; what the model decides does not matter to the tests that need it: request
+    sizes, memory, the event loop). Returns the version directory."""
+    import json
+
+    from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
+    from abstain.io import sha256_file
+    from tests import graph_factory
+
+    version_dir = graph_factory.write_model_dir(repository, spec=spec, random_weight_scale=weight_scale)
+    calibration = json.loads((MODEL_DIR / CALIBRATION_FILENAME).read_text())
+    calibration["graph_sha256"] = sha256_file(version_dir / MODEL_FILENAME)
+    (version_dir / CALIBRATION_FILENAME).write_text(json.dumps(calibration))
+    return version_dir

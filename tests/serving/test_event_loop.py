@@ -28,15 +28,12 @@ import numpy as np
 import orjson
 import pytest
 
-from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, InputSpec
-from abstain.runtime import OnnxModel
-from tests import graph_factory
-from tests.serving.servers import MODEL_DIR
+from abstain.contract import InputSpec
+from tests.serving.servers import write_random_entry
 
 pytestmark = pytest.mark.server
 
 SPEC = InputSpec(3, 64, 64, mean=(0.0,) * 3, std=(1.0,) * 3)
-PIXELS = 3 * 64 * 64
 #: Longest a /livez may take while the big request is in flight, beyond the JSON decode: a few
 #: GIL switch intervals (5 ms each) and the noise of 2 shared cores running the server, this
 #: test's three connections and the big body; the decode, conversion and freeing on the loop
@@ -47,19 +44,7 @@ LIVEZ_SLACK_S = 0.05
 @pytest.fixture(scope="module")
 def model_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A calibrated 3×64×64 entry: the digits calibration re-pinned to this graph's sha256."""
-
-    def small_weights(spec: InputSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        rng = np.random.default_rng(0)  # random weights: the factory's ridge fit would take long
-        w = rng.normal(0, 1e-2, (PIXELS, 10)).astype(np.float32)
-        return w, np.zeros(10, np.float32), rng.normal(0, 1e-2, PIXELS).astype(np.float32), 0.0
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(graph_factory, "fitted_weights", small_weights)
-        version_dir = graph_factory.write_model_dir(tmp_path_factory.mktemp("models"), spec=SPEC)
-    cal = json.loads((MODEL_DIR / CALIBRATION_FILENAME).read_text())
-    cal["graph_sha256"] = OnnxModel(version_dir / MODEL_FILENAME).sha256
-    (version_dir / CALIBRATION_FILENAME).write_text(json.dumps(cal))
-    return version_dir
+    return write_random_entry(tmp_path_factory.mktemp("models"), SPEC, weight_scale=1e-2)
 
 
 def npy(x: np.ndarray) -> bytes:

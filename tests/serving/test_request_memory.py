@@ -20,15 +20,12 @@ import numpy as np
 import psutil
 import pytest
 
-from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, InputSpec
-from abstain.runtime import OnnxModel
-from tests import graph_factory
-from tests.serving.servers import MODEL_DIR
+from abstain.contract import InputSpec
+from tests.serving.servers import write_random_entry
 
 pytestmark = pytest.mark.server
 
 SPEC = InputSpec(3, 224, 224, mean=(0.0,) * 3, std=(1.0,) * 3)
-PIXELS = 3 * 224 * 224  # 150,528
 LIMIT = 32 * 1024 * 1024  # the default ABSTAIN_MAX_REQUEST_BYTES
 WORKER_BUDGET = 1024**3  # deploy/: 2 GiB a pod, 2 workers
 
@@ -36,20 +33,7 @@ WORKER_BUDGET = 1024**3  # deploy/: 2 GiB a pod, 2 workers
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A calibrated 3×224×224 entry: the digits calibration re-pinned to this graph's sha256."""
-
-    def small_weights(spec: InputSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        # the factory's ridge fit solves a D x D system (D = 150,528 here): random weights do
-        rng = np.random.default_rng(0)
-        w = rng.normal(0, 1e-3, (PIXELS, 10)).astype(np.float32)
-        return w, np.zeros(10, np.float32), rng.normal(0, 1e-3, PIXELS).astype(np.float32), 0.0
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(graph_factory, "fitted_weights", small_weights)
-        version_dir = graph_factory.write_model_dir(tmp_path_factory.mktemp("models"), spec=SPEC)
-    cal = json.loads((MODEL_DIR / CALIBRATION_FILENAME).read_text())
-    cal["graph_sha256"] = OnnxModel(version_dir / MODEL_FILENAME).sha256
-    (version_dir / CALIBRATION_FILENAME).write_text(json.dumps(cal))
-    return version_dir
+    return write_random_entry(tmp_path_factory.mktemp("models"), SPEC, weight_scale=1e-3)
 
 
 def npy(x: np.ndarray) -> bytes:
