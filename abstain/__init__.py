@@ -3,7 +3,7 @@
 The core package holds what every stage shares: the artifact contract
 (:mod:`abstain.contract`), atomic file writing (:mod:`abstain.io`), the array-level
 datasets (:mod:`abstain.datasets`) and the selective-prediction maths in numpy
-(:mod:`abstain.selective`). It imports neither torch nor any serving library.
+(:mod:`abstain.risk_coverage`). It imports neither torch nor any serving library.
 """
 
 from abstain.version import code_version

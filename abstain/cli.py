@@ -28,8 +28,8 @@ STAGE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "predict": ("abstain.calibration.cli", "predict", True),
     "serve": ("abstain.serving.cli", "serve", False),
     "review": ("abstain.serving.cli", "review", True),
-    "export-selective": ("abstain.export.selective", "export_selective", True),
-    "triton-ensemble": ("abstain.serving.triton_ensemble", "triton_ensemble", True),
+    "export-selective": ("abstain.export.selective_entry", "export_selective", True),
+    "triton-ensemble": ("abstain.serving.triton.ensemble", "triton_ensemble", True),
 }
 
 

@@ -1,10 +1,10 @@
 """Graph outputs + an operating point → predict-or-abstain, as arrays (numpy only).
 
-The one definition of the decision, shared by the service (``abstain.serving.decisions``
+The one definition of the decision, shared by the service (``abstain.serving.http.answers``
 turns it into JSON answers) and by offline batch prediction (``abstain predict``), so the two
 cannot drift apart: a sample is answered iff ``score >= threshold``
 (:mod:`abstain.operating_points`), with the score named by the operating point
-(:func:`abstain.selective.selection_scores`: SelectiveNet's selection head g, Geifman &
+(:func:`abstain.risk_coverage.selection_scores`: SelectiveNet's selection head g, Geifman &
 El-Yaniv ICML 2019; the softmax response; or their geometric mean). The candidate class is
 the arg-max of the prediction head f, and its softmax probability is the ``confidence``,
 reported for abstentions too so that a reviewer sees the model's top candidate.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from abstain.operating_points import OperatingPoint
-from abstain.selective import selection_scores, softmax
+from abstain.risk_coverage import selection_scores, softmax
 
 
 @dataclass(frozen=True)

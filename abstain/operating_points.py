@@ -50,7 +50,7 @@ from abstain.contract import (
     SCORE_SELECTION,
 )
 from abstain.io import atomic_write_json, sha256_file
-from abstain.selective import score_scale
+from abstain.risk_coverage import score_scale
 
 METHODS = ("coverage", "risk")
 

@@ -1,6 +1,6 @@
 """Operating points: the threshold for a target coverage, and for a target risk with a guarantee.
 
-Conventions as in :mod:`abstain.selective`: a sample is answered iff ``score >= threshold``;
+Conventions as in :mod:`abstain.risk_coverage`: a sample is answered iff ``score >= threshold``;
 ``errors`` are 0/1. Both functions take a :class:`RankedScores` (one sort of the data), so
 several operating points over a million scores cost one ``argsort``.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from abstain.bounds import binomial_upper_bound, clopper_pearson, samples_needed_for_zero_errors
-from abstain.selective import selection_counts
+from abstain.risk_coverage import selection_counts
 
 
 @dataclass(frozen=True)

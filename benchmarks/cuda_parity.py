@@ -35,7 +35,7 @@ from abstain.contract import MODEL_FILENAME, resolve_version_dir
 from abstain.io import atomic_write_text
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.decisions import decide
+from abstain.serving.http.answers import decide
 
 ROOT = Path(__file__).resolve().parents[1]
 

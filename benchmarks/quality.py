@@ -1,7 +1,7 @@
 """Quality benchmark: SYNC against its baselines, and the sweep of what our SYNC leaves open.
 
 Every run goes through the project's own training code (:func:`abstain.training.loop.run_training`,
-what ``abstain train`` calls) and is scored with :mod:`abstain.selective` on every score the
+what ``abstain train`` calls) and is scored with :mod:`abstain.risk_coverage` on every score the
 service can threshold (g, softmax response, combined): accuracy at full coverage, selective
 risk at coverage 100/95/90/85/80/75/70 %, AURC, E-AURC, AUGRC, mean ± std over seeds
 (± is the sample standard deviation, ddof = 1).

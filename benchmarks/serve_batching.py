@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md")
     args = parser.parse_args()
     from abstain.datasets import load_digits
-    from abstain.serving.settings import ServeSettings
+    from abstain.serving.config.settings import ServeSettings
 
     defaults = ServeSettings(model_dir=REPO / "models" / "digits")  # only its batching defaults are read
     default_label = f"batch ≤ {defaults.batch_max_size}, wait {defaults.batch_max_latency_ms:g} ms"
@@ -179,7 +179,7 @@ to ±20 % here; hence the medians.
 Settings are `ABSTAIN_BATCH_MAX_SIZE` / `ABSTAIN_BATCH_MAX_LATENCY_MS`; the default is
 **{default_label}**: batching what queued up during the previous pass. {"; ".join(verdicts)}.
 A fixed wait only pays when requests arrive in bursts that a pass would split; at low load it adds
-its full length to every request's latency (see `serving/batcher.py`).
+its full length to every request's latency (see `serving/inference/batcher.py`).
 """
     print(text)
     if not args.no_write:

@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from report import cpu_count, cpu_model, replace_section  # noqa: E402
 
 from abstain.runtime import OnnxModel  # noqa: E402
-from abstain.serving.triton_repository import write_python_backend_repository  # noqa: E402
 from tests.serving.servers import free_port, pytriton_dir, start_triton, stop  # noqa: E402
+from tests.serving.triton_repository import write_python_backend_repository  # noqa: E402
 
 LUA = """
 wrk.method = "POST"

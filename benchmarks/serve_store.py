@@ -109,8 +109,9 @@ def _recorded(home: str) -> int:
 def where_the_time_goes(n: int = 20_000, burst: int = 25) -> tuple[float, float]:
     """(µs per answer recording adds on the event loop, decisions/s SQLite takes in bursts of ``burst``)."""
     from abstain.operating_points import load_calibration
-    from abstain.serving.live import DecisionLog, with_request_ids
-    from abstain.serving.store import Decision, Retention, SqliteStore
+    from abstain.serving.http.request_ids import with_request_ids
+    from abstain.serving.store.decision_store import Decision, Retention, SqliteStore
+    from abstain.serving.store.live import DecisionLog
 
     calibration = load_calibration(REPO / "models" / "digits" / "1" / "calibration.json")
     answer = {"decision": "predict", "class_index": 7, "score_value": 0.999, "threshold": 0.996,

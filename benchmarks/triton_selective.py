@@ -32,7 +32,6 @@ from report import cpu_count, cpu_model, replace_section
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from abstain.contract import ACCEPT_NAME, INPUT_NAME, LOGITS_NAME, SELECTION_NAME  # noqa: E402
-from abstain.serving.triton_repository import write_python_backend_repository  # noqa: E402
 from tests.digits import load_digits  # noqa: E402
 from tests.serving.servers import (  # noqa: E402
     bentoml_command,
@@ -42,6 +41,7 @@ from tests.serving.servers import (  # noqa: E402
     stop,
     wait_ready,
 )
+from tests.serving.triton_repository import write_python_backend_repository  # noqa: E402
 
 HEADING = "Triton selective serving"
 BASE_DIR = ROOT / "models" / "digits" / "1"

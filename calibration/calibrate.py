@@ -30,8 +30,8 @@ from abstain.contract import (
 )
 from abstain.datasets import ArraySplit
 from abstain.operating_points import Calibration, OperatingPoint, save_calibration
+from abstain.risk_coverage import augrc, aurc, eaurc, risk_at_coverages, score_scale, selection_scores
 from abstain.runtime import GraphOutputs, OnnxModel
-from abstain.selective import augrc, aurc, eaurc, risk_at_coverages, score_scale, selection_scores
 from abstain.thresholds import RankedScores, coverage_point, sgr_point
 from abstain.version import code_version
 

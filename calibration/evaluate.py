@@ -53,8 +53,8 @@ from abstain.operating_points import (
     load_calibration,
     verify_graph,
 )
+from abstain.risk_coverage import coverage_and_risk, risk_coverage_curve
 from abstain.runtime import OnnxModel
-from abstain.selective import coverage_and_risk, risk_coverage_curve
 from abstain.version import code_version
 
 PLOT_FILENAME = "risk_coverage.png"

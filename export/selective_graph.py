@@ -6,10 +6,10 @@ selective graph keeps every base output and adds, for the ``P`` operating points
 
 * ``class_index`` int64 ``[N]`` — arg-max of the softmax (first index on ties, as numpy);
 * ``confidence`` float64 ``[N]`` — the softmax response (max probability);
-* ``scores`` float64 ``[N, P]`` — each point's score (``abstain.selective.selection_scores``);
+* ``scores`` float64 ``[N, P]`` — each point's score (``abstain.risk_coverage.selection_scores``);
 * ``accept`` bool ``[N, P]`` — ``scores >= thresholds``: answer with point ``p``.
 
-Exactness. The service (``serving/decisions.py``) casts the float32 outputs to float64 and
+Exactness. The service (``serving/http/answers.py``) casts the float32 outputs to float64 and
 compares a float64 score with the float64 threshold. The decision here does the same: the
 outputs are cast to DOUBLE (exact: every float32 is a float64), the scores are computed in
 float64 with numpy's formula, step by step, and compared with the float64 thresholds stored as
@@ -183,7 +183,7 @@ def build_selective_model(
     graph.initializer.extend(consts)
     a1 = name("axis1")
     nodes = [
-        # numpy's path in abstain.selective.softmax, in float64: z - max, exp, / sum
+        # numpy's path in abstain.risk_coverage.softmax, in float64: z - max, exp, / sum
         helper.make_node(
             "Cast", [LOGITS_NAME], [name("logits64")], to=TensorProto.DOUBLE, name=name("cast_logits")
         ),
@@ -236,7 +236,7 @@ def build_selective_model(
                 numpy_helper.from_array(np.array(1.0, dtype=np.float64), name("one")),
             ]
         )
-        # sqrt(clip(g, 0, 1) * softmax_response), as abstain.selective.selection_scores
+        # sqrt(clip(g, 0, 1) * softmax_response), as abstain.risk_coverage.selection_scores
         nodes += [
             helper.make_node(
                 "Clip", [name("g"), name("zero"), name("one")], [name("g_clip")], name=name("clip_g")

@@ -1,6 +1,6 @@
 """``abstain serve``: check the artifacts, then exec ``bentoml serve abstain.serving.service:Abstain``.
 
-Only typer, the standard library and the settings table (:mod:`abstain.serving.options`,
+Only typer, the standard library and the settings table (:mod:`abstain.serving.config.options`,
 from which every option's help, default, environment variable and minimum come) at import
 time, so ``abstain --help`` stays fast and torch-free; the artifact check imports numpy-level
 code only.
@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from abstain.serving.options import OPTION
+from abstain.serving.config.options import OPTION
 
 SERVICE = "abstain.serving.service:Abstain"
 
@@ -75,7 +75,9 @@ def serve(
     Kubernetes ConfigMap's); a flag on the command line wins over the variable.
     """
     from abstain.contract import DEFAULT_MODEL_NAME, default_repository
-    from abstain.serving.settings import ServeSettings, load_artifacts, verify_remote_backend
+    from abstain.serving.config.settings import ServeSettings
+    from abstain.serving.inference.artifacts import load_artifacts
+    from abstain.serving.triton.startup import verify_remote_backend
 
     values = {name: value for name, value in locals().items() if name in OPTION}
     model_dir = (model_dir or default_repository() / DEFAULT_MODEL_NAME).resolve()
@@ -113,9 +115,9 @@ def review(
 
     Example: abstain review export review-round-1 --format imagefolder
     """
-    from abstain.serving.live import default_store_dir
-    from abstain.serving.review_export import FORMATS, export, select
-    from abstain.serving.store import Retention, SqliteStore, open_store
+    from abstain.serving.store.decision_store import Retention, SqliteStore, open_store
+    from abstain.serving.store.live import default_store_dir
+    from abstain.serving.store.review_export import FORMATS, export, select
 
     if action != "export":
         raise typer.BadParameter(f"action should be export, but got {action!r}", param_hint="ACTION")

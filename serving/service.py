@@ -4,7 +4,7 @@ Endpoints: ``POST /predict`` (JSON pixels, one image or a batch), ``POST /predic
 (PNG/JPEG upload), ``GET /metadata``; BentoML adds ``/livez``, ``/readyz`` (ready only after
 the graph is loaded and, for Triton, verified) and ``/metrics`` (ours included, merged over
 workers). Configuration comes from ``ABSTAIN_*`` environment variables
-(:mod:`abstain.serving.settings`), which ``abstain serve`` sets.
+(:mod:`abstain.serving.config.settings`), which ``abstain serve`` sets.
 
 Start-up refusal: importing this module checks the graph, its calibration (present, valid,
 same sha256) and the operating point; a failure raises before BentoML starts any worker, so
@@ -33,19 +33,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from abstain.decisions import decide_arrays
-from abstain.serving.backends import (
-    Backend,
-    GraphMismatchError,
-    OnnxRuntimeBackend,
-    TritonBackend,
-)
-from abstain.serving.batcher import AdaptiveBatcher
-from abstain.serving.decisions import answers
-from abstain.serving.feedback import ROUTES as FEEDBACK_ROUTES
-from abstain.serving.feedback import parse_request_ids
-from abstain.serving.live import DecisionLog, with_request_ids
-from abstain.serving.metrics import ServiceMetrics
-from abstain.serving.middleware import (
+from abstain.serving.config.settings import ServeSettings
+from abstain.serving.http.answers import answers
+from abstain.serving.http.feedback import ROUTES as FEEDBACK_ROUTES
+from abstain.serving.http.middleware import (
     CheckUploadForms,
     CountFrameworkRejections,
     JsonPredict,
@@ -53,28 +44,29 @@ from abstain.serving.middleware import (
     NpyPredict,
     install_request_timeout,
 )
-from abstain.serving.responses import backend_unavailable, graph_mismatch, rejection
-from abstain.serving.review import ROUTES as REVIEW_ROUTES
-from abstain.serving.selective_remote import TritonSelectiveBackend
-from abstain.serving.settings import (
-    ServeSettings,
-    load_artifacts,
-    load_graph,
-    triton_decides,
-    verify_remote_backend,
-)
-from abstain.serving.triton_monitor import GRAPH_MISMATCH, TritonMonitor
-from abstain.serving.validation import (
+from abstain.serving.http.request_ids import parse_request_ids, with_request_ids
+from abstain.serving.http.responses import backend_unavailable, graph_mismatch, rejection
+from abstain.serving.http.review import ROUTES as REVIEW_ROUTES
+from abstain.serving.http.validation import (
     InputRejectedError,
     batch_length,
     decode_image,
     parse_npy,
     parse_pixels,
 )
+from abstain.serving.inference.artifacts import load_artifacts, load_graph
+from abstain.serving.inference.backends import Backend, OnnxRuntimeBackend
+from abstain.serving.inference.batcher import AdaptiveBatcher
+from abstain.serving.metrics import ServiceMetrics
+from abstain.serving.store.live import DecisionLog
+from abstain.serving.triton.backend import GraphMismatchError, TritonBackend
+from abstain.serving.triton.monitor import GRAPH_MISMATCH, TritonMonitor
+from abstain.serving.triton.selective_backend import TritonSelectiveBackend
+from abstain.serving.triton.startup import triton_decides, verify_remote_backend
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
-#: Triton serves a selective entry (`abstain export-selective`): it decides (serving/selective_remote.py)
+#: Triton serves a selective entry (`abstain export-selective`) and decides (triton/selective_backend.py)
 TRITON_DECIDES = triton_decides(SETTINGS, ARTIFACTS)
 # here too, so that `bentoml serve` exits with the message instead of restarting workers
 if (_warning := verify_remote_backend(SETTINGS, ARTIFACTS)) is not None:
@@ -310,7 +302,7 @@ class Abstain:
     async def predict_npy(
         self, body: bytes, operating_point: str | None, request_ids: list[str] | None = None
     ) -> dict[str, Any] | JSONResponse:
-        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.middleware.NpyPredict`);
+        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.http.middleware.NpyPredict`);
         ``request_ids``: the ``request_id`` query parameters, one per image, if any."""
         spec = self.model.input_spec
         try:
@@ -325,7 +317,7 @@ class Abstain:
     async def predict_pixels(
         self, pixels: list[Any], operating_point: str | None = None, request_id: Any = None
     ) -> dict[str, Any] | JSONResponse:
-        """``POST /predict`` with JSON pixels: from :class:`abstain.serving.middleware.JsonPredict`
+        """``POST /predict`` with JSON pixels: from :class:`abstain.serving.http.middleware.JsonPredict`
         (JSON bodies) or from the BentoML endpoint below."""
         try:
             big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
@@ -339,7 +331,7 @@ class Abstain:
         self, x: np.ndarray, operating_point: str | None = None, request_id: Any = None
     ) -> dict[str, Any] | JSONResponse:
         """``POST /predict`` for pixels already checked and converted (float32 ``[N, C, H, W]``),
-        by :class:`abstain.serving.middleware.JsonPredict` or :meth:`predict_pixels`."""
+        by :class:`abstain.serving.http.middleware.JsonPredict` or :meth:`predict_pixels`."""
         try:
             ids = parse_request_ids(request_id, len(x))
         except InputRejectedError as exc:
@@ -354,8 +346,8 @@ class Abstain:
         """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
 
         ``request_id``: the client's own id per image (else one is made); answers carry it. JSON
-        bodies are answered by :class:`abstain.serving.middleware.JsonPredict` and ``.npy`` bodies
-        (``Content-Type: application/x-npy``) by :class:`abstain.serving.middleware.NpyPredict`,
+        bodies are answered by :class:`abstain.serving.http.middleware.JsonPredict` and ``.npy`` bodies
+        (``Content-Type: application/x-npy``) by :class:`abstain.serving.http.middleware.NpyPredict`,
         both before BentoML parses anything; this endpoint documents the schema."""
         return await self.predict_pixels(pixels, operating_point, request_id)  # type: ignore[return-value]
 

@@ -55,6 +55,34 @@ CORE_OPTIONAL_IMPORTS = {
 }
 
 
+#: serving/'s rooms (sub-packages) → the other rooms (and ``metrics``) each may import; ``service.py``
+#: and ``cli.py`` wire them and may import any (docs/architecture.md, "Inside serving/")
+SERVING_ROOMS: dict[str, set[str]] = {
+    "config": set(),
+    "store": set(),
+    "inference": {"config"},
+    "triton": {"inference"},
+    "http": {"config", "metrics"},
+}
+
+
+def serving_imports(path: Path) -> set[str]:
+    """The rooms of serving/ (and ``metrics``) that a file imports, typing-only imports included."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["abstain", "serving"] and len(parts) > 2:
+                found.add(parts[2])
+    return found
+
+
 def imports(path: Path) -> tuple[set[str], set[str]]:
     """(top-level modules, abstain stages) imported anywhere in a Python file, lazy imports included."""
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -78,9 +106,36 @@ def python_files(folder: str) -> list[Path]:
 def test_pyproject_maps_every_stage_folder_under_abstain() -> None:
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {name: folder for folder, name in STAGES.items()}
-    assert sorted(setuptools["packages"]) == sorted(STAGES.values())
+    subpackages = [f"abstain.serving.{room}" for room in SERVING_ROOMS]
+    assert sorted(setuptools["packages"]) == sorted([*STAGES.values(), *subpackages])
     for folder in STAGES:
         assert (ROOT / folder / "__init__.py").is_file(), folder
+
+
+def test_serving_rooms_are_the_documented_ones() -> None:
+    """Every sub-package of serving/ is a room of docs/architecture.md, and nothing else is a folder."""
+    folders = {p.name for p in (ROOT / "serving").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(SERVING_ROOMS)
+    for room in SERVING_ROOMS:
+        assert (ROOT / "serving" / room / "__init__.py").is_file(), room
+    top_modules = {p.stem for p in (ROOT / "serving").glob("*.py")}
+    assert top_modules == {"__init__", "service", "cli", "metrics"}
+
+
+@pytest.mark.parametrize("room", sorted(SERVING_ROOMS))
+def test_serving_rooms_depend_only_downward(room: str) -> None:
+    """Inside serving/: the request path → inference and store → core; the service module wires them."""
+    offenders = {}
+    for path in python_files(f"serving/{room}"):
+        found = serving_imports(path)
+        bad = sorted(found - SERVING_ROOMS[room] - {room})
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders, f"serving/{room}/ may import only {sorted(SERVING_ROOMS[room])}: {offenders}"
+
+
+def test_metrics_imports_no_room() -> None:
+    assert serving_imports(ROOT / "serving" / "metrics.py") == set()
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
@@ -126,8 +181,8 @@ def test_import_checker_sees_lazy_imports(tmp_path: Path) -> None:
     "statement",
     [
         "import abstain.cli",
-        "import abstain.selective, abstain.operating_points, abstain.datasets, abstain.runtime",
-        "import abstain.serving.service, abstain.serving.cli, abstain.serving.backends",
+        "import abstain.risk_coverage, abstain.operating_points, abstain.datasets, abstain.runtime",
+        "import abstain.serving.service, abstain.serving.cli, abstain.serving.inference.backends",
         "import abstain.calibration.calibrate, abstain.calibration.evaluate, abstain.calibration.cli",
     ],
 )
@@ -206,7 +261,9 @@ def test_wheel_installs_nothing_outside_abstain(wheel: Path) -> None:
         init = name.replace(".", "/") + "/__init__.py"
         assert init in names, init
         assert zipfile.ZipFile(wheel).read(init) == (ROOT / folder / "__init__.py").read_bytes()
-    assert "abstain/serving/triton_python_model/model.py" in names
+    assert "abstain/serving/triton/decision_counter/model.py" in names
+    # test support stays in tests/: the Python-backend stand-in for Triton's ONNX Runtime backend
+    assert not [n for n in names if "triton_python_model" in n or "triton_repository" in n]
 
 
 def test_old_top_level_names_do_not_import_outside_the_checkout(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from abstain.contract import SCORE_NAMES
 from abstain.datasets import load_digits
 from abstain.io import sha256_file
 from abstain.operating_points import load_calibration
+from abstain.risk_coverage import aurc, coverage_and_risk
 from abstain.runtime import OnnxModel
-from abstain.selective import aurc, coverage_and_risk
 from tests.graph_factory import write_model_dir
 
 REPO = Path(__file__).resolve().parents[2]

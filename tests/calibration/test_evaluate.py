@@ -15,8 +15,8 @@ from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import TABLE_COVERAGES
 from abstain.datasets import load_digits
 from abstain.operating_points import CalibrationError, load_calibration
+from abstain.risk_coverage import augrc, aurc, eaurc, risk_at_coverage
 from abstain.runtime import OnnxModel
-from abstain.selective import augrc, aurc, eaurc, risk_at_coverage
 from tests.graph_factory import write_model_dir
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
 from abstain.datasets import load_digits
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.decisions import decide
+from abstain.serving.http.answers import decide
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "digits"
@@ -163,7 +163,7 @@ def test_cli_prints_the_summary(tmp_path: Path) -> None:
 def test_png_folder_in_csv_and_parquet_equals_the_service_upload_path(tmp_path: Path, suffix: str) -> None:
     """The PNG folder in the other two formats, against the service's own upload decoding
     (``serving.validation.decode_image``, what ``POST /predict_image`` runs) and ``decide``."""
-    from abstain.serving.validation import decode_image
+    from abstain.serving.http.validation import decode_image
 
     test = load_digits("test")
     root = tmp_path / "pngs"

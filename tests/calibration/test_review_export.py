@@ -11,8 +11,8 @@ import pytest
 
 from abstain.calibration.data_sources import open_labelled_data
 from abstain.contract import InputSpec
-from abstain.serving.review_export import export, select
-from abstain.serving.store import ReviewItem
+from abstain.serving.store.decision_store import ReviewItem
+from abstain.serving.store.review_export import export, select
 
 SPEC = InputSpec(channels=1, height=8, width=8)
 CLASSES = [str(k) for k in range(10)]

@@ -17,8 +17,8 @@ from abstain.calibration.calibrate import predict, run_calibration
 from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import SCORE_SCALE_LOGIT, SCORE_SCALE_PROBABILITY
 from abstain.operating_points import CalibrationError, check_score_scale, load_calibration
+from abstain.risk_coverage import selection_scores, sigmoid
 from abstain.runtime import OnnxModel
-from abstain.selective import selection_scores, sigmoid
 from tests.digits import load_digits
 from tests.graph_factory import write_model_dir
 

@@ -12,7 +12,7 @@ DEPLOY = REPO / "deploy"
 #: the serving and deploy work share. Histograms also expose _bucket, _sum and _count.
 COUNTERS = ("abstain_decisions_total", "abstain_rejected_inputs_total")
 GAUGES = ("abstain_target_coverage", "abstain_abstention_rate")
-# live selective risk from delayed labels (serving/live.py)
+# live selective risk from delayed labels (serving/store/live.py)
 COUNTERS += ("abstain_feedback_total", "abstain_decisions_not_recorded_total")
 GAUGES += (
     "abstain_live_selective_risk",

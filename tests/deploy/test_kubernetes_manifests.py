@@ -12,7 +12,7 @@ import yaml
 from deploy_helpers import DEPLOY, REPO
 
 from abstain.contract import CALIBRATION_FILENAME, DEFAULT_MODEL_NAME, latest_version_dir
-from abstain.serving.options import BACKENDS, OPTIONS
+from abstain.serving.config.options import BACKENDS, OPTIONS
 
 K8S = DEPLOY / "kubernetes"
 

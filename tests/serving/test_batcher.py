@@ -1,4 +1,4 @@
-"""The adaptive batcher's loop survives timeouts and failing forward passes (serving/batcher.py).
+"""The adaptive batcher's loop survives timeouts and failing forward passes (serving/inference/batcher.py).
 
 The forward pass here is a small numpy function standing in for a graph: the batcher only
 needs a callable from ``[n, C, H, W]`` to :class:`GraphOutputs`.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from abstain.runtime import GraphOutputs
-from abstain.serving.batcher import AdaptiveBatcher
+from abstain.serving.inference.batcher import AdaptiveBatcher
 
 
 class Forward:

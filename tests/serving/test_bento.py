@@ -99,7 +99,7 @@ def test_built_bento_holds_the_service_and_the_calibrated_graph(bento: tuple[Pat
     # the service is the packaged abstain.serving, byte for byte the source tree's
     wheel = path / "env" / "python" / "wheels" / Path(bentofile_wheel()).name
     with zipfile.ZipFile(wheel) as archive:
-        for module in ("serving/service.py", "serving/settings.py", "abstain/contract.py"):
+        for module in ("serving/service.py", "serving/config/settings.py", "abstain/contract.py"):
             packed = module if module.startswith("abstain/") else f"abstain/{module}"
             assert archive.read(packed) == (REPO / module).read_bytes(), module
     src = path / "src"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from abstain.serving.cpus import cgroup_cpu_quota, usable_cpus
+from abstain.serving.config.cpus import cgroup_cpu_quota, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 

@@ -9,9 +9,10 @@ import pytest
 
 from abstain.contract import CALIBRATION_FILENAME
 from abstain.operating_points import OperatingPoint, load_calibration
-from abstain.serving.feedback import class_index, parse_request_ids
-from abstain.serving.live import calibrated_risk, new_request_ids, redact
-from abstain.serving.validation import InputRejectedError
+from abstain.serving.http.feedback import class_index
+from abstain.serving.http.request_ids import new_request_ids, parse_request_ids
+from abstain.serving.http.validation import InputRejectedError
+from abstain.serving.store.live import calibrated_risk, redact
 from tests.serving.servers import MODEL_DIR
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from abstain.contract import InputSpec
-from abstain.serving.validation import NPY_MEDIA_TYPE, InputRejectedError, parse_npy
+from abstain.serving.http.validation import NPY_MEDIA_TYPE, InputRejectedError, parse_npy
 from tests.digits import load_digits
 from tests.serving.servers import Server
 
@@ -77,7 +77,7 @@ def test_bad_npy_bodies_are_rejected_with_a_reason(body: bytes, reason: str) -> 
 
 def test_npy_header_is_parsed_once_per_distinct_header() -> None:
     """The header of a shape seen before is not parsed again (numpy's literal_eval costs ~50 µs)."""
-    from abstain.serving.validation import _npy_header
+    from abstain.serving.http.validation import _npy_header
 
     x = np.random.default_rng(4).random((3, 1, 8, 8), dtype=np.float32)
     parse_npy(npy(x), SPEC, max_batch=4)

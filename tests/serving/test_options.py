@@ -1,4 +1,4 @@
-"""The settings table (``abstain.serving.options``) is the one source of every serving default."""
+"""The settings table (``abstain.serving.config.options``) is the one source of every serving default."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import typer
 
 from abstain.serving.cli import serve
-from abstain.serving.options import OPTION, OPTIONS, Option, markdown_table
-from abstain.serving.settings import ServeSettings
+from abstain.serving.config.options import OPTION, OPTIONS, Option, markdown_table
+from abstain.serving.config.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_docs_show_the_generated_table() -> None:
     text = (ROOT / "docs" / "serving.md").read_text()
     block = re.search(r"<!-- settings-table: .*? -->\n(.*?)\n<!-- /settings-table -->", text, re.DOTALL)
     assert block is not None, "docs/serving.md lost its settings table markers"
-    # regenerate with: python -c 'from abstain.serving.options import markdown_table as t; print(t())'
+    # regenerate with: python -c 'from abstain.serving.config.options import markdown_table as t; print(t())'
     assert block.group(1) == markdown_table()
 
 

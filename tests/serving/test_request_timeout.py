@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from abstain.serving.middleware import RequestTimeout
+from abstain.serving.http.middleware import RequestTimeout
 from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR
 

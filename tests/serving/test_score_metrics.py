@@ -10,7 +10,7 @@ import pytest
 
 from abstain.decisions import decide_arrays
 from abstain.operating_points import OperatingPoint
-from abstain.serving.decisions import decide
+from abstain.serving.http.answers import decide
 from abstain.serving.metrics import ServiceMetrics
 
 LOGITS = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)

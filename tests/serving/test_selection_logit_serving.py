@@ -17,11 +17,11 @@ import pytest
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, SCORE_SCALE_LOGIT
 from abstain.operating_points import Calibration, OperatingPoint, save_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.backends import TritonBackend
-from abstain.serving.triton_repository import write_python_backend_repository
+from abstain.serving.triton.backend import TritonBackend
 from tests.digits import load_digits
 from tests.graph_factory import triton_config, write_model_dir
 from tests.serving.servers import pytriton_dir, start_triton, stop
+from tests.serving.triton_repository import write_python_backend_repository
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from abstain.operating_points import OperatingPoint
-from abstain.serving.decisions import ABSTAIN, PREDICT, decide
+from abstain.serving.http.answers import ABSTAIN, PREDICT, decide
 
 
 def test_answered_from_the_graph_is_the_decision_and_the_rest_is_unchanged() -> None:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
 from abstain.operating_points import load_calibration
+from abstain.risk_coverage import selection_scores
 from abstain.runtime import OnnxModel
-from abstain.selective import selection_scores
 from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR, Server
 

@@ -12,7 +12,7 @@ import pytest
 from abstain.io import sha256_file
 from abstain.operating_points import CalibrationError
 from abstain.runtime import OnnxModel
-from abstain.serving.settings import load_artifacts, load_graph
+from abstain.serving.inference.artifacts import load_artifacts, load_graph
 from tests.graph_factory import write_graph
 from tests.serving.servers import REPO, bentoml_command, free_port, service_env
 
@@ -84,8 +84,8 @@ def test_bentoml_serve_directly_exits_on_a_foreign_calibration(model_copy: Path)
 
 def test_serving_never_imports_torch() -> None:
     code = (
-        "import sys, abstain.serving.service, abstain.serving.cli, abstain.serving.backends, "
-        "abstain.serving.triton_repository; "
+        "import sys, abstain.serving.service, abstain.serving.cli, abstain.serving.inference.backends, "
+        "tests.serving.triton_repository; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run(

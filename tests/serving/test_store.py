@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abstain.serving.recorder import Recorder, StoreUnavailableError
-from abstain.serving.store import (
+from abstain.serving.store.decision_store import (
     Decision,
     DecisionStore,
     LabelConflictError,
@@ -23,6 +22,7 @@ from abstain.serving.store import (
     SqliteStore,
     open_store,
 )
+from abstain.serving.store.recorder import Recorder, StoreUnavailableError
 from tests.serving.conftest import empty_postgres
 
 DAY = 86400.0

@@ -1,7 +1,7 @@
 """The remote backend against a real ``tritonserver`` (the nvidia-pytriton wheel's binary).
 
 Triton serves the same ``model.onnx`` through a Python-backend model running ONNX Runtime
-(``serving/triton_python_model``), because the wheel lacks the ``onnxruntime_onnx`` backend.
+(``tests/serving/triton_python_model``), because the wheel lacks the ``onnxruntime_onnx`` backend.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pytest
 
 from abstain.contract import MODEL_FILENAME
 from abstain.runtime import OnnxModel
-from abstain.serving.backends import TritonBackend, verify_triton_serves
-from abstain.serving.triton_repository import write_python_backend_repository
+from abstain.serving.triton.backend import TritonBackend, verify_triton_serves
 from tests.digits import load_digits
 from tests.graph_factory import write_graph
 from tests.serving.servers import MODEL_DIR, Server, pytriton_dir, start_triton, stop
+from tests.serving.triton_repository import write_python_backend_repository
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(pytriton_dir() is None, reason="needs nvidia-pytriton")]
 

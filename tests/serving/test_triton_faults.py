@@ -26,10 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from abstain.serving.triton_repository import write_python_backend_repository
 from tests.digits import load_digits
 from tests.graph_factory import write_graph
 from tests.serving.servers import MODEL_DIR, free_port, pytriton_dir, start_triton, stop
+from tests.serving.triton_repository import write_python_backend_repository
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(pytriton_dir() is None, reason="needs nvidia-pytriton")]
 

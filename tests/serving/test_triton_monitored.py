@@ -1,5 +1,5 @@
 """Abstention monitoring without the Python front door: the Triton ensemble (selective graph →
-decision counter, ``serving/triton_ensemble.py``) on a real ``tritonserver`` with metrics on,
+decision counter, ``serving/triton/ensemble.py``) on a real ``tritonserver`` with metrics on,
 scraped by a real Prometheus that loads ``deploy/prometheus/rules.yml``.
 """
 
@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from abstain.contract import ACCEPT_NAME, INPUT_NAME
-from abstain.serving.triton_ensemble import write_monitored_ensemble
-from abstain.serving.triton_repository import write_python_backend_repository
+from abstain.serving.triton.ensemble import write_monitored_ensemble
 from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR, free_port, metric_value, pytriton_dir, start_triton, stop
+from tests.serving.triton_repository import write_python_backend_repository
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(pytriton_dir() is None, reason="needs nvidia-pytriton")]
 

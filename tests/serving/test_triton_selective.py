@@ -1,9 +1,9 @@
 """The selective entry (``models/digits-selective``, made by ``abstain export-selective``) served
 by a real ``tritonserver``: the decision comes from Triton, over HTTP and gRPC, and equals the
-service's (``serving/decisions.py``) for every operating point on the whole digits test split.
+service's (``serving/http/answers.py``) for every operating point on the whole digits test split.
 
 Triton runs the graph through the Python-backend stand-in for ``onnxruntime_onnx``
-(``serving/triton_python_model``), as in ``test_triton.py``.
+(``tests/serving/triton_python_model``), as in ``test_triton.py``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from abstain.contract import (
 from abstain.io import sha256_file
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.decisions import PREDICT, decide
-from abstain.serving.triton_repository import write_python_backend_repository
+from abstain.serving.http.answers import PREDICT, decide
 from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR, pytriton_dir, start_triton, stop
+from tests.serving.triton_repository import write_python_backend_repository
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(pytriton_dir() is None, reason="needs nvidia-pytriton")]
 
@@ -109,7 +109,7 @@ def test_triton_metadata_and_provenance(triton: tuple[int, int]) -> None:
     import onnxruntime as ort
 
     props = ort.InferenceSession(str(SELECTIVE_DIR / MODEL_FILENAME)).get_modelmeta().custom_metadata_map
-    info = json.loads(props["abstain.selective"])
+    info = json.loads(props["abstain.risk_coverage"])
     assert info["calibration_sha256"] == sha256_file(Path(MODEL_DIR / CALIBRATION_FILENAME))
 
 

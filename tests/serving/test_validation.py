@@ -10,7 +10,7 @@ from PIL import Image
 
 from abstain.calibration.data_sources import image_to_pixels
 from abstain.contract import InputSpec
-from abstain.serving.validation import decode_image
+from abstain.serving.http.validation import decode_image
 
 RGB = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 

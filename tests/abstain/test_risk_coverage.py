@@ -1,4 +1,4 @@
-"""abstain.selective against values worked out by hand (ties, n = 1, all correct, all wrong)."""
+"""abstain.risk_coverage against values worked out by hand (ties, n = 1, all correct, all wrong)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from abstain.selective import (
+from abstain.risk_coverage import (
     augrc,
     aurc,
     coverage_and_risk,

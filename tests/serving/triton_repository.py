@@ -3,7 +3,7 @@
 ``python_backend_config`` turns the entry's ONNX ``config.pbtxt`` into one for
 ``backend: "python"`` (same name, batching, inputs and outputs), and
 ``write_python_backend_repository`` lays out ``<repo>/<name>/{config.pbtxt, labels.txt,
-<v>/model.py, <v>/model.onnx}`` with ``serving/triton_python_model/model.py``. Used by the Triton
+<v>/model.py, <v>/model.onnx}`` with ``tests/serving/triton_python_model/model.py``. Used by the Triton
 tests and for running Triton from the ``nvidia-pytriton`` wheel, which lacks the ``onnxruntime_onnx`` backend.
 """
 

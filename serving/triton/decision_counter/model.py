@@ -1,6 +1,6 @@
 """Triton Python-backend step that counts a selective graph's decisions on Triton's ``/metrics``.
 
-The last step of the ensemble written by ``serving/triton_ensemble.py``: it receives ``accept``
+The last step of the ensemble written by ``serving/triton/ensemble.py``: it receives ``accept``
 bool ``[N, P]`` from the selective graph (``abstain export-selective``), passes it through, and
 counts each image's decision per operating point with Triton's custom metrics API
 (``pb_utils.MetricFamily``), under the service's metric names and labels

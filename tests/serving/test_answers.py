@@ -13,10 +13,10 @@ from PIL import Image
 from abstain.contract import InputSpec
 from abstain.operating_points import OperatingPoint
 from abstain.runtime import GraphOutputs
-from abstain.serving.batcher import AdaptiveBatcher
-from abstain.serving.decisions import decide
+from abstain.serving.http.answers import decide
+from abstain.serving.http.validation import InputRejectedError, decode_image, parse_pixels
+from abstain.serving.inference.batcher import AdaptiveBatcher
 from abstain.serving.metrics import RollingRate
-from abstain.serving.validation import InputRejectedError, decode_image, parse_pixels
 
 POINT = OperatingPoint(name="coverage-0.9", method="coverage", score="selection", threshold=0.5)
 SPEC = InputSpec(1, 2, 2)
@@ -171,7 +171,7 @@ def test_batcher_fails_the_batch_not_the_loop() -> None:
 
 
 def test_decide_takes_a_given_decision_over_the_threshold() -> None:
-    # a selective graph's accept column (serving/selective_remote.py) decides, not score >= threshold:
+    # a selective graph's accept column (serving/triton/selective_backend.py) decides, not score >= threshold:
     # g = 0.9 >= 0.5 would predict, g = 0.2 would abstain; the given answers say the opposite
     logits = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     g = np.array([0.9, 0.2], dtype=np.float32)

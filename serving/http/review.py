@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from abstain.serving.recorder import StoreUnavailableError
-from abstain.serving.review_export import item_pixels, to_png
-from abstain.serving.store import ReviewItem
+from abstain.serving.store.decision_store import ReviewItem
+from abstain.serving.store.recorder import StoreUnavailableError
+from abstain.serving.store.review_export import item_pixels, to_png
 
 #: Most items one ``GET /review`` page lists.
 MAX_PAGE = 500

@@ -1,6 +1,6 @@
 """Every setting of the service, once: its ``ABSTAIN_*`` variable, type, default, limits and help.
 
-This table is the single source of truth. :class:`abstain.serving.settings.ServeSettings`
+This table is the single source of truth. :class:`abstain.serving.config.settings.ServeSettings`
 takes its defaults from it and reads the environment through it, ``abstain serve`` builds its
 options from it (help, default, environment variable, minimum), and the table in
 docs/serving.md is :func:`markdown_table` (a test checks that it is in step).
@@ -95,7 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrency", int, 64, "requests in flight per worker before a 429", minimum=1),
     Option("timeout", int, 30, "seconds before a request is answered 504", minimum=1),
     Option("rolling_window", int, 1000, "decisions in the rolling abstention-rate gauge", minimum=1),
-    # decision store and live risk (issue 13: serving/store.py, serving/live.py)
+    # decision store and live risk (issue 13: serving/store/decision_store.py, serving/store/live.py)
     Option("store", str, "sqlite",
            "decision store: sqlite (a WAL file in the store directory), a postgresql:// URL, or off"),
     Option("store_dir", str, None, "directory of the SQLite decision store",

@@ -42,7 +42,7 @@ def decide(
         point: the operating point whose ``score`` and ``threshold`` decide.
         class_names: ``K`` labels, index ``i`` names class ``i``.
         answered: bool ``[N]``, the decision already taken for ``point`` (a selective graph's
-            ``accept`` column, ``serving/selective_remote.py``); default ``score >= threshold``.
+            ``accept`` column, ``serving/triton/selective_backend.py``); default ``score >= threshold``.
         selection_logit: float ``[N]`` g's logit z when the graph exports it; the
             ``selection`` score is then z (``score_value`` and ``threshold`` are logits).
 

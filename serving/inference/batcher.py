@@ -196,7 +196,7 @@ class AdaptiveBatcher:
 
 def _rows(out: GraphOutputs, start: int, stop: int) -> GraphOutputs:
     """Rows ``start:stop`` of every array of ``out``, keeping its type (a backend may return a
-    subclass with more outputs, e.g. ``serving/selective_remote.py``'s ``accept``)."""
+    subclass with more outputs, e.g. ``serving/triton/selective_backend.py``'s ``accept``)."""
     return type(out)(**{
         f.name: None if getattr(out, f.name) is None else getattr(out, f.name)[start:stop]
         for f in dataclasses.fields(out)

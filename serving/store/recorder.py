@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from abstain.serving.store import Decision, DecisionStore, LabelConflictError, ReviewItem
+from abstain.serving.store.decision_store import Decision, DecisionStore, LabelConflictError, ReviewItem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

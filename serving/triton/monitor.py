@@ -14,7 +14,7 @@ state               meaning                                       /readyz  ``/pr
 ``graph_mismatch``  Triton answers with another graph             503      503 ``graph_mismatch``
 ==================  ============================================  =======  ================
 
-The probe is :meth:`abstain.serving.backends.TritonBackend.verify` (pinned version ready, then
+The probe is :meth:`abstain.serving.inference.backends.TritonBackend.verify` (pinned version ready, then
 a fixed batch through Triton and through the calibrated graph in local ONNX Runtime must
 agree). It runs on its own thread (its own Triton client): every ``interval_s`` while
 ``ready``, every ``retry_s`` otherwise, and at once after :meth:`report_failure` — so a Triton
@@ -31,7 +31,7 @@ import threading
 import time
 
 from abstain.runtime import OnnxModel
-from abstain.serving.backends import GraphMismatchError, TritonBackend
+from abstain.serving.triton.backend import GraphMismatchError, TritonBackend
 
 log = logging.getLogger("bentoml.abstain.triton")
 

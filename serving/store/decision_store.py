@@ -6,9 +6,9 @@ One interface, :class:`DecisionStore`, two implementations selected by ``ABSTAIN
 * ``sqlite`` (the default): one SQLite file in WAL mode in ``ABSTAIN_STORE_DIR``. WAL lets the
   readers of every worker run beside the one writer, and the file outlives restarts;
 * ``postgresql://…``: a PostgreSQL database shared by several replicas
-  (:mod:`abstain.serving.store_postgres`, psycopg 3, the ``store-postgres`` extra).
+  (:mod:`abstain.serving.store.postgres`, psycopg 3, the ``store-postgres`` extra).
 
-A store object is used by one thread only (the recorder's, :mod:`abstain.serving.recorder`),
+A store object is used by one thread only (the recorder's, :mod:`abstain.serving.store.recorder`),
 so it holds one plain connection. Retention (``ABSTAIN_STORE_MAX_ROWS``,
 ``ABSTAIN_STORE_MAX_AGE_DAYS``) is enforced by every write: the store never grows past it.
 
@@ -351,7 +351,7 @@ def open_store(url: str, directory: Path, retention: Retention) -> DecisionStore
     if url == "sqlite":
         return SqliteStore(directory, retention)
     if url.startswith(("postgresql://", "postgres://")):
-        from abstain.serving.store_postgres import PostgresStore  # psycopg only when asked for
+        from abstain.serving.store.postgres import PostgresStore  # psycopg only when asked for
 
         return PostgresStore(url, retention)
     raise ValueError(f"ABSTAIN_STORE should be sqlite, off or a postgresql:// URL, but got {url!r}")

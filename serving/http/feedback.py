@@ -1,4 +1,4 @@
-"""Request ids on answers, and ``POST /feedback``: delayed ground truth joined to recorded decisions.
+"""``POST /feedback``: delayed ground truth joined to recorded decisions.
 
 ``POST /feedback`` takes one ``{"request_id": ..., "label": ...}`` or a JSON list of them (at
 most :data:`MAX_LABELS`). ``label`` is a class name (``GET /metadata``'s ``classes``) or a
@@ -21,7 +21,6 @@ Each outcome is counted in ``abstain_feedback_total{result=...}`` (per label).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,43 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from abstain.serving.recorder import StoreUnavailableError
-from abstain.serving.store import LabelConflictError
-from abstain.serving.validation import InputRejectedError
+from abstain.serving.http.request_ids import REQUEST_ID
+from abstain.serving.store.decision_store import LabelConflictError
+from abstain.serving.store.recorder import StoreUnavailableError
 
 #: Most labels in one ``POST /feedback``, and most bytes of its body (about 1 KB a label is ample).
 MAX_LABELS = 1000
 MAX_BODY_BYTES = 1024 * 1024
-#: A request id a client may send: 1-128 letters, digits and ``. _ : -``, starting alphanumeric.
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-REQUEST_ID_TEXT = (
-    "1-128 characters of letters, digits, '.', '_', ':' and '-', starting with a letter or digit"
-)
-
-
-def parse_request_ids(raw: Any, n: int) -> list[str] | None:
-    """A client's ``request_id`` for ``n`` images → ``n`` ids (``None`` if it sent none).
-
-    One string for one image, or a list of ``n`` distinct strings, each matching
-    :data:`REQUEST_ID`. Raises :class:`InputRejectedError` (``bad_request_id``).
-    """
-    if raw is None:
-        return None
-    valid = (
-        f"valid: one request id per image (a string for one image, a list of {n} distinct strings "
-        f"for {n}), each {REQUEST_ID_TEXT}"
-    )
-    ids = [raw] if isinstance(raw, str) else raw
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InputRejectedError("bad_request_id", f"request_id should be strings; {valid}")
-    if len(ids) != n:
-        raise InputRejectedError("bad_request_id", f"request_id has {len(ids)} ids for {n} images; {valid}")
-    bad = [i for i in ids if not REQUEST_ID.fullmatch(i)]
-    if bad:
-        raise InputRejectedError("bad_request_id", f"request_id {bad[0][:140]!r} is malformed; {valid}")
-    if len(set(ids)) != n:
-        raise InputRejectedError("bad_request_id", f"request_id repeats an id; {valid}")
-    return ids
 
 
 class FeedbackError(Exception):

@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from abstain.serving.responses import REJECTED_HEADER, AnswerResponse, rejection
-from abstain.serving.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError, parse_pixels
+from abstain.serving.http.responses import REJECTED_HEADER, AnswerResponse, rejection
+from abstain.serving.http.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError, parse_pixels
 
 
 class CountFrameworkRejections:

@@ -46,11 +46,11 @@ import numpy as np
 
 from abstain.bounds import clopper_pearson
 from abstain.operating_points import Calibration, OperatingPoint
-from abstain.serving.recorder import Recorder
-from abstain.serving.store import Decision, DecisionStore, Retention, ReviewItem, open_store
+from abstain.serving.store.decision_store import Decision, DecisionStore, Retention, ReviewItem, open_store
+from abstain.serving.store.recorder import Recorder
 
 if TYPE_CHECKING:
-    from abstain.serving.settings import ServeSettings
+    from abstain.serving.config.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 #: Two-sided level of the live risk interval (each bound one-sided at 97.5 %).
@@ -59,25 +59,6 @@ LIVE_CONFIDENCE = 0.95
 REFRESH_S = 5.0
 #: Values of ``abstain_feedback_total``'s ``result`` label.
 FEEDBACK_RESULTS = ("accepted", "unknown_request_id", "unknown_label", "duplicate", "bad_feedback")
-
-
-def new_request_ids(n: int) -> list[str]:
-    """``n`` fresh request ids: the 32 hex digits of version-7 UUIDs (RFC 9562 §5.7).
-
-    A version-7 UUID starts with the Unix time in milliseconds (48 bits), then 74 random bits:
-    ids made later sort later, so the decision store's unique index on ``request_id`` grows at
-    its right edge. With random (version-4) ids every insert lands on a random index page, and
-    SQLite's cost per recorded decision grew from 3 µs to 18 µs as the table reached 400k rows
-    (a few minutes at full load); with these it stays at ~3 µs. All ``n`` come from one
-    ``os.urandom`` call (``uuid4()`` per image cost 2 µs each on the event loop).
-    """
-    millis = time.time_ns() // 1_000_000
-    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
-    raw[:, :6] = np.frombuffer(millis.to_bytes(6, "big"), dtype=np.uint8)  # unix_ts_ms, big-endian
-    raw[:, 6] = raw[:, 6] & 0x0F | 0x70  # version 7
-    raw[:, 8] = raw[:, 8] & 0x3F | 0x80  # the RFC 9562 variant (10xx)
-    text = raw.tobytes().hex()
-    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def calibrated_risk(point: OperatingPoint) -> float | None:
@@ -264,23 +245,8 @@ class DecisionLog:
 
 def default_store_dir() -> Path:
     """``$BENTOML_HOME/abstain-store`` (BentoML's home defaults to ``~/bentoml``)."""
-    import os
 
     return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "abstain-store"
-
-
-def with_request_ids(
-    answers: list[dict[str, Any]],
-    request_ids: Sequence[str] | None,
-    log: DecisionLog | None,
-    x: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """Each answer with its ``request_id`` first (the client's, else a new one), recorded in ``log``
-    (with the abstained inputs of ``x`` ``[N, C, H, W]`` when the review queue is on)."""
-    ids = list(request_ids) if request_ids is not None else new_request_ids(len(answers))
-    if log is not None:
-        log.record(ids, answers, x)
-    return [{"request_id": rid, **a} for rid, a in zip(ids, answers, strict=True)]
 
 
 def redact(url: str) -> str:

@@ -1,7 +1,7 @@
 """A Triton ensemble that serves a selective graph and counts its decisions on Triton's ``/metrics``.
 
 Monitoring without the Python front door: ``<entry>-monitored`` = the selective entry
-(``abstain export-selective``) → ``abstain-decision-counter`` (``serving/triton_decision_counter``,
+(``abstain export-selective``) → ``abstain-decision-counter`` (``serving/triton/decision_counter``,
 a Python-backend step that counts ``accept`` per operating point under the service's metric
 names and labels, and passes it through). Written next to the selective entry in a Triton
 model repository::
@@ -36,12 +36,12 @@ from abstain.contract import (
 )
 from abstain.io import atomic_write_text
 
-COUNTER_MODEL = Path(__file__).with_name("triton_decision_counter") / "model.py"
+COUNTER_MODEL = Path(__file__).with_name("decision_counter") / "model.py"
 MONITORED_SUFFIX = "-monitored"
 
 
 def selective_metadata(graph: Path) -> tuple[dict, InputSpec]:
-    """The ``abstain.selective`` metadata and the input spec of a selective graph."""
+    """The ``abstain.risk_coverage`` metadata and the input spec of a selective graph."""
     import onnxruntime as ort
 
     props = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_modelmeta()

@@ -2,12 +2,12 @@
 
 When Triton serves a selective entry (``abstain export-selective``), its graph returns
 ``accept`` bool ``[N, P]`` for the calibration's P operating points, and the service takes the
-decision from it instead of comparing scores itself (``serving/decisions.py`` with
+decision from it instead of comparing scores itself (``serving/http/answers.py`` with
 ``answered=``). Before it may, the start-up check here proves three things, each with a message
 saying how to fix it:
 
 1. the local selective graph (``<repository>/<triton model>/<version>/model.onnx``) was built
-   from the calibration the service holds: its ``abstain.selective`` metadata records the
+   from the calibration the service holds: its ``abstain.risk_coverage`` metadata records the
    sha256 of this ``calibration.json`` and of the calibrated base graph;
 2. its operating points are the calibration's, in the same order (``accept``'s columns);
 3. Triton serves that graph: on a fixed probe batch Triton's ``accept`` equals the local
@@ -34,7 +34,7 @@ from abstain.contract import (
 )
 from abstain.io import sha256_file
 from abstain.runtime import GraphOutputs, OnnxModel
-from abstain.serving.backends import DEFAULT_TIMEOUT_S, TritonBackend, probe_batch
+from abstain.serving.triton.backend import DEFAULT_TIMEOUT_S, TritonBackend, probe_batch
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The service's error answers: a 4xx JSON body for a rejected input, a 503 for a failed backend.
 
 Shared by the endpoints (:mod:`abstain.serving.service`) and the ASGI middlewares
-(:mod:`abstain.serving.middleware`), so every rejection has the same shape:
+(:mod:`abstain.serving.http.middleware`), so every rejection has the same shape:
 ``{"error": <what was wrong and what is valid>, "reason": <metrics label>}``.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
-from abstain.serving.validation import InputRejectedError
+from abstain.serving.http.validation import InputRejectedError
 
 #: Header on the service's own 4xx answers, so the middleware does not count them twice.
 REJECTED_HEADER = "x-abstain-rejected"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abstain.serving.store import ReviewItem
+from abstain.serving.store.decision_store import ReviewItem
 
 FORMATS = ("npz", "imagefolder")
 NPZ_NAME = "review.npz"

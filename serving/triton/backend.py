@@ -1,9 +1,7 @@
-"""Inference backends: the graph's forward pass, embedded (ONNX Runtime) or remote (Triton).
+"""The remote backend: the graph's forward pass in Triton Inference Server (tritonclient).
 
-Both take a validated float32 batch ``[N, C, H, W]`` and return
-:class:`abstain.runtime.GraphOutputs` (``logits [N, K]``, ``selection [N]``); everything
-after that (scores, thresholds, decisions) is shared, so a backend cannot change what a
-threshold means.
+Like :class:`abstain.serving.inference.backends.OnnxRuntimeBackend` it takes a validated
+float32 batch ``[N, C, H, W]`` and returns :class:`abstain.runtime.GraphOutputs`.
 
 The remote backend must never apply a calibration to a graph other than the one it was
 fitted on. Triton does not expose a graph's hash, so :class:`TritonBackend` (1) pins the
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -37,28 +34,6 @@ class TritonUnreachableError(ValueError):
 
 class GraphMismatchError(ValueError):
     """Triton answers, but with another graph than the calibrated one: never these thresholds."""
-
-
-class Backend(Protocol):
-    """What the service needs from a backend."""
-
-    name: str
-
-    def infer(self, x: np.ndarray) -> GraphOutputs:
-        """Forward pass of a validated float32 batch ``[N, C, H, W]``."""
-        ...
-
-
-class OnnxRuntimeBackend:
-    """The graph in this process: ONNX Runtime, CUDA provider when present, else CPU."""
-
-    name = "onnxruntime"
-
-    def __init__(self, model: OnnxModel) -> None:
-        self.model = model
-
-    def infer(self, x: np.ndarray) -> GraphOutputs:
-        return self.model.run(x)
 
 
 def probe_batch(spec: InputSpec, n: int = 8) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The decision store in PostgreSQL (psycopg 3), for several replicas behind one database.
 
-Same schema, semantics and SQL as :class:`abstain.serving.store.SqliteStore`; selected by
+Same schema, semantics and SQL as :class:`abstain.serving.store.decision_store.SqliteStore`; selected by
 ``ABSTAIN_STORE=postgresql://user@host/db``. Install with ``pip install 'abstain[store-postgres]'``.
 Labelling locks the rows it checks (``SELECT … FOR UPDATE``), so two replicas cannot both
 accept a label for the same request id.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from abstain.serving.store import (
+from abstain.serving.store.decision_store import (
     COLUMNS,
     LIVE_STATS_SQL,
     REVIEW_COLUMNS,
@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS review (
 
 
 class PostgresStore:
-    """:class:`abstain.serving.store.DecisionStore` in a PostgreSQL database."""
+    """:class:`abstain.serving.store.decision_store.DecisionStore` in a PostgreSQL database."""
 
     def __init__(self, url: str, retention: Retention) -> None:
         import psycopg

@@ -1,0 +1,1 @@
+"""Service configuration: the ``ABSTAIN_*`` options, their settings object, usable CPUs."""

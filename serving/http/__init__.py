@@ -1,0 +1,1 @@
+"""The HTTP request path: middlewares, routes, validation, answers, request ids, error answers."""

@@ -1,0 +1,1 @@
+"""Inference: verified artifacts, backends that run the graph, the adaptive batcher."""
