@@ -228,6 +228,6 @@ ACCEPT_NAME = "accept"  # bool [N, P], scores >= thresholds
 SELECTIVE_OUTPUT_NAMES = (CLASS_INDEX_NAME, CONFIDENCE_NAME, SCORES_NAME, ACCEPT_NAME)
 #: JSON: operating points (name, score, threshold, targets) in column order, base graph and
 #: calibration sha256 (export/selective_graph.py SelectiveInfo).
-META_SELECTIVE = "abstain.risk_coverage"
+META_SELECTIVE = "abstain.selective"
 #: Default entry name of a selective graph: ``<base name>-selective``.
 SELECTIVE_SUFFIX = "-selective"

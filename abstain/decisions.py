@@ -13,11 +13,18 @@ reported for abstentions too so that a reviewer sees the model's top candidate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
 from abstain.operating_points import OperatingPoint
 from abstain.risk_coverage import selection_scores, softmax
+
+#: The two outcomes of a decision, as answers, the decision store and metrics name them.
+DecisionLabel = Literal["predict", "abstain"]
+PREDICT: DecisionLabel = "predict"
+ABSTAIN: DecisionLabel = "abstain"
+DECISION_LABELS: tuple[DecisionLabel, ...] = get_args(DecisionLabel)
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,13 @@ class Decisions:
     """Decisions for ``N`` samples at one operating point.
 
     Attributes:
-        answered: bool ``[N]``, ``score_value >= threshold``.
+        answered: bool ``[N]``, ``score_value >= threshold`` (or the decision given to
+            :func:`decide_arrays`, taken where ``score_value`` was).
         class_index: int64 ``[N]``, arg-max of the logits (the prediction, or the candidate).
         confidence: float64 ``[N]``, softmax probability of ``class_index``.
         selection: float64 ``[N]``, the selection head's output g.
-        score_value: float64 ``[N]``, the score the operating point thresholds.
+        score_value: float64 ``[N]``, the score the operating point thresholds, on its
+            threshold's scale (a logit for ``selection`` on a graph with ``selection_logit``).
         point: the operating point that decided.
     """
 
@@ -52,7 +61,9 @@ class Decisions:
 
 
 def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoint,
-                  selection_logit: np.ndarray | None = None) -> Decisions:
+                  selection_logit: np.ndarray | None = None, *,
+                  score_value: np.ndarray | None = None,
+                  answered: np.ndarray | None = None) -> Decisions:
     """Decide every row of ``logits``.
 
     Args:
@@ -61,9 +72,17 @@ def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoi
         point: the operating point whose ``score`` and ``threshold`` decide.
         selection_logit: float ``[N]`` g's logit z when the graph exports it (issue 10); the
             ``selection`` score is then z, and ``score_value`` and the threshold are logits.
+        score_value: float ``[N]``, ``point``'s score already computed where the decision is
+            taken (a selective graph's ``scores`` column, ``serving/triton/selective_backend.py``),
+            on the threshold's scale: used as is instead of being recomputed here, so that the
+            reported ``score_value`` is the number the threshold was compared with (issue 18).
+        answered: bool ``[N]``, the decision already taken (a selective graph's ``accept``
+            column); default ``score_value >= threshold``. Given with ``score_value``, the two
+            must agree.
 
     Raises:
-        ValueError: ``logits`` is not ``[N, K]`` or ``selection`` has not ``N`` values.
+        ValueError: ``logits`` is not ``[N, K]``, ``selection``, ``score_value`` or ``answered``
+            has not ``N`` values, or ``answered`` is not ``score_value >= threshold``.
     """
     # float64: the threshold was fitted in float64 on the same scores (abstain.thresholds), so
     # a sample exactly at the threshold is answered here as it was counted at calibration.
@@ -77,6 +96,29 @@ def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoi
     probs = softmax(logits)  # [N, K]
     top = probs.argmax(axis=1)  # [N]
     confidence = probs[np.arange(top.shape[0]), top]  # [N], the softmax response
-    scores = selection_scores(logits, selection, point.score, selection_logit)  # [N]
-    return Decisions(answered=scores >= point.threshold, class_index=top.astype(np.int64),
+    n = selection.shape[0]
+    if score_value is None:
+        scores = selection_scores(logits, selection, point.score, selection_logit)  # [N]
+    else:
+        scores = _column(score_value, np.float64, n, "score_value")
+    decided = scores >= point.threshold
+    if answered is not None:
+        answered = _column(answered, bool, n, "answered")
+        if score_value is not None and not np.array_equal(answered, decided):
+            i = int(np.flatnonzero(answered != decided)[0])
+            raise ValueError(
+                f"answered[{i}] = {bool(answered[i])} but score_value[{i}] = {float(scores[i])!r} "
+                f"{'>=' if decided[i] else '<'} threshold {point.threshold!r} of operating point "
+                f"{point.name}: the decision and its score should come from the same place"
+            )
+        decided = answered
+    return Decisions(answered=decided, class_index=top.astype(np.int64),
                      confidence=confidence, selection=selection, score_value=scores, point=point)
+
+
+def _column(values: np.ndarray, dtype: type, n: int, name: str) -> np.ndarray:
+    """``values`` as a ``dtype`` ``[n]`` array; ``ValueError`` unless it holds ``n`` values."""
+    column = np.asarray(values, dtype=dtype).reshape(-1)
+    if column.shape[0] != n:
+        raise ValueError(f"{name} should have {n} values, one per row of logits, but got {column.shape[0]}")
+    return column

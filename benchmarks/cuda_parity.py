@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from abstain.contract import MODEL_FILENAME, resolve_version_dir
+from abstain.decisions import decide_arrays
 from abstain.io import atomic_write_text
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.http.answers import decide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,13 +85,11 @@ def main() -> None:
     logits_diff = float(np.abs(a.logits - b.logits).max())
     selection_diff = float(np.abs(a.selection - b.selection).max())
     flips = {
-        p.name: sum(
-            u["decision"] != v["decision"]
-            for u, v in zip(
-                decide(a.logits, a.selection, p, cpu.class_names, selection_logit=a.selection_logit),
-                decide(b.logits, b.selection, p, cpu.class_names, selection_logit=b.selection_logit),
-                strict=True,
-            )
+        p.name: int(
+            (
+                decide_arrays(a.logits, a.selection, p, a.selection_logit).answered
+                != decide_arrays(b.logits, b.selection, p, b.selection_logit).answered
+            ).sum()
         )
         for p in calibration.operating_points
     }
@@ -120,9 +118,9 @@ def main() -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
-    reference = decide(a.logits, a.selection, calibration.operating_point(None), cpu.class_names,
-                       selection_logit=a.selection_logit)
-    service_flips = sum(u["decision"] != v["decision"] for u, v in zip(reference, served, strict=True))
+    reference = decide_arrays(a.logits, a.selection, calibration.operating_point(None), a.selection_logit)
+    answered = [u["decision"] == "predict" for u in served]
+    service_flips = sum(r != s for r, s in zip(reference.answered.tolist(), answered, strict=True))
 
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip() or "an NVIDIA GPU"

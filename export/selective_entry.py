@@ -166,7 +166,7 @@ def export_selective(
 
     Outputs: the base graph's (logits, selection), plus class_index int64 [N], confidence
     float64 [N], scores float64 [N, P] and accept bool [N, P] for the P operating points of
-    calibration.json, in its order (listed in the graph's abstain.risk_coverage metadata with the
+    calibration.json, in its order (listed in the graph's abstain.selective metadata with the
     sha256 of the base graph and of the calibration). accept[:, p] equals `abstain serve`'s
     decision with operating point p.
     """

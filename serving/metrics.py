@@ -4,22 +4,47 @@
 name                                   type       labels
 =====================================  =========  ===============================================
 ``abstain_decisions_total``            counter    model, version, operating_point, decision
-``abstain_selection_score``            histogram  model, version, score (buckets 0.05 … 0.999, 1.0)
+``abstain_selection_score``            histogram  model, version, score (probability scale)
+``abstain_selection_logit_score``      histogram  model, version, score (logit scale)
 ``abstain_target_coverage``            gauge      model, version, operating_point
 ``abstain_abstention_rate``            gauge      model, version, operating_point
 ``abstain_inference_seconds``          histogram  model, version, backend
 ``abstain_batch_size``                 histogram  model, version
 ``abstain_rejected_inputs_total``      counter    model, version, reason
 ``abstain_backend_errors_total``       counter    model, version, backend
+``abstain_internal_errors_total``      counter    model, version
 =====================================  =========  ===============================================
 
 ``abstain_selection_score`` records, for each decided image, the score its operating point
 thresholds (``score`` = ``selection`` for g, ``softmax_response`` or ``combined``): drift is
 watched on the number that decides, not on g when g decides nothing.
 
+One histogram per score *scale* (issue 18), each score on its own scale. A point's scale is the
+``score_scale`` its calibration records (``abstain.contract.SCORE_SCALE_*``; the service has
+already checked it against the graph, ``abstain.operating_points.check_score_scale``):
+
+* ``probability`` (every score in [0, 1], and ``selection`` = g on a graph without
+  ``selection_logit``): ``abstain_selection_score``, edges :data:`SELECTION_BUCKETS`;
+* ``logit`` (``selection`` = g's logit z on a graph with ``selection_logit``, unbounded):
+  ``abstain_selection_logit_score``, edges :data:`LOGIT_BUCKETS`.
+
+Two metrics rather than one with a ``scale`` label, because a histogram's edges are per metric,
+and not ``sigmoid(z)`` in the probability histogram, because the logit is served exactly where g
+saturates (float32 g is 1.0 from z ≈ 17): those images would all land in the top bucket.
+
+A ``prometheus_client`` histogram has one bucket list for all its label values, so a histogram's
+edges are its fixed edges plus the calibrated threshold of *every* operating point on its scale
+(:func:`score_buckets`): bucket ``le="<threshold>"`` counts the scores ``<= threshold``, so the
+mass crossing a threshold shows as a change of that bucket's share (up to scores exactly at the
+threshold, which are answered; ``abstain_decisions_total`` counts the decisions exactly). The
+edges thus depend on the calibration: compare ``le`` series within one model version. A logit
+score may be negative, so ``abstain_selection_logit_score_sum`` may decrease: read the logit
+histogram from its buckets and ``_count`` (Prometheus takes a falling ``_sum`` for a reset).
+
 A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
 the client's input, so it is not a rejected input: it has its own counter, and the request
-is answered 503 ``backend_unavailable``.
+is answered 503 ``backend_unavailable``. A bug in the service's own code is neither: it is
+answered 500 ``internal_error``, logged with its traceback, and counted apart.
 
 Multi-worker mode: BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker before it builds
 the service, and its ``/metrics`` merges every worker's files. ``prometheus_client`` picks its
@@ -35,16 +60,19 @@ rate use ``rate(abstain_decisions_total{decision="abstain"}[5m]) / rate(abstain_
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from abstain.contract import SCORE_SCALE_LOGIT, SCORE_SCALE_PROBABILITY
 from abstain.operating_points import Calibration
 
-#: Reasons an input is rejected (label values of ``abstain_rejected_inputs_total``).
-REJECT_REASONS = (
+#: Why an input is rejected: the ``reason`` of an :class:`~abstain.serving.http.validation.InputRejectedError`
+#: and of its 4xx answer, and the label values of ``abstain_rejected_inputs_total``.
+RejectReason = Literal[
     "bad_shape",
     "bad_dtype",
     "non_finite",
@@ -56,12 +84,37 @@ REJECT_REASONS = (
     "bad_json",
     "bad_npy",
     "bad_request_id",
-)
+]
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 #: 0.05, 0.10, …, 0.95, then finer towards 1: a confident model's thresholds sit there (the
 #: embedded digits model's are above 0.98), and drift shows first as mass leaving the top buckets
 SELECTION_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.975, 0.99, 0.995, 0.999, 1.0)
+#: Edges of logit scores z (g = sigmoid(z)), symmetric around 0: steps of 0.5 up to ±3 (≈ the
+#: logits of 0.05 and 0.95), then of 1 up to ±8 (±4.6 ≈ 0.99, ±6.9 ≈ 0.999), then coarser to ±40:
+#: float32 g rounds to 1.0 from z ≈ 17 (what the logit is for, issue 10), float64 from z ≈ 37
+_LOGIT_EDGES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0,
+                40.0)
+LOGIT_BUCKETS = (*(-e for e in reversed(_LOGIT_EDGES)), 0.0, *_LOGIT_EDGES)
+#: The score histogram of each score scale: its metric name and fixed edges.
+SCORE_HISTOGRAMS = {
+    SCORE_SCALE_PROBABILITY: ("abstain_selection_score", SELECTION_BUCKETS),
+    SCORE_SCALE_LOGIT: ("abstain_selection_logit_score", LOGIT_BUCKETS),
+}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def point_scale(point: Any) -> str:
+    """The scale of an operating point's threshold (``score_scale`` in its extra fields;
+    ``probability`` when absent, as in calibration files from before issue 10)."""
+    return str(getattr(point, "extra", {}).get("score_scale", SCORE_SCALE_PROBABILITY))
+
+
+def score_buckets(fixed: Iterable[float], thresholds: Iterable[float]) -> tuple[float, ...]:
+    """Sorted edges: ``fixed`` with every finite threshold added (each edge once; +Inf is
+    added by ``prometheus_client``)."""
+    edges = {float(b) for b in fixed} | {float(t) for t in thresholds if math.isfinite(float(t))}
+    return tuple(sorted(edges))
 
 
 def observe_many(histogram: Any, values: Iterable[float]) -> None:
@@ -124,13 +177,23 @@ class ServiceMetrics:
             "Predict-or-abstain decisions.",
             ["model", "version", "operating_point", "decision"],
         )
-        self.selection_score = Histogram(
-            "abstain_selection_score",
-            "The score the operating point thresholds (label score: selection, softmax_response, "
-            "combined), per decided image.",
-            ["model", "version", "score"],
-            buckets=SELECTION_BUCKETS,
-        )
+        points = tuple(calibration.operating_points)
+        #: operating point name -> the scale of its threshold (``point_scale``)
+        self._scale: dict[str, str] = {p.name: point_scale(p) for p in points}
+        #: the score histogram of each scale, its edges with that scale's thresholds merged in
+        self.score_histograms: dict[str, Any] = {}
+        for scale, (name, fixed) in SCORE_HISTOGRAMS.items():
+            thresholds = [p.threshold for p in points if self._scale[p.name] == scale]
+            self.score_histograms[scale] = Histogram(
+                name,
+                f"The score the operating point thresholds, on the {scale} scale (label score: "
+                "selection, softmax_response, combined), per decided image; the calibrated "
+                "thresholds are bucket edges.",
+                ["model", "version", "score"],
+                buckets=score_buckets(fixed, thresholds),
+            )
+        self.selection_score = self.score_histograms[SCORE_SCALE_PROBABILITY]
+        self.selection_logit_score = self.score_histograms[SCORE_SCALE_LOGIT]
         self.target_coverage = Gauge(
             "abstain_target_coverage",
             "Coverage the operating point was calibrated for (target, else measured on calibration data).",
@@ -166,15 +229,22 @@ class ServiceMetrics:
             ["model", "version", "backend"],
         )
         self.backend_errors.labels(model, version, backend)  # a zero before the first failure
+        self.internal_errors = Counter(
+            "abstain_internal_errors",
+            "Requests answered 500 because of a bug in the service's own code (logged with a traceback).",
+            ["model", "version"],
+        )
+        self.internal_errors.labels(model, version)
         self._window = window
         self._rolling: dict[str, RollingRate] = {}
-        for point in calibration.operating_points:
+        for point in points:
             target = point.target_coverage if point.target_coverage is not None else point.coverage
             if target is not None:
                 self.target_coverage.labels(model, version, point.name).set(float(target))
             # touch the series so dashboards see zeros before the first request
             for decision in ("predict", "abstain"):
                 self.decisions.labels(model, version, point.name, decision)
+            self.score_histograms[self._scale[point.name]].labels(model, version, point.score)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, version, reason)
 
@@ -182,14 +252,16 @@ class ServiceMetrics:
         self, operating_point: str, answered: Sequence[bool], score: str, scores: Iterable[float]
     ) -> None:
         """Count the decisions (``answered[i]``: predicted, else abstained), record the ``scores``
-        the operating point thresholds (named ``score``), and update the rolling rate."""
+        the operating point thresholds (named ``score``) in the histogram of the point's scale
+        (a point the calibration does not name: ``probability``), and update the rolling rate."""
         labels = (self.model, self.version, operating_point)
         n_predict = int(sum(answered))
         if len(answered) - n_predict:
             self.decisions.labels(*labels, "abstain").inc(len(answered) - n_predict)
         if n_predict:
             self.decisions.labels(*labels, "predict").inc(n_predict)
-        observe_many(self.selection_score.labels(self.model, self.version, score), scores)
+        histogram = self.score_histograms[self._scale.get(operating_point, SCORE_SCALE_PROBABILITY)]
+        observe_many(histogram.labels(self.model, self.version, score), scores)
         rolling = self._rolling.setdefault(operating_point, RollingRate(self._window))
         self.abstention_rate.labels(*labels).set(rolling.extend(not a for a in answered))
 
@@ -197,8 +269,11 @@ class ServiceMetrics:
         self.batch_size.labels(self.model, self.version).observe(size)
         self.inference_seconds.labels(self.model, self.version, self.backend).observe(seconds)
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: RejectReason) -> None:
         self.rejected.labels(self.model, self.version, reason).inc()
 
     def backend_error(self) -> None:
         self.backend_errors.labels(self.model, self.version, self.backend).inc()
+
+    def internal_error(self) -> None:
+        self.internal_errors.labels(self.model, self.version).inc()

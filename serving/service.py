@@ -17,25 +17,25 @@ exact graph served (SelectiveNet, Geifman & El-Yaniv ICML 2019; SYNC loss, arXiv
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from abstain.contract import InputSpec
 from abstain.decisions import decide_arrays
+from abstain.operating_points import OperatingPoint
 from abstain.serving.config.settings import ServeSettings
-from abstain.serving.http.answers import answers
-from abstain.serving.http.feedback import ROUTES as FEEDBACK_ROUTES
+from abstain.serving.http import client_errors
+from abstain.serving.http.answers import Answer, PredictResponse, answers, decided_by_backend
+from abstain.serving.http.contract import current_service
 from abstain.serving.http.middleware import (
     CheckUploadForms,
     CountFrameworkRejections,
@@ -44,9 +44,9 @@ from abstain.serving.http.middleware import (
     NpyPredict,
     install_request_timeout,
 )
-from abstain.serving.http.request_ids import parse_request_ids, with_request_ids
-from abstain.serving.http.responses import backend_unavailable, graph_mismatch, rejection
-from abstain.serving.http.review import ROUTES as REVIEW_ROUTES
+from abstain.serving.http.request_ids import new_request_ids, parse_request_ids
+from abstain.serving.http.responses import error_response
+from abstain.serving.http.routes import routes
 from abstain.serving.http.validation import (
     InputRejectedError,
     batch_length,
@@ -55,7 +55,12 @@ from abstain.serving.http.validation import (
     parse_pixels,
 )
 from abstain.serving.inference.artifacts import load_artifacts, load_graph
-from abstain.serving.inference.backends import Backend, OnnxRuntimeBackend
+from abstain.serving.inference.backends import (
+    Backend,
+    BackendUnavailableError,
+    OnnxRuntimeBackend,
+    ServedGraphMismatchError,
+)
 from abstain.serving.inference.batcher import AdaptiveBatcher
 from abstain.serving.metrics import ServiceMetrics
 from abstain.serving.store.live import DecisionLog
@@ -75,6 +80,9 @@ if (_warning := verify_remote_backend(SETTINGS, ARTIFACTS)) is not None:
 # BentoML's request timeout keeps every finished request alive for the whole timeout (growing
 # GC stalls); ours cancels its timer. Before BentoML builds the worker's app: see the docstring.
 install_request_timeout()
+# BentoML logs a client's bad request to its own endpoints (a body its schema refuses) as an
+# ERROR with a traceback; an operator reads that as an outage (see the module)
+client_errors.install()
 
 log = logging.getLogger(__name__)
 #: BentoML's server logging shows INFO lines of the ``bentoml`` logger tree only (ours would
@@ -96,16 +104,8 @@ async def off_loop(big: bool, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-async def _metadata(_: Request) -> JSONResponse:
-    service = bentoml.get_current_service()
-    if service is None:
-        return JSONResponse({"error": "service is starting"}, status_code=503)
-    return JSONResponse(service.metadata())
 
-
-metadata_app = Starlette(
-    routes=[Route("/metadata", _metadata, methods=["GET"]), *FEEDBACK_ROUTES, *REVIEW_ROUTES]
-)
+metadata_app = Starlette(routes=routes(current_service))
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -162,6 +162,7 @@ class Abstain:
             SETTINGS.batch_max_size,
             SETTINGS.batch_max_latency_ms,
             on_batch=self.metrics.observe_batch,
+            name=backend.name,
             # a remote pass mostly waits on the network: keep several in flight
             max_in_flight=SETTINGS.triton_concurrency if isinstance(backend, TritonBackend) else 1,
         )
@@ -244,100 +245,104 @@ class Abstain:
             ],
         }
 
-    async def _decide(
-        self, x: Any, operating_point: str | None, request_ids: list[str] | None = None
-    ) -> dict[str, Any] | JSONResponse:
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.model.input_spec
+
+    def _operating_point(self, name: str | None) -> OperatingPoint:
+        calibration = self.artifacts.calibration
         try:
-            point = self.artifacts.calibration.operating_point(
-                operating_point or self.settings.operating_point
-            )
+            return calibration.operating_point(name or self.settings.operating_point)
         except KeyError:
-            exc = InputRejectedError(
+            raise InputRejectedError(
                 "unknown_operating_point",
-                f"unknown operating point {operating_point!r}; valid: "
-                f"{', '.join(self.artifacts.calibration.names)}",
-            )
-            self.metrics.reject(exc.reason)
-            return rejection(exc)
+                f"unknown operating point {name!r}; valid: {', '.join(calibration.names)}",
+            ) from None
+
+    async def _forward(self, x: np.ndarray) -> Any:
+        """The backend's outputs for ``x``; :class:`BackendUnavailableError` when it failed."""
         monitor = self.monitor
-        if monitor is not None and not monitor.ready:  # known down or wrong: answer now, not at the timeout
-            self.metrics.backend_error()
+        if monitor is None:
+            return await self.batcher.submit(x)
+        if not monitor.ready:  # known down or wrong: answer now, not at the timeout
             if monitor.state == GRAPH_MISMATCH:
-                return graph_mismatch(monitor.detail)
-            return backend_unavailable(self.backend.name, RuntimeError(monitor.detail))
+                raise ServedGraphMismatchError(self.backend.name, monitor.detail)
+            raise BackendUnavailableError(self.backend.name, monitor.detail)
         try:
-            if monitor is None:
-                out = await self.batcher.submit(x)
-            else:
-                # queued behind hung calls, a request still ends by the Triton timeout plus a little
-                out = await asyncio.wait_for(self.batcher.submit(x), self.settings.triton_timeout + 0.5)
-        except Exception as exc:  # Triton down or past its timeout, an ONNX Runtime error: not a 500
-            log.warning("%s backend failed: %s", self.backend.name, exc)
-            self.metrics.backend_error()
-            if monitor is not None:
-                monitor.report_failure(exc)
-            return backend_unavailable(self.backend.name, exc)
+            # queued behind hung calls, a request still ends by the Triton timeout plus a little
+            return await asyncio.wait_for(self.batcher.submit(x), self.settings.triton_timeout + 0.5)
+        except asyncio.TimeoutError as exc:
+            limit = self.settings.triton_timeout + 0.5
+            failure = BackendUnavailableError(self.backend.name, f"no answer within {limit:g} s")
+            monitor.report_failure(failure)
+            raise failure from exc
+        except BackendUnavailableError as exc:
+            monitor.report_failure(exc)
+            raise
+
+    async def _decide(
+        self, x: np.ndarray, operating_point: str | None, request_ids: list[str] | None = None
+    ) -> PredictResponse:
+        """Decide ``x`` (float32 ``[N, C, H, W]``, checked) at the named operating point."""
+        point = self._operating_point(operating_point)
+        out = await self._forward(x)
         accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
         column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
-        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, column)
-        predictions = with_request_ids(predictions, request_ids, self.decision_log, x)
+        ids = request_ids if request_ids is not None else new_request_ids(len(x))
+        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, column, ids)
+        if self.decision_log is not None:
+            self.decision_log.record(ids, predictions[1], x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
             "operating_point": point.name,
-            "predictions": predictions,
+            "predictions": predictions[0],
         }
 
-    def _answers(self, out: Any, point: Any, answered: Any = None) -> list[dict[str, Any]]:
-        """Decisions of a forward pass's outputs, counted in the metrics; ``answered``: the
-        decision Triton already took (a selective entry's accept column), else the threshold's."""
-        # g's logit when the graph exports it (issue 10): a selection point's threshold is a logit
+    def _answers(
+        self, out: Any, point: OperatingPoint, answered: np.ndarray | None, request_ids: list[str]
+    ) -> tuple[list[Answer], Any]:
+        """The answers to a forward pass's outputs, counted in the metrics, and their decisions;
+        ``answered``: the decision Triton already took (a selective entry's accept column)."""
+        # g's logit when the graph exports it: a selection point's threshold is then a logit
         decisions = decide_arrays(out.logits, out.selection, point, getattr(out, "selection_logit", None))
-        if answered is not None:
-            decisions = dataclasses.replace(decisions, answered=np.asarray(answered, dtype=bool).reshape(-1))
-        answered, scores = decisions.answered.tolist(), decisions.score_value.tolist()
-        self.metrics.observe_decisions(point.name, answered, point.score, scores)
-        return answers(decisions, self.class_names)
+        decisions = decided_by_backend(decisions, answered)
+        self.metrics.observe_decisions(
+            point.name, decisions.answered.tolist(), point.score, decisions.score_value.tolist()
+        )
+        return answers(decisions, self.class_names, request_ids), decisions
 
     async def predict_npy(
         self, body: bytes, operating_point: str | None, request_ids: list[str] | None = None
-    ) -> dict[str, Any] | JSONResponse:
-        """``POST /predict`` with a ``.npy`` body (see :class:`abstain.serving.http.middleware.NpyPredict`);
+    ) -> PredictResponse:
+        """``POST /predict`` with a ``.npy`` body (:class:`abstain.serving.http.middleware.NpyPredict`);
         ``request_ids``: the ``request_id`` query parameters, one per image, if any."""
-        spec = self.model.input_spec
-        try:
-            big = len(body) >= 4 * OFFLOAD_PIXELS
-            x = await off_loop(big, parse_npy, body, spec, self.settings.max_batch)
-            ids = parse_request_ids(request_ids or None, len(x))
-        except InputRejectedError as exc:
-            self.metrics.reject(exc.reason)
-            return rejection(exc)
-        return await self._decide(x, operating_point, ids)
+        big = len(body) >= 4 * OFFLOAD_PIXELS
+        x = await off_loop(big, parse_npy, body, self.model.input_spec, self.settings.max_batch)
+        return await self._decide(x, operating_point, parse_request_ids(request_ids or None, len(x)))
 
     async def predict_pixels(
         self, pixels: list[Any], operating_point: str | None = None, request_id: Any = None
-    ) -> dict[str, Any] | JSONResponse:
-        """``POST /predict`` with JSON pixels: from :class:`abstain.serving.http.middleware.JsonPredict`
-        (JSON bodies) or from the BentoML endpoint below."""
-        try:
-            big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
-            x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
-        except InputRejectedError as exc:
-            self.metrics.reject(exc.reason)
-            return rejection(exc)
+    ) -> PredictResponse:
+        """``POST /predict`` with JSON pixels as Python lists (the BentoML endpoint below)."""
+        big = (batch_length(pixels) or 1) * self.pixels >= OFFLOAD_PIXELS
+        x = await off_loop(big, parse_pixels, pixels, self.model.input_spec, self.settings.json_batch)
         return await self.predict_array(x, operating_point, request_id)
 
     async def predict_array(
         self, x: np.ndarray, operating_point: str | None = None, request_id: Any = None
-    ) -> dict[str, Any] | JSONResponse:
+    ) -> PredictResponse:
         """``POST /predict`` for pixels already checked and converted (float32 ``[N, C, H, W]``),
         by :class:`abstain.serving.http.middleware.JsonPredict` or :meth:`predict_pixels`."""
+        return await self._decide(x, operating_point, parse_request_ids(request_id, len(x)))
+
+    async def _respond(self, work: Awaitable[PredictResponse]) -> PredictResponse | JSONResponse:
+        """The answer of ``work``, or the error answer of what it raised (one mapping:
+        :func:`abstain.serving.http.responses.error_response`)."""
         try:
-            ids = parse_request_ids(request_id, len(x))
-        except InputRejectedError as exc:
-            self.metrics.reject(exc.reason)
-            return rejection(exc)
-        return await self._decide(x, operating_point, ids)
+            return await work
+        except Exception as exc:
+            return error_response(exc, self.metrics)
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -346,23 +351,23 @@ class Abstain:
         """Predict or abstain for one image ``[C, H, W]`` or a batch ``[N, C, H, W]`` (pixels in [0, 1]).
 
         ``request_id``: the client's own id per image (else one is made); answers carry it. JSON
-        bodies are answered by :class:`abstain.serving.http.middleware.JsonPredict` and ``.npy`` bodies
-        (``Content-Type: application/x-npy``) by :class:`abstain.serving.http.middleware.NpyPredict`,
+        bodies are answered by :class:`abstain.serving.http.middleware.JsonPredict` and ``.npy``
+        bodies (``Content-Type: application/x-npy``) by :class:`abstain.serving.http.middleware.NpyPredict`,
         both before BentoML parses anything; this endpoint documents the schema."""
-        return await self.predict_pixels(pixels, operating_point, request_id)  # type: ignore[return-value]
+        # BentoML passes a Response through as it is; its schema names the answer's dict
+        return await self._respond(self.predict_pixels(pixels, operating_point, request_id))  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_image")
     async def predict_image(
         self, image: Path, operating_point: str | None = None, request_id: str | None = None
     ) -> dict[str, Any]:
         """Predict or abstain for one PNG or JPEG upload, converted to the graph's input spec."""
-        try:
+
+        async def decide() -> PredictResponse:
             x = decode_image(Path(image).read_bytes(), self.model.input_spec)
-            ids = parse_request_ids(request_id, len(x))
-        except InputRejectedError as exc:
-            self.metrics.reject(exc.reason)
-            return rejection(exc)  # type: ignore[return-value]
-        return await self._decide(x, operating_point, ids)  # type: ignore[return-value]
+            return await self._decide(x, operating_point, parse_request_ids(request_id, len(x)))
+
+        return await self._respond(decide())  # type: ignore[return-value]
 
 
 Abstain.add_asgi_middleware(CountFrameworkRejections)

@@ -59,10 +59,10 @@ CORE_OPTIONAL_IMPORTS = {
 #: and ``cli.py`` wire them and may import any (docs/architecture.md, "Inside serving/")
 SERVING_ROOMS: dict[str, set[str]] = {
     "config": set(),
-    "store": set(),
+    "store": {"config"},
     "inference": {"config"},
-    "triton": {"inference"},
-    "http": {"config", "metrics"},
+    "triton": {"config", "inference"},
+    "http": {"config", "inference", "metrics", "store"},
 }
 
 

@@ -1,79 +1,92 @@
-"""Graph outputs + a calibrated operating point → one predict-or-abstain decision per image.
+"""The JSON answers of ``POST /predict``, typed: one :class:`Answer` per image.
 
-Pure numpy, no I/O: the service, the Triton backend test and the benchmark all turn
-``(logits [N, K], selection [N])`` into JSON-ready dicts through :func:`decide`.
-
-The decision itself is :func:`abstain.decisions.decide_arrays` (shared with ``abstain
-predict``): a sample is answered iff ``score >= threshold``, with the score named by the
-operating point. The prediction is the arg-max of the prediction head f; its softmax probability is
-reported as ``confidence`` whether or not the sample is answered, so that a human reviewer
-sees the model's top candidate for an abstention.
+The decision itself is :func:`abstain.decisions.decide_arrays` — the one decision path of
+the service, ``abstain predict`` and the tests; this module only turns its arrays into the
+answer's dicts. A sample is answered iff ``score >= threshold``; the arg-max class of the
+prediction head f and its softmax probability (``confidence``) are reported for abstentions
+too, as the ``candidate`` a human reviewer sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, TypedDict
 
 import numpy as np
 
-from abstain.decisions import Decisions, decide_arrays
-from abstain.operating_points import OperatingPoint
-
-PREDICT = "predict"
-ABSTAIN = "abstain"
-DECISIONS = (PREDICT, ABSTAIN)
+from abstain.decisions import Decisions
 
 
-def decide(
-    logits: np.ndarray,
-    selection: np.ndarray,
-    point: OperatingPoint,
-    class_names: Sequence[str],
-    answered: np.ndarray | None = None,
-    selection_logit: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """One decision dict per row of ``logits``.
+class Candidate(TypedDict):
+    """The model's top class for an abstention, for human review."""
 
-    Args:
-        logits: float ``[N, K]`` prediction-head outputs.
-        selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
-        point: the operating point whose ``score`` and ``threshold`` decide.
-        class_names: ``K`` labels, index ``i`` names class ``i``.
-        answered: bool ``[N]``, the decision already taken for ``point`` (a selective graph's
-            ``accept`` column, ``serving/triton/selective_backend.py``); default ``score >= threshold``.
-        selection_logit: float ``[N]`` g's logit z when the graph exports it; the
-            ``selection`` score is then z (``score_value`` and ``threshold`` are logits).
-
-    Returns:
-        ``N`` dicts. Always: ``decision``, ``confidence`` (softmax response), ``selection`` (g),
-        ``score`` (name), ``score_value``, ``threshold``, ``operating_point``. Predictions add
-        ``label`` and ``class_index``; abstentions add ``reason`` and ``candidate``
-        (``label``, ``class_index``, ``confidence``) for human review.
-    """
-    d = decide_arrays(logits, selection, point, selection_logit)  # checks the shapes
-    if answered is not None:  # Triton decided (a selective entry): its accept column wins
-        d = dataclasses.replace(d, answered=np.asarray(answered, dtype=bool).reshape(-1))
-    if np.shape(logits)[1] != len(class_names):
-        raise ValueError(
-            f"the graph gives {np.shape(logits)[1]} classes but {len(class_names)} class names were given"
-        )
-    return answers(d, class_names)
+    label: str
+    class_index: int
+    confidence: float
 
 
-def answers(d: Decisions, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The JSON-ready dicts of :func:`decide` from :func:`abstain.decisions.decide_arrays`' arrays.
+class _AnswerBase(TypedDict):
+    request_id: str
+    confidence: float  # softmax response of the top class
+    selection: float  # the selection head's g
+    score: str  # the name of the score the operating point thresholds
+    score_value: float  # that score for this image, on the threshold's scale
+    threshold: float
+    operating_point: str
 
-    Arrays become Python numbers in one ``tolist()`` each rather than one ``float()`` per image
-    and field (the per-request cost the service pays on its event loop); the loop only
-    assembles the dicts.
+
+class Prediction(_AnswerBase):
+    """An answered image: its ``label`` and ``class_index``."""
+
+    decision: Literal["predict"]
+    label: str
+    class_index: int
+
+
+class Abstention(_AnswerBase):
+    """An image the service does not answer: ``reason`` says why, ``candidate`` what it would say."""
+
+    decision: Literal["abstain"]
+    reason: str
+    candidate: Candidate
+
+
+Answer = Prediction | Abstention
+
+
+class PredictResponse(TypedDict):
+    """The body of a ``POST /predict`` answer."""
+
+    model: str
+    version: str
+    operating_point: str
+    predictions: list[Answer]
+
+
+def decided_by_backend(d: Decisions, answered: np.ndarray | None) -> Decisions:
+    """``d`` with the decision a selective graph already took (Triton serving an
+    ``abstain export-selective`` entry: its ``accept`` column for this point, bool ``[N]``)
+    in place of the threshold test; ``d`` itself when ``answered`` is ``None``."""
+    if answered is None:
+        return d
+    return dataclasses.replace(d, answered=np.asarray(answered, dtype=bool).reshape(-1))
+
+
+def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]) -> list[Answer]:
+    """One :class:`Answer` per decided image, carrying ``request_ids[i]``.
+
+    Each array becomes Python numbers in one ``tolist()`` (not one ``float()`` per image and
+    field): this runs on the event loop for small requests.
     """
     point = d.point
     threshold, name, score = float(point.threshold), point.name, point.score
-    out: list[dict[str, Any]] = []
-    for i, (k, conf, g, value, ok) in enumerate(
+    if len(request_ids) != len(d):
+        raise ValueError(f"{len(d)} decisions need {len(d)} request ids, but got {len(request_ids)}")
+    out: list[Answer] = []
+    for i, (rid, k, conf, g, value, ok) in enumerate(
         zip(
+            request_ids,
             d.class_index.tolist(),
             d.confidence.tolist(),
             d.selection.tolist(),
@@ -82,20 +95,20 @@ def answers(d: Decisions, class_names: Sequence[str]) -> list[dict[str, Any]]:
             strict=True,
         )
     ):
-        item: dict[str, Any] = {
-            "decision": PREDICT if ok else ABSTAIN,
-            "confidence": conf,
-            "selection": g,
-            "score": score,
-            "score_value": value,
-            "threshold": threshold,
-            "operating_point": name,
-        }
         if ok:
-            item["label"] = class_names[k]
-            item["class_index"] = k
+            out.append(
+                Prediction(
+                    request_id=rid, decision="predict", confidence=conf, selection=g, score=score,
+                    score_value=value, threshold=threshold, operating_point=name,
+                    label=class_names[k], class_index=k,
+                )
+            )  # fmt: skip
         else:
-            item["reason"] = d.reason(i)
-            item["candidate"] = {"label": class_names[k], "class_index": k, "confidence": conf}
-        out.append(item)
+            out.append(
+                Abstention(
+                    request_id=rid, decision="abstain", confidence=conf, selection=g, score=score,
+                    score_value=value, threshold=threshold, operating_point=name, reason=d.reason(i),
+                    candidate=Candidate(label=class_names[k], class_index=k, confidence=conf),
+                )
+            )  # fmt: skip
     return out

@@ -24,11 +24,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import bentoml
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from abstain.serving.http.contract import ServiceContract, ServiceProvider
 from abstain.serving.http.request_ids import REQUEST_ID
 from abstain.serving.store.decision_store import LabelConflictError
 from abstain.serving.store.recorder import StoreUnavailableError
@@ -110,9 +110,8 @@ def class_index(label: Any, class_names: Sequence[str]) -> int | None:
     return None
 
 
-async def feedback(request: Request) -> JSONResponse:
-    """``POST /feedback`` (see the module docstring)."""
-    service = bentoml.get_current_service()
+async def feedback(request: Request, service: ServiceContract | None) -> JSONResponse:
+    """``POST /feedback`` (see the module docstring) to ``service``."""
     if service is None:
         return JSONResponse({"error": "service is starting", "reason": "store_unavailable"}, status_code=503)
     log = service.decision_log
@@ -177,4 +176,10 @@ async def feedback(request: Request) -> JSONResponse:
     return JSONResponse({"accepted": len(results), "results": results})
 
 
-ROUTES = [Route("/feedback", feedback, methods=["POST"])]
+def routes(service: ServiceProvider) -> list[Route]:
+    """``POST /feedback`` to the service ``service()`` returns."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        return await feedback(request, service())
+
+    return [Route("/feedback", endpoint, methods=["POST"])]

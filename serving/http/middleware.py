@@ -7,27 +7,31 @@
 * :class:`CountFrameworkRejections` — BentoML's own 4xx answers counted as rejected inputs;
 * :class:`RequestTimeout` — BentoML's request timeout without its leak (see :func:`install_request_timeout`).
 
-Each reaches the running service through ``bentoml.get_current_service()`` (the service
-instance of this worker), never at import time.
+Each is given a :data:`~abstain.serving.http.contract.ServiceProvider` (by default this
+worker's service, from BentoML) and asks it per request, never at import time; errors become
+answers in one place, :func:`abstain.serving.http.responses.error_response`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import bentoml
 import numpy as np
 import orjson
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from abstain.serving.http.responses import REJECTED_HEADER, AnswerResponse, rejection
+from abstain.serving.http.contract import ServiceContract, ServiceProvider, current_service
+from abstain.serving.http.responses import REJECTED_HEADER, error_response, respond
 from abstain.serving.http.validation import MAX_IMAGE_BYTES, NPY_MEDIA_TYPE, InputRejectedError, parse_pixels
+
+if TYPE_CHECKING:
+    from abstain.serving.metrics import RejectReason
 
 
 class CountFrameworkRejections:
@@ -39,10 +43,10 @@ class CountFrameworkRejections:
     ``/predict_image``). Answers carrying :data:`REJECTED_HEADER` were counted already.
     """
 
-    REASONS: ClassVar[dict[str, str]] = {"/predict": "bad_json", "/predict_image": "bad_image"}
+    REASONS: ClassVar[dict[str, RejectReason]] = {"/predict": "bad_json", "/predict_image": "bad_image"}
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reason = self.REASONS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -56,7 +60,7 @@ class CountFrameworkRejections:
                 and message["status"] not in (429,)
             ):
                 names = {k.lower() for k, _ in message.get("headers", [])}
-                service = bentoml.get_current_service()
+                service = self.service()
                 if REJECTED_HEADER.encode() not in names and service is not None:
                     service.metrics.reject(reason)
             await send(message)
@@ -101,14 +105,14 @@ class LimitPredictBody:
     SLACK_BYTES = 64 * 1024
     DRAIN_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         # only now: asked during the lifespan start-up, it would wait for the service being built
-        service = bentoml.get_current_service()
+        service = self.service()
         if service is None:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
@@ -137,7 +141,7 @@ class LimitPredictBody:
                     return
                 seen += len(message.get("body", b""))
                 more = message.get("more_body", False)
-            settings, shape = service.settings, list(service.model.input_spec.shape)
+            settings, shape = service.settings, list(service.input_spec.shape)
             exc = InputRejectedError(
                 "batch_too_large",
                 f"the request body is larger than {limit} bytes (ABSTAIN_MAX_REQUEST_BYTES "
@@ -145,8 +149,7 @@ class LimitPredictBody:
                 f"images of {shape} as compact JSON, or {settings.max_batch} as a .npy body "
                 f"({NPY_MEDIA_TYPE}), within that many bytes",
             )
-            service.metrics.reject(exc.reason)
-            return await rejection(exc)(scope, receive, send)
+            return await error_response(exc, service.metrics)(scope, receive, send)
 
         await self.app(scope, replay_receive(bytes(body), receive), send)
 
@@ -168,8 +171,8 @@ class NpyPredict:
 
     PATH = "/predict"
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -179,17 +182,15 @@ class NpyPredict:
             or not is_npy(Headers(scope=scope))
         ):
             return await self.app(scope, receive, send)
-        service = bentoml.get_current_service()
+        service = self.service()
         if service is None:
-            answer = JSONResponse({"error": "service is starting"}, status_code=503)
-            return await answer(scope, receive, send)
+            starting = JSONResponse({"error": "service is starting"}, status_code=503)
+            return await starting(scope, receive, send)
         request = Request(scope, receive)
         body = await request.body()
         query = request.query_params
-        answer = await service.predict_npy(body, query.get("operating_point"), query.getlist("request_id"))
-        if not isinstance(answer, Response):
-            answer = AnswerResponse(answer)
-        await answer(scope, receive, send)
+        work = service.predict_npy(body, query.get("operating_point"), query.getlist("request_id"))
+        await (await respond(work, service.metrics))(scope, receive, send)
 
 
 class JsonPredict:
@@ -215,15 +216,15 @@ class JsonPredict:
     #: bodies at least this large are decoded and converted on a thread (orjson: ~7 ms a MB)
     THREAD_BYTES = 256 * 1024
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         media_type = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
-        service = bentoml.get_current_service()
-        if media_type != "application/json" or service is None:
+        service = self.service() if media_type == "application/json" else None
+        if service is None:
             return await self.app(scope, receive, send)
         body = await Request(scope, receive).body()
         try:
@@ -233,22 +234,20 @@ class JsonPredict:
                 )
             else:
                 x, operating_point, request_id = self._pixels(body, service)
-        except (ValueError, InputRejectedError) as exc:  # json.JSONDecodeError is a ValueError
-            if not isinstance(exc, InputRejectedError):
-                exc = InputRejectedError("bad_json", f"Invalid JSON: {exc}; {self.VALID}")
-            service.metrics.reject(exc.reason)
-            return await rejection(exc)(scope, receive, send)
-        answer = await service.predict_array(x, operating_point, request_id)
-        if not isinstance(answer, Response):
-            answer = AnswerResponse(answer)
-        await answer(scope, receive, send)
+        except InputRejectedError as exc:
+            return await error_response(exc, service.metrics)(scope, receive, send)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            rejected = InputRejectedError("bad_json", f"Invalid JSON: {exc}; {self.VALID}")
+            return await error_response(rejected, service.metrics)(scope, receive, send)
+        work = service.predict_array(x, operating_point, request_id)
+        await (await respond(work, service.metrics))(scope, receive, send)
 
-    def _pixels(self, body: bytes, service: Any) -> tuple[np.ndarray, str | None, Any]:
+    def _pixels(self, body: bytes, service: ServiceContract) -> tuple[np.ndarray, str | None, Any]:
         """The body decoded and its pixels checked and converted: ``(x float32 [N, C, H, W],
         operating_point, request_id)``. One function, so that for a big body (on a thread) the
         decoded lists are also freed there: ~9 ms of deallocation for a 6 MB body."""
         pixels, operating_point, request_id = self._fields(loads_json(body))
-        x = parse_pixels(pixels, service.model.input_spec, service.settings.json_batch)
+        x = parse_pixels(pixels, service.input_spec, service.settings.json_batch)
         return x, operating_point, request_id
 
     def _fields(self, payload: Any) -> tuple[list[Any], str | None, Any]:
@@ -305,8 +304,8 @@ class CheckUploadForms:
         "optionally, a text field 'operating_point'"
     )
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") != self.PATH or scope.get("method") != "POST":
@@ -331,10 +330,9 @@ class CheckUploadForms:
             problem = await self._problem(scope, bytes(body), media_type)
         if problem is not None:
             exc = InputRejectedError("bad_image", f"{problem}; {self.VALID}")
-            service = bentoml.get_current_service()
-            if service is not None:
-                service.metrics.reject(exc.reason)
-            return await rejection(exc)(scope, receive, send)
+            service = self.service()
+            metrics = service.metrics if service is not None else None
+            return await error_response(exc, metrics)(scope, receive, send)
 
         await self.app(scope, replay_receive(bytes(body), receive), send)
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from abstain.serving.http.validation import InputRejectedError
-
-if TYPE_CHECKING:
-    from abstain.serving.store.live import DecisionLog
 
 #: A request id a client may send: 1-128 letters, digits and ``. _ : -``, starting alphanumeric.
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -69,17 +65,3 @@ def new_request_ids(n: int) -> list[str]:
     raw[:, 8] = raw[:, 8] & 0x3F | 0x80  # the RFC 9562 variant (10xx)
     text = raw.tobytes().hex()
     return [text[i : i + 32] for i in range(0, 32 * n, 32)]
-
-
-def with_request_ids(
-    answers: list[dict[str, Any]],
-    request_ids: Sequence[str] | None,
-    log: DecisionLog | None,
-    x: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """Each answer with its ``request_id`` first (the client's, else a new one), recorded in ``log``
-    (with the abstained inputs of ``x`` ``[N, C, H, W]`` when the review queue is on)."""
-    ids = list(request_ids) if request_ids is not None else new_request_ids(len(answers))
-    if log is not None:
-        log.record(ids, answers, x)
-    return [{"request_id": rid, **a} for rid, a in zip(ids, answers, strict=True)]

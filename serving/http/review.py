@@ -8,22 +8,25 @@ id, candidate and score, in the decision store beside the decisions.
 * ``GET /review?offset=0&limit=50`` lists the unlabelled items, oldest first;
 * ``GET /review/{request_id}`` returns one as a PNG (8-bit; the stored pixels are float32);
 * ``POST /feedback`` with the item's request id labels it: it leaves the queue and waits for
-  ``abstain review export DIR`` (:mod:`abstain.serving.review_cli`), which writes the labelled
+  ``abstain review export DIR`` (:mod:`abstain.serving.cli`), which writes the labelled
   items as a dataset that ``abstain calibrate`` / ``evaluate`` (and ``abstain train``) read.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bentoml
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from abstain.serving.http.contract import ServiceContract, ServiceProvider
 from abstain.serving.store.decision_store import ReviewItem
 from abstain.serving.store.recorder import StoreUnavailableError
 from abstain.serving.store.review_export import item_pixels, to_png
+
+if TYPE_CHECKING:
+    from abstain.serving.store.live import DecisionLog
 
 #: Most items one ``GET /review`` page lists.
 MAX_PAGE = 500
@@ -53,17 +56,16 @@ def _error(status: int, reason: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "reason": reason}, status_code=status)
 
 
-def _log_or_error() -> tuple[Any, JSONResponse | None]:
-    service = bentoml.get_current_service()
+def _log_or_error(service: ServiceContract | None) -> tuple[DecisionLog | None, JSONResponse | None]:
     if service is None:
         return None, _error(503, "store_unavailable", "service is starting")
     if service.decision_log is None or not service.decision_log.review:
-        return service, _error(
+        return None, _error(
             404, "review_off",
             "the review queue is off: start the service with ABSTAIN_REVIEW_QUEUE=<items> "
             "(and a decision store, ABSTAIN_STORE=sqlite or a postgresql:// URL)",
         )  # fmt: skip
-    return service, None
+    return service.decision_log, None
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -75,18 +77,19 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return int(raw)
 
 
-async def review_list(request: Request) -> JSONResponse:
+async def review_list(request: Request, service: ServiceContract | None) -> JSONResponse:
     """``GET /review?offset=&limit=``: unlabelled review items, oldest first."""
-    service, error = _log_or_error()
+    log, error = _log_or_error(service)
     if error is not None:
         return error
+    assert log is not None and service is not None  # _log_or_error gave no error
     try:
         offset = _int_param(request, "offset", 0, 0, 10**12)
         limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
     except ValueError as exc:
         return _error(400, "bad_query", str(exc))
     try:
-        total, items = await service.decision_log.recorder.call(
+        total, items = await log.recorder.call(
             lambda store: store.review_page(offset, limit)
         )
     except StoreUnavailableError as exc:
@@ -101,14 +104,15 @@ async def review_list(request: Request) -> JSONResponse:
     )
 
 
-async def review_image(request: Request) -> Response:
+async def review_image(request: Request, service: ServiceContract | None) -> Response:
     """``GET /review/{request_id}``: the kept input as a PNG (labelled or not, until exported or dropped)."""
-    service, error = _log_or_error()
+    log, error = _log_or_error(service)
     if error is not None:
         return error
+    assert log is not None  # _log_or_error gave no error
     request_id = request.path_params["request_id"]
     try:
-        item = await service.decision_log.recorder.call(lambda store: store.review_item(request_id))
+        item = await log.recorder.call(lambda store: store.review_item(request_id))
     except StoreUnavailableError as exc:
         return _error(503, "store_unavailable", f"{exc}; retry later")
     if item is None:
@@ -120,7 +124,16 @@ async def review_image(request: Request) -> Response:
     return Response(to_png(item_pixels(item)), media_type="image/png")
 
 
-ROUTES = [
-    Route("/review", review_list, methods=["GET"]),
-    Route("/review/{request_id}", review_image, methods=["GET"]),
-]
+def routes(service: ServiceProvider) -> list[Route]:
+    """The review queue of the service ``service()`` returns."""
+
+    async def listing(request: Request) -> Response:
+        return await review_list(request, service())
+
+    async def image(request: Request) -> Response:
+        return await review_image(request, service())
+
+    return [
+        Route("/review", listing, methods=["GET"]),
+        Route("/review/{request_id}", image, methods=["GET"]),
+    ]

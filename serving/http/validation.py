@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from abstain.contract import InputSpec
 from abstain.images import fit_image
+
+if TYPE_CHECKING:
+    from abstain.serving.metrics import RejectReason
 
 #: Largest upload ``/predict_image`` decodes (bytes) and largest decoded image (pixels): a
 #: tiny compressed file can decode to gigabytes ("decompression bomb").
@@ -28,7 +31,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 class InputRejectedError(ValueError):
     """A request the service refuses; ``reason`` labels ``abstain_rejected_inputs_total``."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: RejectReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message

@@ -16,6 +16,25 @@ import numpy as np
 from abstain.runtime import GraphOutputs, OnnxModel
 
 
+class BackendUnavailableError(RuntimeError):
+    """The forward pass failed in the backend (down, past its timeout, errored): the request was
+    valid, retry later. Answered 503 with :attr:`reason`."""
+
+    reason = "backend_unavailable"
+
+    def __init__(self, backend: str, cause: BaseException | str) -> None:
+        detail = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"the {backend} inference backend failed ({detail[:300]})")
+        self.backend, self.detail = backend, detail
+
+
+class ServedGraphMismatchError(BackendUnavailableError):
+    """The backend answers with another graph than the calibrated one: no answer is given with
+    thresholds calibrated for another graph. Answered 503 with :attr:`reason`."""
+
+    reason = "graph_mismatch"
+
+
 class Backend(Protocol):
     """What the service needs from a backend."""
 

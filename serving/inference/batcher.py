@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from abstain.runtime import GraphOutputs
+from abstain.serving.inference.backends import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class AdaptiveBatcher:
         max_batch_size: most images per forward pass (a bigger single request is split).
         max_latency_ms: longest wait for more requests once one is queued.
         on_batch: called with ``(images, seconds)`` after each forward pass (metrics).
+        name: the backend's name; whatever ``infer`` raises reaches the caller as a
+            :class:`BackendUnavailableError` naming it (a failure of the backend, not of the
+            request nor of the service's code).
         max_in_flight: forward passes running at once, each on its own thread. 1 for ONNX
             Runtime in this process (it parallelises inside a pass); more for a remote backend
             (Triton), so that one slow call does not serialise the worker and Triton's own
@@ -54,6 +58,7 @@ class AdaptiveBatcher:
         max_latency_ms: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
         max_in_flight: int = 1,
+        name: str = "inference",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size should be >= 1, but got {max_batch_size}")
@@ -61,7 +66,7 @@ class AdaptiveBatcher:
             raise ValueError(f"max_latency_ms should be >= 0, but got {max_latency_ms}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight should be >= 1, but got {max_in_flight}")
-        self._infer, self._on_batch = infer, on_batch
+        self._infer, self._on_batch, self.name = infer, on_batch, name
         self.max_in_flight = max_in_flight
         self.max_batch_size, self.max_latency_s = max_batch_size, max_latency_ms / 1000.0
         # one thread per pass in flight: backends need not be thread-safe (tritonclient.http is
@@ -88,10 +93,6 @@ class AdaptiveBatcher:
             log.error(
                 "adaptive batching loop stopped; the next request starts a new one", exc_info=task.exception()
             )
-
-    def run_sync(self, x: np.ndarray) -> GraphOutputs:
-        """One forward pass on the inference thread, outside any event loop (start-up checks)."""
-        return self._executor.submit(self._infer, x).result()
 
     async def _loop(self) -> None:
         assert self._queue is not None
@@ -188,7 +189,10 @@ class AdaptiveBatcher:
         for i in range(0, len(x), self.max_batch_size):
             chunk = x[i : i + self.max_batch_size]
             t0 = time.perf_counter()
-            parts.append(self._infer(chunk))
+            try:
+                parts.append(self._infer(chunk))
+            except Exception as exc:
+                raise BackendUnavailableError(self.name, exc) from exc
             if self._on_batch is not None:
                 self._on_batch(len(chunk), time.perf_counter() - t0)
         return _concat(parts)

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from abstain.bounds import clopper_pearson
+from abstain.decisions import ABSTAIN, PREDICT, Decisions
 from abstain.operating_points import Calibration, OperatingPoint
 from abstain.serving.store.decision_store import Decision, DecisionStore, Retention, ReviewItem, open_store
 from abstain.serving.store.recorder import Recorder
@@ -189,45 +190,41 @@ class DecisionLog:
             review=settings.review_queue > 0,
         )
 
-    def record(
-        self, request_ids: Sequence[str], answers: Sequence[dict[str, Any]], x: np.ndarray | None = None
-    ) -> None:
-        """Queue one :class:`Decision` per answer (never blocks, never fails the answer), and, with
-        the review queue on, each abstained input of ``x`` (float32 ``[N, C, H, W]``)."""
+    def record(self, request_ids: Sequence[str], decisions: Decisions, x: np.ndarray | None = None) -> None:
+        """Queue one :class:`Decision` per decided image (never blocks, never fails the answer),
+        and, with the review queue on, each abstained input of ``x`` (float32 ``[N, C, H, W]``)."""
         now = time.time()
+        point, threshold = decisions.point.name, float(decisions.point.threshold)
+        answered = decisions.answered.tolist()
+        classes = decisions.class_index.tolist()
+        scores = decisions.score_value.tolist()
         reviews = []
         if self.review and x is not None:
+            confidence = decisions.confidence.tolist()
             reviews = [
                 ReviewItem(
                     request_id=rid,
                     t=now,
                     model=self.model,
                     version=self.version,
-                    operating_point=a["operating_point"],
-                    candidate=a["candidate"]["class_index"],
-                    confidence=a["candidate"]["confidence"],
-                    score=a["score_value"],
-                    threshold=a["threshold"],
+                    operating_point=point,
+                    candidate=classes[i],
+                    confidence=confidence[i],
+                    score=scores[i],
+                    threshold=threshold,
                     shape=tuple(x.shape[1:]),
                     pixels=np.ascontiguousarray(x[i], dtype=np.float32).tobytes(),
                 )
-                for i, (rid, a) in enumerate(zip(request_ids, answers, strict=True))
-                if a["decision"] == "abstain"
+                for i, rid in enumerate(request_ids)
+                if not answered[i]
             ]
         self.recorder.record(
             [
-                Decision(  # positional, in COLUMNS order: the hot path of every answer
-                    rid,
-                    now,
-                    self.model,
-                    self.version,
-                    a["operating_point"],
-                    a["decision"],
-                    a["class_index"] if "class_index" in a else a["candidate"]["class_index"],
-                    a["score_value"],
-                    a["threshold"],
+                # positional, in COLUMNS order: the hot path of every answer
+                Decision(
+                    rid, now, self.model, self.version, point, PREDICT if ok else ABSTAIN, k, s, threshold
                 )
-                for rid, a in zip(request_ids, answers, strict=True)
+                for rid, ok, k, s in zip(request_ids, answered, classes, scores, strict=True)
             ],
             reviews,
         )

@@ -19,7 +19,7 @@ from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME
 from abstain.datasets import load_digits
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.http.answers import decide
+from tests.answer_helpers import decide
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "digits"

@@ -27,7 +27,7 @@ from abstain.export.selective_entry import export_selective_entry
 from abstain.export.selective_graph import SelectiveInfo, build_selective_model, point_records
 from abstain.io import sha256_file
 from abstain.operating_points import Calibration, OperatingPoint, load_calibration
-from abstain.serving.http.answers import decide
+from tests.answer_helpers import decide
 from tests.digits import load_digits
 
 REPO = Path(__file__).resolve().parents[2]

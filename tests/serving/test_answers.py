@@ -13,10 +13,10 @@ from PIL import Image
 from abstain.contract import InputSpec
 from abstain.operating_points import OperatingPoint
 from abstain.runtime import GraphOutputs
-from abstain.serving.http.answers import decide
 from abstain.serving.http.validation import InputRejectedError, decode_image, parse_pixels
 from abstain.serving.inference.batcher import AdaptiveBatcher
 from abstain.serving.metrics import RollingRate
+from tests.answer_helpers import decide
 
 POINT = OperatingPoint(name="coverage-0.9", method="coverage", score="selection", threshold=0.5)
 SPEC = InputSpec(1, 2, 2)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from abstain.decisions import ABSTAIN, PREDICT
 from abstain.operating_points import OperatingPoint
-from abstain.serving.http.answers import ABSTAIN, PREDICT, decide
+from tests.answer_helpers import decide
 
 
 def test_answered_from_the_graph_is_the_decision_and_the_rest_is_unchanged() -> None:

@@ -26,10 +26,11 @@ from abstain.contract import (
     MODEL_FILENAME,
     SCORES_NAME,
 )
+from abstain.decisions import PREDICT
 from abstain.io import sha256_file
 from abstain.operating_points import load_calibration
 from abstain.runtime import OnnxModel
-from abstain.serving.http.answers import PREDICT, decide
+from tests.answer_helpers import decide
 from tests.digits import load_digits
 from tests.serving.servers import MODEL_DIR, pytriton_dir, start_triton, stop
 from tests.serving.triton_repository import write_python_backend_repository
@@ -109,7 +110,7 @@ def test_triton_metadata_and_provenance(triton: tuple[int, int]) -> None:
     import onnxruntime as ort
 
     props = ort.InferenceSession(str(SELECTIVE_DIR / MODEL_FILENAME)).get_modelmeta().custom_metadata_map
-    info = json.loads(props["abstain.risk_coverage"])
+    info = json.loads(props["abstain.selective"])
     assert info["calibration_sha256"] == sha256_file(Path(MODEL_DIR / CALIBRATION_FILENAME))
 
 
