@@ -30,8 +30,8 @@ SELECTION_NAME = "selection"
 OUTPUT_NAMES = (LOGITS_NAME, SELECTION_NAME)
 #: Optional third output: g's logit z, float32 [N], with ``selection == sigmoid(z)``. In float32
 #: sigmoid(z) rounds to exactly 1.0 beyond z ≈ 17, so the most confident inputs tie in
-#: ``selection``; z keeps them apart. Graphs exported since issue 10 have it; older graphs do
-#: not, and every stage works without it (the ``selection`` score is then g itself).
+#: ``selection``; z keeps them apart. ``abstain export`` always writes it; graphs exported
+#: before it existed lack it, and every stage works without it (``selection`` is then g itself).
 SELECTION_LOGIT_NAME = "selection_logit"
 OPTIONAL_OUTPUT_NAMES = (SELECTION_LOGIT_NAME,)
 
@@ -75,7 +75,7 @@ SCORE_NAMES = (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE, SCORE_COMBINED)
 #: An operating point's ``score_scale`` (in its extra fields): what its threshold is compared
 #: with. ``logit``: the ``selection`` score is g's logit z (graphs with ``selection_logit``);
 #: ``probability``: a value in [0, 1] (every other score, and ``selection`` on older graphs).
-#: A point without the field is ``probability`` (calibration files from before issue 10).
+#: A point without the field is ``probability`` (calibration files older than the field).
 SCORE_SCALE_LOGIT = "logit"
 SCORE_SCALE_PROBABILITY = "probability"
 
@@ -219,7 +219,7 @@ def default_repository() -> Path:
 def class_names_json(names: Sequence[str]) -> str:
     return json.dumps(list(names))
 
-# --- selective graph (issue 11: `abstain export-selective`) -----------------------------
+# --- selective graph (`abstain export-selective`) ---------------------------------------
 #: Outputs the selective graph adds to the base graph's (export/selective_graph.py).
 CLASS_INDEX_NAME = "class_index"  # int64 [N], arg-max class
 CONFIDENCE_NAME = "confidence"  # float64 [N], softmax response

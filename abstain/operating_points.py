@@ -228,10 +228,10 @@ def verify_graph(calibration: Calibration, graph_path: Path, graph_sha256: str |
 
 def check_score_scale(calibration: Calibration, has_selection_logit: bool, where: str) -> None:
     """Refuse (``CalibrationError``) a calibration whose thresholds are on another scale than the
-    scores this graph gives: a logit threshold (issue 10's ``selection_logit``) compared with g
-    in [0, 1], or the reverse, would answer everything or nothing.
+    scores this graph gives: a logit threshold (a graph with ``selection_logit``) compared with
+    g in [0, 1], or the reverse, would answer everything or nothing.
 
-    ``score_scale`` absent means ``probability`` (calibration files from before issue 10).
+    ``score_scale`` absent means ``probability`` (calibration files older than the field).
     """
     for point in calibration.operating_points:
         recorded = point.extra.get("score_scale", SCORE_SCALE_PROBABILITY)

@@ -1,6 +1,6 @@
 """``abstain evaluate``: what the calibrated operating points do on test data.
 
-Writes ``DIR/evaluation.json`` (interface of issue 4) and ``DIR/risk_coverage.png``:
+Writes ``DIR/evaluation.json`` and ``DIR/risk_coverage.png``:
 
 * per operating point: ``name``, ``target_coverage`` or ``target_risk``, ``realized_coverage``,
   ``selective_risk`` (null when nothing is answered), ``guarantee_held``, and context
@@ -8,8 +8,8 @@ Writes ``DIR/evaluation.json`` (interface of issue 4) and ``DIR/risk_coverage.pn
 * per score: ``aurc``, ``eaurc``, ``augrc`` and ``risk_at_coverage`` at the paper's table
   coverages 100 … 70 %.
 
-``check`` names what was tested and ``check_passed`` is its outcome (``guarantee_held``, the
-name issue 4's interface gave it, carries the same value for existing readers):
+``check`` names what was tested and ``check_passed`` is its outcome (``guarantee_held``, its
+older name, carries the same value for existing readers):
 
 * risk points (``check: "risk not shown above target"``): the test errors do not show, by a
   one-sided exact binomial test at the point's ``δ`` (:func:`abstain.bounds.risk_exceeds_target`),
@@ -100,7 +100,7 @@ def evaluate_point(point: OperatingPoint, preds: Predictions,
         "realized_coverage": cov,
         "selective_risk": _nan_to_none(risk),
         "check_passed": bool(held),
-        "guarantee_held": bool(held),  # issue 4's name for check_passed, kept for its readers
+        "guarantee_held": bool(held),  # check_passed's older name, kept for existing readers
         "n_selected": n_sel,
         "calibration_coverage": point.coverage,
         "calibration_risk": point.risk,

@@ -6,17 +6,16 @@ The graph follows ``abstain.contract`` (DESIGN.md, "The artifact contract")::
     logits          float32 [N, K]  prediction head f
     selection       float32 [N]     selection head g in [0, 1]
     selection_logit float32 [N]     g's logit z (g = sigmoid(z)); optional in the contract,
-                                    always exported since issue 10: float32 g is exactly 1.0
-                                    beyond z ≈ 17, and calibration thresholds z instead
+                                    always exported here: float32 g is exactly 1.0 beyond
+                                    z ≈ 17, and calibration thresholds z instead
 
 N is a symbolic dimension ("batch"). SelectiveNet is Geifman & El-Yaniv, ICML 2019; the
 auxiliary head h only shapes training (and SYNC's selective prior, Mishra et al. 2026) and
 is left out of the served graph.
 
-Exporter choice (measured on this machine, torch 2.14, onnxruntime 1.32): both the legacy
-TorchScript exporter and the ``torch.export``-based ("dynamo") exporter give a correct single-file
-graph with a dynamic batch for all bodies; the legacy one is deprecated ("will be removed"), so
-we use the dynamo exporter. Its lowest opset is 18; the graph is stamped IR version 8 (the IR
+Exporter: the ``torch.export``-based ("dynamo") one, since the legacy TorchScript exporter is
+deprecated (both gave correct graphs: docs/benchmarks.md, "Measurements behind design
+choices"). Its lowest opset is 18; the graph is stamped IR version 8 (the IR
 that introduced opset 18, ONNX 1.13) so that older ONNX Runtime builds, e.g. in older Triton
 containers, still load it — ``onnx.checker`` and ONNX Runtime validate that stamp on every export.
 """

@@ -54,7 +54,7 @@ def render_triton_config(name: str, spec: InputSpec, num_classes: int,
     with ``reshape { shape: [ ] }`` (Triton's documented way to serve a per-item scalar).
     ``labels.txt`` is attached to ``logits`` so Triton's classification extension can name classes.
     ``selection_logit`` (the optional ``[N]`` output, declared like ``selection``) is listed when
-    the graph has it, as every graph exported since issue 10 does.
+    the graph has it, as every graph ``abstain export`` writes does.
     """
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size should be a positive int, but got {max_batch_size!r}")

@@ -157,7 +157,7 @@ def build_selective_model(
     for p in points:
         if p.score not in SCORE_NAMES:
             raise ValueError(f"operating point {p.name!r} has score {p.score!r}; valid: {SCORE_NAMES}")
-    # issue 10: on a graph with selection_logit the selection score is the logit z (thresholds on
+    # on a graph with selection_logit the selection score is the logit z (thresholds on
     # the logit scale); its float32 → float64 cast is exact, as numpy's. combined would need
     # numpy's float64 sigmoid(z) bit for bit, which this graph does not reproduce: refused.
     has_logit = SELECTION_LOGIT_NAME in names

@@ -3,14 +3,13 @@
 The paper's schedule (SGD, Nesterov 0.9, weight decay 5e-4 — PyTorch's, not Keras' l2, see
 :mod:`abstain.training.defaults` —, lr 0.1 halved every 25 epochs,
 300 epochs) is the default for CIFAR-100 and the image-folder datasets. The two small
-datasets get shorter schedules so they finish on a 2-core CPU:
+datasets get shorter schedules so they finish in minutes on a 2-core CPU (timings and
+accuracies: docs/training.md):
 
 * ``digits`` (1,078 training images of 8×8): 40 epochs of 16 batches, lr 0.05 halved every
-  10 epochs: about 10 s on 2 cores and 99.4 % test accuracy (the paper's 300 epochs would
-  only spend more time on a set this small). Other schedules were not compared.
-* ``fashion-mnist`` (55,000 of 28×28): ``small_cnn`` of width 16 (an epoch took 13 s on
-  2 idle cores), 12 epochs, lr 0.05 halved every 4 epochs: 92.1 % test accuracy with
-  ``sync``, 91.6 % with ``selectivenet`` (docs/benchmarks.md).
+  10 epochs; the paper's 300 epochs would only spend more time on a set this small.
+* ``fashion-mnist`` (55,000 of 28×28): ``small_cnn`` of width 16, 12 epochs, lr 0.05 halved
+  every 4 epochs.
 """
 
 from __future__ import annotations

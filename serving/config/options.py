@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("triton_url", str, "127.0.0.1:8000", "Triton endpoint: host:port (HTTP) or grpc://host:port"),
     Option("triton_timeout", float, 10.0, "seconds one Triton call may take before the request gets a 503",
            minimum=0.001),
-    # issue 9: Triton calls in flight per worker, and how often the graph Triton serves is re-checked
+    # Triton calls in flight per worker, and how often the graph Triton serves is re-checked
     Option("triton_concurrency", int, 4, "Triton calls in flight per worker (Triton batches them)",
            minimum=1),
     Option("triton_probe_interval", float, 5.0,
@@ -77,7 +77,8 @@ OPTIONS: tuple[Option, ...] = (
            "Triton model the triton backend calls; a selective entry (`abstain export-selective`) makes "
            "Triton decide", default_text="the served entry's name"),
     Option("max_batch", int, 256, "most images one request may carry", minimum=1),
-    # issue 9: bound what one request holds (JSON costs ~40 bytes of Python objects per number)
+    # bound what one request holds: parsed JSON takes up to ~23 bytes of memory per body byte
+    # (docs/benchmarks.md, "Measurements behind design choices"), a .npy body its own size
     Option("max_json_batch", int, 64,
            "most images one JSON request may carry (at most max_batch; .npy bodies may carry max_batch)",
            minimum=1),
@@ -95,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrency", int, 64, "requests in flight per worker before a 429", minimum=1),
     Option("timeout", int, 30, "seconds before a request is answered 504", minimum=1),
     Option("rolling_window", int, 1000, "decisions in the rolling abstention-rate gauge", minimum=1),
-    # decision store and live risk (issue 13: serving/store/decision_store.py, serving/store/live.py)
+    # decision store and live risk (serving/store/decision_store.py, serving/store/live.py)
     Option("store", str, "sqlite",
            "decision store: sqlite (a WAL file in the store directory), a postgresql:// URL, or off"),
     Option("store_dir", str, None, "directory of the SQLite decision store",

@@ -40,8 +40,9 @@ class Decision(NamedTuple):
     """One answered-or-abstained image. ``class_index`` is the arg-max (the candidate of an abstention).
 
     A named tuple in :data:`COLUMNS` order, so that a batch goes to ``executemany`` as it is:
-    the service makes one per answered image on its event loop (a frozen dataclass cost 1.2 µs
-    to build and another to turn into a row; this costs 0.4 µs).
+    the service makes one per answered image on its event loop, where a dataclass and its
+    conversion to a row cost several times more (docs/benchmarks.md, "Measurements behind
+    design choices").
     """
 
     request_id: str

@@ -4,9 +4,9 @@
 in-memory buffer and returns at once — no lock handed over, no thread woken (a full buffer,
 or a store that is down, drops them and counts them "not recorded"; the answer is sent
 regardless). The thread wakes every :data:`FLUSH_S` seconds and writes everything buffered
-in one transaction. Why not wake it per answer: on a small machine a thread woken ~200
-times a second competes with the event loop for the GIL and the cores, and single-row
-transactions cost ~5x more per row than bursts (``benchmarks/serve_store.py``).
+in one transaction. Why not wake it per answer: a thread woken for every answer competes
+with the event loop for the GIL and the cores, and single-row transactions cost several times
+more per row than bursts (docs/benchmarks.md, "Decision store").
 
 Store calls from the endpoints (``call``: labels, review pages) wake the thread at once, and
 run after every decision buffered before them is written — so a label posted after its

@@ -41,7 +41,7 @@ MONITORED_SUFFIX = "-monitored"
 
 
 def selective_metadata(graph: Path) -> tuple[dict, InputSpec]:
-    """The ``abstain.risk_coverage`` metadata and the input spec of a selective graph."""
+    """The ``abstain.selective`` metadata (``META_SELECTIVE``) and the input spec of a selective graph."""
     import onnxruntime as ort
 
     props = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_modelmeta()
