@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import bentoml
 import numpy as np
@@ -67,12 +67,12 @@ from abstain.serving.store.live import DecisionLog
 from abstain.serving.triton.backend import GraphMismatchError, TritonBackend
 from abstain.serving.triton.monitor import GRAPH_MISMATCH, TritonMonitor
 from abstain.serving.triton.selective_backend import TritonSelectiveBackend
-from abstain.serving.triton.startup import triton_decides, verify_remote_backend
+from abstain.serving.triton.startup import selective_entry, verify_remote_backend
 
 SETTINGS = ServeSettings.from_env()
 ARTIFACTS = load_artifacts(SETTINGS.model_dir, SETTINGS.operating_point)  # refuse to start here
 #: Triton serves a selective entry (`abstain export-selective`) and decides (triton/selective_backend.py)
-TRITON_DECIDES = triton_decides(SETTINGS, ARTIFACTS)
+TRITON_SELECTIVE_ENTRY = selective_entry(SETTINGS, ARTIFACTS)
 # here too, so that `bentoml serve` exits with the message instead of restarting workers
 if (_warning := verify_remote_backend(SETTINGS, ARTIFACTS)) is not None:
     logging.getLogger("bentoml.abstain").warning("%s", _warning)
@@ -136,10 +136,10 @@ class Abstain:
                 f"has {self.model.num_classes} classes; fix labels.txt"
             )
         backend: Backend
-        if TRITON_DECIDES:
+        if TRITON_SELECTIVE_ENTRY is not None:
             backend = TritonSelectiveBackend(
                 SETTINGS.triton_url,
-                SETTINGS.triton_model,
+                TRITON_SELECTIVE_ENTRY,
                 ARTIFACTS.version,
                 timeout_s=SETTINGS.triton_timeout,
             )
@@ -204,9 +204,8 @@ class Abstain:
             return min(need, self.settings.max_request_bytes)
         need = self.settings.json_batch * pixels * LimitPredictBody.BYTES_PER_NUMBER
         need += LimitPredictBody.SLACK_BYTES
-        # JSON: half the byte limit. BentoML parses it into Python objects, ~20 bytes of memory a
-        # body byte: measured on a 3x224x224 model, a 32 MiB body of zeros peaked at 897 MiB
-        # (worker baseline 163 MiB), too close to a 1 GiB worker share
+        # JSON: half the byte limit, since parsed JSON costs ~23 bytes of memory per body byte
+        # (docs/benchmarks.md, "Measurements behind design choices")
         return min(need, self.settings.max_request_bytes // 2)
 
     def __is_ready__(self) -> bool:
@@ -370,8 +369,11 @@ class Abstain:
         return await self._respond(decide())  # type: ignore[return-value]
 
 
-Abstain.add_asgi_middleware(CountFrameworkRejections)
-Abstain.add_asgi_middleware(CheckUploadForms)
-Abstain.add_asgi_middleware(LimitPredictBody)
-Abstain.add_asgi_middleware(NpyPredict)  # inside the limit: its body is bounded already
-Abstain.add_asgi_middleware(JsonPredict)
+# the decorators made the class a bentoml Service, which mypy does not see through bentoml's
+# lazily exported names; outermost first, each given this worker's service by current_service
+SERVICE = cast(Any, Abstain)
+SERVICE.add_asgi_middleware(CountFrameworkRejections)
+SERVICE.add_asgi_middleware(CheckUploadForms)
+SERVICE.add_asgi_middleware(LimitPredictBody)
+SERVICE.add_asgi_middleware(NpyPredict)  # inside the limit: its body is bounded already
+SERVICE.add_asgi_middleware(JsonPredict)

@@ -289,3 +289,13 @@ def test_ruff_is_clean() -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    """``ruff format --check`` holds for the whole tree (the formatter's settings: pyproject.toml)."""
+    pytest.importorskip("ruff", reason="ruff comes with the dev extra")
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -87,10 +87,10 @@ class LimitPredictBody:
     """ASGI middleware: answer 413 ``batch_too_large`` to a ``/predict`` body no valid request needs.
 
     BentoML 1.4 has no request-size limit, and the batch limits are only checked after the
-    whole body is parsed (JSON: tens of bytes of Python objects per number): a huge body could
-    take a worker's memory first. The limit (:meth:`Abstain.max_body_bytes`) is the smaller
-    of ``ABSTAIN_MAX_REQUEST_BYTES`` (for JSON, half of it: parsed JSON costs ~20 bytes of
-    memory a body byte) and what the largest valid request needs: for JSON,
+    whole body is parsed: a huge body could take a worker's memory first. The limit
+    (:meth:`ServiceContract.max_body_bytes`) is the smaller of ``ABSTAIN_MAX_REQUEST_BYTES``
+    (for JSON, half of it: parsed JSON costs ~23 bytes of memory per body byte,
+    docs/benchmarks.md) and what the largest valid request needs: for JSON,
     :data:`BYTES_PER_NUMBER` per pixel (``0.12345678901234568, `` is 21, an exponent form 24)
     times ``max_json_batch · C · H · W`` plus :data:`SLACK_BYTES`; for ``.npy``, 4 bytes per
     pixel times ``max_batch · C · H · W`` plus :data:`SLACK_BYTES`. A ``Content-Length`` over
@@ -384,8 +384,15 @@ class RequestTimeout:
                 started.set_result(None)
             await send(message)
 
-        task = loop.create_task(self.app(scope, receive, timed_send))
-        task.add_done_callback(lambda _: started.done() or started.set_result(None))
+        async def run() -> None:
+            await self.app(scope, receive, timed_send)
+
+        def ended(_: asyncio.Task[None]) -> None:
+            if not started.done():
+                started.set_result(None)
+
+        task = loop.create_task(run())
+        task.add_done_callback(ended)
         timer = loop.call_later(self.timeout, _expire, started)
         try:
             await started

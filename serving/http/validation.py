@@ -203,9 +203,10 @@ def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], in
     fp = io.BytesIO(prefix)
     version = np.lib.format.read_magic(fp)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
+        # numpy's stubs lack max_header_size, which numpy >= 1.24 takes
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)  # type: ignore[call-arg]
     elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)  # type: ignore[call-arg]
     else:
         raise ValueError(f".npy format version {version[0]}.{version[1]} (valid: 1.0 or 2.0)")
     if fp.read(1):  # numpy stops at the header's end: anything left is not header

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -201,17 +202,19 @@ class AdaptiveBatcher:
 def _rows(out: GraphOutputs, start: int, stop: int) -> GraphOutputs:
     """Rows ``start:stop`` of every array of ``out``, keeping its type (a backend may return a
     subclass with more outputs, e.g. ``serving/triton/selective_backend.py``'s ``accept``)."""
-    return type(out)(**{
+    rows: dict[str, Any] = {
         f.name: None if getattr(out, f.name) is None else getattr(out, f.name)[start:stop]
         for f in dataclasses.fields(out)
-    })
+    }
+    return type(out)(**rows)
 
 
 def _concat(parts: list[GraphOutputs]) -> GraphOutputs:
     """The batches of ``parts`` stacked, field by field, keeping their type."""
     first = parts[0]
     names = [f.name for f in dataclasses.fields(first)]
-    return type(first)(**{
+    stacked: dict[str, Any] = {
         n: None if getattr(first, n) is None else np.concatenate([getattr(p, n) for p in parts])
         for n in names
-    })
+    }
+    return type(first)(**stacked)

@@ -91,8 +91,12 @@ class ReviewItem:
     @classmethod
     def from_row(cls, row: Sequence) -> ReviewItem:
         """From ``SELECT {REVIEW_COLUMNS}, label`` (``nbytes`` left out)."""
-        shape = tuple(int(v) for v in row[9].split(","))
-        return cls(*row[:9], shape=shape, pixels=bytes(row[10]), label=row[12])  # type: ignore[arg-type]
+        channels, height, width = (int(v) for v in row[9].split(","))
+        rid, t, model, version, point, candidate, confidence, score, threshold = row[:9]
+        return cls(
+            rid, t, model, version, point, candidate, confidence, score, threshold,
+            shape=(channels, height, width), pixels=bytes(row[10]), label=row[12],
+        )  # fmt: skip
 
 
 #: Columns of one review item, in table order.

@@ -212,7 +212,7 @@ class DecisionLog:
                     confidence=confidence[i],
                     score=scores[i],
                     threshold=threshold,
-                    shape=tuple(x.shape[1:]),
+                    shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
                     pixels=np.ascontiguousarray(x[i], dtype=np.float32).tobytes(),
                 )
                 for i, rid in enumerate(request_ids)

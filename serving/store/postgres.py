@@ -9,6 +9,7 @@ accept a label for the same request id.
 from __future__ import annotations
 
 import time
+from typing import Any
 from collections.abc import Sequence
 
 from abstain.serving.store.decision_store import (
@@ -100,7 +101,7 @@ class PostgresStore:
 
     def review_page(self, offset: int, limit: int) -> tuple[int, list[ReviewItem]]:
         with self._db.transaction():
-            total = int(self._db.execute(REVIEW_COUNT_SQL).fetchone()[0])
+            total = int(_one(self._db.execute(REVIEW_COUNT_SQL).fetchone())[0])
             rows = self._db.execute(_pg(REVIEW_PAGE_SQL), (limit, offset)).fetchall()
         return total, [ReviewItem.from_row(r) for r in rows]
 
@@ -139,11 +140,18 @@ class PostgresStore:
     def live_stats(self, model: str, version: str, operating_point: str, window: int) -> LiveStats:
         with self._db.transaction():
             row = self._db.execute(_pg(LIVE_STATS_SQL), (model, version, operating_point, window)).fetchone()
-        return LiveStats(*(int(v) for v in row))
+        return LiveStats(*(int(v) for v in _one(row)))
 
     def count(self) -> int:
         with self._db.transaction():
-            return int(self._db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+            return int(_one(self._db.execute("SELECT COUNT(*) FROM decisions").fetchone())[0])
 
     def close(self) -> None:
         self._db.close()
+
+
+def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """The row of an aggregate query, which always returns one."""
+    if row is None:
+        raise RuntimeError("an aggregate query returned no row")
+    return row

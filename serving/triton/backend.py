@@ -80,7 +80,7 @@ class TritonBackend:
 
                 client = triton.InferenceServerClient(self.url)  # deadline per call: _call_timeout
             else:
-                import tritonclient.http as triton  # type: ignore[no-redef]
+                import tritonclient.http as triton
 
                 client = triton.InferenceServerClient(
                     self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
@@ -140,7 +140,8 @@ class TritonBackend:
             np.allclose(remote.logits, local.logits, atol=PROBE_ATOL, rtol=0)
             and np.allclose(remote.selection, local.selection, atol=PROBE_ATOL, rtol=0)
             and (
-                not self.selection_logit
+                remote.selection_logit is None
+                or local.selection_logit is None
                 or np.allclose(remote.selection_logit, local.selection_logit, atol=PROBE_ATOL, rtol=0)
             )
         ):

@@ -6,9 +6,12 @@ from abstain.serving.config.settings import ServeSettings
 from abstain.serving.inference.artifacts import Artifacts
 
 
-def triton_decides(settings: ServeSettings, artifacts: Artifacts) -> bool:
-    """Whether Triton serves a selective entry (``abstain export-selective``) and so decides itself."""
-    return settings.backend == "triton" and settings.triton_model not in (None, artifacts.name)
+def selective_entry(settings: ServeSettings, artifacts: Artifacts) -> str | None:
+    """The Triton model that serves a selective entry (``abstain export-selective``) and so decides
+    itself, or ``None`` when Triton (if used) serves the calibrated graph as it is."""
+    if settings.backend == "triton" and settings.triton_model not in (None, artifacts.name):
+        return settings.triton_model
+    return None
 
 
 def verify_remote_backend(settings: ServeSettings, artifacts: Artifacts) -> str | None:
@@ -22,10 +25,11 @@ def verify_remote_backend(settings: ServeSettings, artifacts: Artifacts) -> str 
     """
     if settings.backend != "triton":
         return None
-    if triton_decides(settings, artifacts):
+    selective = selective_entry(settings, artifacts)
+    if selective is not None:
         from abstain.serving.triton.selective_backend import verify_selective_triton
 
-        verify_selective_triton(settings.triton_url, artifacts.version_dir, settings.triton_model,
+        verify_selective_triton(settings.triton_url, artifacts.version_dir, selective,
                                 artifacts.calibration.names, timeout_s=settings.triton_timeout)
         return None
     from abstain.serving.triton.backend import TritonUnreachableError, verify_triton_serves
