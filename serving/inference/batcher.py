@@ -24,8 +24,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 

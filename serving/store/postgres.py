@@ -9,8 +9,8 @@ accept a label for the same request id.
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 from abstain.serving.store.decision_store import (
     COLUMNS,
