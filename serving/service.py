@@ -92,7 +92,7 @@ startup_log = logging.getLogger("bentoml.abstain")
 #: Requests with at least this many pixels are converted on a thread, and requests of at least
 #: OFFLOAD_IMAGES images decided on one, not on the event loop: a 256-image request must not
 #: hold up a concurrent one-image request or /livez for the milliseconds its conversion takes.
-#: Smaller ones stay on the loop, where a thread hop (~50 µs) would cost more than the work.
+#: Smaller ones stay on the loop, where a thread hop would cost more than the work.
 OFFLOAD_PIXELS = 64 * 1024
 OFFLOAD_IMAGES = 64
 T = TypeVar("T")

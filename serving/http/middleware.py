@@ -198,12 +198,11 @@ class JsonPredict:
 
     BentoML's request and response handling (a pydantic model per request, a JSON schema per
     response, its IO descriptors) cost more per request than the whole decision for a small
-    image: measured on digits at one client, JSON answered by BentoML had a median of ~8 ms
-    against ~1.3 ms for the same answer to a ``.npy`` body answered here. The body —
+    image (docs/benchmarks.md, "Measurements behind design choices"). The body —
     ``{"pixels": [...], "operating_point": ..., "request_id": ...}`` — is parsed with
-    ``json.loads`` (on a thread when large), checked with the same messages and reasons as
+    :func:`loads_json` (on a thread when large), checked with the same messages and reasons as
     BentoML's schema gave (``bad_json``), and answered by the same service method as the
-    BentoML endpoint (:meth:`Abstain.predict_pixels`). BentoML's ``/predict`` endpoint stays
+    BentoML endpoint (:meth:`ServiceContract.predict_array`). BentoML's ``/predict`` endpoint stays
     for its OpenAPI schema and for anything this does not take.
     """
 
@@ -213,7 +212,7 @@ class JsonPredict:
         'valid: a JSON object {"pixels": [[[...]]], "operating_point": "<name>" (optional), '
         '"request_id": "<id>" or ["<id>", ...] (optional)}'
     )
-    #: bodies at least this large are decoded and converted on a thread (orjson: ~7 ms a MB)
+    #: bodies at least this large are decoded and converted on a thread, off the event loop
     THREAD_BYTES = 256 * 1024
 
     def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
@@ -245,7 +244,7 @@ class JsonPredict:
     def _pixels(self, body: bytes, service: ServiceContract) -> tuple[np.ndarray, str | None, Any]:
         """The body decoded and its pixels checked and converted: ``(x float32 [N, C, H, W],
         operating_point, request_id)``. One function, so that for a big body (on a thread) the
-        decoded lists are also freed there: ~9 ms of deallocation for a 6 MB body."""
+        decoded lists are also freed there, not on the event loop."""
         pixels, operating_point, request_id = self._fields(loads_json(body))
         x = parse_pixels(pixels, service.input_spec, service.settings.json_batch)
         return x, operating_point, request_id
@@ -270,8 +269,8 @@ class JsonPredict:
 def loads_json(body: bytes) -> Any:
     """``json.loads(body)``, by orjson when it can.
 
-    orjson decodes a JSON body of numbers ~4x faster, and, like ``json.loads``, holds the GIL
-    throughout: ~4x less time the event loop waits behind a big body decoded on a thread. What
+    orjson decodes a JSON body of numbers several times faster and, like ``json.loads``, holds
+    the GIL throughout, so the event loop waits less behind a big body decoded on a thread. What
     orjson refuses goes to ``json.loads``, so that the answer is the standard library's:
     ``NaN``/``Infinity`` literals (then ``non_finite``, not ``bad_json``), UTF-16/32 bodies,
     integers beyond 64 bits, and the ``bad_json`` messages of a malformed body.
@@ -363,9 +362,9 @@ class RequestTimeout:
     traffic.py``: same constructor, same 504 body), with one difference that matters: BentoML
     arms ``loop.call_later(timeout, …)`` for every request and never cancels it, so each
     finished request (its future, task, context and tracing objects) stays reachable from the
-    event loop's timer heap for the whole timeout. At ~500 requests/s and a 30 s timeout that
-    is ~15,000 dead requests, ~200k live objects, and every generation-2 garbage collection
-    walks them all (stalls of 150–650 ms that grow with uptime). Here the timer is cancelled
+    event loop's timer heap for the whole timeout, and every generation-2 garbage collection
+    walks them all: stalls that grow with the request rate and the timeout (docs/benchmarks.md,
+    "Measurements behind design choices"). Here the timer is cancelled
     as soon as the answer starts or the request ends, so a finished request is garbage at once.
     """
 

@@ -53,10 +53,9 @@ def new_request_ids(n: int) -> list[str]:
 
     A version-7 UUID starts with the Unix time in milliseconds (48 bits), then 74 random bits:
     ids made later sort later, so the decision store's unique index on ``request_id`` grows at
-    its right edge. With random (version-4) ids every insert lands on a random index page, and
-    SQLite's cost per recorded decision grew from 3 µs to 18 µs as the table reached 400k rows
-    (a few minutes at full load); with these it stays at ~3 µs. All ``n`` come from one
-    ``os.urandom`` call (``uuid4()`` per image cost 2 µs each on the event loop).
+    its right edge; with random (version-4) ids every insert lands on a random index page, and
+    the cost per recorded decision grows with the table (docs/benchmarks.md). All ``n`` come
+    from one ``os.urandom`` call, not one ``uuid4()`` per image on the event loop.
     """
     millis = time.time_ns() // 1_000_000
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()

@@ -91,7 +91,7 @@ def _as_array(raw: Any) -> np.ndarray:
     """``np.asarray(raw)``, a batch converted one image at a time.
 
     Why: ``np.asarray`` over a whole batch of nested lists is one C call that holds the GIL
-    throughout (~100 ms for 64 images of 3×64×64), so even on a worker thread it stalls the
+    throughout, so even on a worker thread it stalls the
     event loop, ``/livez`` included. Between images the GIL passes (tests/serving/test_event_loop.py).
     Mixed int and float images give the same dtype as one ``np.asarray`` would.
     """
@@ -196,8 +196,8 @@ def _npy_header_end(data: bytes) -> int:
 def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     """``(shape, fortran_order, dtype, pixel offset)`` of a ``.npy`` file's magic and header bytes.
 
-    Cached: numpy parses the header's Python literal with ``ast.literal_eval`` (~50 µs, as long
-    as the whole decision for a small image), and a client sends the same header with every
+    Cached: numpy parses the header's Python literal with ``ast.literal_eval`` (as long as the
+    whole decision for a small image), and a client sends the same header with every
     request of one shape. Errors are not cached (``lru_cache`` keeps only results).
     """
     fp = io.BytesIO(prefix)
