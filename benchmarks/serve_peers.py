@@ -132,7 +132,10 @@ def median_point(points: list[Point]) -> Point:
     )
 
 
-def start_bentoml(target: str, env_extra: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_bentoml(
+    target: str, env_extra: dict[str, str], log: Path, cwd: Path = REPO
+) -> tuple[subprocess.Popen, str]:
+    """``bentoml serve target`` run in ``cwd`` (its working directory comes first on ``sys.path``)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTAIN_")}
     env.update(
@@ -141,7 +144,7 @@ def start_bentoml(target: str, env_extra: dict[str, str], log: Path) -> tuple[su
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
