@@ -60,10 +60,15 @@ class Decisions:
         )
 
 
-def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoint,
-                  selection_logit: np.ndarray | None = None, *,
-                  score_value: np.ndarray | None = None,
-                  answered: np.ndarray | None = None) -> Decisions:
+def decide_arrays(
+    logits: np.ndarray,
+    selection: np.ndarray,
+    point: OperatingPoint,
+    selection_logit: np.ndarray | None = None,
+    *,
+    score_value: np.ndarray | None = None,
+    answered: np.ndarray | None = None,
+) -> Decisions:
     """Decide every row of ``logits``.
 
     Args:
@@ -112,13 +117,19 @@ def decide_arrays(logits: np.ndarray, selection: np.ndarray, point: OperatingPoi
                 f"{point.name}: the decision and its score should come from the same place"
             )
         decided = answered
-    return Decisions(answered=decided, class_index=top.astype(np.int64),
-                     confidence=confidence, selection=selection, score_value=scores, point=point)
+    return Decisions(
+        answered=decided,
+        class_index=top.astype(np.int64),
+        confidence=confidence,
+        selection=selection,
+        score_value=scores,
+        point=point,
+    )
 
 
 def _column(values: np.ndarray, dtype: type, n: int, name: str) -> np.ndarray:
     """``values`` as a ``dtype`` ``[n]`` array; ``ValueError`` unless it holds ``n`` values."""
-    column = np.asarray(values, dtype=dtype).reshape(-1)
+    column: np.ndarray = np.asarray(values, dtype=dtype).reshape(-1)
     if column.shape[0] != n:
         raise ValueError(f"{name} should have {n} values, one per row of logits, but got {column.shape[0]}")
     return column

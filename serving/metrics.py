@@ -37,9 +37,10 @@ edges are its fixed edges plus the calibrated threshold of *every* operating poi
 (:func:`score_buckets`): bucket ``le="<threshold>"`` counts the scores ``<= threshold``, so the
 mass crossing a threshold shows as a change of that bucket's share (up to scores exactly at the
 threshold, which are answered; ``abstain_decisions_total`` counts the decisions exactly). The
-edges thus depend on the calibration: compare ``le`` series within one model version. A logit
-score may be negative, so ``abstain_selection_logit_score_sum`` may decrease: read the logit
-histogram from its buckets and ``_count`` (Prometheus takes a falling ``_sum`` for a reset).
+edges thus depend on the calibration: compare ``le`` series within one model version. Logit
+scores and edges may be negative, so, as OpenMetrics asks, ``prometheus_client`` exposes no
+``_sum`` for the logit histogram (BentoML's multi-worker merge does, and it may fall, which
+Prometheus reads as a reset): read it from its buckets and ``_count``.
 
 A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
 the client's input, so it is not a rejected input: it has its own counter, and the request
@@ -92,9 +93,8 @@ SELECTION_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.975, 0.99, 0
 #: Edges of logit scores z (g = sigmoid(z)), symmetric around 0: steps of 0.5 up to ±3 (≈ the
 #: logits of 0.05 and 0.95), then of 1 up to ±8 (±4.6 ≈ 0.99, ±6.9 ≈ 0.999), then coarser to ±40:
 #: float32 g rounds to 1.0 from z ≈ 17 (what the logit is for, issue 10), float64 from z ≈ 37
-_LOGIT_EDGES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0,
-                40.0)
-LOGIT_BUCKETS = (*(-e for e in reversed(_LOGIT_EDGES)), 0.0, *_LOGIT_EDGES)
+_LOGIT_EDGES = (0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40)
+LOGIT_BUCKETS = tuple(float(e) for e in (*(-e for e in reversed(_LOGIT_EDGES)), 0, *_LOGIT_EDGES))
 #: The score histogram of each score scale: its metric name and fixed edges.
 SCORE_HISTOGRAMS = {
     SCORE_SCALE_PROBABILITY: ("abstain_selection_score", SELECTION_BUCKETS),

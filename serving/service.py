@@ -30,11 +30,11 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 
 from abstain.contract import InputSpec
-from abstain.decisions import decide_arrays
+from abstain.decisions import Decisions, decide_arrays
 from abstain.operating_points import OperatingPoint
 from abstain.serving.config.settings import ServeSettings
 from abstain.serving.http import client_errors
-from abstain.serving.http.answers import Answer, PredictResponse, answers, decided_by_backend
+from abstain.serving.http.answers import Answer, PredictResponse, answers
 from abstain.serving.http.contract import current_service
 from abstain.serving.http.middleware import (
     CheckUploadForms,
@@ -285,10 +285,8 @@ class Abstain:
         """Decide ``x`` (float32 ``[N, C, H, W]``, checked) at the named operating point."""
         point = self._operating_point(operating_point)
         out = await self._forward(x)
-        accept = getattr(out, "accept", None)  # Triton's decision, from a selective entry
-        column = None if accept is None else accept[:, self.artifacts.calibration.names.index(point.name)]
         ids = request_ids if request_ids is not None else new_request_ids(len(x))
-        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, column, ids)
+        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, ids)
         if self.decision_log is not None:
             self.decision_log.record(ids, predictions[1], x)
         return {
@@ -299,13 +297,21 @@ class Abstain:
         }
 
     def _answers(
-        self, out: Any, point: OperatingPoint, answered: np.ndarray | None, request_ids: list[str]
-    ) -> tuple[list[Answer], Any]:
-        """The answers to a forward pass's outputs, counted in the metrics, and their decisions;
-        ``answered``: the decision Triton already took (a selective entry's accept column)."""
-        # g's logit when the graph exports it: a selection point's threshold is then a logit
-        decisions = decide_arrays(out.logits, out.selection, point, getattr(out, "selection_logit", None))
-        decisions = decided_by_backend(decisions, answered)
+        self, out: Any, point: OperatingPoint, request_ids: list[str]
+    ) -> tuple[list[Answer], Decisions]:
+        """The answers to a forward pass's outputs, counted in the metrics, and their decisions."""
+        # a selective entry (Triton decides) returns, per point in calibration order, the decision
+        # it took and the score it compared, which the answer reports on the threshold's scale
+        column = self.artifacts.calibration.names.index(point.name)
+        accept, scores = getattr(out, "accept", None), getattr(out, "scores", None)
+        decisions = decide_arrays(
+            out.logits,
+            out.selection,
+            point,
+            getattr(out, "selection_logit", None),  # a selection point's threshold is then a logit
+            score_value=None if scores is None else scores[:, column],
+            answered=None if accept is None else accept[:, column],
+        )
         self.metrics.observe_decisions(
             point.name, decisions.answered.tolist(), point.score, decisions.score_value.tolist()
         )

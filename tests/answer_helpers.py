@@ -1,9 +1,8 @@
 """The service's decision path, composed as the service composes it, for tests that check answers.
 
-``abstain.serving.service`` decides a forward pass with :func:`abstain.decisions.decide_arrays`,
-lets a selective graph's decision replace the threshold test
-(:func:`abstain.serving.http.answers.decided_by_backend`) and builds the answers with
-:func:`abstain.serving.http.answers.answers`; :func:`decide` is those three calls.
+``abstain.serving.service`` decides a forward pass with :func:`abstain.decisions.decide_arrays`
+(given a selective graph's decision, ``answered``, when Triton took it) and builds the answers
+with :func:`abstain.serving.http.answers.answers`; :func:`decide` is those two calls.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import numpy as np
 
 from abstain.decisions import decide_arrays
 from abstain.operating_points import OperatingPoint
-from abstain.serving.http.answers import answers, decided_by_backend
+from abstain.serving.http.answers import answers
 
 
 def decide(
@@ -31,6 +30,6 @@ def decide(
         raise ValueError(
             f"the graph gives {np.shape(logits)[1]} classes but {len(class_names)} class names were given"
         )
-    d = decided_by_backend(decide_arrays(logits, selection, point, selection_logit), answered)
+    d = decide_arrays(logits, selection, point, selection_logit, answered=answered)
     ids = [f"r{i}" for i in range(len(d))]
     return [{k: v for k, v in a.items() if k != "request_id"} for a in answers(d, class_names, ids)]

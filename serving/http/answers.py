@@ -9,11 +9,8 @@ too, as the ``candidate`` a human reviewer sees.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Literal, TypedDict
-
-import numpy as np
 
 from abstain.decisions import Decisions
 
@@ -62,15 +59,6 @@ class PredictResponse(TypedDict):
     version: str
     operating_point: str
     predictions: list[Answer]
-
-
-def decided_by_backend(d: Decisions, answered: np.ndarray | None) -> Decisions:
-    """``d`` with the decision a selective graph already took (Triton serving an
-    ``abstain export-selective`` entry: its ``accept`` column for this point, bool ``[N]``)
-    in place of the threshold test; ``d`` itself when ``answered`` is ``None``."""
-    if answered is None:
-        return d
-    return dataclasses.replace(d, answered=np.asarray(answered, dtype=bool).reshape(-1))
 
 
 def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]) -> list[Answer]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from deploy_helpers import COUNTERS, GAUGES, HISTOGRAMS
+from deploy_helpers import COUNTERS, GAUGES, HISTOGRAMS, OPTIONAL_HISTOGRAMS
 
 
 @pytest.fixture(scope="session")
 def exported_metrics() -> frozenset[str]:
     """Every series name the service's /metrics may carry."""
     names = set(COUNTERS) | set(GAUGES)
-    for h in HISTOGRAMS:
+    for h in (*HISTOGRAMS, *OPTIONAL_HISTOGRAMS):
         names |= {h, f"{h}_bucket", f"{h}_sum", f"{h}_count"}
     return frozenset(names)
 

@@ -23,6 +23,8 @@ GAUGES += (
     "abstain_calibrated_risk",
 )
 HISTOGRAMS = ("abstain_selection_score", "abstain_inference_seconds", "abstain_batch_size")
+#: Exported only when a graph with selection_logit has a logit-scale operating point.
+OPTIONAL_HISTOGRAMS = ("abstain_selection_logit_score",)
 
 #: Raw metric names (the `abstain_...` identifiers PromQL may use); recording rules are
 #: `abstain:...` and are checked against rules.yml instead.
