@@ -75,12 +75,12 @@ def decide_arrays(
         logits: float ``[N, K]`` prediction-head outputs.
         selection: float ``[N]`` (or ``[N, 1]``) selection-head outputs g in [0, 1].
         point: the operating point whose ``score`` and ``threshold`` decide.
-        selection_logit: float ``[N]`` g's logit z when the graph exports it (issue 10); the
+        selection_logit: float ``[N]`` g's logit z when the graph exports it; the
             ``selection`` score is then z, and ``score_value`` and the threshold are logits.
         score_value: float ``[N]``, ``point``'s score already computed where the decision is
             taken (a selective graph's ``scores`` column, ``serving/triton/selective_backend.py``),
             on the threshold's scale: used as is instead of being recomputed here, so that the
-            reported ``score_value`` is the number the threshold was compared with (issue 18).
+            reported ``score_value`` is the number the threshold was compared with.
         answered: bool ``[N]``, the decision already taken (a selective graph's ``accept``
             column); default ``score_value >= threshold``. Given with ``score_value``, the two
             must agree.

@@ -19,7 +19,7 @@ name                                   type       labels
 thresholds (``score`` = ``selection`` for g, ``softmax_response`` or ``combined``): drift is
 watched on the number that decides, not on g when g decides nothing.
 
-One histogram per score *scale* (issue 18), each score on its own scale. A point's scale is the
+One histogram per score *scale*, each score on its own scale. A point's scale is the
 ``score_scale`` its calibration records (``abstain.contract.SCORE_SCALE_*``; the service has
 already checked it against the graph, ``abstain.operating_points.check_score_scale``):
 
@@ -92,7 +92,7 @@ REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 SELECTION_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.975, 0.99, 0.995, 0.999, 1.0)
 #: Edges of logit scores z (g = sigmoid(z)), symmetric around 0: steps of 0.5 up to ±3 (≈ the
 #: logits of 0.05 and 0.95), then of 1 up to ±8 (±4.6 ≈ 0.99, ±6.9 ≈ 0.999), then coarser to ±40:
-#: float32 g rounds to 1.0 from z ≈ 17 (what the logit is for, issue 10), float64 from z ≈ 37
+#: float32 g rounds to 1.0 from z ≈ 17 (what the logit is for), float64 from z ≈ 37
 _LOGIT_EDGES = (0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40)
 LOGIT_BUCKETS = tuple(float(e) for e in (*(-e for e in reversed(_LOGIT_EDGES)), 0, *_LOGIT_EDGES))
 #: The score histogram of each score scale: its metric name and fixed edges.
@@ -106,7 +106,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 def point_scale(point: Any) -> str:
     """The scale of an operating point's threshold (``score_scale`` in its extra fields;
-    ``probability`` when absent, as in calibration files from before issue 10)."""
+    ``probability`` when absent, as in calibration files older than the logit output)."""
     return str(getattr(point, "extra", {}).get("score_scale", SCORE_SCALE_PROBABILITY))
 
 
@@ -121,7 +121,7 @@ def observe_many(histogram: Any, values: Iterable[float]) -> None:
     """``histogram.observe(v)`` for each of ``values``, with one increment per bucket hit.
 
     prometheus_client observes one value per call, each taking two locks and (multiprocess mode,
-    as under BentoML) two mmap writes: 64 images cost ~170 µs on the event loop. This counts the
+    as under BentoML) two mmap writes, on the event loop (docs/benchmarks.md). This counts the
     values per bucket with numpy and increments each bucket once, through the same child
     attributes ``Histogram.observe`` uses (``_upper_bounds``, ``_buckets``, ``_sum``);
     tests/serving/test_score_metrics.py checks the exposition equals one ``observe`` per value.
