@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -31,6 +31,7 @@ from starlette.routing import Route
 from abstain.serving.http.contract import ServiceContract, ServiceProvider
 from abstain.serving.http.request_ids import REQUEST_ID
 from abstain.serving.store.decision_store import LabelConflictError
+from abstain.serving.store.live import FeedbackResult
 from abstain.serving.store.recorder import StoreUnavailableError
 
 #: Most labels in one ``POST /feedback``, and most bytes of its body (about 1 KB a label is ample).
@@ -41,7 +42,14 @@ MAX_BODY_BYTES = 1024 * 1024
 class FeedbackError(Exception):
     """A refused ``/feedback``: ``status``, ``reason`` (the counter's result) and ``count`` labels."""
 
-    def __init__(self, status: int, reason: str, message: str, count: int = 1, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: FeedbackResult | Literal["store_unavailable"],
+        message: str,
+        count: int = 1,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.count, self.extra = status, reason, message, count, extra
 

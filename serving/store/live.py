@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -59,7 +59,8 @@ LIVE_CONFIDENCE = 0.95
 #: Seconds between refreshes of the live gauges from the store.
 REFRESH_S = 5.0
 #: Values of ``abstain_feedback_total``'s ``result`` label.
-FEEDBACK_RESULTS = ("accepted", "unknown_request_id", "unknown_label", "duplicate", "bad_feedback")
+FeedbackResult = Literal["accepted", "unknown_request_id", "unknown_label", "duplicate", "bad_feedback"]
+FEEDBACK_RESULTS: tuple[FeedbackResult, ...] = get_args(FeedbackResult)
 
 
 def calibrated_risk(point: OperatingPoint) -> float | None:
