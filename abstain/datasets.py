@@ -199,8 +199,12 @@ def load_fashion_mnist(split: str, data_root: Path | None = None) -> ArraySplit:
     root = fashion_mnist_root(data_root)
     source = "test" if split == "test" else "train"
     image_stem, label_stem = FASHION_MNIST_FILES[source]
-    images = read_idx(_find_idx_file(root, image_stem))  # type: ignore[arg-type]
-    labels = read_idx(_find_idx_file(root, label_stem))  # type: ignore[arg-type]
+    image_path, label_path = _find_idx_file(root, image_stem), _find_idx_file(root, label_stem)
+    if image_path is None or label_path is None:
+        missing = image_stem if image_path is None else label_stem
+        raise FileNotFoundError(f"Fashion-MNIST in {root} lacks the IDX file {missing} (optionally .gz)")
+    images = read_idx(image_path)
+    labels = read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"Fashion-MNIST in {root}: expected images [N, 28, 28] and labels [N], "
@@ -319,7 +323,7 @@ def file_list_fingerprint(root: Path, paths: Iterable[str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def scan_image_folder(directory: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+def scan_image_folder(directory: str | os.PathLike[str]) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     """``(class names, [(path, class index), ...])`` exactly as torchvision's ``ImageFolder`` lists them.
 
     Classes: the sorted sub-directories. Files: ``os.walk`` of each class folder (sorted,

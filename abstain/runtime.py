@@ -39,11 +39,11 @@ class GraphOutputs:
     @staticmethod
     def concat(parts: list[GraphOutputs]) -> GraphOutputs:
         """Batches stacked in order (``selection_logit`` kept only if every part has it)."""
-        zs = [p.selection_logit for p in parts]
+        zs = [p.selection_logit for p in parts if p.selection_logit is not None]
         return GraphOutputs(
             logits=np.concatenate([p.logits for p in parts]),
             selection=np.concatenate([p.selection for p in parts]),
-            selection_logit=None if any(z is None for z in zs) else np.concatenate(zs),  # type: ignore[arg-type]
+            selection_logit=np.concatenate(zs) if len(zs) == len(parts) else None,
         )
 
 

@@ -107,8 +107,15 @@ def choose_default(points: Sequence[OperatingPoint]) -> str:
     """First coverage point closest to 0.9, else the first (risk) point."""
     coverage = [p for p in points if p.method == "coverage"]
     if coverage:
+
+        def distance(p: OperatingPoint) -> float:
+            if p.target_coverage is None:
+                raise ValueError(
+                    f"coverage operating point {p.name!r} should have a target_coverage, but got None")
+            return abs(p.target_coverage - PREFERRED_DEFAULT_COVERAGE)
+
         # min() keeps the first of equals, so the order given on the command line breaks ties
-        return min(coverage, key=lambda p: abs(p.target_coverage - PREFERRED_DEFAULT_COVERAGE)).name
+        return min(coverage, key=distance).name
     return points[0].name
 
 
@@ -205,16 +212,16 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
     delta_per_score = delta if score else delta / len(SCORE_NAMES)
     unmet: list[dict[str, Any]] = []
     for target in risks:
-        res = sgr_point(ranked, target, delta_per_score)
-        common = {"n_probes": res.n_probes, "delta_per_score": delta_per_score,
-                  "delta_per_probe": res.delta_per_probe}
-        if res.feasible:
+        risk_res = sgr_point(ranked, target, delta_per_score)
+        common = {"n_probes": risk_res.n_probes, "delta_per_score": delta_per_score,
+                  "delta_per_probe": risk_res.delta_per_probe}
+        if risk_res.threshold is not None:  # feasible (RiskResult leaves threshold None exactly when not)
             points.append(OperatingPoint(
                 name=point_name("risk", target), method="risk", score=chosen,
-                threshold=res.threshold, target_risk=target, delta=delta,  # type: ignore[arg-type]
-                coverage=res.coverage, risk=res.risk,
-                extra={"score_scale": scale, "risk_bound": res.risk_bound, "n_selected": res.n_selected,
-                       "n_errors": res.n_errors, **common},
+                threshold=risk_res.threshold, target_risk=target, delta=delta,
+                coverage=risk_res.coverage, risk=risk_res.risk,
+                extra={"score_scale": scale, "risk_bound": risk_res.risk_bound,
+                       "n_selected": risk_res.n_selected, "n_errors": risk_res.n_errors, **common},
             ))
         else:
             unmet.append({
@@ -222,9 +229,9 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
                 "target_risk": target, "delta": delta,
                 "reason": (
                     f"no threshold has a selective-risk bound <= {target:g} at confidence "
-                    f"{confidence:g} with these {n} samples (lowest bound reached: {res.best_bound:.4g})"
+                    f"{confidence:g} with these {n} samples (lowest bound reached: {risk_res.best_bound:.4g})"
                 ),
-                "best_bound": res.best_bound, "samples_needed": res.samples_needed, **common,
+                "best_bound": risk_res.best_bound, "samples_needed": risk_res.samples_needed, **common,
             })
     if not points:
         raise ValueError("no operating point could be calibrated: " + "; ".join(

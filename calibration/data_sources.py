@@ -186,7 +186,10 @@ class ImageFileSource(LabelledSource):
         if self.known_fingerprint is None:
             for _ in self.iter_batches(256):  # one streamed pass computes it
                 pass
-        return self.known_fingerprint  # type: ignore[return-value]
+        fingerprint = self.known_fingerprint
+        if fingerprint is None:
+            raise RuntimeError(f"{type(self).__name__}: a full pass over the data computed no fingerprint")
+        return fingerprint
 
     def materialise(self) -> ArraySplit:
         return ArraySplit(x=self._decode(self.paths), y=self.y, class_names=self.class_names,
@@ -272,7 +275,9 @@ def open_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: 
     if dataset is not None:
         source = open_dataset_split(dataset, split, spec, class_names, data_root)
     else:
-        path = Path(data)  # type: ignore[arg-type]
+        if data is None:  # excluded by the check above; this narrows its type
+            raise ValueError("give exactly one data source: --dataset NAME --split SPLIT, or --data PATH")
+        path = Path(data)
         if path.is_dir():
             source = open_image_folder(path, spec, class_names)
         elif path.suffix == ".npz" or path.is_file():

@@ -75,12 +75,14 @@ def evaluate_point(point: OperatingPoint, preds: Predictions,
     row: dict[str, Any] = {"name": point.name, "method": point.method, "score": point.score,
                            "threshold": point.threshold}
     if point.method == "risk":
+        if point.target_risk is None:
+            raise ValueError(f"risk operating point {point.name!r} should have a target_risk, but got None")
         row["target_risk"] = point.target_risk
         row["check"] = "risk not shown above target"
         delta = float(point.delta or 0.05)
         # nothing answered → nothing wrong: the risk promise holds vacuously
         n_err = 0 if n_sel == 0 else round(risk * n_sel)
-        held = n_sel == 0 or not risk_exceeds_target(n_err, n_sel, float(point.target_risk), delta)  # type: ignore[arg-type]
+        held = n_sel == 0 or not risk_exceeds_target(n_err, n_sel, float(point.target_risk), delta)
         row["risk_bound"] = point.extra.get("risk_bound")
         row["test_delta"] = delta
     else:

@@ -27,7 +27,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -73,14 +73,15 @@ class ImportResult:
 def parse_input_spec(text: str | None, mean: Sequence[float] | None, std: Sequence[float] | None,
                      graph_dims: Sequence[int | None]) -> InputSpec:
     """``"C,H,W"`` (or the original input's dims when it is ``[N, C, H, W]``) + mean/std → spec."""
+    fixed_dims = [d for d in graph_dims[1:] if isinstance(d, int) and d > 0]  # the known C, H, W
     if text:
         try:
             c, h, w = (int(v) for v in text.split(","))
         except ValueError:
             raise ValueError(
                 f"--input-spec should be C,H,W (three positive integers), but got {text!r}") from None
-    elif len(graph_dims) == 4 and all(isinstance(d, int) and d > 0 for d in graph_dims[1:]):
-        c, h, w = (int(d) for d in graph_dims[1:])
+    elif len(graph_dims) == 4 and len(fixed_dims) == 3:
+        c, h, w = (int(d) for d in fixed_dims)
     else:
         raise ValueError(
             f"the graph's input has shape {list(graph_dims)}, not [N, C, H, W] with fixed C, H, W: "
@@ -328,7 +329,9 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
         module.load_state_dict(state)
         info = {"format": "torchvision", "torchvision_model": torchvision_name, "weights": str(weights)}
     else:
-        path = Path(model_file)  # type: ignore[arg-type]
+        if model_file is None:  # excluded by the check above; this narrows its type
+            raise ValueError("give a TorchScript / torch.export file, or --torchvision NAME with --weights")
+        path = Path(model_file)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such model file")
         if path.suffix == ".pt2":
@@ -353,7 +356,8 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
         warnings.simplefilter("ignore")
         if info["format"] == "torchscript":  # the dynamo exporter does not take ScriptModules
             buffer = io.BytesIO()
-            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["input"],
+            # cast: torch types f as a path, but its TorchScript exporter also writes to a file object
+            torch.onnx.export(module, (example,), cast(Any, buffer), dynamo=False, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}},
                               opset_version=17)
             return buffer.getvalue(), info
@@ -364,4 +368,6 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
                                         output_names=["output"], dynamic_shapes=({0: batch},),
                                         external_data=False)
+    if program is None:  # torch returns None only from the TorchScript exporter (dynamo=False)
+        raise RuntimeError(f"torch.onnx.export returned no ONNX program for {info['format']} model")
     return program.model_proto.SerializeToString(), info

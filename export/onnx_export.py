@@ -29,13 +29,16 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
 from torch import nn
 
 from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME, InputSpec
+
+if TYPE_CHECKING:
+    from abstain.training.model import SelectiveNet
 
 #: ONNX operator set of the exported graph (the dynamo exporter's lowest; ORT >= 1.14 runs it).
 OPSET = 18
@@ -56,7 +59,7 @@ class InferenceGraph(nn.Module):
     (the contract) is the same at either precision.
     """
 
-    def __init__(self, model: nn.Module, fp16: bool = False) -> None:
+    def __init__(self, model: SelectiveNet, fp16: bool = False) -> None:
         super().__init__()
         self.model = model
         self.fp16 = fp16
@@ -66,10 +69,12 @@ class InferenceGraph(nn.Module):
         features = self.model.forward_features(x)  # [N, D]
         out = self.model.forward_heads(features)  # aux_logits is computed but is not an output,
         # so the exporter prunes head h away; forward_heads always sets selection_logit [N]
+        if out.selection_logit is None:
+            raise RuntimeError("forward_heads returned no selection_logit, which the graph exports")
         return out.logits.float(), out.selection.float(), out.selection_logit.float()
 
 
-def export_graph(model: nn.Module, spec: InputSpec, fp16: bool = False) -> onnx.ModelProto:
+def export_graph(model: SelectiveNet, spec: InputSpec, fp16: bool = False) -> onnx.ModelProto:
     """Trace ``model`` (a SelectiveNet in eval mode) into an ONNX graph with a dynamic batch.
 
     Args:
@@ -95,6 +100,8 @@ def export_graph(model: nn.Module, spec: InputSpec, fp16: bool = False) -> onnx.
             input_names=[INPUT_NAME], output_names=list(EXPORTED_OUTPUTS),
             dynamic_shapes={"pixels": {0: batch}}, verbose=False,
         )
+    if program is None:  # torch returns None only from the TorchScript exporter (dynamo=False)
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     proto.ir_version = IR_VERSION
     proto.producer_name = "abstain"

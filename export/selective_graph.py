@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -144,9 +145,9 @@ def build_selective_model(
     model.CopyFrom(base)
     graph = model.graph
     names = [o.name for o in graph.output]
-    for needed in (LOGITS_NAME, SELECTION_NAME):
-        if needed not in names:
-            raise ValueError(f"the base graph should output {needed!r}, but its outputs are {names}")
+    for required in (LOGITS_NAME, SELECTION_NAME):
+        if required not in names:
+            raise ValueError(f"the base graph should output {required!r}, but its outputs are {names}")
     clash = sorted(set(names) & set(SELECTIVE_OUTPUT_NAMES))
     if clash:
         raise ValueError(f"the base graph already outputs {clash}: is it a selective graph already?")
@@ -182,6 +183,8 @@ def build_selective_model(
     ]
     graph.initializer.extend(consts)
     a1 = name("axis1")
+    # ReduceMax takes ``axes`` as an attribute before opset 18 (an input from 18 on)
+    confidence_attrs: dict[str, Any] = {} if opset >= 18 else {"axes": [1]}
     nodes = [
         # numpy's path in abstain.risk_coverage.softmax, in float64: z - max, exp, / sum
         helper.make_node(
@@ -207,7 +210,7 @@ def build_selective_model(
             [CONFIDENCE_NAME],
             keepdims=0,
             name=name("confidence"),
-            **({} if opset >= 18 else {"axes": [1]}),
+            **confidence_attrs,
         ),
         helper.make_node(
             "Cast",

@@ -209,6 +209,7 @@ def subset_train(bundle: DataBundle, n: int) -> DataBundle:
 
     For quick experiments (the quality benchmark's reduced setting); val and test are untouched.
     """
+    # the [arg-type] ignore: torch's Dataset declares no __len__; a DataBundle's splits all have one
     total = len(bundle.train)  # type: ignore[arg-type]
     if not 1 <= n <= total:
         raise ValueError(f"train_subset should be in [1, {total}] (the training split's size), but got {n}")

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from abstain import selective
+from abstain import risk_coverage
 from abstain.contract import (
     CHECKPOINT_FILENAME,
     METRICS_FILENAME,
@@ -47,7 +47,7 @@ from abstain.io import atomic_write_text
 from abstain.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from abstain.training.config import TrainConfig
 from abstain.training.data import DataBundle, load_data, subset_train
-from abstain.training.losses import LossOutput, build_loss
+from abstain.training.losses import LossOutput, SyncLoss, build_loss
 from abstain.training.model import ModelConfig, SelectiveNet, load_body_weights
 from abstain.version import code_version
 
@@ -138,7 +138,10 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
     drawn when the epoch's workers start (base seed + worker id). A resumed run therefore needs
     no saved RNG state, and each DDP rank has its own streams.
     """
-    loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    if not isinstance(loader.sampler, DistributedSampler):
+        raise TypeError("seed_epoch needs a loader from make_loader, whose sampler is a DistributedSampler, "
+                        f"but got a {type(loader.sampler).__name__}")
+    loader.sampler.set_epoch(epoch)
     torch.manual_seed(epoch_seed(seed, epoch, rank))  # CPU and every CUDA device
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank, stream=1))
@@ -159,8 +162,9 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ru
     from the generator that :func:`seed_epoch` reseeds; the cost is one worker start-up per
     epoch (a fork). Evaluation loaders draw nothing at random and keep their workers.
     """
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
-                                 shuffle=train, seed=seed, drop_last=False)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed,
+        drop_last=False)
     per_process = batch_size // runtime.world_size if train else batch_size
     # A private generator: the workers' seeds never consume the global RNG (dropout's).
     generator = torch.Generator().manual_seed(epoch_seed(seed, 0, runtime.rank, stream=1))
@@ -269,24 +273,24 @@ def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndar
     ``by_score`` holds AURC, E-AURC, AUGRC and the risk at the table coverages by every score.
     """
     errors = (logits.argmax(axis=1) != labels).astype(np.float64)  # [N] 0/1 loss
-    ranking = selective.selection_scores(logits, selection, score)
+    ranking = risk_coverage.selection_scores(logits, selection, score)
     accepted = selection >= 0.5
     by_score = {}
     for name in SCORE_NAMES:  # every score, so a benchmark can choose one on validation
-        s = selective.selection_scores(logits, selection, name)
-        by_score[name] = {"aurc": selective.aurc(s, errors), "eaurc": selective.eaurc(s, errors),
-                          "augrc": selective.augrc(s, errors),
-                          "risk_at_coverage": selective.risk_at_coverages(s, errors)}
+        s = risk_coverage.selection_scores(logits, selection, name)
+        by_score[name] = {"aurc": risk_coverage.aurc(s, errors), "eaurc": risk_coverage.eaurc(s, errors),
+                          "augrc": risk_coverage.augrc(s, errors),
+                          "risk_at_coverage": risk_coverage.risk_at_coverages(s, errors)}
     return {
         "n": int(labels.size),
         "accuracy": float(1.0 - errors.mean()),
         "coverage": float(accepted.mean()),  # at g >= 0.5, SelectiveNet's own threshold
         "selective_risk": float(errors[accepted].mean()) if accepted.any() else None,
         "score": score,
-        "risk_at_coverage": selective.risk_at_coverages(ranking, errors),
-        "aurc": selective.aurc(ranking, errors),
+        "risk_at_coverage": risk_coverage.risk_at_coverages(ranking, errors),
+        "aurc": risk_coverage.aurc(ranking, errors),
         "aurc_by_score": {
-            s: selective.aurc(selective.selection_scores(logits, selection, s), errors)
+            s: risk_coverage.aurc(risk_coverage.selection_scores(logits, selection, s), errors)
             for s in (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE)
         },
         "by_score": by_score,
@@ -299,7 +303,10 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, score: str)
 
 
 def _unwrap(model: nn.Module) -> SelectiveNet:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not isinstance(inner, SelectiveNet):
+        raise TypeError(f"expected a SelectiveNet (or one wrapped in DDP), but got {type(inner).__name__}")
+    return inner
 
 
 def _rng_state(runtime: Runtime) -> dict[str, Any]:
@@ -324,6 +331,7 @@ def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
 
 def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     spec = data.input_spec
+    # the ignores below: TrainConfig types body and width Optional; config.resolved() fills them
     model_config = ModelConfig(
         body=config.body, num_classes=len(data.class_names), in_channels=spec.channels,  # type: ignore[arg-type]
         image_size=spec.height, mean=spec.mean, std=spec.std, width=config.width,  # type: ignore[arg-type]
@@ -352,7 +360,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         checkpoint = load_checkpoint(ckpt_path)
         stored = TrainConfig.from_dict(checkpoint["train_config"])
         config = replace(stored, epochs=config.epochs or stored.epochs)
-        if checkpoint.get("epoch", 0) >= config.epochs:  # type: ignore[operator]
+        if checkpoint.get("epoch", 0) >= config.epochs:
             raise ValueError(f"{ckpt_path} has already trained {checkpoint.get('epoch')} epochs; "
                              f"pass --epochs larger than that to train further")
     elif ckpt_path.exists() and not overwrite:
@@ -368,6 +376,8 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         raise ValueError(f"--resume: the training data differs from the one {ckpt_path} was trained on "
                          f"(fingerprint {data.fingerprint} vs {checkpoint.get('data_fingerprint')}); "
                          "use the same dataset and --data-root")
+    # the [operator] and [arg-type] ignores from here on: TrainConfig types the hyper-parameters
+    # Optional, and config.resolved() above has filled every one of them
     if config.batch_size % runtime.world_size:  # type: ignore[operator]
         raise ValueError(
             f"batch_size {config.batch_size} should be divisible by the {runtime.world_size} processes")
@@ -379,11 +389,12 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
     if config.sync_batchnorm and runtime.distributed:
         if not runtime.cuda:  # torch's SyncBatchNorm refuses CPU tensors
             raise ValueError("--sync-batchnorm needs CUDA devices; with gloo on CPU leave it off")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     score = SCORE_SOFTMAX_RESPONSE if config.loss == "ce" else SCORE_SELECTION
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
-    model.to(runtime.device, memory_format=runtime.memory_format)
+    # torch's stubs lack the to(device, memory_format=...) form that Module.to accepts
+    model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay, config.decay_norm_bias),
                                 lr=config.lr, momentum=config.momentum,  # type: ignore[arg-type]
                                 nesterov=config.momentum > 0, weight_decay=config.weight_decay)
@@ -416,6 +427,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
     train_config = dict(config.to_dict(), world_size=runtime.world_size)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # the [arg-type] ignore: torch's Dataset declares no __len__; a DataBundle's splits all have one
         log.info("training %s on %s (%d train / %d val / %d test), loss %s, device %s%s, %d epochs",
                  config.body, config.dataset, len(data.train), len(data.val), len(data.test), config.loss,  # type: ignore[arg-type]
                  runtime.device, f" x{runtime.world_size}" if runtime.distributed else "", config.epochs)
@@ -439,9 +451,9 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
 
     for epoch in range(start_epoch + 1, config.epochs + 1):  # type: ignore[operator]
         started = time.perf_counter()
-        seed_epoch(train_loader, config.seed, epoch, runtime.rank)  # type: ignore[arg-type]
+        seed_epoch(train_loader, config.seed, epoch, runtime.rank)
         lr = optimizer.param_groups[0]["lr"]
-        if hasattr(loss_fn, "beta_scale"):
+        if isinstance(loss_fn, SyncLoss):  # the only loss with a β to warm up
             loss_fn.beta_scale = beta_scale(epoch, config.beta_warmup)
         terms = train_one_epoch(train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch,
                                 progress=progress)

@@ -166,6 +166,9 @@ def build_body(config: ModelConfig) -> tuple[nn.Module, int]:
 class SelectiveNet(nn.Module):
     """Body + heads f, g, h. ``forward(x)`` returns a :class:`SelectiveOutput`."""
 
+    mean: torch.Tensor  # buffers, registered in __init__: [1, C, 1, 1]
+    std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -175,11 +178,12 @@ class SelectiveNet(nn.Module):
         self.body, dim = build_body(config)
         k, hidden = config.num_classes, config.selection_hidden
         self.predictor = nn.Linear(dim, k)  # f
+        selector_bn = nn.BatchNorm1d(hidden)  # its init draws no random numbers: the Linears' are unchanged
         self.selector = nn.Sequential(  # g: SelectiveNet's head
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Linear(hidden, 1),
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), selector_bn, nn.Linear(hidden, 1),
         )
         self.auxiliary = nn.Linear(dim, k)  # h
-        nn.init.constant_(self.selector[2].weight, config.selection_bn_gamma)  # g's BN γ
+        nn.init.constant_(selector_bn.weight, config.selection_bn_gamma)  # g's BN γ
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels ``[N, C, H, W]`` in [0, 1] → features ``[N, D]``."""
