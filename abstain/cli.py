@@ -81,7 +81,10 @@ app = typer.Typer(
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True,
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
         help="Print the version and the code version recorded in checkpoints, graphs and calibrations.",
     ),
 ) -> None:
@@ -126,8 +129,14 @@ def join_multi_value_options(argv: list[str]) -> list[str]:
 
 
 #: Failures a user can cause: reported as one line, exit status 2, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-               NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 
 
 def main() -> None:

@@ -154,8 +154,7 @@ class InputSpec:
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(
-                "input spec should be a mapping with channels, height, width, mean, std; "
-                f"but got {data!r}"
+                f"input spec should be a mapping with channels, height, width, mean, std; but got {data!r}"
             ) from exc
 
     def to_json(self) -> str:
@@ -218,6 +217,7 @@ def default_repository() -> Path:
 
 def class_names_json(names: Sequence[str]) -> str:
     return json.dumps(list(names))
+
 
 # --- selective graph (`abstain export-selective`) ---------------------------------------
 #: Outputs the selective graph adds to the base graph's (export/selective_graph.py).

@@ -40,8 +40,16 @@ SPLIT_SEED = 20260211  # fixed forever: changing it changes every split and fing
 
 DIGITS_CLASS_NAMES = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 #: Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,9 +82,7 @@ class ArraySplit:
         if self.x.ndim != 4:
             raise ValueError(f"x should be [N, C, H, W], but got shape {self.x.shape}")
         if self.y.shape != (self.x.shape[0],):
-            raise ValueError(
-                f"y should be [N] with N = {self.x.shape[0]}, but got shape {self.y.shape}"
-            )
+            raise ValueError(f"y should be [N] with N = {self.x.shape[0]}, but got shape {self.y.shape}")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -141,8 +147,10 @@ def load_digits(split: str) -> ArraySplit:
 
 def _find_idx_file(root: Path, stem: str) -> Path | None:
     for candidate in (
-        root / stem, root / f"{stem}.gz",
-        root / "FashionMNIST" / "raw" / stem, root / "FashionMNIST" / "raw" / f"{stem}.gz",
+        root / stem,
+        root / f"{stem}.gz",
+        root / "FashionMNIST" / "raw" / stem,
+        root / "FashionMNIST" / "raw" / f"{stem}.gz",
     ):
         if candidate.is_file():
             return candidate
@@ -167,13 +175,11 @@ def read_idx(path: Path) -> np.ndarray:
     header_end = 4 + 4 * ndim
     if len(data) < header_end:
         raise ValueError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims)) if dims else 0
     body = np.frombuffer(data, dtype=np.uint8, offset=header_end)
     if body.size != expected:
-        raise ValueError(
-            f"{path}: IDX header says {dims} = {expected} values but the file holds {body.size}"
-        )
+        raise ValueError(f"{path}: IDX header says {dims} = {expected} values but the file holds {body.size}")
     return body.reshape(dims)
 
 
@@ -262,7 +268,8 @@ def load_cifar100(split: str, data_root: Path | None) -> ArraySplit:
         raise ValueError(f"CIFAR-100 in {folder} is incomplete or corrupted ({exc!r})") from exc
     if split != "test":
         train_idx, val_idx = stratified_split_indices(
-            labels, (1 - CIFAR100_VAL_FRACTION, CIFAR100_VAL_FRACTION))
+            labels, (1 - CIFAR100_VAL_FRACTION, CIFAR100_VAL_FRACTION)
+        )
         idx = train_idx if split == "train" else val_idx
         images, labels = images[idx], labels[idx]
     x = images.astype(np.float32) / np.float32(255.0)  # the division training's fingerprint uses
@@ -358,7 +365,8 @@ def scan_image_folder(directory: str | os.PathLike[str]) -> tuple[tuple[str, ...
 def imagefolder_split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices into ``train/``'s files of the train and val splits (10 % of each class to val)."""
     train_idx, val_idx = stratified_split_indices(
-        y, (1 - IMAGEFOLDER_VAL_FRACTION, IMAGEFOLDER_VAL_FRACTION), SPLIT_SEED)
+        y, (1 - IMAGEFOLDER_VAL_FRACTION, IMAGEFOLDER_VAL_FRACTION), SPLIT_SEED
+    )
     return train_idx, val_idx
 
 
@@ -370,8 +378,10 @@ def imagefolder_split(root: Path, split: str) -> FileSplit:
     """
     _check_split(split)
     root = Path(root)
-    layout = (f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
-              "with the same class folders in both (torchvision ImageFolder layout)")
+    layout = (
+        f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
+        "with the same class folders in both (torchvision ImageFolder layout)"
+    )
     part = "val" if split == "test" else "train"
     try:
         classes, samples = scan_image_folder(root / part)
@@ -420,6 +430,8 @@ def load_npz(path: Path, class_names: Sequence[str] | None = None) -> ArraySplit
     k = int(y.max()) + 1 if y.size else 0
     names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(k))
     return ArraySplit(
-        x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False),
-        class_names=names, name=str(path),
+        x=x.astype(np.float32, copy=False),
+        y=y.astype(np.int64, copy=False),
+        class_names=names,
+        name=str(path),
     )

@@ -111,9 +111,7 @@ class Calibration:
         for point in self.operating_points:
             if point.name == wanted:
                 return point
-        raise KeyError(
-            f"unknown operating point {wanted!r}; valid: {', '.join(self.names)}"
-        )
+        raise KeyError(f"unknown operating point {wanted!r}; valid: {', '.join(self.names)}")
 
     @property
     def names(self) -> list[str]:
@@ -149,7 +147,8 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
         )
     scale = raw.get("score_scale", SCORE_SCALE_PROBABILITY)
     if scale not in (SCORE_SCALE_LOGIT, SCORE_SCALE_PROBABILITY) or (
-            scale == SCORE_SCALE_LOGIT and raw["score"] != SCORE_SELECTION):
+        scale == SCORE_SCALE_LOGIT and raw["score"] != SCORE_SELECTION
+    ):
         raise CalibrationError(
             f"{where}: operating point {raw['name']!r} has score_scale {scale!r}; valid: "
             f"{SCORE_SCALE_PROBABILITY!r} for any score, {SCORE_SCALE_LOGIT!r} for {SCORE_SELECTION!r}"
@@ -190,10 +189,15 @@ def calibration_from_dict(raw: Any, where: str = "calibration") -> Calibration:
     if not isinstance(unmet, list) or not all(isinstance(u, dict) for u in unmet):
         raise CalibrationError(f"{where}: unmet_targets should be a list of objects, got {unmet!r}")
     return Calibration(
-        graph_sha256=sha, operating_points=points, default_operating_point=default,
-        schema_version=version, code_version=str(raw.get("code_version", "")),
-        created_at=str(raw.get("created_at", "")), data=dict(raw.get("data") or {}),
-        scores=dict(raw.get("scores") or {}), unmet_targets=tuple(unmet),
+        graph_sha256=sha,
+        operating_points=points,
+        default_operating_point=default,
+        schema_version=version,
+        code_version=str(raw.get("code_version", "")),
+        created_at=str(raw.get("created_at", "")),
+        data=dict(raw.get("data") or {}),
+        scores=dict(raw.get("scores") or {}),
+        unmet_targets=tuple(unmet),
     )
 
 

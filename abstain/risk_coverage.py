@@ -56,8 +56,9 @@ def score_scale(score: str, has_selection_logit: bool) -> str:
     return SCORE_SCALE_PROBABILITY
 
 
-def selection_scores(logits: np.ndarray, selection: np.ndarray, score: str,
-                     selection_logit: np.ndarray | None = None) -> np.ndarray:
+def selection_scores(
+    logits: np.ndarray, selection: np.ndarray, score: str, selection_logit: np.ndarray | None = None
+) -> np.ndarray:
     """The named score ``[N]`` from the graph's outputs (see ``abstain.contract.SCORE_NAMES``).
 
     ``combined`` is the geometric mean ``sqrt(g · softmax_response)``: high only when both
@@ -176,8 +177,9 @@ def risk_at_coverage(scores: np.ndarray, errors: np.ndarray, coverage: float) ->
     return float(err / m)
 
 
-def risk_at_coverages(scores: np.ndarray, errors: np.ndarray,
-                      coverages: tuple[str, ...] = TABLE_COVERAGES) -> dict[str, float]:
+def risk_at_coverages(
+    scores: np.ndarray, errors: np.ndarray, coverages: tuple[str, ...] = TABLE_COVERAGES
+) -> dict[str, float]:
     """``{coverage string: risk}`` for the paper's table coverages (keys as in ``TABLE_COVERAGES``)."""
     return {c: risk_at_coverage(scores, errors, float(c)) for c in coverages}
 

@@ -139,7 +139,8 @@ class OnnxModel:
         #: the graph has the optional ``selection_logit`` output (see abstain.contract)
         self.has_selection_logit: bool = SELECTION_LOGIT_NAME in names_out
         self._outputs = [LOGITS_NAME, SELECTION_NAME] + (
-            [SELECTION_LOGIT_NAME] if self.has_selection_logit else [])
+            [SELECTION_LOGIT_NAME] if self.has_selection_logit else []
+        )
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
         try:
@@ -159,10 +160,13 @@ class OnnxModel:
     def run(self, x: np.ndarray) -> GraphOutputs:
         """One forward pass on a validated float32 batch ``[N, C, H, W]``."""
         logits, selection, *z = self.session.run(self._outputs, {INPUT_NAME: x})
-        return GraphOutputs(logits=logits, selection=selection.reshape(-1),
-                            selection_logit=z[0].reshape(-1) if z else None)
+        return GraphOutputs(
+            logits=logits, selection=selection.reshape(-1), selection_logit=z[0].reshape(-1) if z else None
+        )
 
     def run_batched(self, x: np.ndarray, batch_size: int = 256) -> GraphOutputs:
         """Validate, then run ``x`` in batches of ``batch_size``; outputs concatenated in order."""
         x = validate_pixels(x, self.input_spec)
-        return GraphOutputs.concat([self.run(x[i: i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        return GraphOutputs.concat(
+            [self.run(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        )

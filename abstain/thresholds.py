@@ -172,8 +172,14 @@ def sgr_point(ranked: RankedScores, target_risk: float, delta: float = 0.05) -> 
     def passes(j: int) -> bool:
         n_sel, n_err = int(ranked.n_selected[j]), int(ranked.n_errors[j])
         bounds[j] = binomial_upper_bound(n_err, n_sel, delta_step)
-        probes.append({"threshold": float(ranked.thresholds[j]), "n_selected": n_sel,
-                       "n_errors": n_err, "risk_bound": bounds[j]})
+        probes.append(
+            {
+                "threshold": float(ranked.thresholds[j]),
+                "n_selected": n_sel,
+                "n_errors": n_err,
+                "risk_bound": bounds[j],
+            }
+        )
         return bounds[j] <= target
 
     best = u - 1 if passes(u - 1) else -1
@@ -189,16 +195,34 @@ def sgr_point(ranked: RankedScores, target_risk: float, delta: float = 0.05) -> 
     best_bound = min(bounds.values())
     if best < 0:
         return RiskResult(
-            target_risk=target, delta=delta, feasible=False, threshold=None, coverage=None,
-            risk=None, risk_bound=None, n_selected=0, n_errors=0, n_probes=n_probes,
+            target_risk=target,
+            delta=delta,
+            feasible=False,
+            threshold=None,
+            coverage=None,
+            risk=None,
+            risk_bound=None,
+            n_selected=0,
+            n_errors=0,
+            n_probes=n_probes,
             delta_per_probe=delta_step,
             samples_needed=samples_needed_for_zero_errors(target, delta_step),
-            best_bound=best_bound, probes=probes,
+            best_bound=best_bound,
+            probes=probes,
         )
     n_sel, n_err = int(ranked.n_selected[best]), int(ranked.n_errors[best])
     return RiskResult(
-        target_risk=target, delta=delta, feasible=True, threshold=float(ranked.thresholds[best]),
-        coverage=n_sel / ranked.n, risk=n_err / n_sel, risk_bound=bounds[best],
-        n_selected=n_sel, n_errors=n_err, n_probes=n_probes, delta_per_probe=delta_step,
-        best_bound=best_bound, probes=probes,
+        target_risk=target,
+        delta=delta,
+        feasible=True,
+        threshold=float(ranked.thresholds[best]),
+        coverage=n_sel / ranked.n,
+        risk=n_err / n_sel,
+        risk_bound=bounds[best],
+        n_selected=n_sel,
+        n_errors=n_err,
+        n_probes=n_probes,
+        delta_per_probe=delta_step,
+        best_bound=best_bound,
+        probes=probes,
     )

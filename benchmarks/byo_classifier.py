@@ -36,8 +36,15 @@ def imported_lr(repo: Path) -> Path:
     x = train.x.reshape(len(train.y), -1)
     lr = LogisticRegression(max_iter=5000).fit(x, train.y)
     graph = to_onnx(lr, x[:1], options={"zipmap": False}, target_opset=17).SerializeToString()
-    import_onnx(graph, "digits-lr", list(train.class_names), repo, input_spec="1,8,8",
-                logits_output="probabilities", probabilities=True)
+    import_onnx(
+        graph,
+        "digits-lr",
+        list(train.class_names),
+        repo,
+        input_spec="1,8,8",
+        logits_output="probabilities",
+        probabilities=True,
+    )
     run_calibration(repo / "digits-lr", dataset="digits", split="val", coverages=COVERAGES, risks=RISKS)
     return repo / "digits-lr"
 
@@ -49,10 +56,12 @@ def row(label: str, report: dict, score_note: str = "") -> str:
     cov = points["coverage-0.9"]
     risk = points["risk-0.05"]
     accuracy = report["data"]["accuracy"]
-    return (f"| {label} | {score}{score_note} | {accuracy * 100:.2f} | {m['aurc'] * 100:.3f} | "
-            f"{m['risk_at_coverage']['0.8'] * 100:.2f} | {cov['realized_coverage']:.4f} / "
-            f"{(cov['selective_risk'] or 0) * 100:.2f} | {risk['realized_coverage']:.4f} / "
-            f"{(risk['selective_risk'] or 0) * 100:.2f} |")
+    return (
+        f"| {label} | {score}{score_note} | {accuracy * 100:.2f} | {m['aurc'] * 100:.3f} | "
+        f"{m['risk_at_coverage']['0.8'] * 100:.2f} | {cov['realized_coverage']:.4f} / "
+        f"{(cov['selective_risk'] or 0) * 100:.2f} | {risk['realized_coverage']:.4f} / "
+        f"{(risk['selective_risk'] or 0) * 100:.2f} |"
+    )
 
 
 def main() -> None:

@@ -51,15 +51,21 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch docs/")
     args = parser.parse_args()
     t = run(args.n, args.repeats)
-    machine = (f"nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, "
-               f"Python {platform.python_version()}")
+    machine = (
+        f"nproc {cpu_count()}, {cpu_model()}, numpy {np.__version__}, Python {platform.python_version()}"
+    )
     lines = [
-        f"## {HEADING}", "",
+        f"## {HEADING}",
+        "",
         f"`nice -n 10 python benchmarks/calibration.py` — {args.n:,} scores, median of {args.repeats} runs.",
-        f"Machine: {machine}. Shared with other jobs while measured.", "",
-        "| step | seconds |", "|---|---|",
+        f"Machine: {machine}. Shared with other jobs while measured.",
+        "",
+        "| step | seconds |",
+        "|---|---|",
         *[f"| {key} | {value:.3f} |" for key, value in t.items()],
-        "", "Target: total well under 2 s (issue 4).", "",
+        "",
+        "Target: total well under 2 s (issue 4).",
+        "",
     ]
     text = "\n".join(lines)
     print(text)

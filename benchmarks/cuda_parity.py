@@ -60,8 +60,9 @@ def post(url: str, body: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "digits")
     parser.add_argument("--port", type=int, default=3100)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -70,8 +71,10 @@ def main() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        print(f"no CUDA provider in onnxruntime {ort.__version__} ({ort.get_available_providers()}): "
-              "install the serve-gpu extra on a machine with an NVIDIA GPU; nothing written")
+        print(
+            f"no CUDA provider in onnxruntime {ort.__version__} ({ort.get_available_providers()}): "
+            "install the serve-gpu extra on a machine with an NVIDIA GPU; nothing written"
+        )
         sys.exit(1)
     version_dir = resolve_version_dir(args.model_dir)
     calibration = load_calibration(version_dir / "calibration.json")
@@ -97,7 +100,10 @@ def main() -> None:
     env = dict(os.environ, ABSTAIN_WORKERS="1")
     server = subprocess.Popen(
         [sys.executable, "-m", "abstain", "serve", str(version_dir), "--port", str(args.port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{args.port}"
     try:
@@ -114,7 +120,7 @@ def main() -> None:
             provider = json.loads(reply.read())["execution_provider"]
         served = []
         for i in range(0, len(x), 128):
-            served += post(f"{url}/predict", {"pixels": x[i: i + 128].tolist()})["predictions"]
+            served += post(f"{url}/predict", {"pixels": x[i : i + 128].tolist()})["predictions"]
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
@@ -122,8 +128,12 @@ def main() -> None:
     answered = [u["decision"] == "predict" for u in served]
     service_flips = sum(r != s for r, s in zip(reference.answered.tolist(), answered, strict=True))
 
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip() or "an NVIDIA GPU"
+    gpu = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+        or "an NVIDIA GPU"
+    )
     lines = [
         f"`python benchmarks/cuda_parity.py` on {gpu}, onnxruntime-gpu {ort.__version__}, "
         f"graph {version_dir.relative_to(ROOT) if version_dir.is_relative_to(ROOT) else version_dir}, "

@@ -45,15 +45,44 @@ def main() -> None:
         run, repo, out = Path(tmp) / "run", Path(tmp) / "models", Path(tmp) / "eval"
         epochs = ["--epochs", str(args.epochs)] if args.epochs else []
         seconds = {
-            "train": abstain("train", "--dataset", "fashion-mnist", "--loss", "sync", "--out", str(run),
-                             "--no-progress", *epochs),
-            "export": abstain("export", str(run / "checkpoint.pt"), "--name", "fashion-mnist",
-                              "--repository", str(repo)),
-            "calibrate": abstain("calibrate", str(repo / "fashion-mnist"), "--dataset", "fashion-mnist",
-                                 "--split", "val", "--coverage", *COVERAGES, "--risk", *RISKS,
-                                 "--delta", "0.05"),
-            "evaluate": abstain("evaluate", str(repo / "fashion-mnist"), "--dataset", "fashion-mnist",
-                                "--split", "test", "--out", str(out)),
+            "train": abstain(
+                "train",
+                "--dataset",
+                "fashion-mnist",
+                "--loss",
+                "sync",
+                "--out",
+                str(run),
+                "--no-progress",
+                *epochs,
+            ),
+            "export": abstain(
+                "export", str(run / "checkpoint.pt"), "--name", "fashion-mnist", "--repository", str(repo)
+            ),
+            "calibrate": abstain(
+                "calibrate",
+                str(repo / "fashion-mnist"),
+                "--dataset",
+                "fashion-mnist",
+                "--split",
+                "val",
+                "--coverage",
+                *COVERAGES,
+                "--risk",
+                *RISKS,
+                "--delta",
+                "0.05",
+            ),
+            "evaluate": abstain(
+                "evaluate",
+                str(repo / "fashion-mnist"),
+                "--dataset",
+                "fashion-mnist",
+                "--split",
+                "test",
+                "--out",
+                str(out),
+            ),
         }
         report = json.loads((out / "evaluation.json").read_text())
         calibration = json.loads((repo / "fashion-mnist" / "1" / "calibration.json").read_text())
@@ -61,37 +90,47 @@ def main() -> None:
     for p in report["operating_points"]:
         target = p.get("target_coverage") or p.get("target_risk")
         interval = p.get("coverage_prediction_interval", p.get("coverage_interval"))
-        promised = (f"coverage in [{interval[0]:.4f}, {interval[1]:.4f}]" if interval
-                    else f"risk ≤ {p['target_risk']}")
-        rows.append(f"| {p['name']} | {target} | {promised} | {p['realized_coverage']:.4f} | "
-                    f"{p['selective_risk']:.4f} | {'yes' if p['guarantee_held'] else 'no'} |")
+        promised = (
+            f"coverage in [{interval[0]:.4f}, {interval[1]:.4f}]"
+            if interval
+            else f"risk ≤ {p['target_risk']}"
+        )
+        rows.append(
+            f"| {p['name']} | {target} | {promised} | {p['realized_coverage']:.4f} | "
+            f"{p['selective_risk']:.4f} | {'yes' if p['guarantee_held'] else 'no'} |"
+        )
     scores = report["scores"]
-    score_rows = [f"| {name} | {m['aurc']:.5f} | {m['eaurc']:.5f} | {m['augrc']:.5f} |"
-                  for name, m in scores.items()]
-    section = "\n".join([
-        f"## {HEADING}",
-        "",
-        f"`nice -n 10 python benchmarks/end_to_end.py` on {cpu_count()} CPU cores ({cpu_model()}), no GPU.",
-        "The CLI flow a user runs: `abstain train --dataset fashion-mnist --loss sync` → `abstain export`",
-        f"→ `abstain calibrate … --split val --coverage {' '.join(COVERAGES)} --risk {' '.join(RISKS)}`",
-        "→ `abstain evaluate … --split test`. Wall seconds: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
-        f"Score chosen by validation AURC: `{calibration['operating_points'][0]['score']}`.",
-        "",
-        "Operating points, calibrated on val (5,000 images), measured on test (10,000 images).",
-        "A coverage point's guarantee is its 95 % Clopper–Pearson interval, so about one in twenty",
-        "is expected to miss; a risk point's is SGR's bound (holds with probability ≥ 0.95).",
-        "",
-        "| operating point | target | promised | test coverage | test selective risk | held |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Scores on test (×1, lower is better):",
-        "",
-        "| score | AURC | E-AURC | AUGRC |",
-        "|---|---|---|---|",
-        *score_rows,
-    ])
+    score_rows = [
+        f"| {name} | {m['aurc']:.5f} | {m['eaurc']:.5f} | {m['augrc']:.5f} |" for name, m in scores.items()
+    ]
+    section = "\n".join(
+        [
+            f"## {HEADING}",
+            "",
+            f"`nice -n 10 python benchmarks/end_to_end.py` on {cpu_count()} CPU cores ({cpu_model()}), "
+            "no GPU. The CLI flow a user runs: `abstain train --dataset fashion-mnist --loss sync` → "
+            "`abstain export`",
+            f"→ `abstain calibrate … --split val --coverage {' '.join(COVERAGES)} --risk {' '.join(RISKS)}`",
+            "→ `abstain evaluate … --split test`. Wall seconds: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+            + ".",
+            f"Score chosen by validation AURC: `{calibration['operating_points'][0]['score']}`.",
+            "",
+            "Operating points, calibrated on val (5,000 images), measured on test (10,000 images).",
+            "A coverage point's guarantee is its 95 % Clopper–Pearson interval, so about one in twenty",
+            "is expected to miss; a risk point's is SGR's bound (holds with probability ≥ 0.95).",
+            "",
+            "| operating point | target | promised | test coverage | test selective risk | held |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Scores on test (×1, lower is better):",
+            "",
+            "| score | AURC | E-AURC | AUGRC |",
+            "|---|---|---|---|",
+            *score_rows,
+        ]
+    )
     print("\n" + section)
     if not args.no_write:
         replace_section(HEADING, section)

@@ -43,9 +43,25 @@ def peak_rss_mib(folder: Path, out: Path) -> tuple[float, float]:
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "abstain", "predict",
-                           str(REPO / "models" / "digits"), str(folder), "--out", str(out)],
-                          capture_output=True, text=True, check=True, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            sys.executable,
+            "-m",
+            "abstain",
+            "predict",
+            str(REPO / "models" / "digits"),
+            str(folder),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     return int(done.stdout.strip()) / 1024, time.perf_counter() - start
 
 
@@ -62,21 +78,23 @@ def main() -> None:
             rss, seconds = peak_rss_mib(folder, Path(tmp) / "decisions.parquet")
         rows.append(f"| {n:,} | {rss:.0f} | {seconds:.1f} | {n / seconds:,.0f} |")
         print(rows[-1], flush=True)
-    text = "\n".join([
-        f"## {HEADING}",
-        "",
-        f"`python benchmarks/predict_memory.py --sizes {args.sizes}` — `abstain predict models/digits "
-        "FOLDER --out decisions.parquet` (batch 256, the default) on folders of 8×8 PNGs, each in a "
-        "fresh process; peak RSS of that process. The folder is listed whole (one path per file), "
-        "the pixels are decoded one batch at a time.",
-        f"Machine: {platform.machine()}, {cpu_count()} CPU cores ({cpu_model()}), Python "
-        f"{platform.python_version()}; shared with other jobs while measured.",
-        "",
-        "| images | peak RSS (MiB) | seconds | images/s |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"## {HEADING}",
+            "",
+            f"`python benchmarks/predict_memory.py --sizes {args.sizes}` — `abstain predict models/digits "
+            "FOLDER --out decisions.parquet` (batch 256, the default) on folders of 8×8 PNGs, each in a "
+            "fresh process; peak RSS of that process. The folder is listed whole (one path per file), "
+            "the pixels are decoded one batch at a time.",
+            f"Machine: {platform.machine()}, {cpu_count()} CPU cores ({cpu_model()}), Python "
+            f"{platform.python_version()}; shared with other jobs while measured.",
+            "",
+            "| images | peak RSS (MiB) | seconds | images/s |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print(text)
     replace_section(HEADING, text)
 

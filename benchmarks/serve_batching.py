@@ -115,8 +115,9 @@ async def load(url: str, seconds: float, concurrency: int, body: dict) -> tuple[
     return len(latencies), latencies, errors
 
 
-def measure(setting: tuple[str, int, float], seconds: float, concurrency: int, repeats: int,
-            workers: int, body: dict) -> tuple[float, float, float, int]:
+def measure(
+    setting: tuple[str, int, float], seconds: float, concurrency: int, repeats: int, workers: int, body: dict
+) -> tuple[float, float, float, int]:
     """Median over ``repeats`` fresh servers: (req/s, p50 ms, p99 ms, errors summed)."""
     label, size, latency = setting
     runs = []
@@ -130,8 +131,11 @@ def measure(setting: tuple[str, int, float], seconds: float, concurrency: int, r
         runs.append((n / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors))
     rps, p50, p99 = (float(np.median([r[i] for r in runs])) for i in range(3))
     errors = sum(r[3] for r in runs)
-    print(f"{concurrency:3d} clients  {label:24s} {rps:8.1f} req/s  p50 {p50:6.1f} ms  "
-          f"p99 {p99:6.1f} ms  errors {errors}", flush=True)
+    print(
+        f"{concurrency:3d} clients  {label:24s} {rps:8.1f} req/s  p50 {p50:6.1f} ms  "
+        f"p99 {p99:6.1f} ms  errors {errors}",
+        flush=True,
+    )
     return rps, p50, p99, errors
 
 
@@ -152,8 +156,9 @@ def main() -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     tables, verdicts = [], []
     for concurrency in concurrencies:
-        rows = [(s[0], *measure(s, args.seconds, concurrency, args.repeats, args.workers, body))
-                for s in SETTINGS]
+        rows = [
+            (s[0], *measure(s, args.seconds, concurrency, args.repeats, args.workers, body)) for s in SETTINGS
+        ]
         best = max(rows, key=lambda r: r[1])
         chosen = next((r for r in rows if r[0] == default_label), None)
         header = "| setting | throughput (req/s) | p50 (ms) | p99 (ms) | errors |\n|---|---|---|---|---|\n"

@@ -37,8 +37,16 @@ HEADING = "Serving: where the time goes"
 KEEP: Path | None = None
 #: (component, substrings of a frame "function (file:line)"), checked in order from the leaf up.
 COMPONENTS = [
-    ("idle (waiting for work: selector, queues, locks)",
-     ("select (selectors.py", "epoll", "wait (threading.py", "_worker (concurrent/futures", "get (queue.py")),
+    (
+        "idle (waiting for work: selector, queues, locks)",
+        (
+            "select (selectors.py",
+            "epoll",
+            "wait (threading.py",
+            "_worker (concurrent/futures",
+            "get (queue.py",
+        ),
+    ),
     ("ONNX Runtime (the graph)", ("onnxruntime",)),
     ("abstain: middlewares, validation, decisions, metrics, batching", ("(serving/", "(abstain/")),
     ("Prometheus client", ("prometheus_client",)),
@@ -79,11 +87,27 @@ def worker_pid(server: subprocess.Popen) -> int:
     raise RuntimeError("no worker process with onnxruntime loaded")
 
 
-def profile(url: str, pid: int, body: Path, ctype: str, seconds: float, connections: int, lua: Path,
-            out: Path) -> tuple[collections.Counter, float]:
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                            "--rate", "200", "--format", "raw", "--output", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def profile(
+    url: str, pid: int, body: Path, ctype: str, seconds: float, connections: int, lua: Path, out: Path
+) -> tuple[collections.Counter, float]:
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(1.0)  # py-spy attaches
     point = wrk(f"{url}/predict", body, ctype, connections, seconds - 2, lua)
     spy.wait(timeout=seconds + 30)
@@ -114,27 +138,46 @@ def main() -> None:
         lua.write_text(LUA)
         (tmp / "one.json").write_text(json.dumps({"pixels": x.tolist()}))
         (tmp / "one.npy").write_bytes(npy_bytes(x))
-        server, url = start_bentoml("abstain.serving.service:Abstain",
-                                    {"ABSTAIN_MODEL_DIR": str(REPO / "models" / "digits"),
-                                     "ABSTAIN_WORKERS": "1", "ABSTAIN_STORE": "off"}, tmp / "server.log")
+        server, url = start_bentoml(
+            "abstain.serving.service:Abstain",
+            {
+                "ABSTAIN_MODEL_DIR": str(REPO / "models" / "digits"),
+                "ABSTAIN_WORKERS": "1",
+                "ABSTAIN_STORE": "off",
+            },
+            tmp / "server.log",
+        )
         try:
             pid = worker_pid(server)
             results = {}
-            for label, body, ctype in (("JSON", tmp / "one.json", "application/json"),
-                                       (".npy", tmp / "one.npy", "application/x-npy")):
-                results[label] = profile(url, pid, body, ctype, args.seconds, args.connections, lua,
-                                         tmp / f"{label}.txt")
+            for label, body, ctype in (
+                ("JSON", tmp / "one.json", "application/json"),
+                (".npy", tmp / "one.npy", "application/x-npy"),
+            ):
+                results[label] = profile(
+                    url, pid, body, ctype, args.seconds, args.connections, lua, tmp / f"{label}.txt"
+                )
         finally:
             stop(server)
         # the 64-image .npy point of serve_peers.py, with the decision store on (the default)
         (tmp / "64.npy").write_bytes(npy_bytes(load_digits("test").x[:64]))
-        server, url = start_bentoml("abstain.serving.service:Abstain",
-                                    {"ABSTAIN_MODEL_DIR": str(REPO / "models" / "digits"),
-                                     "ABSTAIN_WORKERS": "1"}, tmp / "server64.log")
+        server, url = start_bentoml(
+            "abstain.serving.service:Abstain",
+            {"ABSTAIN_MODEL_DIR": str(REPO / "models" / "digits"), "ABSTAIN_WORKERS": "1"},
+            tmp / "server64.log",
+        )
         try:
             label = "64-image .npy, store on, 2 conn."
-            results[label] = profile(url, worker_pid(server), tmp / "64.npy", "application/x-npy",
-                                     args.seconds, 2, lua, tmp / "64.txt")
+            results[label] = profile(
+                url,
+                worker_pid(server),
+                tmp / "64.npy",
+                "application/x-npy",
+                args.seconds,
+                2,
+                lua,
+                tmp / "64.txt",
+            )
         finally:
             stop(server)
     idle = COMPONENTS[0][0]
@@ -153,7 +196,8 @@ def main() -> None:
         f"{platform.python_version()}; the load generator shares the cores.",
         "",
         "| component (share of busy samples) | "
-        + " | ".join(f"{k} ({v[1]:,.0f} rps)" for k, v in results.items()) + " |",
+        + " | ".join(f"{k} ({v[1]:,.0f} rps)" for k, v in results.items())
+        + " |",
         "|---|" + "---|" * len(results),
     ]
     for name in names:
@@ -162,8 +206,11 @@ def main() -> None:
             busy = (sum(counts.values()) - counts[idle]) or 1
             cells.append(f"{100 * counts[name] / busy:.1f} %")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| (idle samples, all threads, as a share of all samples) | " + " | ".join(
-        f"{100 * c[idle] / (sum(c.values()) or 1):.0f} %" for c, _ in results.values()) + " |")
+    lines.append(
+        "| (idle samples, all threads, as a share of all samples) | "
+        + " | ".join(f"{100 * c[idle] / (sum(c.values()) or 1):.0f} %" for c, _ in results.values())
+        + " |"
+    )
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads, no GPU")
+    return (
+        f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, no GPU"
+    )
 
 
 def val_lines(out: Path) -> list[dict[str, Any]]:
@@ -52,8 +54,9 @@ def train(out: Path, **overrides: Any) -> tuple[dict[str, Any], dict[str, Any], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--betas", default="0.1,0.5,2.0", help="comma-separated β values to sweep")
     parser.add_argument("--sweep-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="comparison epochs (default: dataset's)")
@@ -65,11 +68,13 @@ def main() -> None:
 
     sweep = []
     for beta in betas:
-        _, val, seconds = train(args.out / f"sweep-beta{beta}", loss="sync", beta=beta,
-                                epochs=args.sweep_epochs)
+        _, val, seconds = train(
+            args.out / f"sweep-beta{beta}", loss="sync", beta=beta, epochs=args.sweep_epochs
+        )
         sweep.append((beta, val, seconds))
-        print(f"sweep beta={beta}: val acc {val['accuracy']:.4f} val AURC(g) {val['aurc']:.5f} "
-              f"({seconds:.0f}s)")
+        print(
+            f"sweep beta={beta}: val acc {val['accuracy']:.4f} val AURC(g) {val['aurc']:.5f} ({seconds:.0f}s)"
+        )
     best = min(sweep, key=lambda row: row[1]["aurc"])[0]
 
     epochs = args.epochs or DATASET_DEFAULTS["fashion-mnist"]["epochs"]
@@ -77,20 +82,25 @@ def main() -> None:
     for loss, extra in (("selectivenet", {}), ("sync", {"beta": best})):
         test, _, seconds = train(args.out / loss, loss=loss, epochs=epochs, **extra)
         runs[loss] = (test, seconds)
-        print(f"{loss}: test acc {test['accuracy']:.4f} AURC(g) {test['aurc']:.5f} "
-              f"risk@0.8(g) {test['risk_at_coverage']['0.8']:.4f} ({seconds:.0f}s)")
+        print(
+            f"{loss}: test acc {test['accuracy']:.4f} AURC(g) {test['aurc']:.5f} "
+            f"risk@0.8(g) {test['risk_at_coverage']['0.8']:.4f} ({seconds:.0f}s)"
+        )
 
     rows = "\n".join(
         f"| {beta} | {val['accuracy']:.4f} | {val['aurc']:.5f} "
-        f"| {val['aurc_by_score']['softmax_response']:.5f} | {seconds:.0f} |" for beta, val, seconds in sweep)
+        f"| {val['aurc_by_score']['softmax_response']:.5f} | {seconds:.0f} |"
+        for beta, val, seconds in sweep
+    )
     comparison = "\n".join(
         f"| {loss}{f' (β = {best})' if loss == 'sync' else ''} | {t['accuracy']:.4f} | {t['aurc']:.5f} "
         f"| {t['aurc_by_score']['softmax_response']:.5f} | {t['risk_at_coverage']['0.8']:.4f} "
         f"| {t['risk_at_coverage']['0.9']:.4f} | {seconds / 60:.1f} |"
-        for loss, (t, seconds) in runs.items())
+        for loss, (t, seconds) in runs.items()
+    )
     section = f"""## Training
 
-Fashion-MNIST, `small_cnn` width {DATASET_DEFAULTS['fashion-mnist']['width']}, seed 0, produced by
+Fashion-MNIST, `small_cnn` width {DATASET_DEFAULTS["fashion-mnist"]["width"]}, seed 0, produced by
 `nice -n 10 python benchmarks/train_fashion_mnist.py --betas {args.betas} --sweep-epochs {args.sweep_epochs}\
 {f" --epochs {args.epochs}" if args.epochs else ""}` on: {machine()}.
 (The machine was shared with other jobs, so wall times are upper bounds.)

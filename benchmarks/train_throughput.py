@@ -34,8 +34,7 @@ def measure(images: int, batch_size: int, runtime: Runtime) -> float:
     data = TensorDataset(torch.rand(images, 3, 32, 32), torch.randint(0, 100, (images,)))
     model = SelectiveNet(ModelConfig("vgg16_bn", 100, 3, 32, (0.5,) * 3, (0.25,) * 3))
     model.to(runtime.device, memory_format=runtime.memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loader = make_loader(data, batch_size, train=True, seed=0, runtime=runtime, num_workers=2)
     loss = SyncLoss()
     # warm-up epoch: cuDNN autotuning, allocator growth, worker start-up
@@ -50,8 +49,9 @@ def measure(images: int, batch_size: int, runtime: Runtime) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=20480)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -61,15 +61,19 @@ def main() -> None:
     runtime = Runtime(torch.device("cuda" if cuda else "cpu"), amp=cuda, channels_last=cuda)
     rate = measure(args.images, args.batch_size, runtime)
     where = torch.cuda.get_device_name() if cuda else "CPU"
-    line = (f"{rate:,.0f} images/s training VGG-16-BN SelectiveNet + SYNC on {where} "
-            f"(batch {args.batch_size}, bf16 autocast {cuda}, channels_last {cuda}, "
-            f"torch {torch.__version__})")
+    line = (
+        f"{rate:,.0f} images/s training VGG-16-BN SelectiveNet + SYNC on {where} "
+        f"(batch {args.batch_size}, bf16 autocast {cuda}, channels_last {cuda}, "
+        f"torch {torch.__version__})"
+    )
     print(line)
     if not cuda:
         print("not written to docs/benchmarks.md: no GPU here")
         return
-    section = ("## Training throughput\n\nCIFAR-100-shaped synthetic tensors, "
-               f"`python benchmarks/train_throughput.py`:\n\n{line}.\n\n")
+    section = (
+        "## Training throughput\n\nCIFAR-100-shaped synthetic tensors, "
+        f"`python benchmarks/train_throughput.py`:\n\n{line}.\n\n"
+    )
     text = args.doc.read_text() if args.doc.is_file() else "# Benchmarks\n"
     pattern = re.compile(r"^## Training throughput\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):

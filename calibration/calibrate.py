@@ -53,8 +53,9 @@ class Predictions:
 
     def scores(self, name: str) -> np.ndarray:
         """Score ``name`` ``[N]``; ``selection`` is g's logit when the graph exports it."""
-        return selection_scores(self.outputs.logits, self.outputs.selection, name,
-                                self.outputs.selection_logit)
+        return selection_scores(
+            self.outputs.logits, self.outputs.selection, name, self.outputs.selection_logit
+        )
 
     def scale(self, name: str) -> str:
         """``logit`` or ``probability``: what a threshold on score ``name`` means here."""
@@ -111,7 +112,8 @@ def choose_default(points: Sequence[OperatingPoint]) -> str:
         def distance(p: OperatingPoint) -> float:
             if p.target_coverage is None:
                 raise ValueError(
-                    f"coverage operating point {p.name!r} should have a target_coverage, but got None")
+                    f"coverage operating point {p.name!r} should have a target_coverage, but got None"
+                )
             return abs(p.target_coverage - PREFERRED_DEFAULT_COVERAGE)
 
         # min() keeps the first of equals, so the order given on the command line breaks ties
@@ -130,11 +132,19 @@ class CalibrationRun:
     accuracy: float
 
 
-def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str = "val",
-                    data: Path | None = None, data_root: Path | None = None,
-                    coverages: Sequence[float] = DEFAULT_COVERAGES, risks: Sequence[float] = (),
-                    delta: float = DEFAULT_DELTA, score: str | None = None,
-                    batch_size: int = 256) -> CalibrationRun:
+def run_calibration(
+    model_dir: Path,
+    *,
+    dataset: str | None = None,
+    split: str = "val",
+    data: Path | None = None,
+    data_root: Path | None = None,
+    coverages: Sequence[float] = DEFAULT_COVERAGES,
+    risks: Sequence[float] = (),
+    delta: float = DEFAULT_DELTA,
+    score: str | None = None,
+    batch_size: int = 256,
+) -> CalibrationRun:
     """Calibrate the graph in ``model_dir`` and write ``calibration.json`` next to it.
 
     Args:
@@ -166,8 +176,9 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
 
     version_dir = resolve_version_dir(Path(model_dir))
     model = OnnxModel(version_dir / "model.onnx")
-    labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
-                                  data=data, data_root=data_root)
+    labelled = open_labelled_data(
+        model.input_spec, model.class_names, dataset=dataset, split=split, data=data, data_root=data_root
+    )
     n = len(labelled)
     if n < MIN_CALIBRATION_SAMPLES:
         raise ValueError(
@@ -200,43 +211,83 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
     scale = preds.scale(chosen)
     for target in coverages:
         res = coverage_point(ranked, target, confidence)
-        points.append(OperatingPoint(
-            name=point_name("coverage", target), method="coverage", score=chosen,
-            threshold=res.threshold, target_coverage=target, delta=delta,
-            coverage=res.coverage, risk=res.risk,
-            extra={"score_scale": scale, "coverage_interval": list(res.coverage_interval),
-                   "risk_interval": list(res.risk_interval), "confidence": confidence,
-                   "n_selected": res.n_selected, "n_errors": res.n_errors},
-        ))
+        points.append(
+            OperatingPoint(
+                name=point_name("coverage", target),
+                method="coverage",
+                score=chosen,
+                threshold=res.threshold,
+                target_coverage=target,
+                delta=delta,
+                coverage=res.coverage,
+                risk=res.risk,
+                extra={
+                    "score_scale": scale,
+                    "coverage_interval": list(res.coverage_interval),
+                    "risk_interval": list(res.risk_interval),
+                    "confidence": confidence,
+                    "n_selected": res.n_selected,
+                    "n_errors": res.n_errors,
+                },
+            )
+        )
     # a data-dependent choice among the candidate scores costs a share of delta (see Args)
     delta_per_score = delta if score else delta / len(SCORE_NAMES)
     unmet: list[dict[str, Any]] = []
     for target in risks:
         risk_res = sgr_point(ranked, target, delta_per_score)
-        common = {"n_probes": risk_res.n_probes, "delta_per_score": delta_per_score,
-                  "delta_per_probe": risk_res.delta_per_probe}
+        common = {
+            "n_probes": risk_res.n_probes,
+            "delta_per_score": delta_per_score,
+            "delta_per_probe": risk_res.delta_per_probe,
+        }
         if risk_res.threshold is not None:  # feasible (RiskResult leaves threshold None exactly when not)
-            points.append(OperatingPoint(
-                name=point_name("risk", target), method="risk", score=chosen,
-                threshold=risk_res.threshold, target_risk=target, delta=delta,
-                coverage=risk_res.coverage, risk=risk_res.risk,
-                extra={"score_scale": scale, "risk_bound": risk_res.risk_bound,
-                       "n_selected": risk_res.n_selected, "n_errors": risk_res.n_errors, **common},
-            ))
+            points.append(
+                OperatingPoint(
+                    name=point_name("risk", target),
+                    method="risk",
+                    score=chosen,
+                    threshold=risk_res.threshold,
+                    target_risk=target,
+                    delta=delta,
+                    coverage=risk_res.coverage,
+                    risk=risk_res.risk,
+                    extra={
+                        "score_scale": scale,
+                        "risk_bound": risk_res.risk_bound,
+                        "n_selected": risk_res.n_selected,
+                        "n_errors": risk_res.n_errors,
+                        **common,
+                    },
+                )
+            )
         else:
-            unmet.append({
-                "name": point_name("risk", target), "method": "risk", "score": chosen,
-                "target_risk": target, "delta": delta,
-                "reason": (
-                    f"no threshold has a selective-risk bound <= {target:g} at confidence "
-                    f"{confidence:g} with these {n} samples (lowest bound reached: {risk_res.best_bound:.4g})"
-                ),
-                "best_bound": risk_res.best_bound, "samples_needed": risk_res.samples_needed, **common,
-            })
+            unmet.append(
+                {
+                    "name": point_name("risk", target),
+                    "method": "risk",
+                    "score": chosen,
+                    "target_risk": target,
+                    "delta": delta,
+                    "reason": (
+                        f"no threshold has a selective-risk bound <= {target:g} at confidence "
+                        f"{confidence:g} with these {n} samples "
+                        f"(lowest bound reached: {risk_res.best_bound:.4g})"
+                    ),
+                    "best_bound": risk_res.best_bound,
+                    "samples_needed": risk_res.samples_needed,
+                    **common,
+                }
+            )
     if not points:
-        raise ValueError("no operating point could be calibrated: " + "; ".join(
-            f"{u['name']}: {u['reason']}; at least {u['samples_needed']} answered samples with "
-            "zero errors would be needed" for u in unmet))
+        raise ValueError(
+            "no operating point could be calibrated: "
+            + "; ".join(
+                f"{u['name']}: {u['reason']}; at least {u['samples_needed']} answered samples with "
+                "zero errors would be needed"
+                for u in unmet
+            )
+        )
 
     calibration = Calibration(
         graph_sha256=model.sha256,
@@ -244,14 +295,24 @@ def run_calibration(model_dir: Path, *, dataset: str | None = None, split: str =
         default_operating_point=choose_default(points),
         code_version=code_version(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        data={"source": labelled.name, "fingerprint": data_fp, "size": n,
-              "accuracy": float(1.0 - preds.errors.mean()), "score": chosen,
-              "score_choice": "given" if score else "lowest AURC",
-              "delta_per_score": delta_per_score},
+        data={
+            "source": labelled.name,
+            "fingerprint": data_fp,
+            "size": n,
+            "accuracy": float(1.0 - preds.errors.mean()),
+            "score": chosen,
+            "score_choice": "given" if score else "lowest AURC",
+            "delta_per_score": delta_per_score,
+        },
         scores=per_score,
         unmet_targets=tuple(unmet),
     )
     path = version_dir / CALIBRATION_FILENAME
     save_calibration(path, calibration)
-    return CalibrationRun(calibration=calibration, path=path, chosen_score=chosen, n=n,
-                          accuracy=float(1.0 - preds.errors.mean()))
+    return CalibrationRun(
+        calibration=calibration,
+        path=path,
+        chosen_score=chosen,
+        n=n,
+        accuracy=float(1.0 - preds.errors.mean()),
+    )

@@ -12,15 +12,30 @@ from typing import Annotated, Any
 import typer
 
 ModelDir = Annotated[Path, typer.Argument(help="models/<name> (latest version) or models/<name>/<version>.")]
-DatasetOpt = Annotated[str | None, typer.Option(
-    "--dataset", help="Dataset split as training made it (with --split): digits, fashion-mnist, "
-                      "cifar100 or imagefolder (the last two with --data-root).")]
-DataOpt = Annotated[Path | None, typer.Option(
-    "--data", help="An .npz with arrays x [N, C, H, W] in [0, 1] and y [N], or an ImageFolder "
-                   "directory <class>/<image>.")]
-DataRootOpt = Annotated[Path | None, typer.Option(
-    "--data-root", help="Folder of --dataset: Fashion-MNIST's IDX files (default: Debian's), "
-                        "cifar-100-python/'s parent, or imagefolder's train/ and val/ parent.")]
+DatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="Dataset split as training made it (with --split): digits, fashion-mnist, "
+        "cifar100 or imagefolder (the last two with --data-root).",
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="An .npz with arrays x [N, C, H, W] in [0, 1] and y [N], or an ImageFolder "
+        "directory <class>/<image>.",
+    ),
+]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="Folder of --dataset: Fashion-MNIST's IDX files (default: Debian's), "
+        "cifar-100-python/'s parent, or imagefolder's train/ and val/ parent.",
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Inference batch size.")]
 
 
@@ -44,16 +59,30 @@ def calibrate(
     split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "val",
     data: DataOpt = None,
     data_root: DataRootOpt = None,
-    coverage: Annotated[list[str] | None, typer.Option(
-        "--coverage", help="Target coverage(s) in (0, 1]: 0.8 0.9 0.95, 0.8,0.9,0.95 or repeated "
-                           "(default 0.8,0.9,0.95 unless only --risk is given).")] = None,
-    risk: Annotated[list[str] | None, typer.Option(
-        "--risk", help="Target selective risk(s) in (0, 1], certified by SGR with probability "
-                       "1 - delta; several values as for --coverage.")] = None,
-    delta: Annotated[float, typer.Option(
-        "--delta", help="SGR failure probability; 1 - delta is also the interval confidence.")] = 0.05,
-    score: Annotated[str | None, typer.Option(
-        "--score", help="selection, softmax_response or combined (default: lowest AURC).")] = None,
+    coverage: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--coverage",
+            help="Target coverage(s) in (0, 1]: 0.8 0.9 0.95, 0.8,0.9,0.95 or repeated "
+            "(default 0.8,0.9,0.95 unless only --risk is given).",
+        ),
+    ] = None,
+    risk: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--risk",
+            help="Target selective risk(s) in (0, 1], certified by SGR with probability "
+            "1 - delta; several values as for --coverage.",
+        ),
+    ] = None,
+    delta: Annotated[
+        float,
+        typer.Option("--delta", help="SGR failure probability; 1 - delta is also the interval confidence."),
+    ] = 0.05,
+    score: Annotated[
+        str | None,
+        typer.Option("--score", help="selection, softmax_response or combined (default: lowest AURC)."),
+    ] = None,
     batch_size: BatchOpt = 256,
 ) -> None:
     """Fit operating points on held-out labelled data; write calibration.json next to the graph.
@@ -66,9 +95,18 @@ def calibrate(
     risks = parse_targets(risk)
     if not coverage and not risks:
         coverages = list(DEFAULT_COVERAGES)
-    result = run_calibration(model_dir, dataset=dataset, split=split, data=data, data_root=data_root,
-                             coverages=coverages, risks=risks, delta=delta, score=score,
-                             batch_size=batch_size)
+    result = run_calibration(
+        model_dir,
+        dataset=dataset,
+        split=split,
+        data=data,
+        data_root=data_root,
+        coverages=coverages,
+        risks=risks,
+        delta=delta,
+        score=score,
+        batch_size=batch_size,
+    )
     _print_calibration(result)
 
 
@@ -93,16 +131,30 @@ def _print_calibration(result: Any) -> None:
         if p.method == "coverage":
             ci = p.extra["coverage_interval"]
             rci = p.extra["risk_interval"]
-            table.add_row(p.name + default, f"{p.threshold:.6g}", f"{p.coverage:.4f}",
-                          f"[{ci[0]:.4f}, {ci[1]:.4f}]", f"{p.risk:.4f}", f"[{rci[0]:.4f}, {rci[1]:.4f}]")
+            table.add_row(
+                p.name + default,
+                f"{p.threshold:.6g}",
+                f"{p.coverage:.4f}",
+                f"[{ci[0]:.4f}, {ci[1]:.4f}]",
+                f"{p.risk:.4f}",
+                f"[{rci[0]:.4f}, {rci[1]:.4f}]",
+            )
         else:
-            table.add_row(p.name + default, f"{p.threshold:.6g}", f"{p.coverage:.4f}", "",
-                          f"{p.risk:.4f}", f"≤ {p.extra['risk_bound']:.4f}")
+            table.add_row(
+                p.name + default,
+                f"{p.threshold:.6g}",
+                f"{p.coverage:.4f}",
+                "",
+                f"{p.risk:.4f}",
+                f"≤ {p.extra['risk_bound']:.4f}",
+            )
     console.print(table)
     for u in cal.unmet_targets:
-        console.print(f"[bold yellow]{u['name']}: not met[/] — {u['reason']}; at least "
-                      f"{u['samples_needed']} answered samples with zero errors would be needed.",
-                      highlight=False)
+        console.print(
+            f"[bold yellow]{u['name']}: not met[/] — {u['reason']}; at least "
+            f"{u['samples_needed']} answered samples with zero errors would be needed.",
+            highlight=False,
+        )
     console.print(f"wrote {result.path}")
 
 
@@ -125,8 +177,9 @@ def evaluate(
     from abstain.calibration.evaluate import run_evaluation
     from abstain.contract import TABLE_COVERAGES
 
-    result = run_evaluation(model_dir, out, dataset=dataset, split=split, data=data,
-                            data_root=data_root, batch_size=batch_size)
+    result = run_evaluation(
+        model_dir, out, dataset=dataset, split=split, data=data, data_root=data_root, batch_size=batch_size
+    )
     report = result.report
     console = Console(width=max(Console().width, 120))  # tables stay whole in logs and CI
     points = Table(title=f"operating points on {report['data']['source']} (n={report['data']['size']})")
@@ -136,15 +189,26 @@ def evaluate(
         target = row.get("target_coverage", row.get("target_risk"))
         risk = "—" if row["selective_risk"] is None else f"{row['selective_risk']:.4f}"
         held = "[green]yes[/]" if row.get("check_passed", row["guarantee_held"]) else "[red]no[/]"
-        points.add_row(row["name"], f"{target:g}", f"{row['realized_coverage']:.4f}", risk,
-                       row.get("check", "").removeprefix("coverage in "), held)
+        points.add_row(
+            row["name"],
+            f"{target:g}",
+            f"{row['realized_coverage']:.4f}",
+            risk,
+            row.get("check", "").removeprefix("coverage in "),
+            held,
+        )
     console.print(points)
     scores = Table(title="risk (%) at coverage, and areas (×100)")
     for col in ("score", *[f"{float(c) * 100:g}%" for c in TABLE_COVERAGES], "AURC", "E-AURC", "AUGRC"):
         scores.add_column(col)
     for name, m in report["scores"].items():
-        scores.add_row(name, *[f"{m['risk_at_coverage'][c] * 100:.2f}" for c in TABLE_COVERAGES],
-                       f"{m['aurc'] * 100:.3f}", f"{m['eaurc'] * 100:.3f}", f"{m['augrc'] * 100:.3f}")
+        scores.add_row(
+            name,
+            *[f"{m['risk_at_coverage'][c] * 100:.2f}" for c in TABLE_COVERAGES],
+            f"{m['aurc'] * 100:.3f}",
+            f"{m['eaurc'] * 100:.3f}",
+            f"{m['augrc'] * 100:.3f}",
+        )
     console.print(scores)
     for warning in report["warnings"]:
         console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
@@ -153,22 +217,39 @@ def evaluate(
 
 def predict(
     model_dir: ModelDir,
-    input_path: Annotated[Path | None, typer.Argument(
-        metavar="[INPUT]", help="An image folder (PNG/JPEG, searched recursively; an ImageFolder tree "
-                                "of the graph's class names gives labels) or an .npz with x [N, C, H, W] "
-                                "in [0, 1] and optionally y [N]. Or use --dataset instead.")] = None,
-    out: Annotated[Path, typer.Option(
-        "--out", help="Where to write one record per input: .jsonl, .csv or .parquet.",
-    )] = Path("predictions.jsonl"),
+    input_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[INPUT]",
+            help="An image folder (PNG/JPEG, searched recursively; an ImageFolder tree "
+            "of the graph's class names gives labels) or an .npz with x [N, C, H, W] "
+            "in [0, 1] and optionally y [N]. Or use --dataset instead.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Where to write one record per input: .jsonl, .csv or .parquet.",
+        ),
+    ] = Path("predictions.jsonl"),
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
     data_root: DataRootOpt = None,
-    operating_point: Annotated[str | None, typer.Option(
-        "--operating-point", help="An operating point of calibration.json (default: its default).")] = None,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(
+            "--operating-point", help="An operating point of calibration.json (default: its default)."
+        ),
+    ] = None,
     batch_size: BatchOpt = 256,
-    fail_fast: Annotated[bool, typer.Option(
-        "--fail-fast", help="Stop at the first unreadable image instead of recording it as an error.",
-    )] = False,
+    fail_fast: Annotated[
+        bool,
+        typer.Option(
+            "--fail-fast",
+            help="Stop at the first unreadable image instead of recording it as an error.",
+        ),
+    ] = False,
 ) -> None:
     """Decide offline, as the service would: predict or abstain for every input, one record each.
 
@@ -180,13 +261,27 @@ def predict(
     from abstain.calibration.predict import run_predict
 
     console = Console(stderr=True)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("deciding", total=None)
-        summary = run_predict(model_dir, out, input_path=input_path, dataset=dataset, split=split,
-                              data_root=data_root, operating_point=operating_point,
-                              batch_size=batch_size, fail_fast=fail_fast,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        summary = run_predict(
+            model_dir,
+            out,
+            input_path=input_path,
+            dataset=dataset,
+            split=split,
+            data_root=data_root,
+            operating_point=operating_point,
+            batch_size=batch_size,
+            fail_fast=fail_fast,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     _print_predict_summary(summary)
 
 
@@ -194,13 +289,17 @@ def _print_predict_summary(summary: Any) -> None:
     def pct(value: float | None) -> str:
         return "—" if value is None else f"{value * 100:.2f}%"
 
-    lines = [f"{summary.images} inputs at operating point {summary.operating_point}: "
-             f"{summary.answered} answered, {summary.decided - summary.answered} abstained, "
-             f"{summary.errors} unreadable; coverage {pct(summary.coverage)}"]
+    lines = [
+        f"{summary.images} inputs at operating point {summary.operating_point}: "
+        f"{summary.answered} answered, {summary.decided - summary.answered} abstained, "
+        f"{summary.errors} unreadable; coverage {pct(summary.coverage)}"
+    ]
     if summary.labelled:
         risk = summary.selective_risk
-        lines.append(f"with labels ({summary.labelled}): selective risk {pct(risk)}, "
-                     f"accuracy on the answered {pct(None if risk is None else 1 - risk)}, "
-                     f"accuracy at full coverage {pct(summary.accuracy)}")
+        lines.append(
+            f"with labels ({summary.labelled}): selective risk {pct(risk)}, "
+            f"accuracy on the answered {pct(None if risk is None else 1 - risk)}, "
+            f"accuracy at full coverage {pct(summary.accuracy)}"
+        )
     lines.append(f"wrote {summary.path}")
     typer.echo("\n".join(lines))

@@ -121,7 +121,7 @@ class ArraySource(LabelledSource):
         _check_batch_size(batch_size)
         x = self.split.x  # validated whole by open_labelled_data
         for i in range(0, x.shape[0], batch_size):
-            yield x[i: i + batch_size]
+            yield x[i : i + batch_size]
 
     @property
     def known_fingerprint(self) -> str | None:
@@ -144,8 +144,15 @@ class ImageFileSource(LabelledSource):
     so the same value as hashing one array) and kept after the first full pass.
     """
 
-    def __init__(self, paths: Sequence[Path | str], y: np.ndarray, spec: InputSpec,
-                 class_names: Sequence[str], name: str, source_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        y: np.ndarray,
+        spec: InputSpec,
+        class_names: Sequence[str],
+        name: str,
+        source_fingerprint: str | None = None,
+    ) -> None:
         self.paths = tuple(Path(p) for p in paths)
         self.y = np.asarray(y, dtype=np.int64)
         if self.y.shape != (len(self.paths),):
@@ -169,7 +176,7 @@ class ImageFileSource(LabelledSource):
         if self.source_fingerprint is None and self._pixel_fingerprint is None:
             digest = hashlib.sha256(repr((n, *self.spec.shape)).encode())
         for i in range(0, n, batch_size):
-            x = self._decode(self.paths[i: i + batch_size])
+            x = self._decode(self.paths[i : i + batch_size])
             if digest is not None:
                 digest.update(x.tobytes())
             yield x
@@ -192,12 +199,18 @@ class ImageFileSource(LabelledSource):
         return fingerprint
 
     def materialise(self) -> ArraySplit:
-        return ArraySplit(x=self._decode(self.paths), y=self.y, class_names=self.class_names,
-                          name=self.name, source_fingerprint=self.source_fingerprint)
+        return ArraySplit(
+            x=self._decode(self.paths),
+            y=self.y,
+            class_names=self.class_names,
+            name=self.name,
+            source_fingerprint=self.source_fingerprint,
+        )
 
 
-def open_imagefolder_split(root: Path, split: str, spec: InputSpec,
-                           class_names: Sequence[str]) -> ImageFileSource:
+def open_imagefolder_split(
+    root: Path, split: str, spec: InputSpec, class_names: Sequence[str]
+) -> ImageFileSource:
     """``--dataset imagefolder``: training's split of ``root`` (train/val carved from ``root/train``,
     test = ``root/val``), decoded for the graph in batches, fingerprinted by its file list."""
     files = imagefolder_split(root, split)
@@ -207,12 +220,14 @@ def open_imagefolder_split(root: Path, split: str, spec: InputSpec,
             f"({len(files.class_names)}) are not the graph's classes {list(class_names)[:5]}... "
             f"({len(class_names)}); calibrate a graph on the dataset it was trained on"
         )
-    return ImageFileSource(files.paths, files.y, spec, files.class_names, files.name,
-                           source_fingerprint=files.fingerprint)
+    return ImageFileSource(
+        files.paths, files.y, spec, files.class_names, files.name, source_fingerprint=files.fingerprint
+    )
 
 
-def open_dataset_split(name: str, split: str, spec: InputSpec, class_names: Sequence[str],
-                       data_root: Path | None = None) -> LabelledSource:
+def open_dataset_split(
+    name: str, split: str, spec: InputSpec, class_names: Sequence[str], data_root: Path | None = None
+) -> LabelledSource:
     """``--dataset NAME --split SPLIT``: one of :data:`DATASETS`."""
     if name in ARRAY_DATASETS:
         return ArraySource(load_array_dataset(name, split, data_root))
@@ -256,9 +271,15 @@ def open_image_folder(root: Path, spec: InputSpec, class_names: Sequence[str]) -
     return ImageFileSource(paths, np.asarray(labels, dtype=np.int64), spec, class_names, str(root))
 
 
-def open_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: str | None = None,
-                       split: str = "val", data: Path | None = None,
-                       data_root: Path | None = None) -> LabelledSource:
+def open_labelled_data(
+    spec: InputSpec,
+    class_names: Sequence[str],
+    *,
+    dataset: str | None = None,
+    split: str = "val",
+    data: Path | None = None,
+    data_root: Path | None = None,
+) -> LabelledSource:
     """Open one source (``dataset``+``split`` or ``data`` path) and check it against the graph.
 
     Arrays are checked whole here; image files batch by batch as
@@ -287,9 +308,15 @@ def open_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: 
     if isinstance(source, ArraySource):
         split_data = source.split
         x = validate_pixels(split_data.x, spec)  # shape, NaN/Inf, range: same checks as serving
-        source = ArraySource(ArraySplit(x=x, y=split_data.y, class_names=tuple(class_names),
-                                        name=split_data.name,
-                                        source_fingerprint=split_data.source_fingerprint))
+        source = ArraySource(
+            ArraySplit(
+                x=x,
+                y=split_data.y,
+                class_names=tuple(class_names),
+                name=split_data.name,
+                source_fingerprint=split_data.source_fingerprint,
+            )
+        )
     y = source.y
     k = len(class_names)
     if y.size and (int(y.min()) < 0 or int(y.max()) >= k):
@@ -301,9 +328,16 @@ def open_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: 
     return source
 
 
-def load_labelled_data(spec: InputSpec, class_names: Sequence[str], *, dataset: str | None = None,
-                       split: str = "val", data: Path | None = None,
-                       data_root: Path | None = None) -> ArraySplit:
+def load_labelled_data(
+    spec: InputSpec,
+    class_names: Sequence[str],
+    *,
+    dataset: str | None = None,
+    split: str = "val",
+    data: Path | None = None,
+    data_root: Path | None = None,
+) -> ArraySplit:
     """:func:`open_labelled_data` with every pixel in one array ``x`` (small data, tests)."""
-    return open_labelled_data(spec, class_names, dataset=dataset, split=split, data=data,
-                              data_root=data_root).materialise()
+    return open_labelled_data(
+        spec, class_names, dataset=dataset, split=split, data=data, data_root=data_root
+    ).materialise()

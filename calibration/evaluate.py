@@ -64,16 +64,21 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def evaluate_point(point: OperatingPoint, preds: Predictions,
-                   n_calibration: int | None = None) -> dict[str, Any]:
+def evaluate_point(
+    point: OperatingPoint, preds: Predictions, n_calibration: int | None = None
+) -> dict[str, Any]:
     """One operating point's row of ``evaluation.json`` on these predictions.
 
     ``n_calibration``: the calibration set's size (``calibration.data["size"]``), needed for
     a coverage point's prediction interval.
     """
     cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)
-    row: dict[str, Any] = {"name": point.name, "method": point.method, "score": point.score,
-                           "threshold": point.threshold}
+    row: dict[str, Any] = {
+        "name": point.name,
+        "method": point.method,
+        "score": point.score,
+        "threshold": point.threshold,
+    }
     if point.method == "risk":
         if point.target_risk is None:
             raise ValueError(f"risk operating point {point.name!r} should have a target_risk, but got None")
@@ -98,15 +103,17 @@ def evaluate_point(point: OperatingPoint, preds: Predictions,
         else:
             row["check"] = "coverage in calibration interval (calibration file lacks n_selected or size)"
         held = bool(lo <= cov <= hi)
-    row.update({
-        "realized_coverage": cov,
-        "selective_risk": _nan_to_none(risk),
-        "check_passed": bool(held),
-        "guarantee_held": bool(held),  # check_passed's older name, kept for existing readers
-        "n_selected": n_sel,
-        "calibration_coverage": point.coverage,
-        "calibration_risk": point.risk,
-    })
+    row.update(
+        {
+            "realized_coverage": cov,
+            "selective_risk": _nan_to_none(risk),
+            "check_passed": bool(held),
+            "guarantee_held": bool(held),  # check_passed's older name, kept for existing readers
+            "n_selected": n_sel,
+            "calibration_coverage": point.coverage,
+            "calibration_risk": point.risk,
+        }
+    )
     return row
 
 
@@ -127,9 +134,14 @@ def plot_risk_coverage(path: Path, preds: Predictions, rows: list[dict[str, Any]
         ax.plot(row["realized_coverage"], row["selective_risk"], marker, color="black", markersize=5)
         # operating points often sit close together near full coverage: stagger the labels
         # vertically and draw a leader line so that each name stays readable
-        ax.annotate(row["name"], (row["realized_coverage"], row["selective_risk"]),
-                    textcoords="offset points", xytext=(-60, 12 + 12 * i), fontsize=7,
-                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6})
+        ax.annotate(
+            row["name"],
+            (row["realized_coverage"], row["selective_risk"]),
+            textcoords="offset points",
+            xytext=(-60, 12 + 12 * i),
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6},
+        )
     ax.set_xlabel("coverage (fraction answered)")
     ax.set_ylabel("selective risk (error on answered)")
     ax.set_xlim(0.0, 1.02)
@@ -152,9 +164,16 @@ class EvaluationRun:
     plot_path: Path
 
 
-def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None, split: str = "test",
-                   data: Path | None = None, data_root: Path | None = None,
-                   batch_size: int = 256) -> EvaluationRun:
+def run_evaluation(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    dataset: str | None = None,
+    split: str = "test",
+    data: Path | None = None,
+    data_root: Path | None = None,
+    batch_size: int = 256,
+) -> EvaluationRun:
     """Evaluate the calibrated graph in ``model_dir`` on labelled data; write JSON and PNG to ``out_dir``.
 
     Raises ``CalibrationError`` (a ``ValueError``) when ``calibration.json`` is missing or was
@@ -166,8 +185,9 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     model = OnnxModel(graph)
     verify_graph(calibration, graph, model.sha256)
     check_score_scale(calibration, model.has_selection_logit, str(version_dir / CALIBRATION_FILENAME))
-    labelled = open_labelled_data(model.input_spec, model.class_names, dataset=dataset, split=split,
-                                  data=data, data_root=data_root)  # image files stream in batches
+    labelled = open_labelled_data(
+        model.input_spec, model.class_names, dataset=dataset, split=split, data=data, data_root=data_root
+    )  # image files stream in batches
     preds = predict(model, labelled, batch_size)
     n_calibration = calibration.data.get("size")
     rows = [evaluate_point(p, preds, n_calibration) for p in calibration.operating_points]
@@ -178,8 +198,12 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     report = {
         "graph_sha256": model.sha256,
         "code_version": code_version(),
-        "data": {"source": labelled.name, "fingerprint": data_fp, "size": len(labelled),
-                 "accuracy": float(1.0 - preds.errors.mean())},
+        "data": {
+            "source": labelled.name,
+            "fingerprint": data_fp,
+            "size": len(labelled),
+            "accuracy": float(1.0 - preds.errors.mean()),
+        },
         "calibration_data": calibration.data,
         "default_operating_point": calibration.default_operating_point,
         "operating_points": rows,
@@ -192,4 +216,3 @@ def run_evaluation(model_dir: Path, out_dir: Path, *, dataset: str | None = None
     title = f"{version_dir.parent.name}/{version_dir.name} on {labelled.name} (n={len(labelled)})"
     plot_risk_coverage(plot_path, preds, rows, title)
     return EvaluationRun(report=report, json_path=json_path, plot_path=plot_path)
-

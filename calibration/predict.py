@@ -40,19 +40,19 @@ PREDICT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 #: One record per input, in this column order (``None`` where a column does not apply).
 COLUMNS: tuple[str, ...] = (
-    "input",            # the image's path relative to the folder, or the row index
-    "decision",         # predict | abstain | error
-    "label",            # the predicted class name (decision == predict)
-    "candidate",        # the arg-max class name of an abstention, for review
-    "class_index",      # index of label or candidate
-    "confidence",       # softmax response of class_index
-    "score",            # the score the operating point thresholds
+    "input",  # the image's path relative to the folder, or the row index
+    "decision",  # predict | abstain | error
+    "label",  # the predicted class name (decision == predict)
+    "candidate",  # the arg-max class name of an abstention, for review
+    "class_index",  # index of label or candidate
+    "confidence",  # softmax response of class_index
+    "score",  # the score the operating point thresholds
     "score_value",
     "threshold",
     "operating_point",
-    "true_label",       # when the input has labels
-    "correct",          # class_index == true label, when the input has labels
-    "error",            # why the input could not be read (decision == error)
+    "true_label",  # when the input has labels
+    "correct",  # class_index == true label, when the input has labels
+    "error",  # why the input could not be read (decision == error)
 )
 ERROR = "error"
 
@@ -79,8 +79,10 @@ class Batch:
 def list_images(root: Path) -> list[Path]:
     """Every PNG/JPEG under ``root`` (recursive, hidden entries skipped), sorted for a stable order."""
     paths = [
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in PREDICT_IMAGE_SUFFIXES
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in PREDICT_IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     if not paths:
@@ -97,8 +99,9 @@ def folder_labels(root: Path, paths: Sequence[Path], class_names: Sequence[str])
     return np.asarray([index[parts[0]] for parts in firsts], dtype=np.int64)
 
 
-def folder_batches(root: Path, model: OnnxModel, batch_size: int,
-                   fail_fast: bool) -> tuple[int, Iterator[Batch]]:
+def folder_batches(
+    root: Path, model: OnnxModel, batch_size: int, fail_fast: bool
+) -> tuple[int, Iterator[Batch]]:
     """An image folder, decoded ``batch_size`` files at a time; unreadable files become errors."""
     paths = list_images(root)
     labels = folder_labels(root, paths, model.class_names)
@@ -106,7 +109,7 @@ def folder_batches(root: Path, model: OnnxModel, batch_size: int,
 
     def batches() -> Iterator[Batch]:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start: start + batch_size]
+            chunk = paths[start : start + batch_size]
             x = np.empty((len(chunk), *spec.shape), dtype=np.float32)
             readable = np.zeros(len(chunk), dtype=bool)
             errors: dict[int, str] = {}
@@ -118,10 +121,14 @@ def folder_batches(root: Path, model: OnnxModel, batch_size: int,
                     if fail_fast:
                         raise
                     errors[i] = str(exc)
-            y = None if labels is None else labels[start: start + len(chunk)][readable]
-            yield Batch(ids=[str(p.relative_to(root)) for p in chunk],
-                        x=validate_pixels(x[: int(readable.sum())], spec) if readable.any() else x[:0],
-                        readable=readable, errors=errors, y=y)
+            y = None if labels is None else labels[start : start + len(chunk)][readable]
+            yield Batch(
+                ids=[str(p.relative_to(root)) for p in chunk],
+                x=validate_pixels(x[: int(readable.sum())], spec) if readable.any() else x[:0],
+                readable=readable,
+                errors=errors,
+                y=y,
+            )
 
     return len(paths), batches()
 
@@ -133,22 +140,32 @@ def labelled_batches(model: OnnxModel, batch_size: int, **source: Any) -> tuple[
         x, y = _load_npz(Path(data))
         x = validate_pixels(x, model.input_spec)
         if y is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
-            raise ValueError(f"{data}: labels y should be class indices in [0, {model.num_classes}), "
-                             f"but range over [{int(y.min())}, {int(y.max())}]")
+            raise ValueError(
+                f"{data}: labels y should be class indices in [0, {model.num_classes}), "
+                f"but range over [{int(y.min())}, {int(y.max())}]"
+            )
         n = x.shape[0]
-        chunks = ((x[i: i + batch_size], None if y is None else y[i: i + batch_size], i)
-                  for i in range(0, n, batch_size))
+        chunks = (
+            (x[i : i + batch_size], None if y is None else y[i : i + batch_size], i)
+            for i in range(0, n, batch_size)
+        )
     else:
         labelled = open_labelled_data(model.input_spec, model.class_names, **source)
         n = len(labelled)
         starts = range(0, n, batch_size)
-        chunks = ((xb, labelled.y[s: s + xb.shape[0]], s)
-                  for xb, s in zip(labelled.iter_batches(batch_size), starts, strict=True))
+        chunks = (
+            (xb, labelled.y[s : s + xb.shape[0]], s)
+            for xb, s in zip(labelled.iter_batches(batch_size), starts, strict=True)
+        )
 
     def batches() -> Iterator[Batch]:
         for xb, yb, start in chunks:
-            yield Batch(ids=[str(start + i) for i in range(xb.shape[0])], x=xb,
-                        readable=np.ones(xb.shape[0], dtype=bool), y=yb)
+            yield Batch(
+                ids=[str(start + i) for i in range(xb.shape[0])],
+                x=xb,
+                readable=np.ones(xb.shape[0], dtype=bool),
+                y=yb,
+            )
 
     return n, batches()
 
@@ -163,16 +180,20 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(f"{path}: expected an .npz archive with array 'x' (and optionally 'y')")
     with archive:
         if "x" not in archive.files:
-            raise ValueError(f"{path}: an .npz for abstain predict should hold 'x' [N, C, H, W] "
-                             f"(and optionally 'y' [N]), but it holds {sorted(archive.files)}")
+            raise ValueError(
+                f"{path}: an .npz for abstain predict should hold 'x' [N, C, H, W] "
+                f"(and optionally 'y' [N]), but it holds {sorted(archive.files)}"
+            )
         x = archive["x"]
         y = archive["y"] if "y" in archive.files else None
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{path}: x should be floating point in [0, 1], but got dtype {x.dtype}")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
-            raise ValueError(f"{path}: y should be {x.shape[0]} integer class indices, but got "
-                             f"dtype {y.dtype} and shape {list(y.shape)}")
+            raise ValueError(
+                f"{path}: y should be {x.shape[0]} integer class indices, but got "
+                f"dtype {y.dtype} and shape {list(y.shape)}"
+            )
         y = y.astype(np.int64)
     return x.astype(np.float32, copy=False), y
 
@@ -249,8 +270,13 @@ def PARQUET_SCHEMA() -> Any:  # noqa: N802 — a constant, built lazily so pyarr
     """The Parquet schema of :data:`COLUMNS` (typed, nullable)."""
     import pyarrow as pa
 
-    types = {"class_index": pa.int64(), "confidence": pa.float64(), "score_value": pa.float64(),
-             "threshold": pa.float64(), "correct": pa.bool_()}
+    types = {
+        "class_index": pa.int64(),
+        "confidence": pa.float64(),
+        "score_value": pa.float64(),
+        "threshold": pa.float64(),
+        "correct": pa.bool_(),
+    }
     return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
 
 
@@ -308,10 +334,19 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-def run_predict(model_dir: Path, out: Path, *, input_path: Path | None = None, dataset: str | None = None,
-                split: str = "test", data_root: Path | None = None, operating_point: str | None = None,
-                batch_size: int = 256, fail_fast: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> PredictSummary:
+def run_predict(
+    model_dir: Path,
+    out: Path,
+    *,
+    input_path: Path | None = None,
+    dataset: str | None = None,
+    split: str = "test",
+    data_root: Path | None = None,
+    operating_point: str | None = None,
+    batch_size: int = 256,
+    fail_fast: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictSummary:
     """Decide every input and write one record each to ``out`` (atomically).
 
     Args:
@@ -329,13 +364,15 @@ def run_predict(model_dir: Path, out: Path, *, input_path: Path | None = None, d
     if int(batch_size) < 1:
         raise ValueError(f"batch size should be at least 1, but got {batch_size!r}")
     if (input_path is None) == (dataset is None):
-        raise ValueError("give exactly one input: INPUT (an image folder or an .npz), "
-                         "or --dataset NAME --split SPLIT")
+        raise ValueError(
+            "give exactly one input: INPUT (an image folder or an .npz), or --dataset NAME --split SPLIT"
+        )
     version_dir = resolve_version_dir(Path(model_dir))
     calibration_path = version_dir / CALIBRATION_FILENAME
     if not calibration_path.is_file():
         raise FileNotFoundError(
-            f"{calibration_path}: no calibration; run `abstain calibrate {model_dir}` first")
+            f"{calibration_path}: no calibration; run `abstain calibrate {model_dir}` first"
+        )
     calibration = load_calibration(calibration_path)
     model = OnnxModel(version_dir / MODEL_FILENAME)
     verify_graph(calibration, version_dir / MODEL_FILENAME, graph_sha256=model.sha256)
@@ -352,8 +389,9 @@ def run_predict(model_dir: Path, out: Path, *, input_path: Path | None = None, d
             raise FileNotFoundError(f"{input_path}: no such image folder or .npz file")
         total, batches = labelled_batches(model, batch_size, data=Path(input_path))
     else:
-        total, batches = labelled_batches(model, batch_size, dataset=dataset, split=split,
-                                          data_root=data_root, data=None)
+        total, batches = labelled_batches(
+            model, batch_size, dataset=dataset, split=split, data_root=data_root, data=None
+        )
 
     summary = PredictSummary(path=Path(out), operating_point=point.name)
     with atomic_writer(Path(out), "wb") as handle:

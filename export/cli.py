@@ -14,19 +14,30 @@ import typer
 
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by `abstain train`.")],
-    name: Annotated[str, typer.Option(
-        "--name", help="Entry name in the repository (letters, digits, '_', '.', '-'); also Triton's "
-                       "model name.")],
-    repository: Annotated[Path, typer.Option(
-        help="Model repository root (Triton's layout).")] = Path("models"),
-    version: Annotated[int | None, typer.Option(
-        help="Version number to write; default: the next free one.")] = None,
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name",
+            help="Entry name in the repository (letters, digits, '_', '.', '-'); also Triton's model name.",
+        ),
+    ],
+    repository: Annotated[Path, typer.Option(help="Model repository root (Triton's layout).")] = Path(
+        "models"
+    ),
+    version: Annotated[
+        int | None, typer.Option(help="Version number to write; default: the next free one.")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace --version if it already exists.")] = False,
-    optimize: Annotated[bool, typer.Option(
-        help="Save ONNX Runtime's offline graph optimisation (basic level: portable).")] = False,
-    fp16: Annotated[bool, typer.Option(
-        help="float16 weights and arithmetic (for GPUs) behind float32 inputs/outputs; verified at "
-             "atol=rtol=1e-2.")] = False,
+    optimize: Annotated[
+        bool, typer.Option(help="Save ONNX Runtime's offline graph optimisation (basic level: portable).")
+    ] = False,
+    fp16: Annotated[
+        bool,
+        typer.Option(
+            help="float16 weights and arithmetic (for GPUs) behind float32 inputs/outputs; verified at "
+            "atol=rtol=1e-2."
+        ),
+    ] = False,
     max_batch_size: Annotated[int, typer.Option(help="Triton's max_batch_size in config.pbtxt.")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -38,8 +49,16 @@ def export(
     """
     from abstain.export.pipeline import describe, export_checkpoint, report_json
 
-    result = export_checkpoint(checkpoint, name, repository, version=version, force=force,
-                               optimize=optimize, fp16=fp16, max_batch_size=max_batch_size)
+    result = export_checkpoint(
+        checkpoint,
+        name,
+        repository,
+        version=version,
+        force=force,
+        optimize=optimize,
+        fp16=fp16,
+        max_batch_size=max_batch_size,
+    )
     typer.echo(report_json(result) if json_output else describe(result))
 
 
@@ -49,35 +68,62 @@ def _floats(text: str | None, option: str) -> list[float] | None:
     try:
         return [float(v) for v in text.replace(" ", ",").split(",") if v]
     except ValueError:
-        raise ValueError(f"{option} should be numbers, one per channel (e.g. 0.485,0.456,0.406), "
-                         f"but got {text!r}") from None
+        raise ValueError(
+            f"{option} should be numbers, one per channel (e.g. 0.485,0.456,0.406), but got {text!r}"
+        ) from None
 
 
 def import_model(
-    model: Annotated[Path | None, typer.Argument(
-        help="The classifier: an .onnx graph, a TorchScript file, or a torch.export .pt2 program "
-             "(omit with --torchvision).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The classifier: an .onnx graph, a TorchScript file, or a torch.export .pt2 program "
+            "(omit with --torchvision)."
+        ),
+    ] = None,
     name: Annotated[str, typer.Option("--name", help="Entry name in the repository.")] = "",
-    labels: Annotated[Path, typer.Option(
-        "--labels", help="Class names, one per line, in the order of the output's columns.",
-    )] = Path("labels.txt"),
-    input_spec: Annotated[str | None, typer.Option(
-        "--input-spec", help="C,H,W of the images (needed unless the graph's input is [N, C, H, W]).",
-    )] = None,
-    mean: Annotated[str | None, typer.Option(
-        "--mean", help="Per-channel mean the classifier expects, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[str | None, typer.Option(
-        "--std", help="Per-channel std the classifier expects, e.g. 0.229,0.224,0.225.")] = None,
-    logits: Annotated[str | None, typer.Option(
-        "--logits", help="The output that holds the class scores (default: the first).")] = None,
-    probabilities: Annotated[bool, typer.Option(
-        "--probabilities", help="That output is probabilities, not logits.")] = False,
-    torchvision_name: Annotated[str | None, typer.Option(
-        "--torchvision", help="A torchvision classifier by name (e.g. resnet18), with --weights.")] = None,
-    weights: Annotated[Path | None, typer.Option(
-        "--weights", help="Local state-dict file for --torchvision (nothing is downloaded).")] = None,
-    repository: Annotated[Path, typer.Option(
-        help="Model repository root (Triton's layout).")] = Path("models"),
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels",
+            help="Class names, one per line, in the order of the output's columns.",
+        ),
+    ] = Path("labels.txt"),
+    input_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--input-spec",
+            help="C,H,W of the images (needed unless the graph's input is [N, C, H, W]).",
+        ),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option("--mean", help="Per-channel mean the classifier expects, e.g. 0.485,0.456,0.406."),
+    ] = None,
+    std: Annotated[
+        str | None,
+        typer.Option("--std", help="Per-channel std the classifier expects, e.g. 0.229,0.224,0.225."),
+    ] = None,
+    logits: Annotated[
+        str | None,
+        typer.Option("--logits", help="The output that holds the class scores (default: the first)."),
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="That output is probabilities, not logits.")
+    ] = False,
+    torchvision_name: Annotated[
+        str | None,
+        typer.Option(
+            "--torchvision", help="A torchvision classifier by name (e.g. resnet18), with --weights."
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="Local state-dict file for --torchvision (nothing is downloaded)."),
+    ] = None,
+    repository: Annotated[Path, typer.Option(help="Model repository root (Triton's layout).")] = Path(
+        "models"
+    ),
     version: Annotated[int | None, typer.Option(help="Version number; default: the next free one.")] = None,
     force: Annotated[bool, typer.Option(help="Replace --version if it already exists.")] = False,
 ) -> None:
@@ -101,9 +147,20 @@ def import_model(
     else:
         spec = parse_input_spec(input_spec, mean_values, std_values, [])
         graph, source = torch_to_onnx(model, spec, torchvision_name=torchvision_name, weights=weights)
-    result = import_onnx(graph, name, names, repository, input_spec=input_spec, mean=mean_values,
-                         std=std_values, logits_output=logits, probabilities=probabilities,
-                         version=version, force=force, source=source)
+    result = import_onnx(
+        graph,
+        name,
+        names,
+        repository,
+        input_spec=input_spec,
+        mean=mean_values,
+        std=std_values,
+        logits_output=logits,
+        probabilities=probabilities,
+        version=version,
+        force=force,
+        source=source,
+    )
     typer.echo(
         f"wrote {result.model_path} (version {result.version}{', replaced' if result.replaced else ''}, "
         f"{result.num_classes} classes, sha256 {result.sha256})\n"

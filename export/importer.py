@@ -70,8 +70,12 @@ class ImportResult:
     replaced: bool
 
 
-def parse_input_spec(text: str | None, mean: Sequence[float] | None, std: Sequence[float] | None,
-                     graph_dims: Sequence[int | None]) -> InputSpec:
+def parse_input_spec(
+    text: str | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    graph_dims: Sequence[int | None],
+) -> InputSpec:
     """``"C,H,W"`` (or the original input's dims when it is ``[N, C, H, W]``) + mean/std → spec."""
     fixed_dims = [d for d in graph_dims[1:] if isinstance(d, int) and d > 0]  # the known C, H, W
     if text:
@@ -79,7 +83,8 @@ def parse_input_spec(text: str | None, mean: Sequence[float] | None, std: Sequen
             c, h, w = (int(v) for v in text.split(","))
         except ValueError:
             raise ValueError(
-                f"--input-spec should be C,H,W (three positive integers), but got {text!r}") from None
+                f"--input-spec should be C,H,W (three positive integers), but got {text!r}"
+            ) from None
     elif len(graph_dims) == 4 and len(fixed_dims) == 3:
         c, h, w = (int(d) for d in fixed_dims)
     else:
@@ -100,8 +105,9 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
 
 
-def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | None,
-               probabilities: bool) -> onnx.ModelProto:
+def wrap_graph(
+    original: onnx.ModelProto, spec: InputSpec, logits_output: str | None, probabilities: bool
+) -> onnx.ModelProto:
     """The original graph between our preprocessing and our two outputs (see the module docstring).
 
     Raises ``ValueError`` when the graph has not exactly one float input, the named output does
@@ -112,11 +118,14 @@ def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | 
     inputs = [i for i in graph.input if i.name not in initializer_names]
     if len(inputs) != 1:
         raise ValueError(
-            f"the graph should have one input (an image batch), but has {[i.name for i in inputs]}")
+            f"the graph should have one input (an image batch), but has {[i.name for i in inputs]}"
+        )
     (source_input,) = inputs
     if source_input.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ValueError(f"the graph's input {source_input.name!r} should be float32, but is "
-                         f"{TensorProto.DataType.Name(source_input.type.tensor_type.elem_type)}")
+        raise ValueError(
+            f"the graph's input {source_input.name!r} should be float32, but is "
+            f"{TensorProto.DataType.Name(source_input.type.tensor_type.elem_type)}"
+        )
     outputs = [o.name for o in graph.output]
     chosen = logits_output or outputs[0]
     if chosen not in outputs:
@@ -125,8 +134,10 @@ def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | 
     flat = spec.channels * spec.height * spec.width
     if len(in_dims) == 2:
         if in_dims[1] not in (None, flat):
-            raise ValueError(f"the graph takes [N, {in_dims[1]}] features, but --input-spec "
-                             f"{spec.shape} flattens to {flat}")
+            raise ValueError(
+                f"the graph takes [N, {in_dims[1]}] features, but --input-spec "
+                f"{spec.shape} flattens to {flat}"
+            )
     elif len(in_dims) != 4 or any(d not in (None, s) for d, s in zip(in_dims[1:], spec.shape, strict=True)):
         raise ValueError(f"the graph's input {in_dims} does not take images of shape {list(spec.shape)}")
 
@@ -137,15 +148,18 @@ def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | 
     std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
     nodes = [
         helper.make_node("Sub", [INPUT_NAME, "abstain/mean"], ["abstain/centred"]),
-        helper.make_node("Div", ["abstain/centred", "abstain/std"],
-                         ["abstain/normalised" if len(in_dims) == 2 else src_in]),
+        helper.make_node(
+            "Div", ["abstain/centred", "abstain/std"], ["abstain/normalised" if len(in_dims) == 2 else src_in]
+        ),
     ]
     if len(in_dims) == 2:
         nodes.append(helper.make_node("Flatten", ["abstain/normalised"], [src_in], axis=1))
     post = []
     if probabilities:
-        post += [helper.make_node("Clip", [src_out, "abstain/min_probability", ""], ["abstain/clipped"]),
-                 helper.make_node("Log", ["abstain/clipped"], [LOGITS_NAME])]
+        post += [
+            helper.make_node("Clip", [src_out, "abstain/min_probability", ""], ["abstain/clipped"]),
+            helper.make_node("Log", ["abstain/clipped"], [LOGITS_NAME]),
+        ]
     else:
         post.append(helper.make_node("Identity", [src_out], [LOGITS_NAME]))
     # our nodes need opset >= 13 (Softmax over one axis); from opset 18 ReduceMax takes its
@@ -161,21 +175,26 @@ def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | 
     post.append(helper.make_node("Softmax", [LOGITS_NAME], ["abstain/probs"], axis=1))
     if opset >= 18:
         initializers.append(helper.make_tensor("abstain/axes", TensorProto.INT64, [1], [1]))
-        post.append(helper.make_node("ReduceMax", ["abstain/probs", "abstain/axes"], [SELECTION_NAME],
-                                     keepdims=0))
+        post.append(
+            helper.make_node("ReduceMax", ["abstain/probs", "abstain/axes"], [SELECTION_NAME], keepdims=0)
+        )
     else:
         post.append(helper.make_node("ReduceMax", ["abstain/probs"], [SELECTION_NAME], axes=[1], keepdims=0))
     new_graph = helper.make_graph(
-        nodes + list(g.node) + post, "abstain-imported",
+        nodes + list(g.node) + post,
+        "abstain-imported",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *spec.shape])],
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", None]),
-         helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", None]),
+            helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["batch"]),
+        ],
         initializer=list(g.initializer) + initializers,
         value_info=list(g.value_info),
     )
     new_graph.sparse_initializer.extend(g.sparse_initializer)
     model = helper.make_model(
-        new_graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+        new_graph,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
         producer_name="abstain import",
     )
     model.ir_version = max(original.ir_version, 8)
@@ -184,9 +203,16 @@ def wrap_graph(original: onnx.ModelProto, spec: InputSpec, logits_output: str | 
     return model
 
 
-def check_against_original(original: bytes, wrapped: bytes, spec: InputSpec,
-                           source_input_dims: list[int | None], logits_output: str, probabilities: bool,
-                           n: int = 16, seed: int = 0) -> float:
+def check_against_original(
+    original: bytes,
+    wrapped: bytes,
+    spec: InputSpec,
+    source_input_dims: list[int | None],
+    logits_output: str,
+    probabilities: bool,
+    n: int = 16,
+    seed: int = 0,
+) -> float:
     """Max |Δ| of the wrapped graph's logits (or softmax, for probabilities) vs the original on random pixels.
 
     Raises ``ValueError`` when they differ by more than ``ATOL + RTOL·|x|``.
@@ -195,7 +221,8 @@ def check_against_original(original: bytes, wrapped: bytes, spec: InputSpec,
 
     x = np.random.default_rng(seed).random((n, *spec.shape), dtype=np.float32)
     normalised = (x - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)) / np.asarray(
-        spec.std, np.float32).reshape(1, -1, 1, 1)
+        spec.std, np.float32
+    ).reshape(1, -1, 1, 1)
     if len(source_input_dims) == 2:
         normalised = normalised.reshape(n, -1)
     ref_session = ort.InferenceSession(original, providers=["CPUExecutionProvider"])
@@ -205,15 +232,18 @@ def check_against_original(original: bytes, wrapped: bytes, spec: InputSpec,
     got = np.exp(logits) if probabilities else logits
     ref = np.asarray(ref, dtype=np.float32)
     if got.shape != ref.shape or selection.shape != (n,):
-        raise ValueError(f"the wrapped graph gives logits {list(got.shape)} and selection "
-                         f"{list(selection.shape)}; expected {list(ref.shape)} and [{n}]")
+        raise ValueError(
+            f"the wrapped graph gives logits {list(got.shape)} and selection "
+            f"{list(selection.shape)}; expected {list(ref.shape)} and [{n}]"
+        )
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     diff = float(np.max(np.abs(got - ref)))
     same_selection = np.allclose(selection, probs.max(axis=1), atol=1e-6)
     if not np.allclose(got, ref, atol=ATOL, rtol=RTOL) or not same_selection:
-        raise ValueError(f"the wrapped graph does not match the original (max |Δ| = {diff:.3g}); "
-                         "nothing was written")
+        raise ValueError(
+            f"the wrapped graph does not match the original (max |Δ| = {diff:.3g}); nothing was written"
+        )
     return diff
 
 
@@ -228,12 +258,22 @@ def read_label_file(path: Path) -> list[str]:
     return names
 
 
-def import_onnx(graph: Path | bytes, name: str, labels: Sequence[str], repository: Path = Path("models"), *,
-                input_spec: str | None = None, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, logits_output: str | None = None,
-                probabilities: bool = False, version: int | None = None, force: bool = False,
-                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, source: dict[str, Any] | None = None,
-                ) -> ImportResult:
+def import_onnx(
+    graph: Path | bytes,
+    name: str,
+    labels: Sequence[str],
+    repository: Path = Path("models"),
+    *,
+    input_spec: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    logits_output: str | None = None,
+    probabilities: bool = False,
+    version: int | None = None,
+    force: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    source: dict[str, Any] | None = None,
+) -> ImportResult:
     """Wrap an ONNX classifier into ``repository/name/<version>/`` (model.onnx, config, labels).
 
     Args:
@@ -273,12 +313,19 @@ def import_onnx(graph: Path | bytes, name: str, labels: Sequence[str], repositor
         META_CLASS_NAMES: class_names_json(list(labels)),
         META_INPUT_SPEC: spec.to_json(),
         META_CODE_VERSION: code_version(),
-        META_IMPORTED: json.dumps({
-            "source": origin, "sha256": sha256_bytes(original_bytes), "logits_output": chosen,
-            "probabilities": probabilities, "producer": original.producer_name or None,
-            "opset": {o.domain or "ai.onnx": o.version for o in original.opset_import},
-            "selection": "softmax response (no selection head)", **(source or {}),
-        }, sort_keys=True),
+        META_IMPORTED: json.dumps(
+            {
+                "source": origin,
+                "sha256": sha256_bytes(original_bytes),
+                "logits_output": chosen,
+                "probabilities": probabilities,
+                "producer": original.producer_name or None,
+                "opset": {o.domain or "ai.onnx": o.version for o in original.opset_import},
+                "selection": "softmax response (no selection head)",
+                **(source or {}),
+            },
+            sort_keys=True,
+        ),
     }
     for key, value in sorted(metadata.items()):
         entry = wrapped.metadata_props.add()
@@ -300,8 +347,13 @@ def _output_classes(model: onnx.ModelProto, spec: InputSpec) -> int:
     return int(logits.shape[1])
 
 
-def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name: str | None = None,
-                  weights: Path | None = None) -> tuple[bytes, dict[str, Any]]:
+def torch_to_onnx(
+    model_file: Path | None,
+    spec: InputSpec,
+    *,
+    torchvision_name: str | None = None,
+    weights: Path | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """A PyTorch classifier → ONNX bytes (input ``[N, C, H, W]`` normalised, output logits).
 
     One of: ``model_file`` (TorchScript, or a ``torch.export`` ``.pt2`` program) or
@@ -318,7 +370,8 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
         if weights is None or not Path(weights).is_file():
             raise FileNotFoundError(
                 f"--weights {weights}: a local state-dict file is needed for --torchvision "
-                f"{torchvision_name} (nothing is downloaded)")
+                f"{torchvision_name} (nothing is downloaded)"
+            )
         try:
             builder = torchvision.models.get_model_builder(torchvision_name)
         except ValueError as exc:
@@ -342,7 +395,8 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
                 module = torch.jit.load(str(path), map_location="cpu")
             except RuntimeError as exc:
                 raise ValueError(
-                    f"{path}: neither TorchScript nor a torch.export .pt2 file ({exc})") from None
+                    f"{path}: neither TorchScript nor a torch.export .pt2 file ({exc})"
+                ) from None
             info = {"format": "torchscript", "file": str(path)}
     if isinstance(module, torch.nn.Module):
         module.eval()
@@ -357,17 +411,31 @@ def torch_to_onnx(model_file: Path | None, spec: InputSpec, *, torchvision_name:
         if info["format"] == "torchscript":  # the dynamo exporter does not take ScriptModules
             buffer = io.BytesIO()
             # cast: torch types f as a path, but its TorchScript exporter also writes to a file object
-            torch.onnx.export(module, (example,), cast(Any, buffer), dynamo=False, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}},
-                              opset_version=17)
+            torch.onnx.export(
+                module,
+                (example,),
+                cast(Any, buffer),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}},
+                opset_version=17,
+            )
             return buffer.getvalue(), info
         if isinstance(module, torch.export.ExportedProgram):  # its dynamic shapes are its own
-            program = torch.onnx.export(module, dynamo=True, input_names=["input"],
-                                        output_names=["output"], external_data=False)
+            program = torch.onnx.export(
+                module, dynamo=True, input_names=["input"], output_names=["output"], external_data=False
+            )
         else:
-            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
-                                        output_names=["output"], dynamic_shapes=({0: batch},),
-                                        external_data=False)
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+            )
     if program is None:  # torch returns None only from the TorchScript exporter (dynamo=False)
         raise RuntimeError(f"torch.onnx.export returned no ONNX program for {info['format']} model")
     return program.model_proto.SerializeToString(), info

@@ -96,9 +96,15 @@ def export_graph(model: SelectiveNet, spec: InputSpec, fp16: bool = False) -> on
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=[INPUT_NAME], output_names=list(EXPORTED_OUTPUTS),
-            dynamic_shapes={"pixels": {0: batch}}, verbose=False,
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=list(EXPORTED_OUTPUTS),
+            dynamic_shapes={"pixels": {0: batch}},
+            verbose=False,
         )
     if program is None:  # torch returns None only from the TorchScript exporter (dynamo=False)
         raise RuntimeError("torch.onnx.export returned no ONNX program")

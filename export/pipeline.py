@@ -102,15 +102,25 @@ def metrics_metadata(checkpoint: dict[str, Any]) -> tuple[str | None, str | None
     if isinstance(split, str) and _SPLIT_NAME.fullmatch(split):
         key = META_SPLIT_METRICS.format(split=split)
         epoch = metrics.get("epoch", checkpoint.get("epoch"))
-        return key, (f"the checkpoint holds no test metrics, only the {split} metrics of epoch {epoch} "
-                     f"(the run stopped before its test evaluation): stored as {key}, "
-                     f"not {META_TEST_METRICS}")
-    return None, (f"the checkpoint's metrics name no split (got split={split!r}), so they are not stored "
-                  f"in the graph; {META_TEST_METRICS} needs split 'test'")
+        return key, (
+            f"the checkpoint holds no test metrics, only the {split} metrics of epoch {epoch} "
+            f"(the run stopped before its test evaluation): stored as {key}, "
+            f"not {META_TEST_METRICS}"
+        )
+    return None, (
+        f"the checkpoint's metrics name no split (got split={split!r}), so they are not stored "
+        f"in the graph; {META_TEST_METRICS} needs split 'test'"
+    )
 
 
-def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: InputSpec,
-                   class_names: list[str], fp16: bool, optimize: bool) -> dict[str, str]:
+def graph_metadata(
+    checkpoint: dict[str, Any],
+    checkpoint_sha256: str,
+    spec: InputSpec,
+    class_names: list[str],
+    fp16: bool,
+    optimize: bool,
+) -> dict[str, str]:
     """The graph's ``metadata_props`` (keys from :mod:`abstain.contract`, plus :data:`META_EXPORT`)."""
     import torch
 
@@ -120,15 +130,18 @@ def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: Inp
         META_TRAINING: metadata_json(checkpoint["train_config"]),
         META_CHECKPOINT_SHA256: checkpoint_sha256,
         META_CODE_VERSION: code_version(),
-        META_EXPORT: metadata_json({
-            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            "opset": OPSET, "ir_version": IR_VERSION,
-            "precision": "fp16" if fp16 else "fp32",
-            "optimized": "onnxruntime basic" if optimize else None,
-            "tolerance": (FP16_TOLERANCE if fp16 else FP32_TOLERANCE).__dict__,
-            "training_code_version": checkpoint.get("code_version"),
-            "epoch": checkpoint.get("epoch"),
-        }),
+        META_EXPORT: metadata_json(
+            {
+                "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+                "opset": OPSET,
+                "ir_version": IR_VERSION,
+                "precision": "fp16" if fp16 else "fp32",
+                "optimized": "onnxruntime basic" if optimize else None,
+                "tolerance": (FP16_TOLERANCE if fp16 else FP32_TOLERANCE).__dict__,
+                "training_code_version": checkpoint.get("code_version"),
+                "epoch": checkpoint.get("epoch"),
+            }
+        ),
     }
     if checkpoint.get("data_fingerprint"):
         meta[META_TRAIN_DATA_FINGERPRINT] = str(checkpoint["data_fingerprint"])
@@ -138,9 +151,13 @@ def graph_metadata(checkpoint: dict[str, Any], checkpoint_sha256: str, spec: Inp
     return meta
 
 
-def build_verified_graph(checkpoint: dict[str, Any], checkpoint_sha256: str, fp16: bool = False,
-                         optimize: bool = False, path: Path = Path("checkpoint"),
-                         ) -> tuple[bytes, ParityReport]:
+def build_verified_graph(
+    checkpoint: dict[str, Any],
+    checkpoint_sha256: str,
+    fp16: bool = False,
+    optimize: bool = False,
+    path: Path = Path("checkpoint"),
+) -> tuple[bytes, ParityReport]:
     """Export, annotate, optionally optimise, check and verify one checkpoint; write nothing.
 
     Returns the serialised graph and its parity report; raises ``ValueError`` (``ParityError``)
@@ -165,9 +182,16 @@ def build_verified_graph(checkpoint: dict[str, Any], checkpoint_sha256: str, fp1
     return model_bytes, report
 
 
-def export_checkpoint(checkpoint_path: Path, name: str, repository: Path = Path("models"),
-                      version: int | None = None, force: bool = False, optimize: bool = False,
-                      fp16: bool = False, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ExportResult:
+def export_checkpoint(
+    checkpoint_path: Path,
+    name: str,
+    repository: Path = Path("models"),
+    version: int | None = None,
+    force: bool = False,
+    optimize: bool = False,
+    fp16: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> ExportResult:
     """Export ``checkpoint_path`` to ``repository/name/<version>/model.onnx`` (+ config, labels).
 
     Raises (nothing written in every case): ``FileNotFoundError`` (no checkpoint),
@@ -188,29 +212,47 @@ def export_checkpoint(checkpoint_path: Path, name: str, repository: Path = Path(
     )
     model_path = commit_entry(plan, model_bytes, config_text, class_names)
     metrics_key, note = metrics_metadata(checkpoint)
-    return ExportResult(model_path, plan.version, sha256_bytes(model_bytes), len(model_bytes), report,
-                        plan.replace_version, metrics_key, (note,) if note else ())
+    return ExportResult(
+        model_path,
+        plan.version,
+        sha256_bytes(model_bytes),
+        len(model_bytes),
+        report,
+        plan.replace_version,
+        metrics_key,
+        (note,) if note else (),
+    )
 
 
 def describe(result: ExportResult) -> str:
     """A few human-readable lines about an export (what the CLI prints)."""
     p = result.parity
-    return "\n".join([
-        f"wrote {result.model_path} (version {result.version}{', replaced' if result.replaced else ''}, "
-        f"{result.size_bytes / 1e6:.2f} MB, sha256 {result.sha256})",
-        f"parity vs PyTorch on {p.num_images} images ({p.inputs}) at batch sizes "
-        f"{', '.join(map(str, p.batch_sizes))}: max |Δlogits| = {p.max_abs_logits:.2e}, "
-        f"max |Δselection| = {p.max_abs_selection:.2e}, "
-        f"max |Δselection_logit| = {p.max_abs_selection_logit:.2e} "
-        f"(tolerance atol={p.tolerance.atol:g}, rtol={p.tolerance.rtol:g})",
-        *(f"note: {note}" for note in result.notes),
-    ])
+    return "\n".join(
+        [
+            f"wrote {result.model_path} (version {result.version}{', replaced' if result.replaced else ''}, "
+            f"{result.size_bytes / 1e6:.2f} MB, sha256 {result.sha256})",
+            f"parity vs PyTorch on {p.num_images} images ({p.inputs}) at batch sizes "
+            f"{', '.join(map(str, p.batch_sizes))}: max |Δlogits| = {p.max_abs_logits:.2e}, "
+            f"max |Δselection| = {p.max_abs_selection:.2e}, "
+            f"max |Δselection_logit| = {p.max_abs_selection_logit:.2e} "
+            f"(tolerance atol={p.tolerance.atol:g}, rtol={p.tolerance.rtol:g})",
+            *(f"note: {note}" for note in result.notes),
+        ]
+    )
 
 
 def report_json(result: ExportResult) -> str:
     """The result as JSON (``abstain export --json``)."""
-    return json.dumps({
-        "model_path": str(result.model_path), "version": result.version, "sha256": result.sha256,
-        "size_bytes": result.size_bytes, "replaced": result.replaced, "parity": result.parity.to_dict(),
-        "metrics_key": result.metrics_key, "notes": list(result.notes),
-    }, indent=2)
+    return json.dumps(
+        {
+            "model_path": str(result.model_path),
+            "version": result.version,
+            "sha256": result.sha256,
+            "size_bytes": result.size_bytes,
+            "replaced": result.replaced,
+            "parity": result.parity.to_dict(),
+            "metrics_key": result.metrics_key,
+            "notes": list(result.notes),
+        },
+        indent=2,
+    )

@@ -44,9 +44,13 @@ MAX_QUEUE_DELAY_US = 500
 STAGING_PREFIX = ".abstain-staging-"
 
 
-def render_triton_config(name: str, spec: InputSpec, num_classes: int,
-                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                         selection_logit: bool = True) -> str:
+def render_triton_config(
+    name: str,
+    spec: InputSpec,
+    num_classes: int,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    selection_logit: bool = True,
+) -> str:
     """Triton ``config.pbtxt`` text for an exported graph.
 
     Dims exclude the batch dimension (``max_batch_size > 0``). ``selection`` is ``[N]`` in the
@@ -82,14 +86,19 @@ def render_triton_config(name: str, spec: InputSpec, num_classes: int,
         "    data_type: TYPE_FP32\n"
         "    dims: [ 1 ]\n"
         "    reshape: { shape: [ ] }\n"
-        "  }" + (
+        "  }"
+        + (
             ",\n"
             "  {\n"
             f'    name: "{SELECTION_LOGIT_NAME}"\n'
             "    data_type: TYPE_FP32\n"
             "    dims: [ 1 ]\n"
             "    reshape: { shape: [ ] }\n"
-            "  }" if selection_logit else "") + "\n"
+            "  }"
+            if selection_logit
+            else ""
+        )
+        + "\n"
         "]\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n"
@@ -162,8 +171,14 @@ def _check_writable(repository: Path) -> None:
         )
 
 
-def plan_entry(repository: Path, name: str, class_names: list[str], config_text: str,
-               version: int | None = None, force: bool = False) -> EntryPlan:
+def plan_entry(
+    repository: Path,
+    name: str,
+    class_names: list[str],
+    config_text: str,
+    version: int | None = None,
+    force: bool = False,
+) -> EntryPlan:
     """Check and decide where an export goes; writes nothing.
 
     Args:
@@ -242,8 +257,10 @@ def commit_entry(plan: EntryPlan, model_bytes: bytes, config_text: str, labels: 
         if not entry.exists():
             os.rename(staged_entry, entry)  # the whole entry appears at once
         else:
-            for filename, wanted in ((TRITON_CONFIG_FILENAME, plan.write_config),
-                                     (LABELS_FILENAME, plan.write_labels)):
+            for filename, wanted in (
+                (TRITON_CONFIG_FILENAME, plan.write_config),
+                (LABELS_FILENAME, plan.write_labels),
+            ):
                 if wanted:
                     os.replace(staged_entry / filename, entry / filename)
                     added.append(entry / filename)

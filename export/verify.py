@@ -65,8 +65,9 @@ class ParityReport:
         return asdict(self)
 
 
-def verification_inputs(spec: InputSpec, dataset: str | None, n: int = 64, seed: int = 0
-                        ) -> tuple[np.ndarray, str]:
+def verification_inputs(
+    spec: InputSpec, dataset: str | None, n: int = 64, seed: int = 0
+) -> tuple[np.ndarray, str]:
     """``n`` float32 images ``[n, C, H, W]`` in [0, 1] to check the graph on, and their source.
 
     Real images when ``dataset`` (the checkpoint's training dataset) is an array dataset of
@@ -105,8 +106,13 @@ def _torch_outputs(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndar
     return out.logits.float().numpy(), out.selection.float().numpy(), out.selection_logit.float().numpy()
 
 
-def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: str = "given",
-                  tolerance: Tolerance = FP32_TOLERANCE) -> ParityReport:
+def verify_parity(
+    model: nn.Module,
+    model_bytes: bytes,
+    x: np.ndarray,
+    source: str = "given",
+    tolerance: Tolerance = FP32_TOLERANCE,
+) -> ParityReport:
     """Run ``x`` (``[n, C, H, W]``, n ≤ 64) through PyTorch and ONNX Runtime (CPU) and compare.
 
     ``x`` is run as one batch and its first :data:`SINGLE_IMAGES` images one by one.
@@ -119,7 +125,7 @@ def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: s
 
     model = model.eval()
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    batches = [x] + [x[i: i + 1] for i in range(min(SINGLE_IMAGES, len(x)))]
+    batches = [x] + [x[i : i + 1] for i in range(min(SINGLE_IMAGES, len(x)))]
     worst = dict.fromkeys(_OUTPUTS, 0.0)
     failures: list[str] = []
     for batch in batches:
@@ -143,5 +149,12 @@ def verify_parity(model: nn.Module, model_bytes: bytes, x: np.ndarray, source: s
             + "; ".join(failures)
         )
     sizes = tuple(sorted({len(b) for b in batches}))
-    return ParityReport(worst[LOGITS_NAME], worst[SELECTION_NAME], worst[SELECTION_LOGIT_NAME], sizes,
-                        len(x), source, tolerance)
+    return ParityReport(
+        worst[LOGITS_NAME],
+        worst[SELECTION_NAME],
+        worst[SELECTION_LOGIT_NAME],
+        sizes,
+        len(x),
+        source,
+        tolerance,
+    )

@@ -178,7 +178,10 @@ class Abstain:
             self.monitor.start()  # unreachable now: up, not ready, probing until it verifies
         startup_log.info(
             "serving %s/%s (graph %s) with %s on %s",
-            ARTIFACTS.name, ARTIFACTS.version, ARTIFACTS.graph_sha256[:12], backend.name,
+            ARTIFACTS.name,
+            ARTIFACTS.version,
+            ARTIFACTS.graph_sha256[:12],
+            backend.name,
             self.execution_provider or f"Triton at {SETTINGS.triton_url}",
         )
         self._ready = True

@@ -64,8 +64,9 @@ def resize_digits(x: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.repeat(grey, spec.channels, axis=1).astype(np.float32)
 
 
-def _fit_logistic(features: np.ndarray, target: np.ndarray, steps: int = 300, lr: float = 0.5,
-                  l2: float = 1e-3) -> tuple[np.ndarray, float]:
+def _fit_logistic(
+    features: np.ndarray, target: np.ndarray, steps: int = 300, lr: float = 0.5, l2: float = 1e-3
+) -> tuple[np.ndarray, float]:
     """Logistic regression by full-batch gradient descent: ``features [N, D]``, ``target [N]`` in {0, 1}."""
     n, d = features.shape
     w = np.zeros(d)
@@ -79,8 +80,9 @@ def _fit_logistic(features: np.ndarray, target: np.ndarray, steps: int = 300, lr
 
 
 @functools.cache
-def fitted_weights(spec: InputSpec = DIGITS_SPEC, ridge: float = 30.0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def fitted_weights(
+    spec: InputSpec = DIGITS_SPEC, ridge: float = 30.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(W [D, 10], b [10], w_g [D], b_g)`` fitted on the digits training split resized to ``spec``.
 
     ``ridge`` is deliberately strong so the classifier makes some mistakes (a few percent)
@@ -106,8 +108,9 @@ def fitted_weights(spec: InputSpec = DIGITS_SPEC, ridge: float = 30.0
     return w.astype(np.float32), b.astype(np.float32), w_g.astype(np.float32), float(b_g)
 
 
-def random_weights(spec: InputSpec, scale: float, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def random_weights(
+    spec: InputSpec, scale: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(W [D, 10], b [10], w_g [D], b_g)`` drawn from ``N(0, scale²)``, biases zero."""
     rng = np.random.default_rng(seed)
     d = spec.channels * spec.height * spec.width
@@ -115,12 +118,15 @@ def random_weights(spec: InputSpec, scale: float, seed: int = 0
     return w, np.zeros(10, np.float32), rng.normal(0, scale, d).astype(np.float32), 0.0
 
 
-def build_graph(spec: InputSpec = DIGITS_SPEC,
-                class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
-                train_fingerprint: str | None = None,
-                extra_metadata: dict[str, str] | None = None,
-                selection_logit: bool = False, logit_shift: float = 0.0,
-                random_weight_scale: float | None = None) -> bytes:
+def build_graph(
+    spec: InputSpec = DIGITS_SPEC,
+    class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
+    train_fingerprint: str | None = None,
+    extra_metadata: dict[str, str] | None = None,
+    selection_logit: bool = False,
+    logit_shift: float = 0.0,
+    random_weight_scale: float | None = None,
+) -> bytes:
     """Serialised ONNX model bytes of the linear digits graph for ``spec``.
 
     Args:
@@ -162,20 +168,27 @@ def build_graph(spec: InputSpec = DIGITS_SPEC,
         helper.make_node("Sigmoid", ["g_logit"], ["g"]),  # [N, 1]
         helper.make_node("Reshape", ["g", "flat_shape"], [SELECTION_NAME]),  # [N]
     ]
-    outputs = [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", 10]),
-               helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["N"])]
+    outputs = [
+        helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", 10]),
+        helper.make_tensor_value_info(SELECTION_NAME, TensorProto.FLOAT, ["N"]),
+    ]
     if selection_logit:
         nodes.append(helper.make_node("Reshape", ["g_logit", "flat_shape"], [SELECTION_LOGIT_NAME]))
         outputs.append(helper.make_tensor_value_info(SELECTION_LOGIT_NAME, TensorProto.FLOAT, ["N"]))
     graph = helper.make_graph(
-        nodes, "abstain_test_linear",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
-                                       ["N", spec.channels, spec.height, spec.width])],
+        nodes,
+        "abstain_test_linear",
+        [
+            helper.make_tensor_value_info(
+                INPUT_NAME, TensorProto.FLOAT, ["N", spec.channels, spec.height, spec.width]
+            )
+        ],
         outputs,
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="abstain-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="abstain-tests"
+    )
     model.ir_version = IR_VERSION
     meta = {META_INPUT_SPEC: spec.to_json(), META_CLASS_NAMES: json.dumps(list(class_names))}
     if train_fingerprint is not None:
@@ -194,11 +207,18 @@ def write_graph(path: Path, **kwargs: object) -> Path:
     return path
 
 
-def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_size: int = 64,
-                  selection_logit: bool = False) -> str:
+def triton_config(
+    name: str, spec: InputSpec, num_classes: int = 10, max_batch_size: int = 64, selection_logit: bool = False
+) -> str:
     """A minimal Triton ``config.pbtxt`` for the graph (dims exclude the batch dimension)."""
-    logit = (f',\n         {{ name: "{SELECTION_LOGIT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] '
-             "reshape: { shape: [ ] } }") if selection_logit else ""
+    logit = (
+        (
+            f',\n         {{ name: "{SELECTION_LOGIT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] '
+            "reshape: { shape: [ ] } }"
+        )
+        if selection_logit
+        else ""
+    )
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
@@ -212,22 +232,34 @@ def triton_config(name: str, spec: InputSpec, num_classes: int = 10, max_batch_s
     )
 
 
-def write_model_dir(repository: Path, name: str = DEFAULT_MODEL_NAME, version: int = 1,
-                    spec: InputSpec = DIGITS_SPEC,
-                    class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
-                    train_fingerprint: str | None = None,
-                    selection_logit: bool = False, logit_shift: float = 0.0,
-                    random_weight_scale: float | None = None) -> Path:
+def write_model_dir(
+    repository: Path,
+    name: str = DEFAULT_MODEL_NAME,
+    version: int = 1,
+    spec: InputSpec = DIGITS_SPEC,
+    class_names: tuple[str, ...] = DIGITS_CLASS_NAMES,
+    train_fingerprint: str | None = None,
+    selection_logit: bool = False,
+    logit_shift: float = 0.0,
+    random_weight_scale: float | None = None,
+) -> Path:
     """A model-repository entry ``repository/name/{config.pbtxt, labels.txt, version/model.onnx}``.
 
     Returns the version directory (``repository/name/version``); no ``calibration.json``.
     """
     entry = Path(repository) / name
     version_dir = entry / str(version)
-    write_graph(version_dir / MODEL_FILENAME, spec=spec, class_names=class_names,
-                train_fingerprint=train_fingerprint, selection_logit=selection_logit,
-                logit_shift=logit_shift, random_weight_scale=random_weight_scale)
+    write_graph(
+        version_dir / MODEL_FILENAME,
+        spec=spec,
+        class_names=class_names,
+        train_fingerprint=train_fingerprint,
+        selection_logit=selection_logit,
+        logit_shift=logit_shift,
+        random_weight_scale=random_weight_scale,
+    )
     (entry / LABELS_FILENAME).write_text("\n".join(class_names) + "\n")
     (entry / TRITON_CONFIG_FILENAME).write_text(
-        triton_config(name, spec, len(class_names), selection_logit=selection_logit))
+        triton_config(name, spec, len(class_names), selection_logit=selection_logit)
+    )
     return version_dir

@@ -40,8 +40,10 @@ HEAVY_TRAINING = {"torch", "torchvision"}
 PLOTS_AND_FITS = {"sklearn", "scipy", "matplotlib"}
 SERVING_LIBS = {"bentoml", "prometheus_client", "tritonclient", "starlette"}
 FORBIDDEN = {
-    "abstain": (HEAVY_TRAINING | SERVING_LIBS | {"matplotlib", "scipy", "onnx"},
-                {"training", "export", "calibration", "serving"}),
+    "abstain": (
+        HEAVY_TRAINING | SERVING_LIBS | {"matplotlib", "scipy", "onnx"},
+        {"training", "export", "calibration", "serving"},
+    ),
     "training": (SERVING_LIBS | {"onnxruntime", "matplotlib"}, {"export", "calibration", "serving"}),
     "export": (SERVING_LIBS - {"tritonclient"} | {"matplotlib"}, {"calibration", "serving"}),
     "calibration": (HEAVY_TRAINING | SERVING_LIBS | {"onnx"}, {"training", "export", "serving"}),
@@ -243,9 +245,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built from the source tree as pip builds it for `pip install .`."""
     out = tmp_path_factory.mktemp("wheel")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
-         str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stdout + built.stderr
     (path,) = out.glob("abstain-*.whl")
@@ -286,7 +299,10 @@ def test_ruff_is_clean() -> None:
     pytest.importorskip("ruff", reason="ruff comes with the dev extra")
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -296,6 +312,9 @@ def test_ruff_format_is_clean() -> None:
     pytest.importorskip("ruff", reason="ruff comes with the dev extra")
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr

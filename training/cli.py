@@ -20,23 +20,41 @@ _LOSSES = ", ".join(d.LOSSES)
 
 def train(
     dataset: Annotated[str, typer.Option(help=f"One of: {_DATASETS}.")] = "digits",
-    loss: Annotated[str, typer.Option(
-        help=f"One of: {_LOSSES}. `ce` is the softmax-response baseline.")] = "sync",
-    out: Annotated[Path | None, typer.Option(
-        help="Output folder for checkpoint.pt and metrics.jsonl (default: runs/<dataset>-<loss>).")] = None,
-    data_root: Annotated[Path | None, typer.Option(
-        help="Dataset folder: fashion-mnist IDX files (default: Debian's /usr/share/datasets/fashion-mnist), "
-             "cifar100's parent of cifar-100-python/, imagefolder's parent of train/ and val/.")] = None,
-    download: Annotated[bool, typer.Option(
-        help="Let torchvision download fashion-mnist / cifar100 into --data-root (needs internet).")] = False,
-    epochs: Annotated[int | None, typer.Option(
-        help="Epochs (default per dataset; with --resume, the new total).")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help="Global batch size (split across DDP processes).")] = None,
-    lr: Annotated[float | None, typer.Option(
-        help="Initial learning rate (SGD, Nesterov momentum 0.9).")] = None,
-    lr_step: Annotated[int | None, typer.Option(
-        help="Multiply the lr by --lr-gamma every this many epochs.")] = None,
+    loss: Annotated[
+        str, typer.Option(help=f"One of: {_LOSSES}. `ce` is the softmax-response baseline.")
+    ] = "sync",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder for checkpoint.pt and metrics.jsonl (default: runs/<dataset>-<loss>)."
+        ),
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder: fashion-mnist IDX files "
+            "(default: Debian's /usr/share/datasets/fashion-mnist), cifar100's parent of "
+            "cifar-100-python/, imagefolder's parent of train/ and val/."
+        ),
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            help="Let torchvision download fashion-mnist / cifar100 into --data-root (needs internet)."
+        ),
+    ] = False,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs (default per dataset; with --resume, the new total).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch size (split across DDP processes).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Initial learning rate (SGD, Nesterov momentum 0.9).")
+    ] = None,
+    lr_step: Annotated[
+        int | None, typer.Option(help="Multiply the lr by --lr-gamma every this many epochs.")
+    ] = None,
     lr_gamma: Annotated[float, typer.Option(help="lr decay factor (paper: 0.5).")] = d.DEFAULT_LR_GAMMA,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: 5e-4).")] = (
         d.DEFAULT_WEIGHT_DECAY
@@ -55,43 +73,60 @@ def train(
     prior: Annotated[str, typer.Option(help="SYNC prior head: f (prediction) or h (auxiliary).")] = (
         d.DEFAULT_PRIOR
     ),
-    sync_term: Annotated[str, typer.Option(
-        help="SYNC prior term: bce (g towards the softmax response) or rank (g ordered as it; ours).")] = (
-        d.DEFAULT_SYNC_TERM
-    ),
-    beta_warmup: Annotated[int, typer.Option(
-        help="Epochs over which SYNC's β ramps up linearly (0: full β from the first epoch).")] = (
-        d.DEFAULT_BETA_WARMUP
-    ),
-    decay_norm_bias: Annotated[bool, typer.Option(
-        "--decay-norm-bias/--no-decay-norm-bias",
-        help="Weight decay on BatchNorm weights and biases too (SelectiveNet's reference: no).")] = (
-        d.DEFAULT_DECAY_NORM_BIAS
-    ),
-    train_subset: Annotated[int | None, typer.Option(
-        help="Train on this many images only (a fixed random subset; quick experiments).")] = None,
-    selection_bn_gamma: Annotated[float, typer.Option(
-        help="Initial γ of g's batch norm (SelectiveNet's reference starts at 0.1).")] = 1.0,
-    sync_batchnorm: Annotated[bool, typer.Option(
-        help="Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm).")] = False,
-    body: Annotated[str | None, typer.Option(
-        help=f"{', '.join(d.BODIES)} (default per dataset).")] = None,
+    sync_term: Annotated[
+        str,
+        typer.Option(
+            help="SYNC prior term: bce (g towards the softmax response) or rank (g ordered as it; ours)."
+        ),
+    ] = (d.DEFAULT_SYNC_TERM),
+    beta_warmup: Annotated[
+        int,
+        typer.Option(help="Epochs over which SYNC's β ramps up linearly (0: full β from the first epoch)."),
+    ] = (d.DEFAULT_BETA_WARMUP),
+    decay_norm_bias: Annotated[
+        bool,
+        typer.Option(
+            "--decay-norm-bias/--no-decay-norm-bias",
+            help="Weight decay on BatchNorm weights and biases too (SelectiveNet's reference: no).",
+        ),
+    ] = (d.DEFAULT_DECAY_NORM_BIAS),
+    train_subset: Annotated[
+        int | None,
+        typer.Option(help="Train on this many images only (a fixed random subset; quick experiments)."),
+    ] = None,
+    selection_bn_gamma: Annotated[
+        float, typer.Option(help="Initial γ of g's batch norm (SelectiveNet's reference starts at 0.1).")
+    ] = 1.0,
+    sync_batchnorm: Annotated[
+        bool,
+        typer.Option(
+            help="Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)."
+        ),
+    ] = False,
+    body: Annotated[str | None, typer.Option(help=f"{', '.join(d.BODIES)} (default per dataset).")] = None,
     width: Annotated[int | None, typer.Option(help="Channel width of small_cnn.")] = None,
-    pretrained: Annotated[Path | None, typer.Option(
-        help="Local body weights (torchvision state dict); never downloaded.")] = None,
+    pretrained: Annotated[
+        Path | None, typer.Option(help="Local body weights (torchvision state dict); never downloaded.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (init, data order, dropout).")] = 0,
-    deterministic: Annotated[bool, typer.Option(
-        help="Use only deterministic kernels (slower on GPU).")] = False,
-    device: Annotated[str | None, typer.Option(
-        help="cpu, cuda or cuda:N (default: cuda when present).")] = None,
-    amp: Annotated[bool | None, typer.Option(
-        "--amp/--no-amp", help="bf16 autocast (default: on for CUDA).")] = None,
-    num_workers: Annotated[int | None, typer.Option(
-        help="DataLoader worker processes (default per dataset).")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue OUT/checkpoint.pt (its settings; --epochs may extend it).")] = False,
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing OUT/checkpoint.pt instead of refusing.")] = False,
+    deterministic: Annotated[
+        bool, typer.Option(help="Use only deterministic kernels (slower on GPU).")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present).")
+    ] = None,
+    amp: Annotated[
+        bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast (default: on for CUDA).")
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="DataLoader worker processes (default per dataset).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue OUT/checkpoint.pt (its settings; --epochs may extend it).")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing OUT/checkpoint.pt instead of refusing.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar per epoch.")] = True,
 ) -> None:
     """Train a SelectiveNet (prediction head f, selection head g, auxiliary head h).
@@ -110,15 +145,35 @@ def train(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(
-        dataset=dataset, loss=loss, data_root=str(data_root) if data_root else None, download=download,
-        body=body, width=width, pretrained=str(pretrained) if pretrained else None, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
-        target_coverage=target_coverage, alpha=alpha, lam=lam,
-        beta=beta, prior=prior, sync_term=sync_term, beta_warmup=beta_warmup,
-        decay_norm_bias=decay_norm_bias, train_subset=train_subset, sync_batchnorm=sync_batchnorm,
+        dataset=dataset,
+        loss=loss,
+        data_root=str(data_root) if data_root else None,
+        download=download,
+        body=body,
+        width=width,
+        pretrained=str(pretrained) if pretrained else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        target_coverage=target_coverage,
+        alpha=alpha,
+        lam=lam,
+        beta=beta,
+        prior=prior,
+        sync_term=sync_term,
+        beta_warmup=beta_warmup,
+        decay_norm_bias=decay_norm_bias,
+        train_subset=train_subset,
+        sync_batchnorm=sync_batchnorm,
         selection_bn_gamma=selection_bn_gamma,
-        seed=seed, deterministic=deterministic,
-        device=device, amp=amp, num_workers=num_workers,
+        seed=seed,
+        deterministic=deterministic,
+        device=device,
+        amp=amp,
+        num_workers=num_workers,
     ).validate()
     # one folder per (dataset, loss) by default, so that trying another loss never collides
     out = out if out is not None else Path("runs") / f"{dataset}-{loss}"

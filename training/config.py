@@ -82,7 +82,8 @@ class TrainConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(
-                    f"{name} should be one of {', '.join(valid)}, but got {getattr(self, name)!r}")
+                    f"{name} should be one of {', '.join(valid)}, but got {getattr(self, name)!r}"
+                )
         if self.body is not None and self.body not in BODIES:
             raise ValueError(f"body should be one of {', '.join(BODIES)}, but got {self.body!r}")
         for name in ("epochs", "batch_size", "lr_step", "width", "train_subset"):
@@ -115,12 +116,40 @@ class TrainConfig:
 
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"body": "small_cnn", "width": 32, "epochs": 40, "batch_size": 64, "lr": 0.05,
-               "lr_step": 10, "num_workers": 0},
-    "fashion-mnist": {"body": "small_cnn", "width": 16, "epochs": 12, "batch_size": 128, "lr": 0.05,
-                      "lr_step": 4, "num_workers": 0},
-    "cifar100": {"body": "vgg16_bn", "width": 32, "epochs": 300, "batch_size": 128, "lr": 0.1,
-                 "lr_step": 25, "num_workers": 4},
-    "imagefolder": {"body": "resnet18", "width": 32, "epochs": 300, "batch_size": 128, "lr": 0.1,
-                    "lr_step": 25, "num_workers": 8},
+    "digits": {
+        "body": "small_cnn",
+        "width": 32,
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 0.05,
+        "lr_step": 10,
+        "num_workers": 0,
+    },
+    "fashion-mnist": {
+        "body": "small_cnn",
+        "width": 16,
+        "epochs": 12,
+        "batch_size": 128,
+        "lr": 0.05,
+        "lr_step": 4,
+        "num_workers": 0,
+    },
+    "cifar100": {
+        "body": "vgg16_bn",
+        "width": 32,
+        "epochs": 300,
+        "batch_size": 128,
+        "lr": 0.1,
+        "lr_step": 25,
+        "num_workers": 4,
+    },
+    "imagefolder": {
+        "body": "resnet18",
+        "width": 32,
+        "epochs": 300,
+        "batch_size": 128,
+        "lr": 0.1,
+        "lr_step": 25,
+        "num_workers": 8,
+    },
 }

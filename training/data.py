@@ -96,8 +96,12 @@ def load_arrays_bundle(name: str, data_root: Path | None = None, download: bool 
     mean = tuple(round(float(v), 4) for v in train.x.mean(axis=(0, 2, 3)))
     std = tuple(round(float(v), 4) for v in train.x.std(axis=(0, 2, 3)))
     return DataBundle(
-        name=name, train=_tensors(train), val=_tensors(splits["val"]), test=_tensors(splits["test"]),
-        class_names=train.class_names, input_spec=InputSpec(int(c), int(h), int(w), mean, std),
+        name=name,
+        train=_tensors(train),
+        val=_tensors(splits["val"]),
+        test=_tensors(splits["test"]),
+        class_names=train.class_names,
+        input_spec=InputSpec(int(c), int(h), int(w), mean, std),
         fingerprint=train.fingerprint,
     )
 
@@ -120,7 +124,7 @@ def streaming_fingerprint(images_hwc_uint8: np.ndarray, labels: np.ndarray, chun
     digest = hashlib.sha256()
     digest.update(repr((n, c, h, w)).encode())
     for start in range(0, n, chunk):
-        block = images_hwc_uint8[start:start + chunk].astype(np.float32) / np.float32(255.0)
+        block = images_hwc_uint8[start : start + chunk].astype(np.float32) / np.float32(255.0)
         digest.update(np.ascontiguousarray(block.transpose(0, 3, 1, 2)).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     return "sha256:" + digest.hexdigest()
@@ -131,13 +135,19 @@ def load_cifar100(root: Path, download: bool = False) -> DataBundle:
     from torchvision import datasets, transforms
 
     root = Path(root)
-    layout = (f"expected torchvision's CIFAR-100 layout {root}/cifar-100-python/ with files "
-              "train, test and meta (the python version, cifar-100-python.tar.gz, extracted)")
+    layout = (
+        f"expected torchvision's CIFAR-100 layout {root}/cifar-100-python/ with files "
+        "train, test and meta (the python version, cifar-100-python.tar.gz, extracted)"
+    )
     if not download and not (root / "cifar-100-python").is_dir():
         raise FileNotFoundError(f"CIFAR-100 not found in {root}: {layout}; or pass --download")
-    augment = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-    ])
+    augment = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
     plain = transforms.ToTensor()
     try:
         train_aug = datasets.CIFAR100(str(root), train=True, transform=augment, download=download)
@@ -147,10 +157,13 @@ def load_cifar100(root: Path, download: bool = False) -> DataBundle:
         raise ValueError(f"CIFAR-100 in {root} is incomplete or corrupted ({exc}): {layout}") from exc
     targets = np.asarray(train_aug.targets, dtype=np.int64)
     train_idx, val_idx = stratified_split_indices(
-        targets, (1 - CIFAR100_VAL_FRACTION, CIFAR100_VAL_FRACTION), SPLIT_SEED)
+        targets, (1 - CIFAR100_VAL_FRACTION, CIFAR100_VAL_FRACTION), SPLIT_SEED
+    )
     return DataBundle(
         name="cifar100",
-        train=Subset(train_aug, train_idx.tolist()), val=Subset(train_plain, val_idx.tolist()), test=test,
+        train=Subset(train_aug, train_idx.tolist()),
+        val=Subset(train_plain, val_idx.tolist()),
+        test=test,
         class_names=tuple(train_aug.classes),
         input_spec=InputSpec(3, 32, 32, CIFAR100_MEAN, CIFAR100_STD),
         fingerprint=streaming_fingerprint(train_aug.data[train_idx], targets[train_idx]),
@@ -162,19 +175,29 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
     from torchvision import datasets, transforms
 
     root = Path(root)
-    layout = (f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
-              "with the same class folders in both (torchvision ImageFolder layout)")
+    layout = (
+        f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
+        "with the same class folders in both (torchvision ImageFolder layout)"
+    )
     for part in ("train", "val"):
         if not (root / part).is_dir():
             raise FileNotFoundError(f"image folder dataset: {root / part} does not exist; {layout}")
-    augment = transforms.Compose([
-        transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-    ])
+    augment = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(crop),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
     # Eval preprocessing: the policy serving applies to uploads and calibration images
     # (abstain.images.fit_image, PIL's bilinear resize — what torchvision calls on PIL images).
-    plain = transforms.Compose([
-        transforms.Resize(imagefolder_resize_size(crop)), transforms.CenterCrop(crop), transforms.ToTensor(),
-    ])
+    plain = transforms.Compose(
+        [
+            transforms.Resize(imagefolder_resize_size(crop)),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+        ]
+    )
     try:
         train_aug = datasets.ImageFolder(str(root / "train"), transform=augment)
         train_plain = datasets.ImageFolder(str(root / "train"), transform=plain)
@@ -197,7 +220,9 @@ def load_imagefolder(root: Path, crop: int = IMAGEFOLDER_CROP) -> DataBundle:
         raise RuntimeError(f"ImageFolder and abstain.datasets list {root}/train differently: {exc}") from exc
     return DataBundle(
         name="imagefolder",
-        train=Subset(train_aug, train_idx), val=Subset(train_plain, val_idx), test=test,
+        train=Subset(train_aug, train_idx),
+        val=Subset(train_plain, val_idx),
+        test=test,
         class_names=tuple(train_aug.classes),
         input_spec=InputSpec(3, crop, crop, IMAGENET_MEAN, IMAGENET_STD),
         fingerprint=train_split.fingerprint,

@@ -139,16 +139,19 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
     no saved RNG state, and each DDP rank has its own streams.
     """
     if not isinstance(loader.sampler, DistributedSampler):
-        raise TypeError("seed_epoch needs a loader from make_loader, whose sampler is a DistributedSampler, "
-                        f"but got a {type(loader.sampler).__name__}")
+        raise TypeError(
+            "seed_epoch needs a loader from make_loader, whose sampler is a DistributedSampler, "
+            f"but got a {type(loader.sampler).__name__}"
+        )
     loader.sampler.set_epoch(epoch)
     torch.manual_seed(epoch_seed(seed, epoch, rank))  # CPU and every CUDA device
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank, stream=1))
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, runtime: Runtime,
-                num_workers: int) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, *, train: bool, seed: int, runtime: Runtime, num_workers: int
+) -> DataLoader:
     """A loader whose order depends only on (seed, epoch) — call :func:`seed_epoch` before each
     training epoch.
 
@@ -163,14 +166,21 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ru
     epoch (a fork). Evaluation loaders draw nothing at random and keep their workers.
     """
     sampler: DistributedSampler[int] = DistributedSampler(
-        dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed,
-        drop_last=False)
+        dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed, drop_last=False
+    )
     per_process = batch_size // runtime.world_size if train else batch_size
     # A private generator: the workers' seeds never consume the global RNG (dropout's).
     generator = torch.Generator().manual_seed(epoch_seed(seed, 0, runtime.rank, stream=1))
-    return DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=train,
-                      num_workers=num_workers, pin_memory=runtime.cuda, generator=generator,
-                      persistent_workers=num_workers > 0 and not train)
+    return DataLoader(
+        dataset,
+        batch_size=per_process,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=num_workers,
+        pin_memory=runtime.cuda,
+        generator=generator,
+        persistent_workers=num_workers > 0 and not train,
+    )
 
 
 def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
@@ -182,8 +192,14 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> tuple[torc
     return x, y.to(runtime.device, non_blocking=runtime.cuda)
 
 
-def train_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               optimizer: torch.optim.Optimizer, runtime: Runtime) -> LossOutput:
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+) -> LossOutput:
     """One optimisation step on this process's batch ``x [B/W, C, H, W]``, ``y [B/W]``.
 
     Under DDP (``model`` wrapped, loss built with ``distributed=True``) the W processes'
@@ -215,9 +231,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_bias: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
-                    optimizer: torch.optim.Optimizer,
-                    runtime: Runtime, *, epoch: int, progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    *,
+    epoch: int,
+    progress: bool = True,
+) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term over batches (all processes).
 
     Forward and loss run under autocast; backward and the (single) optimiser step outside it.
@@ -236,7 +259,8 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
             bar.set_postfix(loss=f"{result.terms['loss'].item():.4f}")
     if batches == 0:
         raise ValueError(
-            f"the training split yields no full batch of {loader.batch_size}; lower --batch-size")
+            f"the training split yields no full batch of {loader.batch_size}; lower --batch-size"
+        )
     names = sorted(sums)
     means = torch.stack([sums[n] for n in names]) / batches
     if runtime.distributed:
@@ -246,8 +270,9 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, loader: DataLoader,
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader,
-            runtime: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader: DataLoader, runtime: Runtime
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(logits float32 [N, K], selection float32 [N], labels int64 [N])`` over ``loader``.
 
     Without autocast, even when ``runtime.amp``: these numbers are reported as the metrics of
@@ -264,8 +289,9 @@ def predict(model: nn.Module, loader: DataLoader,
     return torch.cat(logits).numpy(), torch.cat(selection).numpy(), torch.cat(labels).numpy()
 
 
-def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndarray,
-                      score: str) -> dict[str, Any]:
+def selective_metrics(
+    logits: np.ndarray, selection: np.ndarray, labels: np.ndarray, score: str
+) -> dict[str, Any]:
     """Accuracy, coverage and selective risk at g ≥ 0.5, risk at the table coverages and AURC.
 
     ``score`` ranks samples for ``risk_at_coverage`` and ``aurc`` (g for the selective losses,
@@ -278,9 +304,12 @@ def selective_metrics(logits: np.ndarray, selection: np.ndarray, labels: np.ndar
     by_score = {}
     for name in SCORE_NAMES:  # every score, so a benchmark can choose one on validation
         s = risk_coverage.selection_scores(logits, selection, name)
-        by_score[name] = {"aurc": risk_coverage.aurc(s, errors), "eaurc": risk_coverage.eaurc(s, errors),
-                          "augrc": risk_coverage.augrc(s, errors),
-                          "risk_at_coverage": risk_coverage.risk_at_coverages(s, errors)}
+        by_score[name] = {
+            "aurc": risk_coverage.aurc(s, errors),
+            "eaurc": risk_coverage.eaurc(s, errors),
+            "augrc": risk_coverage.augrc(s, errors),
+            "risk_at_coverage": risk_coverage.risk_at_coverages(s, errors),
+        }
     return {
         "n": int(labels.size),
         "accuracy": float(1.0 - errors.mean()),
@@ -333,8 +362,13 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     spec = data.input_spec
     # the ignores below: TrainConfig types body and width Optional; config.resolved() fills them
     model_config = ModelConfig(
-        body=config.body, num_classes=len(data.class_names), in_channels=spec.channels,  # type: ignore[arg-type]
-        image_size=spec.height, mean=spec.mean, std=spec.std, width=config.width,  # type: ignore[arg-type]
+        body=config.body,
+        num_classes=len(data.class_names),
+        in_channels=spec.channels,  # type: ignore[arg-type]
+        image_size=spec.height,
+        mean=spec.mean,
+        std=spec.std,
+        width=config.width,  # type: ignore[arg-type]
         selection_bn_gamma=config.selection_bn_gamma,
     )
     model = SelectiveNet(model_config)
@@ -343,8 +377,9 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     return model
 
 
-def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+def run_training(
+    config: TrainConfig, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on test; return the test metrics.
 
     With ``resume``, every setting comes from ``out/checkpoint.pt`` except ``epochs`` when
@@ -361,11 +396,14 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         stored = TrainConfig.from_dict(checkpoint["train_config"])
         config = replace(stored, epochs=config.epochs or stored.epochs)
         if checkpoint.get("epoch", 0) >= config.epochs:
-            raise ValueError(f"{ckpt_path} has already trained {checkpoint.get('epoch')} epochs; "
-                             f"pass --epochs larger than that to train further")
+            raise ValueError(
+                f"{ckpt_path} has already trained {checkpoint.get('epoch')} epochs; "
+                f"pass --epochs larger than that to train further"
+            )
     elif ckpt_path.exists() and not overwrite:
-        raise FileExistsError(f"{ckpt_path} already exists; pass --resume to continue it "
-                              "or --overwrite to start again")
+        raise FileExistsError(
+            f"{ckpt_path} already exists; pass --resume to continue it or --overwrite to start again"
+        )
     config = config.resolved()
     runtime = setup_runtime(config)
     seed_everything(config.seed, config.deterministic)
@@ -373,19 +411,29 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
     if config.train_subset is not None:
         data = subset_train(data, config.train_subset)  # the fingerprint stays the full split's
     if checkpoint is not None and checkpoint.get("data_fingerprint") != data.fingerprint:
-        raise ValueError(f"--resume: the training data differs from the one {ckpt_path} was trained on "
-                         f"(fingerprint {data.fingerprint} vs {checkpoint.get('data_fingerprint')}); "
-                         "use the same dataset and --data-root")
+        raise ValueError(
+            f"--resume: the training data differs from the one {ckpt_path} was trained on "
+            f"(fingerprint {data.fingerprint} vs {checkpoint.get('data_fingerprint')}); "
+            "use the same dataset and --data-root"
+        )
     # the [operator] and [arg-type] ignores from here on: TrainConfig types the hyper-parameters
     # Optional, and config.resolved() above has filled every one of them
     if config.batch_size % runtime.world_size:  # type: ignore[operator]
         raise ValueError(
-            f"batch_size {config.batch_size} should be divisible by the {runtime.world_size} processes")
+            f"batch_size {config.batch_size} should be divisible by the {runtime.world_size} processes"
+        )
 
     model = build_model(config, data)  # same seed on every rank; DDP broadcasts rank 0's weights anyway
-    loss_fn = build_loss(config.loss, target_coverage=config.target_coverage, alpha=config.alpha,
-                         lam=config.lam, beta=config.beta, prior=config.prior, sync_term=config.sync_term,
-                         distributed=runtime.distributed)
+    loss_fn = build_loss(
+        config.loss,
+        target_coverage=config.target_coverage,
+        alpha=config.alpha,
+        lam=config.lam,
+        beta=config.beta,
+        prior=config.prior,
+        sync_term=config.sync_term,
+        distributed=runtime.distributed,
+    )
     if config.sync_batchnorm and runtime.distributed:
         if not runtime.cuda:  # torch's SyncBatchNorm refuses CPU tensors
             raise ValueError("--sync-batchnorm needs CUDA devices; with gloo on CPU leave it off")
@@ -395,11 +443,18 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         model.load_state_dict(checkpoint["state_dict"])
     # torch's stubs lack the to(device, memory_format=...) form that Module.to accepts
     model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay, config.decay_norm_bias),
-                                lr=config.lr, momentum=config.momentum,  # type: ignore[arg-type]
-                                nesterov=config.momentum > 0, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step,  # type: ignore[arg-type]
-                                                gamma=config.lr_gamma)
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config.weight_decay, config.decay_norm_bias),
+        lr=config.lr,
+        momentum=config.momentum,  # type: ignore[arg-type]
+        nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer,
+        step_size=config.lr_step,  # type: ignore[arg-type]
+        gamma=config.lr_gamma,
+    )
     start_epoch = 0
     records: list[dict[str, Any]] = []
     if checkpoint is not None:
@@ -413,24 +468,53 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
     if runtime.distributed:
         # `ce` leaves g and h without gradients: DDP must know, or it waits for them forever.
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.cuda else None,
-            find_unused_parameters=config.loss == "ce")
+            model,
+            device_ids=[runtime.device.index] if runtime.cuda else None,
+            find_unused_parameters=config.loss == "ce",
+        )
 
     workers = int(config.num_workers or 0)
-    train_loader = make_loader(data.train, config.batch_size, train=True, seed=config.seed,  # type: ignore[arg-type]
-                               runtime=runtime, num_workers=workers)
+    train_loader = make_loader(
+        data.train,
+        config.batch_size,
+        train=True,
+        seed=config.seed,  # type: ignore[arg-type]
+        runtime=runtime,
+        num_workers=workers,
+    )
     eval_runtime = replace(runtime, rank=0, world_size=1)  # rank 0 evaluates every sample
-    val_loader = make_loader(data.val, 2 * config.batch_size, train=False, seed=config.seed,  # type: ignore[operator]
-                             runtime=eval_runtime, num_workers=workers)
-    test_loader = make_loader(data.test, 2 * config.batch_size, train=False, seed=config.seed,  # type: ignore[operator]
-                              runtime=eval_runtime, num_workers=workers)
+    val_loader = make_loader(
+        data.val,
+        2 * config.batch_size,
+        train=False,
+        seed=config.seed,  # type: ignore[operator]
+        runtime=eval_runtime,
+        num_workers=workers,
+    )
+    test_loader = make_loader(
+        data.test,
+        2 * config.batch_size,
+        train=False,
+        seed=config.seed,  # type: ignore[operator]
+        runtime=eval_runtime,
+        num_workers=workers,
+    )
     train_config = dict(config.to_dict(), world_size=runtime.world_size)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # the [arg-type] ignore: torch's Dataset declares no __len__; a DataBundle's splits all have one
-        log.info("training %s on %s (%d train / %d val / %d test), loss %s, device %s%s, %d epochs",
-                 config.body, config.dataset, len(data.train), len(data.val), len(data.test), config.loss,  # type: ignore[arg-type]
-                 runtime.device, f" x{runtime.world_size}" if runtime.distributed else "", config.epochs)
+        log.info(
+            "training %s on %s (%d train / %d val / %d test), loss %s, device %s%s, %d epochs",
+            config.body,
+            config.dataset,
+            len(data.train),
+            len(data.val),
+            len(data.test),
+            config.loss,  # type: ignore[arg-type]
+            runtime.device,
+            f" x{runtime.world_size}" if runtime.distributed else "",
+            config.epochs,
+        )
 
     def checkpoint_dict(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -455,35 +539,59 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, overwr
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(loss_fn, SyncLoss):  # the only loss with a β to warm up
             loss_fn.beta_scale = beta_scale(epoch, config.beta_warmup)
-        terms = train_one_epoch(train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch,
-                                progress=progress)
+        terms = train_one_epoch(
+            train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch, progress=progress
+        )
         scheduler.step()
         if runtime.is_main:
             metrics = evaluate(model, val_loader, runtime, score)
-            record = {"split": "val", "epoch": epoch, "lr": lr,
-                      **{f"train_{k}": v for k, v in terms.items()}, **metrics,
-                      "epoch_seconds": round(time.perf_counter() - started, 3)}
+            record = {
+                "split": "val",
+                "epoch": epoch,
+                "lr": lr,
+                **{f"train_{k}": v for k, v in terms.items()},
+                **metrics,
+                "epoch_seconds": round(time.perf_counter() - started, 3),
+            }
             records.append(record)
             save_checkpoint(ckpt_path, checkpoint_dict(epoch, record))
             _write_metrics(metrics_path, records)
             risk = record["selective_risk"]
-            log.info("epoch %d/%d lr %.4g loss %.4f | val acc %.4f cov@g>=0.5 %.3f risk@g>=0.5 %s "
-                     "aurc %.4f | %.1fs", epoch, config.epochs, lr, terms["loss"], record["accuracy"],
-                     record["coverage"], "n/a" if risk is None else f"{risk:.4f}", record["aurc"],
-                     record["epoch_seconds"])
+            log.info(
+                "epoch %d/%d lr %.4g loss %.4f | val acc %.4f cov@g>=0.5 %.3f risk@g>=0.5 %s "
+                "aurc %.4f | %.1fs",
+                epoch,
+                config.epochs,
+                lr,
+                terms["loss"],
+                record["accuracy"],
+                record["coverage"],
+                "n/a" if risk is None else f"{risk:.4f}",
+                record["aurc"],
+                record["epoch_seconds"],
+            )
         if runtime.distributed:
             dist.barrier()  # the others wait for rank 0's evaluation and checkpoint
 
     test_metrics: dict[str, Any] = {}
     if runtime.is_main:
-        test_metrics = {"split": "test", "epoch": config.epochs,
-                        **evaluate(model, test_loader, runtime, score)}
+        test_metrics = {
+            "split": "test",
+            "epoch": config.epochs,
+            **evaluate(model, test_loader, runtime, score),
+        }
         records.append(test_metrics)
         save_checkpoint(ckpt_path, checkpoint_dict(config.epochs, test_metrics))  # type: ignore[arg-type]
         _write_metrics(metrics_path, records)
-        log.info("test acc %.4f, risk@80%% coverage %.4f, aurc %.4f (by %s); wrote %s and %s",
-                 test_metrics["accuracy"], test_metrics["risk_at_coverage"]["0.8"], test_metrics["aurc"],
-                 score, ckpt_path, metrics_path)
+        log.info(
+            "test acc %.4f, risk@80%% coverage %.4f, aurc %.4f (by %s); wrote %s and %s",
+            test_metrics["accuracy"],
+            test_metrics["risk_at_coverage"]["0.8"],
+            test_metrics["aurc"],
+            score,
+            ckpt_path,
+            metrics_path,
+        )
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()

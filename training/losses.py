@@ -52,8 +52,16 @@ from abstain.training.defaults import (
 )
 from abstain.training.model import SelectiveOutput
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_BETA", "DEFAULT_LAMBDA", "DEFAULT_PRIOR", "DEFAULT_TARGET_COVERAGE",
-           "LOSSES", "PRIOR_HEADS", "build_loss"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_BETA",
+    "DEFAULT_LAMBDA",
+    "DEFAULT_PRIOR",
+    "DEFAULT_TARGET_COVERAGE",
+    "LOSSES",
+    "PRIOR_HEADS",
+    "build_loss",
+]
 
 
 class LossOutput(NamedTuple):
@@ -129,8 +137,14 @@ class SelectiveNetLoss(nn.Module):
             module docstring); every process must then call the loss on every step.
     """
 
-    def __init__(self, target_coverage: float = DEFAULT_TARGET_COVERAGE, alpha: float = DEFAULT_ALPHA,
-                 lam: float = DEFAULT_LAMBDA, *, distributed: bool = False) -> None:
+    def __init__(
+        self,
+        target_coverage: float = DEFAULT_TARGET_COVERAGE,
+        alpha: float = DEFAULT_ALPHA,
+        lam: float = DEFAULT_LAMBDA,
+        *,
+        distributed: bool = False,
+    ) -> None:
         super().__init__()
         _check_probability("target_coverage", target_coverage, low_open=True)
         _check_probability("alpha", alpha)
@@ -151,46 +165,59 @@ class SelectiveNetLoss(nn.Module):
         penalty = self.lam * torch.clamp(self.target_coverage - coverage, min=0.0) ** 2
         aux = F.cross_entropy(output.aux_logits.float(), target)
         total = self.alpha * (risk + penalty) + (1.0 - self.alpha) * aux
-        terms = {"loss": total, "selective_risk": risk, "coverage": coverage,
-                 "coverage_penalty": penalty, "aux_ce": aux}
+        terms = {
+            "loss": total,
+            "selective_risk": risk,
+            "coverage": coverage,
+            "coverage_penalty": penalty,
+            "aux_ce": aux,
+        }
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
 
 
 class SyncLoss(nn.Module):
     """``sync``: SelectiveNet plus the selective prior (our formulation of arXiv 2602.11316).
 
-    With ``s_i = max_k softmax(p(x_i))_k`` the softmax response of the prior head ``p``
-    (f by default, h selectable) and ``sg`` the stop-gradient::
+        With ``s_i = max_k softmax(p(x_i))_k`` the softmax response of the prior head ``p``
+        (f by default, h selectable) and ``sg`` the stop-gradient::
 
-        L_SYNC = L_SN + β · mean_i BCE(g_i, sg[s_i])
-        BCE(g, s) = −(s · log g + (1 − s) · log(1 − g))
-                  = softplus(z) − s · z          with g = sigmoid(z)
+            L_SYNC = L_SN + β · mean_i BCE(g_i, sg[s_i])
+            BCE(g, s) = −(s · log g + (1 − s) · log(1 − g))
+                      = softplus(z) − s · z          with g = sigmoid(z)
 
-The second form, on g's pre-sigmoid output z (``SelectiveOutput.selection_logit``), is what
-is computed (``binary_cross_entropy_with_logits``, float32): it is exact where g rounds to 0
-or 1, its gradient in z is ``g − s`` (never vanishing), and it is autocast-safe. For an
-output built without ``selection_logit``, z = logit(clamp(g, ε, 1 − ε)) with ε = 1e-6.
+    The second form, on g's pre-sigmoid output z (``SelectiveOutput.selection_logit``), is what
+    is computed (``binary_cross_entropy_with_logits``, float32): it is exact where g rounds to 0
+    or 1, its gradient in z is ``g − s`` (never vanishing), and it is autocast-safe. For an
+    output built without ``selection_logit``, z = logit(clamp(g, ε, 1 − ε)) with ε = 1e-6.
 
-    The extra term pulls g towards the classifier's own confidence, so g learns to rank
-    samples by how likely f is to be right, not only to meet the coverage target. The
-    stop-gradient keeps the prior from being pushed towards g. β = 0 gives exactly
-    :class:`SelectiveNetLoss`.
+        The extra term pulls g towards the classifier's own confidence, so g learns to rank
+        samples by how likely f is to be right, not only to meet the coverage target. The
+        stop-gradient keeps the prior from being pushed towards g. β = 0 gives exactly
+        :class:`SelectiveNetLoss`.
 
-    ``term="rank"`` is a second reading of "the softmax response as a selective prior", also
-    ours: only the *order* of the prior is imposed on g, not its values. Over the pairs of the
-    batch, with weights ``w_ij = max(0, s_i − s_j)`` (pairs the prior barely separates count
-    little)::
+        ``term="rank"`` is a second reading of "the softmax response as a selective prior", also
+        ours: only the *order* of the prior is imposed on g, not its values. Over the pairs of the
+        batch, with weights ``w_ij = max(0, s_i − s_j)`` (pairs the prior barely separates count
+        little)::
 
-        L_rank = Σ_ij w_ij · softplus(z_j − z_i) / Σ_ij w_ij     (RankNet's logistic pair loss)
+            L_rank = Σ_ij w_ij · softplus(z_j − z_i) / Σ_ij w_ij     (RankNet's logistic pair loss)
 
-    so g keeps its own scale (the coverage penalty sets it) while ranking as the prior does.
+        so g keeps its own scale (the coverage penalty sets it) while ranking as the prior does.
 
-    ``beta_scale`` (set by the loop each epoch, for a warm-up of β) multiplies β.
+        ``beta_scale`` (set by the loop each epoch, for a warm-up of β) multiplies β.
     """
 
-    def __init__(self, target_coverage: float = DEFAULT_TARGET_COVERAGE, alpha: float = DEFAULT_ALPHA,
-                 lam: float = DEFAULT_LAMBDA, beta: float = DEFAULT_BETA, prior: str = DEFAULT_PRIOR,
-                 term: str = DEFAULT_SYNC_TERM, *, distributed: bool = False) -> None:
+    def __init__(
+        self,
+        target_coverage: float = DEFAULT_TARGET_COVERAGE,
+        alpha: float = DEFAULT_ALPHA,
+        lam: float = DEFAULT_LAMBDA,
+        beta: float = DEFAULT_BETA,
+        prior: str = DEFAULT_PRIOR,
+        term: str = DEFAULT_SYNC_TERM,
+        *,
+        distributed: bool = False,
+    ) -> None:
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta (β) should be >= 0, but got {beta}")
@@ -235,17 +262,26 @@ def _selection_logit(output: SelectiveOutput) -> torch.Tensor:
     """g's logit z ``[B]`` in float32: the model's own when it gave one, else logit(clamped g)."""
     if output.selection_logit is not None:
         if output.selection_logit.shape != output.selection.shape:
-            raise ValueError(f"selection_logit should have the shape of selection "
-                             f"{tuple(output.selection.shape)}, "
-                             f"but got {tuple(output.selection_logit.shape)}")
+            raise ValueError(
+                f"selection_logit should have the shape of selection "
+                f"{tuple(output.selection.shape)}, "
+                f"but got {tuple(output.selection_logit.shape)}"
+            )
         return output.selection_logit.float()
     return torch.logit(output.selection.float(), eps=_LOGIT_EPS)
 
 
-def build_loss(name: str, *, target_coverage: float = DEFAULT_TARGET_COVERAGE,
-               alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAMBDA, beta: float = DEFAULT_BETA,
-               prior: str = DEFAULT_PRIOR, sync_term: str = DEFAULT_SYNC_TERM,
-               distributed: bool = False) -> nn.Module:
+def build_loss(
+    name: str,
+    *,
+    target_coverage: float = DEFAULT_TARGET_COVERAGE,
+    alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAMBDA,
+    beta: float = DEFAULT_BETA,
+    prior: str = DEFAULT_PRIOR,
+    sync_term: str = DEFAULT_SYNC_TERM,
+    distributed: bool = False,
+) -> nn.Module:
     """The loss called ``name`` (one of :data:`LOSSES`) with its hyper-parameters.
 
     ``distributed``: the loss runs under DDP with a process group (see the module docstring).

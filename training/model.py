@@ -111,10 +111,17 @@ def _small_cnn(in_channels: int, width: int, dropout: float) -> tuple[nn.Module,
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     layers: list[nn.Module] = [
-        *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # [N, 2w·4]
-        nn.Linear(8 * w, 8 * w), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        *block(in_channels, w),
+        *block(w, w),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w),
+        *block(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),  # [N, 2w·4]
+        nn.Linear(8 * w, 8 * w),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
     ]
     return nn.Sequential(*layers), 8 * w
 
@@ -134,11 +141,20 @@ def _vgg16_bn(in_channels: int, dropout: float) -> tuple[nn.Module, int]:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
-            layers += [nn.Conv2d(cin, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, int(v), 3, padding=1, bias=False),
+                nn.BatchNorm2d(int(v)),
+                nn.ReLU(inplace=True),
+            ]
             cin = int(v)
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True),
-               nn.BatchNorm1d(512), nn.Dropout(dropout)]
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 512),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(512),
+        nn.Dropout(dropout),
+    ]
     return nn.Sequential(*layers), 512
 
 
@@ -180,7 +196,10 @@ class SelectiveNet(nn.Module):
         self.predictor = nn.Linear(dim, k)  # f
         selector_bn = nn.BatchNorm1d(hidden)  # its init draws no random numbers: the Linears' are unchanged
         self.selector = nn.Sequential(  # g: SelectiveNet's head
-            nn.Linear(dim, hidden), nn.ReLU(inplace=True), selector_bn, nn.Linear(hidden, 1),
+            nn.Linear(dim, hidden),
+            nn.ReLU(inplace=True),
+            selector_bn,
+            nn.Linear(hidden, 1),
         )
         self.auxiliary = nn.Linear(dim, k)  # h
         nn.init.constant_(selector_bn.weight, config.selection_bn_gamma)  # g's BN γ
@@ -208,8 +227,12 @@ class SelectiveNet(nn.Module):
 
     def _heads(self, features: torch.Tensor) -> SelectiveOutput:
         selection_logit = self.selector(features).squeeze(-1)  # [N, 1] → [N], never [N, 1]
-        return SelectiveOutput(self.predictor(features), torch.sigmoid(selection_logit),
-                               self.auxiliary(features), selection_logit)
+        return SelectiveOutput(
+            self.predictor(features),
+            torch.sigmoid(selection_logit),
+            self.auxiliary(features),
+            selection_logit,
+        )
 
     def forward(self, x: torch.Tensor) -> SelectiveOutput:
         return self.forward_heads(self.forward_features(x))

@@ -89,9 +89,7 @@ async def review_list(request: Request, service: ServiceContract | None) -> JSON
     except ValueError as exc:
         return _error(400, "bad_query", str(exc))
     try:
-        total, items = await log.recorder.call(
-            lambda store: store.review_page(offset, limit)
-        )
+        total, items = await log.recorder.call(lambda store: store.review_page(offset, limit))
     except StoreUnavailableError as exc:
         return _error(503, "store_unavailable", f"{exc}; retry later")
     return JSONResponse(

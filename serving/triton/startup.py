@@ -29,14 +29,25 @@ def verify_remote_backend(settings: ServeSettings, artifacts: Artifacts) -> str 
     if selective is not None:
         from abstain.serving.triton.selective_backend import verify_selective_triton
 
-        verify_selective_triton(settings.triton_url, artifacts.version_dir, selective,
-                                artifacts.calibration.names, timeout_s=settings.triton_timeout)
+        verify_selective_triton(
+            settings.triton_url,
+            artifacts.version_dir,
+            selective,
+            artifacts.calibration.names,
+            timeout_s=settings.triton_timeout,
+        )
         return None
     from abstain.serving.triton.backend import TritonUnreachableError, verify_triton_serves
 
     try:
-        verify_triton_serves(settings.triton_url, artifacts.graph_path, artifacts.name, artifacts.version,
-                             graph_sha256=artifacts.graph_sha256, timeout_s=settings.triton_timeout)
+        verify_triton_serves(
+            settings.triton_url,
+            artifacts.graph_path,
+            artifacts.name,
+            artifacts.version,
+            graph_sha256=artifacts.graph_sha256,
+            timeout_s=settings.triton_timeout,
+        )
     except TritonUnreachableError as exc:
         return f"{exc}; starting, not ready until Triton serves the graph"
     return None

@@ -64,8 +64,13 @@ def test_file_list_fingerprint_is_relative_path_and_size(tree: Path) -> None:
     assert train.fingerprint == file_list_fingerprint(tree, reversed(train.paths)) == expected
     assert imagefolder_split(tree, "val").fingerprint != train.fingerprint
     # an ArraySplit carrying it reports it instead of a hash of its pixels
-    split = ArraySplit(x=np.zeros((1, 1, 2, 2), np.float32), y=np.zeros(1, np.int64), class_names=("a",),
-                       name="n", source_fingerprint=train.fingerprint)
+    split = ArraySplit(
+        x=np.zeros((1, 1, 2, 2), np.float32),
+        y=np.zeros(1, np.int64),
+        class_names=("a",),
+        name="n",
+        source_fingerprint=train.fingerprint,
+    )
     assert split.fingerprint == train.fingerprint
 
 

@@ -16,15 +16,26 @@ from abstain.operating_points import (
     save_calibration,
 )
 
-POINT = OperatingPoint(name="coverage-0.9", method="coverage", score="combined", threshold=0.63,
-                       target_coverage=0.9, coverage=0.9, risk=0.01,
-                       extra={"coverage_interval": [0.86, 0.93], "n_selected": 323})
+POINT = OperatingPoint(
+    name="coverage-0.9",
+    method="coverage",
+    score="combined",
+    threshold=0.63,
+    target_coverage=0.9,
+    coverage=0.9,
+    risk=0.01,
+    extra={"coverage_interval": [0.86, 0.93], "n_selected": 323},
+)
 
 
 def test_round_trip_keeps_extra_fields_and_unmet_targets(tmp_path: Path) -> None:
     unmet = {"name": "risk-0.001", "method": "risk", "target_risk": 0.001, "samples_needed": 5191}
-    cal = Calibration(graph_sha256="a" * 64, operating_points=(POINT,),
-                      default_operating_point="coverage-0.9", unmet_targets=(unmet,))
+    cal = Calibration(
+        graph_sha256="a" * 64,
+        operating_points=(POINT,),
+        default_operating_point="coverage-0.9",
+        unmet_targets=(unmet,),
+    )
     save_calibration(tmp_path / "calibration.json", cal)
     back = load_calibration(tmp_path / "calibration.json")
     assert back.operating_point().extra == {"coverage_interval": [0.86, 0.93], "n_selected": 323}
@@ -36,8 +47,9 @@ def test_round_trip_keeps_extra_fields_and_unmet_targets(tmp_path: Path) -> None
 
 
 def test_non_finite_threshold_is_refused() -> None:
-    raw = Calibration(graph_sha256="a" * 64, operating_points=(POINT,),
-                      default_operating_point="coverage-0.9").to_dict()
+    raw = Calibration(
+        graph_sha256="a" * 64, operating_points=(POINT,), default_operating_point="coverage-0.9"
+    ).to_dict()
     raw["operating_points"][0]["threshold"] = float("nan")
     with pytest.raises(CalibrationError, match="should be a finite number"):
         calibration_from_dict(raw)

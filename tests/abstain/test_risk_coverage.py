@@ -52,14 +52,18 @@ def test_selection_counts_enter_ties_together() -> None:
     np.testing.assert_allclose(risk, [0.0, 1 / 3, 0.5])
 
 
-@pytest.mark.parametrize(("errors", "expected_aurc", "expected_eaurc", "expected_augrc"), [
-    ([0], 0.0, 0.0, 0.0),  # n = 1, correct
-    ([1], 1.0, 0.0, 1.0),  # n = 1, wrong: every ranking is the perfect one
-    ([0, 0, 0], 0.0, 0.0, 0.0),  # all correct
-    ([1, 1, 1], 1.0, 0.0, (1 / 3 + 2 / 3 + 3 / 3) / 3),  # all wrong
-])
-def test_edge_cases(errors: list[int], expected_aurc: float, expected_eaurc: float,
-                    expected_augrc: float) -> None:
+@pytest.mark.parametrize(
+    ("errors", "expected_aurc", "expected_eaurc", "expected_augrc"),
+    [
+        ([0], 0.0, 0.0, 0.0),  # n = 1, correct
+        ([1], 1.0, 0.0, 1.0),  # n = 1, wrong: every ranking is the perfect one
+        ([0, 0, 0], 0.0, 0.0, 0.0),  # all correct
+        ([1, 1, 1], 1.0, 0.0, (1 / 3 + 2 / 3 + 3 / 3) / 3),  # all wrong
+    ],
+)
+def test_edge_cases(
+    errors: list[int], expected_aurc: float, expected_eaurc: float, expected_augrc: float
+) -> None:
     scores = np.linspace(1.0, 0.0, len(errors))
     assert aurc(scores, errors) == pytest.approx(expected_aurc)
     assert eaurc(scores, errors) == pytest.approx(expected_eaurc, abs=1e-12)

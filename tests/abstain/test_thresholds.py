@@ -80,8 +80,9 @@ def test_sgr_single_sample() -> None:
     assert res.n_probes == 1 and res.coverage == 1.0 and res.risk_bound == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (8, 4), (9, 5),
-                                      (1000, 11), (1024, 11), (1025, 12)])
+@pytest.mark.parametrize(
+    ("n", "k"), [(1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (8, 4), (9, 5), (1000, 11), (1024, 11), (1025, 12)]
+)
 def test_probe_count_is_ceil_log2_n_plus_one(n: int, k: int) -> None:
     assert probe_count(n) == k
     if n > 1:

@@ -35,8 +35,14 @@ def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def calibrated(version_dir: Path):
-    return run_calibration(version_dir.parent, dataset="digits", split="val",
-                           coverages=[0.8, 0.9, 0.95], risks=[0.2, 0.001], delta=0.05)
+    return run_calibration(
+        version_dir.parent,
+        dataset="digits",
+        split="val",
+        coverages=[0.8, 0.9, 0.95],
+        risks=[0.2, 0.001],
+        delta=0.05,
+    )
 
 
 def test_calibration_file_binds_graph_data_and_thresholds(version_dir: Path, calibrated) -> None:
@@ -56,8 +62,11 @@ def test_calibration_file_binds_graph_data_and_thresholds(version_dir: Path, cal
     # every written threshold reproduces the measured coverage and risk on the same data
     for point in cal.operating_points:
         cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)
-        assert (cov, risk, n_sel) == (pytest.approx(point.coverage), pytest.approx(point.risk),
-                                      point.extra["n_selected"])
+        assert (cov, risk, n_sel) == (
+            pytest.approx(point.coverage),
+            pytest.approx(point.risk),
+            point.extra["n_selected"],
+        )
         if point.method == "coverage":
             lo, hi = point.extra["coverage_interval"]
             assert point.target_coverage <= cov and lo < cov < hi
@@ -87,13 +96,16 @@ def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"coverages": [1.5]}, r"coverage targets should be in \(0, 1\], but got 1.5"),
-    ({"coverages": [], "risks": [0.0]}, r"risk targets should be in \(0, 1\], but got 0.0"),
-    ({"coverages": [0.9, 0.9]}, "should be distinct"),
-    ({"delta": 1.0}, r"delta should be in \(0, 1\)"),
-    ({"score": "entropy"}, "score should be one of selection, softmax_response, combined"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"coverages": [1.5]}, r"coverage targets should be in \(0, 1\], but got 1.5"),
+        ({"coverages": [], "risks": [0.0]}, r"risk targets should be in \(0, 1\], but got 0.0"),
+        ({"coverages": [0.9, 0.9]}, "should be distinct"),
+        ({"delta": 1.0}, r"delta should be in \(0, 1\)"),
+        ({"score": "entropy"}, "score should be one of selection, softmax_response, combined"),
+    ],
+)
 def test_bad_arguments(version_dir: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         run_calibration(version_dir, dataset="digits", split="val", **kwargs)
@@ -141,14 +153,47 @@ def test_image_folder_is_converted_to_the_graph_spec(tmp_path: Path) -> None:
 def test_cli_writes_calibration_and_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     version = write_model_dir(tmp_path / "models")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ok = subprocess.run([sys.executable, "-m", "abstain", "calibrate", str(version.parent), "--dataset",
-                         "digits", "--split", "val", "--coverage", "0.85,0.9", "--risk", "0.3"],
-                        capture_output=True, text=True, env=env, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "calibrate",
+            str(version.parent),
+            "--dataset",
+            "digits",
+            "--split",
+            "val",
+            "--coverage",
+            "0.85,0.9",
+            "--risk",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stdout
     assert json.loads((version / "calibration.json").read_text())["default_operating_point"] == "coverage-0.9"
-    bad = subprocess.run([sys.executable, "-m", "abstain", "calibrate", str(version.parent), "--dataset",
-                          "digits", "--coverage", "0"], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "calibrate",
+            str(version.parent),
+            "--dataset",
+            "digits",
+            "--coverage",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert "coverage targets should be in (0, 1], but got 0.0" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -169,8 +214,15 @@ def test_automatic_score_choice_splits_delta_over_the_candidate_scores(
         assert extra["delta_per_probe"] == pytest.approx(0.05 / 3 / extra["n_probes"])
     # with --score given there is no choice to pay for: δ/K per probe
     copy = shutil.copytree(version_dir.parent, tmp_path / version_dir.parent.name) / version_dir.name
-    named = run_calibration(copy, dataset="digits", split="val", coverages=[], risks=[0.2],
-                            delta=0.05, score=calibrated.chosen_score)
+    named = run_calibration(
+        copy,
+        dataset="digits",
+        split="val",
+        coverages=[],
+        risks=[0.2],
+        delta=0.05,
+        score=calibrated.chosen_score,
+    )
     (point,) = named.calibration.operating_points
     assert named.calibration.data["score_choice"] == "given"
     assert point.extra["delta_per_score"] == pytest.approx(0.05)

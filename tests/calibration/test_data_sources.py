@@ -26,8 +26,11 @@ def digit_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for part, per_class in (("train", 30), ("val", 3)):
         for k in range(10):
             (root / part / f"c{k}").mkdir(parents=True)
-            picks = np.flatnonzero(digits.y == k)[:per_class] if part == "train" else \
-                np.flatnonzero(digits.y == k)[-per_class:]
+            picks = (
+                np.flatnonzero(digits.y == k)[:per_class]
+                if part == "train"
+                else np.flatnonzero(digits.y == k)[-per_class:]
+            )
             for i in picks:
                 pixels = np.rint(digits.x[i, 0] * 255).astype(np.uint8)
                 Image.fromarray(pixels, "L").save(root / part / f"c{k}" / f"{i}.png")
@@ -49,8 +52,9 @@ def test_imagefolder_dataset_errors(digit_tree: Path) -> None:
     with pytest.raises(ValueError, match="imagefolder needs --data-root"):
         load_labelled_data(SPEC16, CLASSES, dataset="imagefolder", split="val")
     with pytest.raises(ValueError, match="not the graph's classes"):
-        load_labelled_data(SPEC16, tuple("abcdefghij"), dataset="imagefolder", split="val",
-                           data_root=digit_tree)
+        load_labelled_data(
+            SPEC16, tuple("abcdefghij"), dataset="imagefolder", split="val", data_root=digit_tree
+        )
     with pytest.raises(ValueError, match="one of digits, fashion-mnist, cifar100, imagefolder"):
         load_labelled_data(SPEC16, CLASSES, dataset="imagenet", split="val")
 
@@ -58,8 +62,9 @@ def test_imagefolder_dataset_errors(digit_tree: Path) -> None:
 def test_calibrate_refuses_the_imagefolder_training_split(digit_tree: Path, tmp_path: Path) -> None:
     # the graph records what training records for imagefolder: the train files' list fingerprint
     train_fp = imagefolder_split(digit_tree, "train").fingerprint
-    version = write_model_dir(tmp_path / "models", spec=SPEC16, class_names=CLASSES,
-                              train_fingerprint=train_fp)
+    version = write_model_dir(
+        tmp_path / "models", spec=SPEC16, class_names=CLASSES, train_fingerprint=train_fp
+    )
     with pytest.raises(ValueError, match="imagefolder/train is the graph's training data"):
         run_calibration(version, dataset="imagefolder", split="train", data_root=digit_tree, coverages=[0.9])
     run = run_calibration(version, dataset="imagefolder", split="val", data_root=digit_tree, coverages=[0.9])
@@ -163,8 +168,15 @@ def test_calibrate_and_evaluate_stream_image_folders(big_tree: Path, tmp_path: P
 
     tracemalloc.start()
     try:
-        streamed = run_calibration(version, dataset="imagefolder", split="test", data_root=big_tree,
-                                   coverages=[0.8, 0.9], risks=[0.05], batch_size=32)
+        streamed = run_calibration(
+            version,
+            dataset="imagefolder",
+            split="test",
+            data_root=big_tree,
+            coverages=[0.8, 0.9],
+            risks=[0.05],
+            batch_size=32,
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -142,8 +142,10 @@ def test_shipped_calibration_holds_on_the_test_split(tmp_path: Path) -> None:
     version = resolve_version_dir(SHIPPED)
     cal = load_calibration(version / "calibration.json")
     if not all("coverage_interval" in p.extra for p in cal.operating_points if p.method == "coverage"):
-        pytest.skip(f"{version}/calibration.json was not made by `abstain calibrate` (no coverage "
-                    "intervals); regenerate it with the command in docs/calibration.md")
+        pytest.skip(
+            f"{version}/calibration.json was not made by `abstain calibrate` (no coverage "
+            "intervals); regenerate it with the command in docs/calibration.md"
+        )
     _coverage_within_prediction_interval(version, tmp_path)
     assert np.isfinite(cal.operating_point().threshold)
 
@@ -156,18 +158,34 @@ def test_a_hand_written_point_without_counts_falls_back_to_its_interval() -> Non
     from abstain.runtime import GraphOutputs
 
     # 4 test samples, g = .9 .8 .7 .6: threshold 0.75 answers 2 of 4 (coverage 0.5)
-    preds = Predictions(GraphOutputs(np.zeros((4, 10), np.float32),
-                                     np.array([0.9, 0.8, 0.7, 0.6], np.float32)), np.zeros(4, np.int64))
-    point = OperatingPoint(name="c", method="coverage", score="selection", threshold=0.75,
-                           target_coverage=0.5, coverage=0.5, extra={"coverage_interval": [0.4, 0.45]})
+    preds = Predictions(
+        GraphOutputs(np.zeros((4, 10), np.float32), np.array([0.9, 0.8, 0.7, 0.6], np.float32)),
+        np.zeros(4, np.int64),
+    )
+    point = OperatingPoint(
+        name="c",
+        method="coverage",
+        score="selection",
+        threshold=0.75,
+        target_coverage=0.5,
+        coverage=0.5,
+        extra={"coverage_interval": [0.4, 0.45]},
+    )
     row = evaluate_point(point, preds, n_calibration=None)
     assert row["check"].startswith("coverage in calibration interval")
     assert "coverage_prediction_interval" not in row
     assert row["realized_coverage"] == 0.5 and row["check_passed"] is False  # 0.5 > 0.45
     # with the counts it is the prediction interval: m = 2 of 4, 4 new samples, 95 %
-    counted = OperatingPoint(name="c", method="coverage", score="selection", threshold=0.75,
-                             target_coverage=0.5, coverage=0.5, delta=0.05,
-                             extra={"coverage_interval": [0.4, 0.45], "n_selected": 2})
+    counted = OperatingPoint(
+        name="c",
+        method="coverage",
+        score="selection",
+        threshold=0.75,
+        target_coverage=0.5,
+        coverage=0.5,
+        delta=0.05,
+        extra={"coverage_interval": [0.4, 0.45], "n_selected": 2},
+    )
     row = evaluate_point(counted, preds, n_calibration=4)
     assert row["coverage_prediction_interval"] == list(coverage_prediction_interval(2, 4, 4, 0.95))
     assert row["check_passed"] is True

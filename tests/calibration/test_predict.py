@@ -32,8 +32,13 @@ def read_records(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        types = {"class_index": int, "confidence": float, "score_value": float, "threshold": float,
-                 "correct": lambda v: v == "True"}
+        types = {
+            "class_index": int,
+            "confidence": float,
+            "score_value": float,
+            "threshold": float,
+            "correct": lambda v: v == "True",
+        }
         return [{k: (None if v == "" else types.get(k, str)(v)) for k, v in row.items()} for row in rows]
     import pyarrow.parquet as pq
 
@@ -56,8 +61,9 @@ def test_digits_test_split_equals_the_service_at_every_point(tmp_path: Path, suf
     names = load_calibration(version_dir / CALIBRATION_FILENAME).names
     for name in names:
         out = tmp_path / f"{name}{suffix}"
-        summary = run_predict(MODEL_DIR, out, dataset="digits", split="test", operating_point=name,
-                              batch_size=97)  # a batch size that does not divide 360
+        summary = run_predict(
+            MODEL_DIR, out, dataset="digits", split="test", operating_point=name, batch_size=97
+        )  # a batch size that does not divide 360
         records = read_records(out)
         expected = service_answers(test.x, name)
         assert [r["input"] for r in records] == [str(i) for i in range(len(test.y))]
@@ -68,8 +74,9 @@ def test_digits_test_split_equals_the_service_at_every_point(tmp_path: Path, suf
             assert r["class_index"] == k
             assert r["score_value"] == pytest.approx(e["score_value"], abs=0)
             assert r["threshold"] == e["threshold"] and r["operating_point"] == name
-            assert (r["label"], r["candidate"]) == ((e["label"], None) if e["decision"] == "predict"
-                                                    else (None, e["candidate"]["label"]))
+            assert (r["label"], r["candidate"]) == (
+                (e["label"], None) if e["decision"] == "predict" else (None, e["candidate"]["label"])
+            )
             assert r["true_label"] == test.class_names[int(test.y[int(r["input"])])]
         # the summary, worked out from the service's answers
         answered = np.array([e["decision"] == "predict" for e in expected])
@@ -137,11 +144,14 @@ def test_npz_without_labels(tmp_path: Path) -> None:
     assert [r["decision"] for r in records] == [e["decision"] for e in service_answers(test.x[:20], None)]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"out_name": "d.txt"}, "should end with one of .jsonl, .csv, .parquet"),
-    ({"operating_point": "coverage-0.5"}, "coverage-0.5"),
-    ({"batch_size": 0}, "at least 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"out_name": "d.txt"}, "should end with one of .jsonl, .csv, .parquet"),
+        ({"operating_point": "coverage-0.5"}, "coverage-0.5"),
+        ({"batch_size": 0}, "at least 1"),
+    ],
+)
 def test_bad_arguments_say_what_is_valid(tmp_path: Path, kwargs: dict, message: str) -> None:
     out = tmp_path / kwargs.pop("out_name", "d.jsonl")
     with pytest.raises(ValueError, match=message):
@@ -151,9 +161,26 @@ def test_bad_arguments_say_what_is_valid(tmp_path: Path, kwargs: dict, message: 
 
 def test_cli_prints_the_summary(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "abstain", "predict", str(MODEL_DIR), "--dataset", "digits",
-                           "--split", "test", "--out", str(tmp_path / "d.parquet")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "predict",
+            str(MODEL_DIR),
+            "--dataset",
+            "digits",
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "d.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("360 inputs at operating point ")
     assert "selective risk" in done.stdout and f"wrote {tmp_path / 'd.parquet'}" in done.stdout

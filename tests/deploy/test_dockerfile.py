@@ -40,8 +40,11 @@ DOCKERFILE = IMAGES["cpu"][0]
 
 def _instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     pairs = []
     for line in text.splitlines():
         if line.strip():
@@ -102,7 +105,8 @@ def test_copies_every_package_the_build_needs(pyproject: dict) -> None:
     assert packages == {"abstain", "training", "export", "calibration", "serving"}
     assert packages <= copied
     assert {"pyproject.toml", pyproject["project"]["readme"], "models"} <= copied | set(
-        " ".join(_all("COPY")).split())
+        " ".join(_all("COPY")).split()
+    )
 
 
 def test_dockerignore_lets_every_copied_path_through() -> None:

@@ -72,9 +72,13 @@ def test_every_manifest_file_is_part_of_a_kustomization() -> None:
 
 def test_base_holds_the_expected_objects(base: list[dict]) -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in base)
-    assert kinds == [("ConfigMap", "abstain-config"), ("Deployment", "abstain"),
-                     ("HorizontalPodAutoscaler", "abstain"), ("Service", "abstain"),
-                     ("Service", "abstain-pods")]
+    assert kinds == [
+        ("ConfigMap", "abstain-config"),
+        ("Deployment", "abstain"),
+        ("HorizontalPodAutoscaler", "abstain"),
+        ("Service", "abstain"),
+        ("Service", "abstain-pods"),
+    ]
 
 
 def test_deployment_selector_matches_its_pod_labels(base: list[dict]) -> None:

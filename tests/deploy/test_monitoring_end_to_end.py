@@ -55,8 +55,9 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-def _wait_for(check: Callable[[], Any], timeout: float, what: str,
-              process: subprocess.Popen, log: Path) -> Any:
+def _wait_for(
+    check: Callable[[], Any], timeout: float, what: str, process: subprocess.Popen, log: Path
+) -> Any:
     """Poll ``check`` until it returns a truthy value; fail with the server log otherwise."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -92,17 +93,26 @@ def _deployment_container() -> dict:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("abstain-service")
     port = _free_port()
-    env = {**os.environ, **_configmap_env(),
-           "ABSTAIN_MODEL_REPOSITORY": str(REPO / "models"),  # the image's /models
-           "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {
+        **os.environ,
+        **_configmap_env(),
+        "ABSTAIN_MODEL_REPOSITORY": str(REPO / "models"),  # the image's /models
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
     env.pop("ABSTAIN_MODEL_DIR", None)
     log = tmp / "bentoml.log"
     entrypoint = ["serve", "abstain.serving.service:Abstain", "--host", "127.0.0.1", "--port", str(port)]
     process = _start([sys.executable, "-m", "bentoml", *entrypoint], env, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
-                  START_TIMEOUT_S, "bentoml serve ready", process, log)
+        _wait_for(
+            lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            START_TIMEOUT_S,
+            "bentoml serve ready",
+            process,
+            log,
+        )
         yield url
     finally:
         _stop(process)
@@ -125,17 +135,34 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
     log = tmp / "prometheus.log"
-    process = _start([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-                      f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                     dict(os.environ), log)
+    process = _start(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        dict(os.environ),
+        log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=5).status_code == 200,
-                  30, "prometheus ready", process, log)
+        _wait_for(
+            lambda: httpx.get(f"{url}/-/ready", timeout=5).status_code == 200,
+            30,
+            "prometheus ready",
+            process,
+            log,
+        )
         # the first scrape must see the counters at zero (the service creates them at start)
         # before any traffic, so rate() over the window counts every decision sent below
-        _wait_for(lambda: _query(url, 'up{job="abstain"} == 1') and _query(url, "abstain_decisions_total"),
-                  SETTLE_TIMEOUT_S, "first scrape of the service", process, log)
+        _wait_for(
+            lambda: _query(url, 'up{job="abstain"} == 1') and _query(url, "abstain_decisions_total"),
+            SETTLE_TIMEOUT_S,
+            "first scrape of the service",
+            process,
+            log,
+        )
         yield url
     finally:
         _stop(process)
@@ -166,7 +193,7 @@ def test_prometheus_sees_the_traffic_sent(service: str, prometheus: str) -> None
     images = load_digits("test").x[:40]
     # digits plus uniform noise: noise is the kind of input the model should abstain on
     noise = np.random.default_rng(0).random((8, *images.shape[1:]), dtype=np.float32)
-    batches = [images[i:i + 10] for i in range(0, len(images), 10)] + [noise]
+    batches = [images[i : i + 10] for i in range(0, len(images), 10)] + [noise]
     decisions: list[str] = []
     with httpx.Client(base_url=service, timeout=30) as client:
         for batch in batches:
@@ -182,8 +209,10 @@ def test_prometheus_sees_the_traffic_sent(service: str, prometheus: str) -> None
     selector = f'operating_point="{operating_point}"'
 
     def counters_caught_up() -> bool:
-        seen = {r["metric"]["decision"]: float(r["value"][1]) for r in _query(
-            prometheus, f"sum by (decision) (abstain_decisions_total{{{selector}}})")}
+        seen = {
+            r["metric"]["decision"]: float(r["value"][1])
+            for r in _query(prometheus, f"sum by (decision) (abstain_decisions_total{{{selector}}})")
+        }
         return seen == {k: float(v) for k, v in sent.items()}
 
     def rules_caught_up() -> bool:
@@ -197,7 +226,8 @@ def test_prometheus_sees_the_traffic_sent(service: str, prometheus: str) -> None
             f"Prometheus did not reflect {sent} and one bad_shape rejection within {SETTLE_TIMEOUT_S} s: "
             f"{_query(prometheus, f'abstain_decisions_total{{{selector}}}')}, "
             f"{_query(prometheus, 'abstain:abstention_rate:ratio_rate5m')}, "
-            f"{_query(prometheus, 'abstain_rejected_inputs_total')}")
+            f"{_query(prometheus, 'abstain_rejected_inputs_total')}"
+        )
         time.sleep(0.5)
 
     # calibration's promise, as the alerts compare against it
@@ -210,4 +240,3 @@ def test_prometheus_sees_the_traffic_sent(service: str, prometheus: str) -> None
     expected = set(COUNTERS) | set(GAUGES) | {f"{h}_bucket" for h in HISTOGRAMS}
     result = _query(prometheus, 'count by (__name__) ({__name__=~"abstain_.+"})')
     assert expected <= {r["metric"]["__name__"] for r in result}
-

@@ -45,8 +45,13 @@ def test_promtool_rule_unit_tests_catch_a_broken_rule(promtool: str, tmp_path) -
     broken = (PROMETHEUS / "rules.yml").read_text().replace("for: 15m", "for: 14m")
     (tmp_path / "rules.yml").write_text(broken)
     (tmp_path / "rules_test.yml").write_text((PROMETHEUS / "rules_test.yml").read_text())
-    result = subprocess.run([promtool, "test", "rules", "rules_test.yml"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "test", "rules", "rules_test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "AbstainAbstentionRateHigh" in result.stdout + result.stderr
 
@@ -54,11 +59,19 @@ def test_promtool_rule_unit_tests_catch_a_broken_rule(promtool: str, tmp_path) -
 def test_every_alert_has_a_firing_case_in_the_unit_tests() -> None:
     alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
     tests = yaml.safe_load((PROMETHEUS / "rules_test.yml").read_text())["tests"]
-    fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])
-             if case.get("exp_alerts")}
-    assert alerts == {"AbstainAbstentionRateHigh", "AbstainAbstentionRateLow",
-                      "AbstainRejectedInputsSpike", "AbstainTargetDown",
-                      "AbstainLiveRiskAboveCalibrated"}
+    fired = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert alerts == {
+        "AbstainAbstentionRateHigh",
+        "AbstainAbstentionRateLow",
+        "AbstainRejectedInputsSpike",
+        "AbstainTargetDown",
+        "AbstainLiveRiskAboveCalibrated",
+    }
     assert fired == alerts
 
 

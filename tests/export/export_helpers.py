@@ -12,14 +12,28 @@ from abstain.training.checkpoint import CHECKPOINT_FORMAT
 from abstain.training.model import ModelConfig, SelectiveNet
 
 
-def checkpoint_dict(body: str = "small_cnn", image_size: int = 8, in_channels: int = 1,
-                    num_classes: int = 10, seed: int = 0, dataset: str = "digits", **config: object) -> dict:
+def checkpoint_dict(
+    body: str = "small_cnn",
+    image_size: int = 8,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    seed: int = 0,
+    dataset: str = "digits",
+    **config: object,
+) -> dict:
     """An abstain checkpoint of a random-weight SelectiveNet (batch-norm statistics perturbed,
     so that eval-mode normalisation is not the identity and a wrong export would show)."""
     torch.manual_seed(seed)
     mean, std = (0.5,) * in_channels, (0.25,) * in_channels
-    model_config = ModelConfig(body=body, num_classes=num_classes, in_channels=in_channels,
-                               image_size=image_size, mean=mean, std=std, **config)
+    model_config = ModelConfig(
+        body=body,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        **config,
+    )
     model = SelectiveNet(model_config)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -29,7 +43,8 @@ def checkpoint_dict(body: str = "small_cnn", image_size: int = 8, in_channels: i
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config.to_dict(),
         "state_dict": model.state_dict(),
-        "class_names": [f"class_{i}" for i in range(num_classes)] if dataset != "digits"
+        "class_names": [f"class_{i}" for i in range(num_classes)]
+        if dataset != "digits"
         else [str(i) for i in range(num_classes)],
         "input_spec": InputSpec(in_channels, image_size, image_size, mean, std).to_dict(),
         "train_config": {"loss": "sync", "beta": 1.0, "target_coverage": 0.8, "dataset": dataset},

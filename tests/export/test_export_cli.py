@@ -32,8 +32,9 @@ def exported_once(tmp_path_factory):
     checkpoint = root / "checkpoint.pt"
     save_checkpoint(checkpoint, checkpoint_dict())
     repository = root / "models"
-    result = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits",
-                                      "--repository", str(repository)])
+    result = CliRunner().invoke(
+        app, ["export", str(checkpoint), "--name", "digits", "--repository", str(repository)]
+    )
     assert result.exit_code == 0, result.output
     return checkpoint, repository, result.output
 
@@ -54,14 +55,20 @@ def test_export_writes_a_servable_entry_and_reports_parity(exported):
     assert "at batch sizes 1, 64" in output and "tolerance atol=0.0001" in output
     served = OnnxModel(path, prefer_cuda=False)
     assert served.metadata[META_CHECKPOINT_SHA256] == sha256_file(checkpoint)
-    assert sorted(snapshot(repository)) == ["digits", "digits/1", "digits/1/model.onnx",
-                                            "digits/config.pbtxt", "digits/labels.txt"]
+    assert sorted(snapshot(repository)) == [
+        "digits",
+        "digits/1",
+        "digits/1/model.onnx",
+        "digits/config.pbtxt",
+        "digits/labels.txt",
+    ]
 
 
 def test_second_export_is_the_next_version_and_json_report(exported):
     checkpoint, repository, _ = exported
-    result = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits",
-                                      "--repository", str(repository), "--json"])
+    result = CliRunner().invoke(
+        app, ["export", str(checkpoint), "--name", "digits", "--repository", str(repository), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["version"] == 2 and report["replaced"] is False
@@ -82,8 +89,9 @@ def test_corrupted_checkpoint_is_refused_and_repository_unchanged(exported, tmp_
     broken.write_bytes(checkpoint.read_bytes()[:5000])  # a truncated copy
     error = _invoke_failing([str(broken), "--name", "digits", "--repository", str(repository)])
     assert isinstance(error, ValueError) and "is not a readable abstain checkpoint" in str(error)
-    error = _invoke_failing([str(tmp_path / "missing.pt"), "--name", "digits",
-                             "--repository", str(repository)])
+    error = _invoke_failing(
+        [str(tmp_path / "missing.pt"), "--name", "digits", "--repository", str(repository)]
+    )
     assert isinstance(error, FileNotFoundError) and "does not exist" in str(error)
     assert snapshot(repository) == before
 
@@ -94,9 +102,21 @@ def test_foreign_checkpoint_exits_2_with_one_line_error(exported, tmp_path):
     foreign = tmp_path / "state_dict.pt"
     torch.save(model_from_checkpoint(checkpoint_dict()).state_dict(), foreign)  # a plain state_dict
     proc = subprocess.run(
-        [sys.executable, "-m", "abstain", "export", str(foreign), "--name", "digits",
-         "--repository", str(repository)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "export",
+            str(foreign),
+            "--name",
+            "digits",
+            "--repository",
+            str(repository),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "is not an abstain checkpoint" in proc.stderr
@@ -125,12 +145,26 @@ def test_unwritable_repository_is_refused(exported, tmp_path):
 def test_existing_version_without_force_is_refused_and_force_replaces(exported):
     checkpoint, repository, _ = exported
     before = snapshot(repository)
-    error = _invoke_failing([str(checkpoint), "--name", "digits", "--repository", str(repository),
-                             "--version", "1"])
+    error = _invoke_failing(
+        [str(checkpoint), "--name", "digits", "--repository", str(repository), "--version", "1"]
+    )
     assert isinstance(error, FileExistsError) and "--force" in str(error)
     assert snapshot(repository) == before
-    result = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits", "--repository",
-                                      str(repository), "--version", "1", "--force", "--optimize"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(checkpoint),
+            "--name",
+            "digits",
+            "--repository",
+            str(repository),
+            "--version",
+            "1",
+            "--force",
+            "--optimize",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "version 1, replaced" in result.output
     after = snapshot(repository)
@@ -160,33 +194,44 @@ def test_metrics_of_an_interrupted_run_are_not_exported_as_test_metrics(tmp_path
     checkpoint = tmp_path / "checkpoint.pt"
     save_checkpoint(checkpoint, dict(checkpoint_dict(), metrics=val_record, epoch=2))
     repository = tmp_path / "models"
-    result = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits",
-                                      "--repository", str(repository)])
+    result = CliRunner().invoke(
+        app, ["export", str(checkpoint), "--name", "digits", "--repository", str(repository)]
+    )
     assert result.exit_code == 0, result.output
-    assert ("note: the checkpoint holds no test metrics, only the val metrics of epoch 2 (the run "
-            "stopped before its test evaluation): stored as abstain.val_metrics, not abstain.test_metrics"
-            ) in " ".join(result.output.split())
+    assert (
+        "note: the checkpoint holds no test metrics, only the val metrics of epoch 2 (the run "
+        "stopped before its test evaluation): stored as abstain.val_metrics, not abstain.test_metrics"
+    ) in " ".join(result.output.split())
     metadata = OnnxModel(repository / "digits" / "1" / MODEL_FILENAME, prefer_cuda=False).metadata
     assert META_TEST_METRICS not in metadata
     assert json.loads(metadata["abstain.val_metrics"]) == val_record
 
-    as_json = CliRunner().invoke(app, ["export", str(checkpoint), "--name", "digits", "--json",
-                                       "--repository", str(repository)])
+    as_json = CliRunner().invoke(
+        app, ["export", str(checkpoint), "--name", "digits", "--json", "--repository", str(repository)]
+    )
     report = json.loads(as_json.output)
     assert report["metrics_key"] == "abstain.val_metrics" and len(report["notes"]) == 1
 
 
-@pytest.mark.parametrize(("metrics", "key", "note"), [
-    ({"split": "test", "accuracy": 0.97}, META_TEST_METRICS, None),
-    ({"split": "val", "epoch": 5}, "abstain.val_metrics", "only the val metrics of epoch 5"),
-    ({"accuracy": 0.97}, None, "name no split"),
-    ({"split": "../../x"}, None, "name no split"),
-    (None, None, None),
-])
+@pytest.mark.parametrize(
+    ("metrics", "key", "note"),
+    [
+        ({"split": "test", "accuracy": 0.97}, META_TEST_METRICS, None),
+        ({"split": "val", "epoch": 5}, "abstain.val_metrics", "only the val metrics of epoch 5"),
+        ({"accuracy": 0.97}, None, "name no split"),
+        ({"split": "../../x"}, None, "name no split"),
+        (None, None, None),
+    ],
+)
 def test_metrics_go_under_the_key_of_their_split(metrics, key, note):
     got_key, got_note = pipeline.metrics_metadata(dict(checkpoint_dict(), metrics=metrics))
     assert got_key == key
     assert (got_note is None) if note is None else (note in got_note)
-    meta = pipeline.graph_metadata(dict(checkpoint_dict(), metrics=metrics), "ab" * 32,
-                                   *pipeline._consistent_spec(checkpoint_dict(), Path("c")), False, False)
+    meta = pipeline.graph_metadata(
+        dict(checkpoint_dict(), metrics=metrics),
+        "ab" * 32,
+        *pipeline._consistent_spec(checkpoint_dict(), Path("c")),
+        False,
+        False,
+    )
     assert {k for k in meta if k.endswith("_metrics")} == ({key} if key else set())

@@ -39,8 +39,9 @@ from tests.export.export_helpers import checkpoint_dict
         ("resnet18", 64, 3, "synthetic"),  # small input keeps the test fast on 2 cores
     ],
 )
-def test_every_body_exports_within_tolerance_and_loads_in_serving(tmp_path, body, image_size, in_channels,
-                                                                   dataset):
+def test_every_body_exports_within_tolerance_and_loads_in_serving(
+    tmp_path, body, image_size, in_channels, dataset
+):
     checkpoint = checkpoint_dict(body=body, image_size=image_size, in_channels=in_channels, dataset=dataset)
     model_bytes, report = build_verified_graph(checkpoint, "ab" * 32)
 
@@ -51,8 +52,9 @@ def test_every_body_exports_within_tolerance_and_loads_in_serving(tmp_path, body
     path = tmp_path / "model.onnx"
     path.write_bytes(model_bytes)
     served = OnnxModel(path, intra_op_threads=1, prefer_cuda=False)
-    assert served.input_spec == InputSpec(in_channels, image_size, image_size, (0.5,) * in_channels,
-                                          (0.25,) * in_channels)
+    assert served.input_spec == InputSpec(
+        in_channels, image_size, image_size, (0.5,) * in_channels, (0.25,) * in_channels
+    )
     assert served.class_names == checkpoint["class_names"]
     # dynamic batch: a size never seen at export time, compared with PyTorch again
     x = np.random.default_rng(1).random((5, in_channels, image_size, image_size), dtype=np.float32)
@@ -79,9 +81,11 @@ def test_graph_has_contract_names_dynamic_batch_no_aux_head_and_metadata():
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
     assert [(v.name, dims(v)) for v in proto.graph.input] == [(INPUT_NAME, ["batch", 1, 8, 8])]
-    assert [(v.name, dims(v)) for v in proto.graph.output] == [(LOGITS_NAME, ["batch", 10]),
-                                                               (SELECTION_NAME, ["batch"]),
-                                                               (SELECTION_LOGIT_NAME, ["batch"])]
+    assert [(v.name, dims(v)) for v in proto.graph.output] == [
+        (LOGITS_NAME, ["batch", 10]),
+        (SELECTION_NAME, ["batch"]),
+        (SELECTION_LOGIT_NAME, ["batch"]),
+    ]
     assert not [i.name for i in proto.graph.initializer if "auxiliary" in i.name]  # head h is pruned
     assert proto.ir_version == 8 and proto.opset_import[0].version == 18
     assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
@@ -89,8 +93,12 @@ def test_graph_has_contract_names_dynamic_batch_no_aux_head_and_metadata():
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta[META_CLASS_NAMES]) == [str(i) for i in range(10)]
     assert json.loads(meta[META_INPUT_SPEC])["mean"] == [0.5]
-    assert json.loads(meta[META_TRAINING]) == {"beta": 1.0, "dataset": "digits", "loss": "sync",
-                                               "target_coverage": 0.8}
+    assert json.loads(meta[META_TRAINING]) == {
+        "beta": 1.0,
+        "dataset": "digits",
+        "loss": "sync",
+        "target_coverage": 0.8,
+    }
     assert meta[META_CHECKPOINT_SHA256] == "ab" * 32
     assert meta[META_TRAIN_DATA_FINGERPRINT] == "f" * 64
     assert json.loads(meta[META_TEST_METRICS]) == {"accuracy": 0.97, "split": "test"}
@@ -105,8 +113,9 @@ def test_parity_check_fails_with_the_numbers_on_a_wrong_graph():
     other = model_from_checkpoint(checkpoint_dict(seed=1))  # same architecture, other weights
     wrong = export_graph(other, spec).SerializeToString()
     x, source = verification_inputs(spec, "digits")
-    with pytest.raises(ParityError,
-                       match=r"logits at batch size 64: max abs diff \d.*selection at batch size 1"):
+    with pytest.raises(
+        ParityError, match=r"logits at batch size 64: max abs diff \d.*selection at batch size 1"
+    ):
         verify_parity(model, wrong, x, source)
 
 

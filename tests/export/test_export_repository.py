@@ -20,19 +20,26 @@ CONFIG = render_triton_config("digits", SPEC, 10, max_batch_size=64)
 
 def write(tmp_path, data=b"graph-1", **kwargs):
     repository = tmp_path / "models"
-    plan = plan_entry(repository, kwargs.pop("name", "digits"), kwargs.pop("labels", LABELS),
-                      kwargs.pop("config", CONFIG), **kwargs)
+    plan = plan_entry(
+        repository,
+        kwargs.pop("name", "digits"),
+        kwargs.pop("labels", LABELS),
+        kwargs.pop("config", CONFIG),
+        **kwargs,
+    )
     return plan, commit_entry(plan, data, CONFIG, LABELS)
 
 
 def test_config_parses_with_tritons_model_config_schema():
     config = model_config_pb2.ModelConfig()
-    text_format.Parse(render_triton_config("digits", InputSpec(3, 32, 32, (0.0,) * 3, (1.0,) * 3), 100, 128),
-                      config)
+    text_format.Parse(
+        render_triton_config("digits", InputSpec(3, 32, 32, (0.0,) * 3, (1.0,) * 3), 100, 128), config
+    )
     assert config.name == "digits" and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 128 and config.HasField("dynamic_batching")
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("pixels", model_config_pb2.TYPE_FP32, [3, 32, 32])]
+        ("pixels", model_config_pb2.TYPE_FP32, [3, 32, 32])
+    ]
     logits, selection, selection_logit = config.output
     assert (logits.name, list(logits.dims), logits.label_filename) == ("logits", [100], LABELS_FILENAME)
     for scalar, name in ((selection, "selection"), (selection_logit, "selection_logit")):
@@ -65,8 +72,13 @@ def test_existing_version_needs_force_and_force_replaces(tmp_path):
     assert snapshot(tmp_path / "models") == before
     plan, path = write(tmp_path, b"new", version=3, force=True)
     assert plan.replace_version and path.read_bytes() == b"new"
-    assert sorted(snapshot(tmp_path / "models")) == ["digits", "digits/3", "digits/3/model.onnx",
-                                                     "digits/config.pbtxt", "digits/labels.txt"]
+    assert sorted(snapshot(tmp_path / "models")) == [
+        "digits",
+        "digits/3",
+        "digits/3/model.onnx",
+        "digits/config.pbtxt",
+        "digits/labels.txt",
+    ]
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 65])
@@ -103,8 +115,9 @@ def test_repository_under_a_regular_file_is_refused(tmp_path):
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0,
-                    reason="root writes through chmod 0o555; the regular-file test covers it")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes through chmod 0o555; the regular-file test covers it"
+)
 def test_read_only_repository_is_refused(tmp_path):
     repository = tmp_path / "models"
     repository.mkdir()

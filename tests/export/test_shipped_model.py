@@ -31,9 +31,11 @@ ENTRY = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
 @pytest.fixture(scope="module")
 def shipped() -> OnnxModel:
     if not ENTRY.is_dir():
-        pytest.skip(f"{ENTRY} does not exist yet: it is produced by `abstain train --dataset digits "
-                    "--loss sync --out runs/digits-sync && abstain export runs/digits-sync/checkpoint.pt "
-                    "--name digits`")
+        pytest.skip(
+            f"{ENTRY} does not exist yet: it is produced by `abstain train --dataset digits "
+            "--loss sync --out runs/digits-sync && abstain export runs/digits-sync/checkpoint.pt "
+            "--name digits`"
+        )
     return OnnxModel(latest_version_dir(ENTRY) / MODEL_FILENAME, intra_op_threads=1, prefer_cuda=False)
 
 

@@ -72,8 +72,6 @@ def test_no_input_gives_a_server_error(server: Server, body: object, raw: bytes,
     assert isinstance(reply.json(), dict | list)
 
 
-
-
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [
@@ -89,7 +87,8 @@ def test_no_input_gives_a_server_error(server: Server, body: object, raw: bytes,
         (
             "multipart/form-data; boundary=b",
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
-            + b"\0" * (12 * 1024 * 1024) + b"\r\n--b--\r\n",
+            + b"\0" * (12 * 1024 * 1024)
+            + b"\r\n--b--\r\n",
         ),  # larger than the form limit: refused before it is all held in memory
     ],
     ids=["part-without-headers", "no-boundary", "url-not-file", "file-as-text-field", "oversized"],

@@ -94,7 +94,9 @@ def rejected(service: Any, reason: str) -> float:
 def test_a_json_request_is_decided_as_decide_arrays_decides(service: Any) -> None:
     test = load_digits("test")
     x = test.x[:5]
-    reply = post(service, "/predict", json={"pixels": x.tolist(), "request_id": [f"id-{i}" for i in range(5)]})
+    reply = post(
+        service, "/predict", json={"pixels": x.tolist(), "request_id": [f"id-{i}" for i in range(5)]}
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     point = service.artifacts.calibration.operating_point(None)
@@ -130,7 +132,9 @@ def test_a_rejected_input_is_a_4xx_counted_once_by_its_reason(
 def test_a_body_past_the_limit_is_a_413_counted_once(service: Any) -> None:
     before = rejected(service, "batch_too_large")
     limit = service.max_body_bytes(npy=True)
-    reply = post(service, "/predict", content=b"\0" * (limit + 1), headers={"content-type": "application/x-npy"})
+    reply = post(
+        service, "/predict", content=b"\0" * (limit + 1), headers={"content-type": "application/x-npy"}
+    )
     assert reply.status_code == 413
     assert rejected(service, "batch_too_large") == before + 1
 

@@ -24,7 +24,9 @@ def test_training_cli_module_does_not_import_torch() -> None:
 def test_invalid_choice_is_a_one_line_error_with_exit_code_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "abstain", "train", "--dataset", "mnist", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=ENV,
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert result.returncode == 2
     expected = "dataset should be one of digits, fashion-mnist, cifar100, imagefolder, but got 'mnist'"
@@ -36,10 +38,32 @@ def test_invalid_choice_is_a_one_line_error_with_exit_code_2(tmp_path: Path) -> 
 def test_torchrun_ddp_two_gloo_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "abstain", "train", "--dataset", "digits", "--loss", "sync", "--width", "8",
-         "--epochs", "3", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "abstain",
+            "train",
+            "--dataset",
+            "digits",
+            "--loss",
+            "sync",
+            "--width",
+            "8",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device cpu x2" in result.stderr

@@ -89,8 +89,9 @@ def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "bear", "cloud"]}))
     monkeypatch.setattr(CIFAR100, "train_list", [["train", _md5(folder / "train")]])
     monkeypatch.setattr(CIFAR100, "test_list", [["test", _md5(folder / "test")]])
-    monkeypatch.setattr(CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names",
-                                           "md5": _md5(folder / "meta")})
+    monkeypatch.setattr(
+        CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": _md5(folder / "meta")}
+    )
     return tmp_path
 
 
@@ -170,8 +171,9 @@ def test_imagefolder_split_and_fingerprint_are_calibrations(tmp_path: Path) -> N
     val_files = tuple(samples[i][0] for i in data.val.indices)  # type: ignore[attr-defined]
     assert val_files == imagefolder_split(tmp_path, "val").paths  # the files calibration reads as val
     spec = InputSpec(3, 16, 16, (0.0,) * 3, (1.0,) * 3)
-    calibration_train = load_labelled_data(spec, data.class_names, dataset="imagefolder", split="train",
-                                           data_root=tmp_path)
+    calibration_train = load_labelled_data(
+        spec, data.class_names, dataset="imagefolder", split="train", data_root=tmp_path
+    )
     assert data.fingerprint == calibration_train.fingerprint  # so calibration can refuse it
 
 

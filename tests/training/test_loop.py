@@ -46,8 +46,15 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(tmp_path: Path) -> None
     assert [x["epoch"] for x in lines] == [1, 2, 2]
     assert lines[-1] == json.loads(json.dumps(test))
     assert set(test["risk_at_coverage"]) == set(TABLE_COVERAGES)
-    assert {"train_loss", "train_sync_bce", "train_coverage", "accuracy", "coverage", "selective_risk",
-            "aurc"} <= set(lines[0])
+    assert {
+        "train_loss",
+        "train_sync_bce",
+        "train_coverage",
+        "accuracy",
+        "coverage",
+        "selective_risk",
+        "aurc",
+    } <= set(lines[0])
 
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True inside
     assert ckpt["epoch"] == 2 and ckpt["metrics"]["split"] == "test"
@@ -74,6 +81,7 @@ def test_resume_two_plus_one_equals_three(tmp_path: Path) -> None:
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
     def timeless(out: Path) -> list[dict]:
         return [{k: v for k, v in x.items() if k != "epoch_seconds"} for x in read_metrics(out)]
 
@@ -99,8 +107,9 @@ class RandomlyAugmented(Dataset):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact_with_random_augmentation_in_loader_workers(tmp_path: Path, monkeypatch,
-                                                                    workers: int) -> None:
+def test_resume_is_exact_with_random_augmentation_in_loader_workers(
+    tmp_path: Path, monkeypatch, workers: int
+) -> None:
     # Persistent workers seeded once per loader used to restart their augmentation stream
     # from epoch 1's state after a resume; now every epoch's streams depend on (seed, epoch, rank).
     digits = load_data("digits")
