@@ -362,9 +362,9 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
     spec = data.input_spec
     # the ignores below: TrainConfig types body and width Optional; config.resolved() fills them
     model_config = ModelConfig(
-        body=config.body,
+        body=config.body,  # type: ignore[arg-type]
         num_classes=len(data.class_names),
-        in_channels=spec.channels,  # type: ignore[arg-type]
+        in_channels=spec.channels,
         image_size=spec.height,
         mean=spec.mean,
         std=spec.std,
@@ -445,8 +445,8 @@ def run_training(
     model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(
         parameter_groups(model, config.weight_decay, config.decay_norm_bias),
-        lr=config.lr,
-        momentum=config.momentum,  # type: ignore[arg-type]
+        lr=config.lr,  # type: ignore[arg-type]
+        momentum=config.momentum,
         nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
@@ -476,26 +476,26 @@ def run_training(
     workers = int(config.num_workers or 0)
     train_loader = make_loader(
         data.train,
-        config.batch_size,
+        config.batch_size,  # type: ignore[arg-type]
         train=True,
-        seed=config.seed,  # type: ignore[arg-type]
+        seed=config.seed,
         runtime=runtime,
         num_workers=workers,
     )
     eval_runtime = replace(runtime, rank=0, world_size=1)  # rank 0 evaluates every sample
     val_loader = make_loader(
         data.val,
-        2 * config.batch_size,
+        2 * config.batch_size,  # type: ignore[operator]
         train=False,
-        seed=config.seed,  # type: ignore[operator]
+        seed=config.seed,
         runtime=eval_runtime,
         num_workers=workers,
     )
     test_loader = make_loader(
         data.test,
-        2 * config.batch_size,
+        2 * config.batch_size,  # type: ignore[operator]
         train=False,
-        seed=config.seed,  # type: ignore[operator]
+        seed=config.seed,
         runtime=eval_runtime,
         num_workers=workers,
     )
@@ -507,10 +507,10 @@ def run_training(
             "training %s on %s (%d train / %d val / %d test), loss %s, device %s%s, %d epochs",
             config.body,
             config.dataset,
-            len(data.train),
-            len(data.val),
-            len(data.test),
-            config.loss,  # type: ignore[arg-type]
+            len(data.train),  # type: ignore[arg-type]
+            len(data.val),  # type: ignore[arg-type]
+            len(data.test),  # type: ignore[arg-type]
+            config.loss,
             runtime.device,
             f" x{runtime.world_size}" if runtime.distributed else "",
             config.epochs,
