@@ -48,9 +48,29 @@ def test_sklearn_classifier_imports_calibrates_evaluates_and_serves(lr_onnx: Pat
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(DIGITS) + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "abstain", "import", str(lr_onnx), "--name", "digits-lr", "--labels",
-         str(labels), "--input-spec", "1,8,8", "--logits", "probabilities", "--probabilities",
-         "--repository", str(repo)], capture_output=True, text=True, cwd=REPO, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "import",
+            str(lr_onnx),
+            "--name",
+            "digits-lr",
+            "--labels",
+            str(labels),
+            "--input-spec",
+            "1,8,8",
+            "--logits",
+            "probabilities",
+            "--probabilities",
+            "--repository",
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote " in done.stdout and "max |Δ|" in done.stdout
     entry = repo / "digits-lr"
@@ -73,13 +93,23 @@ def test_sklearn_classifier_imports_calibrates_evaluates_and_serves(lr_onnx: Pat
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen(bentoml_command(port), env=service_env(model_dir=entry, workers=1),
-                                   cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        env = service_env(tmp_path / "bentoml", model_dir=entry, workers=1)
+        process = subprocess.Popen(
+            bentoml_command(port),
+            env=env,
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/readyz", process, log)
-        reply = httpx.post(f"{url}/predict", json={"pixels": test.x[:5].tolist(),
-                                                    "operating_point": "coverage-0.9"}, timeout=30)
+        reply = httpx.post(
+            f"{url}/predict",
+            json={"pixels": test.x[:5].tolist(), "operating_point": "coverage-0.9"},
+            timeout=30,
+        )
         assert reply.status_code == 200, reply.text
         point = cal.calibration.operating_point("coverage-0.9")
         for answer, score in zip(reply.json()["predictions"], out.selection[:5], strict=True):
@@ -96,7 +126,8 @@ def _parity(entry: Path, module: torch.nn.Module, mean: list[float], std: list[f
     x = np.random.default_rng(1).random((3, *model.input_spec.shape), dtype=np.float32)
     with torch.no_grad():
         norm = (torch.from_numpy(x) - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(
-            1, -1, 1, 1)
+            1, -1, 1, 1
+        )
         expected = module(norm).numpy()
     np.testing.assert_allclose(model.run(x).logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -110,38 +141,85 @@ def test_torchvision_classifier_with_local_weights(tmp_path: Path) -> None:
     labels.write_text("a\nb\nc\nd\ne\n")
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     done = subprocess.run(
-        [sys.executable, "-m", "abstain", "import", "--torchvision", "resnet18", "--weights", str(weights),
-         "--name", "rn", "--labels", str(labels), "--input-spec", "3,32,32", "--mean", "0.485,0.456,0.406",
-         "--std", "0.229,0.224,0.225", "--repository", str(tmp_path / "models")],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "import",
+            "--torchvision",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--name",
+            "rn",
+            "--labels",
+            str(labels),
+            "--input-spec",
+            "3,32,32",
+            "--mean",
+            "0.485,0.456,0.406",
+            "--std",
+            "0.229,0.224,0.225",
+            "--repository",
+            str(tmp_path / "models"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     _parity(tmp_path / "models" / "rn", net, mean, std)
     # it calibrates like any entry (random weights: the numbers mean nothing, the path works)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "held_out.npz", x=rng.random((60, 3, 32, 32), dtype=np.float32),
-             y=rng.integers(0, 5, 60))
+    np.savez(
+        tmp_path / "held_out.npz", x=rng.random((60, 3, 32, 32), dtype=np.float32), y=rng.integers(0, 5, 60)
+    )
     run_calibration(tmp_path / "models" / "rn", data=tmp_path / "held_out.npz", coverages=[0.9], risks=[])
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "torch.export"])
 def test_torchscript_and_torch_export_files(tmp_path: Path, kind: str) -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    ).eval()
     if kind == "torchscript":
         path = tmp_path / "net.pt"
         torch.jit.script(net).save(str(path))
     else:
         path = tmp_path / "net.pt2"
         batch = torch.export.Dim("batch", min=1)
-        torch.export.save(torch.export.export(net, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: batch},)),
-                          str(path))
+        torch.export.save(
+            torch.export.export(net, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: batch},)), str(path)
+        )
     labels = tmp_path / "labels.txt"
     labels.write_text("x\ny\nz\n")
     done = subprocess.run(
-        [sys.executable, "-m", "abstain", "import", str(path), "--name", "net", "--labels", str(labels),
-         "--input-spec", "1,8,8", "--mean", "0.5", "--std", "0.25", "--repository", str(tmp_path / "models")],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "abstain",
+            "import",
+            str(path),
+            "--name",
+            "net",
+            "--labels",
+            str(labels),
+            "--input-spec",
+            "1,8,8",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.25",
+            "--repository",
+            str(tmp_path / "models"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     _parity(tmp_path / "models" / "net", net, [0.5], [0.25])
     meta = json.loads(OnnxModel(tmp_path / "models" / "net" / "1" / "model.onnx").metadata[META_IMPORTED])
@@ -151,8 +229,15 @@ def test_torchscript_and_torch_export_files(tmp_path: Path, kind: str) -> None:
 def test_bad_imports_say_why_and_write_nothing(lr_onnx: Path, tmp_path: Path) -> None:
     repo = tmp_path / "models"
     with pytest.raises(ValueError, match="scores 10 classes but 3 labels"):
-        import_onnx(lr_onnx, "x", ["a", "b", "c"], repo, input_spec="1,8,8", logits_output="probabilities",
-                    probabilities=True)
+        import_onnx(
+            lr_onnx,
+            "x",
+            ["a", "b", "c"],
+            repo,
+            input_spec="1,8,8",
+            logits_output="probabilities",
+            probabilities=True,
+        )
     with pytest.raises(ValueError, match=r"not an output of the graph; its outputs are \['label', 'probabi"):
         import_onnx(lr_onnx, "x", DIGITS, repo, input_spec="1,8,8", logits_output="scores")
     with pytest.raises(ValueError, match="give --input-spec"):
@@ -166,8 +251,9 @@ def test_bad_imports_say_why_and_write_nothing(lr_onnx: Path, tmp_path: Path) ->
 
 
 def test_imported_graph_passes_the_checker_and_keeps_the_original_ops(lr_onnx: Path, tmp_path: Path) -> None:
-    result = import_onnx(lr_onnx, "lr", DIGITS, tmp_path, input_spec="1,8,8", logits_output="probabilities",
-                         probabilities=True)
+    result = import_onnx(
+        lr_onnx, "lr", DIGITS, tmp_path, input_spec="1,8,8", logits_output="probabilities", probabilities=True
+    )
     proto = onnx.load(result.model_path)
     onnx.checker.check_model(proto, full_check=True)
     assert "LinearClassifier" in {n.op_type for n in proto.graph.node}  # scikit-learn's own op, kept

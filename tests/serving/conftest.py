@@ -31,16 +31,19 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     (``target=`` another ``module:Service`` to serve, e.g. the test probe; ``wait="/livez"`` for a
     service that is up but not ready)."""
     started: list[subprocess.Popen] = []
+    homes: list[Path] = []
 
     def start(
         target: str = "abstain.serving.service:Abstain", wait: str = "/readyz", **abstain: str | int | float
     ) -> Server:
         port = free_port()
-        log = tmp_path_factory.mktemp("bentoml") / "server.log"
+        run = tmp_path_factory.mktemp("bentoml")
+        log, home = run / "server.log", run / "home"
+        homes.append(home)
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 bentoml_command(port, target),
-                env=service_env(**abstain),
+                env=service_env(home, **abstain),
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -52,8 +55,16 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         return Server(url, process, log)
 
     yield start
-    for process in started:
-        stop(process)
+    try:
+        for process in started:
+            try:
+                stop(process)
+            except (OSError, subprocess.SubprocessError) as exc:  # gone already, or will not die
+                print(f"could not stop server {process.pid}: {exc!r}")
+    finally:
+        # the servers' BENTOML_HOMEs (their metrics files); the logs stay with pytest's tmp_path
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

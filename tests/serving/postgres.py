@@ -36,32 +36,35 @@ def running_postgres() -> Iterator[str]:
     bindir = postgres_bin()
     assert bindir is not None, "PostgreSQL is not installed (apt-get install postgresql)"
     data = Path(tempfile.mkdtemp(prefix="abstain-test-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(data, "postgres")
-    port = free_port()
-    subprocess.run(
-        _as_server_user(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "abstain", "--auth=trust", "-E", "UTF8"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off -c full_page_writes=off"
-    log = data / "server.log"
-    subprocess.run(
-        _as_server_user(
-            [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
-        ),
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        yield f"postgresql://abstain@127.0.0.1:{port}/postgres"
-    finally:
+    started = False
+    try:  # the directory goes whatever fails: initdb, the start, the tests
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres")
+        port = free_port()
         subprocess.run(
-            _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+            _as_server_user(
+                [str(bindir / "initdb"), "-D", str(data), "-U", "abstain", "--auth=trust", "-E", "UTF8"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        options = f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off -c full_page_writes=off"
+        log = data / "server.log"
+        started = True  # pg_ctl may have started the server even if it fails or times out
+        subprocess.run(
+            _as_server_user(
+                [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
+            ),
+            check=True,
             capture_output=True,
             timeout=60,
         )
+        yield f"postgresql://abstain@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            subprocess.run(
+                _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(data, ignore_errors=True)

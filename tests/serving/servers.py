@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +98,19 @@ def bentoml_command(port: int, target: str = "abstain.serving.service:Abstain") 
     ]
 
 
-def service_env(**abstain: str | int | float) -> dict[str, str]:
+def service_env(bentoml_home: Path, **abstain: str | int | float) -> dict[str, str]:
+    """The environment of a service process: the caller's, without its ``ABSTAIN_*`` settings,
+    plus ``abstain`` as ``ABSTAIN_<NAME>`` and ``BENTOML_HOME=bentoml_home``.
+
+    ``bentoml_home``: a folder the caller owns and removes (under pytest's ``tmp_path``, never a
+    ``mkdtemp`` nobody deletes): each server needs its own, since ``bentoml serve`` empties
+    ``$BENTOML_HOME/prometheus_multiproc_dir`` at start, so servers sharing one would wipe each
+    other's metrics. Created here if missing.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTAIN_")}
     env["BENTOML_DO_NOT_TRACK"] = "true"
-    # each server its own BENTOML_HOME: bentoml serve empties $BENTOML_HOME/prometheus_multiproc_dir
-    # at start, so servers sharing one would wipe each other's metrics
-    env["BENTOML_HOME"] = tempfile.mkdtemp(prefix="abstain-test-bentoml-")
+    bentoml_home.mkdir(parents=True, exist_ok=True)
+    env["BENTOML_HOME"] = str(bentoml_home)
     env.update({f"ABSTAIN_{k.upper()}": str(v) for k, v in abstain.items()})
     return env
 

@@ -32,10 +32,8 @@ TAG = "abstain:test"
 
 
 def bento_env(home: Path) -> dict[str, str]:
-    env = service_env()  # no ABSTAIN_* settings leak in from the caller
-    env.update(
-        {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
-    )
+    env = service_env(home)  # no ABSTAIN_* settings leak in from the caller
+    env.update({"PIP_NO_INDEX": "1", "UV_OFFLINE": "1"})
     return env
 
 
@@ -46,9 +44,22 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     wheel = REPO / bentofile_wheel()
     wheel.unlink(missing_ok=True)
     made = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel.parent),
-         str(REPO)],
-        cwd=REPO, env=bento_env(home), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheel.parent),
+            str(REPO),
+        ],
+        cwd=REPO,
+        env=bento_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert made.returncode == 0, made.stdout + made.stderr
     assert wheel.is_file(), f"pip wheel did not write {wheel}: {made.stdout}"

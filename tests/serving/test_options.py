@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import typer
 
 from abstain.serving.cli import serve
+from abstain.serving.config import cpus as cpus_module
+from abstain.serving.config.cpus import usable_cpus
 from abstain.serving.config.options import OPTION, OPTIONS, Option, markdown_table
 from abstain.serving.config.settings import ServeSettings
 
@@ -26,8 +29,12 @@ def test_settings_fields_are_the_options() -> None:
 
 def test_every_variable_reaches_the_settings() -> None:
     environ = {o.env: str(o.minimum + 3) for o in OPTIONS if o.kind is not str and o.minimum is not None}
-    environ |= {"ABSTAIN_MODEL_DIR": "/m", "ABSTAIN_OPERATING_POINT": "op", "ABSTAIN_BACKEND": "triton",
-                "ABSTAIN_TRITON_URL": "grpc://h:1"}
+    environ |= {
+        "ABSTAIN_MODEL_DIR": "/m",
+        "ABSTAIN_OPERATING_POINT": "op",
+        "ABSTAIN_BACKEND": "triton",
+        "ABSTAIN_TRITON_URL": "grpc://h:1",
+    }
     settings = ServeSettings.from_env(environ)
     assert settings.model_dir == Path("/m") and settings.operating_point == "op"
     assert settings.backend == "triton" and settings.triton_url == "grpc://h:1"
@@ -56,12 +63,24 @@ def test_bad_variables_are_refused_with_what_is_valid(variable: str, raw: str, m
         ServeSettings.from_env({variable: raw, "ABSTAIN_MODEL_DIR": "/m"})
 
 
-def test_threads_follow_the_affinity_mask_shared_by_workers() -> None:
-    import os
-
-    cpus = len(os.sched_getaffinity(0))
+def test_threads_follow_the_usable_cpus_shared_by_workers() -> None:
+    # usable CPUs: the affinity mask capped by the cgroup CPU quota (a container run with --cpus,
+    # a Kubernetes limit), as abstain.serving.config.cpus computes it; not the affinity count alone
+    cpus = usable_cpus()
+    assert 1 <= cpus <= len(os.sched_getaffinity(0))
     assert ServeSettings(model_dir=Path("/m"), workers=1).intra_op_threads() == cpus
+    assert ServeSettings(model_dir=Path("/m"), workers=2).intra_op_threads() == max(1, cpus // 2)
     assert ServeSettings(model_dir=Path("/m"), workers=cpus * 2).intra_op_threads() == 1
+    assert ServeSettings(model_dir=Path("/m"), ort_threads=5).intra_op_threads() == 5
+
+
+def test_threads_follow_a_cgroup_quota_below_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a pod limited to 2.5 CPUs on a 64-core node: the quota wins (rounded up), shared by the workers
+    monkeypatch.setattr(cpus_module, "cgroup_cpu_quota", lambda *_: 2.5)
+    monkeypatch.setattr(cpus_module.os, "sched_getaffinity", lambda _: set(range(64)))
+    assert ServeSettings(model_dir=Path("/m"), workers=1).intra_op_threads() == 3
+    assert ServeSettings(model_dir=Path("/m"), workers=2).intra_op_threads() == 1
+    assert ServeSettings(model_dir=Path("/m"), workers=4).intra_op_threads() == 1
     assert ServeSettings(model_dir=Path("/m"), ort_threads=5).intra_op_threads() == 5
 
 

@@ -67,11 +67,11 @@ def test_abstain_serve_refuses_unknown_operating_point(model_copy: Path) -> None
 
 
 @pytest.mark.server
-def test_bentoml_serve_directly_exits_on_a_foreign_calibration(model_copy: Path) -> None:
+def test_bentoml_serve_directly_exits_on_a_foreign_calibration(model_copy: Path, tmp_path: Path) -> None:
     _break(model_copy, "foreign")
     result = subprocess.run(
         bentoml_command(free_port()),
-        env=service_env(model_dir=model_copy),
+        env=service_env(tmp_path / "bentoml", model_dir=model_copy),
         capture_output=True,
         text=True,
         timeout=90,
@@ -82,14 +82,19 @@ def test_bentoml_serve_directly_exits_on_a_foreign_calibration(model_copy: Path)
     assert "re-run `abstain calibrate`" in result.stderr
 
 
-def test_serving_never_imports_torch() -> None:
+def test_serving_never_imports_torch(tmp_path: Path) -> None:
     code = (
         "import sys, abstain.serving.service, abstain.serving.cli, abstain.serving.inference.backends, "
         "tests.serving.triton_repository; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=service_env()
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=service_env(tmp_path / "bentoml"),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
