@@ -84,7 +84,6 @@ install_request_timeout()
 # ERROR with a traceback; an operator reads that as an outage (see the module)
 client_errors.install()
 
-log = logging.getLogger(__name__)
 #: BentoML's server logging shows INFO lines of the ``bentoml`` logger tree only (ours would
 #: need WARNING to appear): the start-up line that names the execution provider goes there.
 startup_log = logging.getLogger("bentoml.abstain")
