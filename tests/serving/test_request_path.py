@@ -53,9 +53,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from prometheus_client import REGISTRY
     from prometheus_client.metrics import MetricWrapperBase
 
-    from abstain.serving.service import Abstain
+    from abstain.serving import service as service_module
+    from abstain.serving.config.settings import ServeSettings
 
-    instance = Abstain.inner()
+    # the module reads its settings once, at import: read them again from this environment, in
+    # case another test of this process imported it first
+    mp.setattr(service_module, "SETTINGS", ServeSettings.from_env())
+    instance = service_module.Abstain.inner()
+    assert instance.decision_log is None  # the store is off, as set above
     yield instance
     # out of the default registry again, so that other tests of this process can make theirs
     seen = {id(v): v for v in vars(instance.metrics).values() if isinstance(v, MetricWrapperBase)}
