@@ -124,8 +124,8 @@ def main() -> None:
         "| graph | body | connections | before rps | after rps | after / before | range over the runs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, body, c, before, after, _ in rows:
-        lo, hi = min(rps["after"]) / max(rps["before"]), max(rps["after"]) / min(rps["before"])
+    for name, body, c, before, after, runs in rows:
+        lo, hi = min(runs["after"]) / max(runs["before"]), max(runs["after"]) / min(runs["before"])
         lines.append(
             f"| {name} | {body} | {c} | {before:.0f} | {after:.0f} | {after / before:.3f} "
             f"| {lo:.2f}–{hi:.2f} |"
