@@ -288,14 +288,14 @@ class Abstain:
         point = self._operating_point(operating_point)
         out = await self._forward(x)
         ids = request_ids if request_ids is not None else new_request_ids(len(x))
-        predictions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, ids)
+        predictions, decisions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, ids)
         if self.decision_log is not None:
-            self.decision_log.record(ids, predictions[1], x)
+            self.decision_log.record(ids, decisions, x)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
             "operating_point": point.name,
-            "predictions": predictions[0],
+            "predictions": predictions,
         }
 
     def _answers(
