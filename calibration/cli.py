@@ -218,21 +218,23 @@ def evaluate(
 def predict(
     model_dir: ModelDir,
     input_path: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
             metavar="[INPUT]",
             help="An image folder (PNG/JPEG, searched recursively; an ImageFolder tree "
-            "of the graph's class names gives labels) or an .npz with x [N, C, H, W] "
-            "in [0, 1] and optionally y [N]. Or use --dataset instead.",
+            "of the graph's class names gives labels), a Parquet file with a pixels column, "
+            "or an .npz with x [N, C, H, W] in [0, 1] and optionally y [N]; with --engine ray "
+            "also a folder of Parquet files, and any URI pyarrow.fs opens. Or use --dataset instead.",
         ),
     ] = None,
     out: Annotated[
-        Path,
+        str,
         typer.Option(
             "--out",
-            help="Where to write one record per input: .jsonl, .csv or .parquet.",
+            help="Where to write one record per input: .jsonl, .csv or .parquet; with "
+            "--engine ray a new folder of Parquet partitions (a local path or a URI).",
         ),
-    ] = Path("predictions.jsonl"),
+    ] = "predictions.jsonl",
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split of --dataset: train, val or test.")] = "test",
     data_root: DataRootOpt = None,
@@ -250,6 +252,29 @@ def predict(
             help="Stop at the first unreadable image instead of recording it as an error.",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="local: this process (default); ray: Ray Data actors, on a local Ray or the "
+            "cluster at --address (needs the ray extra).",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="--engine ray: a running cluster (auto, ray://HOST:PORT or HOST:PORT); "
+            "default: start a local one for the run.",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="--engine ray: actors (graph copies).")
+    ] = 1,
+    cpus_per_actor: Annotated[
+        float,
+        typer.Option("--cpus-per-actor", help="--engine ray: CPUs (and ONNX Runtime threads) per actor."),
+    ] = 1.0,
 ) -> None:
     """Decide offline, as the service would: predict or abstain for every input, one record each.
 
@@ -259,6 +284,32 @@ def predict(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from abstain.calibration.predict import run_predict
+
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"should be local or ray, but got {engine!r}", param_hint="--engine")
+    if engine == "ray":
+        if fail_fast:
+            raise typer.BadParameter("records unreadable inputs as errors; drop it", param_hint="--fail-fast")
+        from abstain.calibration.ray_engine import run_predict_ray
+
+        _print_predict_summary(
+            run_predict_ray(
+                model_dir,
+                out,
+                input_path=input_path,
+                dataset=dataset,
+                split=split,
+                data_root=data_root,
+                operating_point=operating_point,
+                batch_size=batch_size,
+                address=address,
+                concurrency=concurrency,
+                cpus_per_actor=cpus_per_actor,
+            )
+        )
+        return
+    if address is not None or concurrency != 1:
+        raise typer.BadParameter("--address and --concurrency are options of --engine ray")
 
     console = Console(stderr=True)
     with Progress(
@@ -272,8 +323,8 @@ def predict(
         task = bar.add_task("deciding", total=None)
         summary = run_predict(
             model_dir,
-            out,
-            input_path=input_path,
+            Path(out),
+            input_path=None if input_path is None else Path(input_path),
             dataset=dataset,
             split=split,
             data_root=data_root,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -51,9 +52,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 DATASETS = (*ARRAY_DATASETS, "cifar100", "imagefolder")
 
 
-def image_to_pixels(path: Path, spec: InputSpec) -> np.ndarray:
-    """One image file → float32 ``[C, H, W]`` in [0, 1] for ``spec``, preprocessed by ``fit_image``."""
+def image_to_pixels(path: Path | IO[bytes], spec: InputSpec, name: str | None = None) -> np.ndarray:
+    """One image file (a path, or its bytes as a binary file object) → float32 ``[C, H, W]`` in
+    [0, 1] for ``spec``, preprocessed by ``fit_image``; ``name`` names it in errors (default: the path)."""
     from PIL import Image, UnidentifiedImageError
+
+    name = str(path) if name is None else name
 
     if spec.channels not in (1, 3):
         raise ValueError(f"images can feed graphs with 1 or 3 channels, but this graph wants {spec.channels}")
@@ -62,11 +66,12 @@ def image_to_pixels(path: Path, spec: InputSpec) -> np.ndarray:
             return fit_image(image, spec)
     except Image.DecompressionBombError as exc:
         raise ValueError(
-            f"{path}: the image is too large to decode safely ({exc}); resize it below "
+            f"{name}: the image is too large to decode safely ({exc}); resize it below "
             f"{Image.MAX_IMAGE_PIXELS} pixels or leave it out of the calibration data"
         ) from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        detail = str(exc) if isinstance(path, (str, Path)) else str(exc).replace(repr(path), "").strip()
+        raise ValueError(f"{name}: not a readable image ({detail})") from exc
 
 
 class LabelledSource:

@@ -28,10 +28,8 @@ from typing import IO, Any
 import numpy as np
 
 from abstain.calibration.data_sources import image_to_pixels, open_labelled_data
-from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, resolve_version_dir
 from abstain.decisions import Decisions, decide_arrays
 from abstain.io import atomic_writer
-from abstain.operating_points import check_score_scale, load_calibration, verify_graph
 from abstain.runtime import OnnxModel, validate_pixels
 
 #: Suffixes of images an input folder may hold (PNG and JPEG are what the service accepts).
@@ -137,7 +135,7 @@ def labelled_batches(model: OnnxModel, batch_size: int, **source: Any) -> tuple[
     """An ``.npz`` (``x``, optional ``y``) or a dataset split, as ``calibrate`` reads it."""
     data = source.get("data")
     if data is not None and Path(data).suffix == ".npz":
-        x, y = _load_npz(Path(data))
+        x, y = load_npz_input(Path(data))
         x = validate_pixels(x, model.input_spec)
         if y is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
             raise ValueError(
@@ -170,10 +168,12 @@ def labelled_batches(model: OnnxModel, batch_size: int, **source: Any) -> tuple[
     return n, batches()
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``x`` float ``[N, C, H, W]`` in [0, 1] and, when present, integer ``y`` ``[N]``."""
+def load_npz_input(source: Path | IO[bytes], name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` float ``[N, C, H, W]`` in [0, 1] and, when present, integer ``y`` ``[N]``, from an
+    ``.npz`` file (a path, or its bytes as a binary file object named ``name`` in errors)."""
+    path = str(source) if name is None else name  # for messages
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(source, allow_pickle=False)
     except Exception as exc:  # BadZipFile, pickle refusal, truncated file...
         raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -352,7 +352,9 @@ def run_predict(
     Args:
         model_dir: ``models/<name>`` (latest version) or ``models/<name>/<version>``, calibrated.
         out: ``.jsonl``, ``.csv`` or ``.parquet`` file to write.
-        input_path: an image folder or an ``.npz``; or give ``dataset`` (+ ``split``, ``data_root``).
+        input_path: an image folder, a Parquet file (the columns of
+            :class:`abstain.calibration.selector.Selector`) or an ``.npz``; or give ``dataset``
+            (+ ``split``, ``data_root``).
         operating_point: a name in the calibration (default: its default point).
         progress: called with ``(done, total)`` after each batch.
 
@@ -367,23 +369,15 @@ def run_predict(
         raise ValueError(
             "give exactly one input: INPUT (an image folder or an .npz), or --dataset NAME --split SPLIT"
         )
-    version_dir = resolve_version_dir(Path(model_dir))
-    calibration_path = version_dir / CALIBRATION_FILENAME
-    if not calibration_path.is_file():
-        raise FileNotFoundError(
-            f"{calibration_path}: no calibration; run `abstain calibrate {model_dir}` first"
-        )
-    calibration = load_calibration(calibration_path)
-    model = OnnxModel(version_dir / MODEL_FILENAME)
-    verify_graph(calibration, version_dir / MODEL_FILENAME, graph_sha256=model.sha256)
-    check_score_scale(calibration, model.has_selection_logit, str(calibration_path))
-    try:
-        point = calibration.operating_point(operating_point)
-    except KeyError as exc:  # a user's typo: one line on the command line, not a traceback
-        raise ValueError(exc.args[0]) from None
+    from abstain.calibration.selector import Selector, parquet_batches
+
+    selector = Selector(model_dir, operating_point)  # the graph checked against its calibration
+    model, point = selector.model, selector.point
 
     if input_path is not None and Path(input_path).is_dir():
         total, batches = folder_batches(Path(input_path), model, batch_size, fail_fast)
+    elif input_path is not None and Path(input_path).suffix.lower() == ".parquet":
+        total, batches = parquet_batches(Path(input_path), selector, batch_size)
     elif input_path is not None:
         if not Path(input_path).is_file():
             raise FileNotFoundError(f"{input_path}: no such image folder or .npz file")

@@ -39,16 +39,24 @@ STAGES = {
 HEAVY_TRAINING = {"torch", "torchvision"}
 PLOTS_AND_FITS = {"sklearn", "scipy", "matplotlib"}
 SERVING_LIBS = {"bentoml", "prometheus_client", "tritonclient", "starlette"}
+#: batch engines: only calibration/ray_engine.py may import one (RAY_MODULES)
+ENGINES = {"ray"}
 FORBIDDEN = {
     "abstain": (
-        HEAVY_TRAINING | SERVING_LIBS | {"matplotlib", "scipy", "onnx"},
+        HEAVY_TRAINING | SERVING_LIBS | ENGINES | {"matplotlib", "scipy", "onnx"},
         {"training", "export", "calibration", "serving"},
     ),
-    "training": (SERVING_LIBS | {"onnxruntime", "matplotlib"}, {"export", "calibration", "serving"}),
-    "export": (SERVING_LIBS - {"tritonclient"} | {"matplotlib"}, {"calibration", "serving"}),
+    "training": (
+        SERVING_LIBS | ENGINES | {"onnxruntime", "matplotlib"},
+        {"export", "calibration", "serving"},
+    ),
+    "export": (SERVING_LIBS - {"tritonclient"} | ENGINES | {"matplotlib"}, {"calibration", "serving"}),
     "calibration": (HEAVY_TRAINING | SERVING_LIBS | {"onnx"}, {"training", "export", "serving"}),
-    "serving": (HEAVY_TRAINING | PLOTS_AND_FITS | {"onnx"}, {"training", "export", "calibration"}),
+    "serving": (HEAVY_TRAINING | PLOTS_AND_FITS | ENGINES | {"onnx"}, {"training", "export", "calibration"}),
 }
+#: the calibration modules that may import Ray (lazily, inside functions: `abstain predict`
+#: without --engine ray needs no Ray installed)
+RAY_MODULES = {"calibration/ray_engine.py"}
 #: the only core modules that may import an optional library, each lazily inside a function
 CORE_OPTIONAL_IMPORTS = {
     "abstain/runtime.py": {"onnxruntime"},  # the graph runner that calibration and serving share
@@ -138,6 +146,14 @@ def test_serving_rooms_depend_only_downward(room: str) -> None:
 
 def test_metrics_imports_no_room() -> None:
     assert serving_imports(ROOT / "serving" / "metrics.py") == set()
+
+
+def test_only_the_ray_engine_imports_ray() -> None:
+    """The predictor (calibration/selector.py) runs in a Ray actor without importing Ray."""
+    importers = {
+        str(path.relative_to(ROOT)) for path in python_files("calibration") if "ray" in imports(path)[0]
+    }
+    assert importers == RAY_MODULES
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
