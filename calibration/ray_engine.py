@@ -254,7 +254,9 @@ def run_predict_ray(
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # log_to_driver=False: the actors' own logs stay in the session's log folder (a failure reaches
+        # the driver as the exception Ray Data raises, with its traceback)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         decided = _dataset(source, batch_size).map_batches(

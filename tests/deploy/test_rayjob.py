@@ -66,7 +66,7 @@ def test_the_image_is_what_deploy_ray_dockerfile_builds_with_the_ray_of_the_extr
     assert tag and {c["image"] for c in containers(job)} == {tag.group(1)}
     assert "pip install --no-cache-dir '.[ray]'" in dockerfile
     pyproject = (REPO / "pyproject.toml").read_text()
-    minimum = re.search(r'"ray\[data\]>=(\d+)\.(\d+)"', pyproject)
+    minimum = re.search(r'"ray\[data\]>=(\d+)\.(\d+),<(\d+)\.(\d+)"', pyproject)
     assert minimum
     assert tuple(map(int, base.group(1).split(".")[:2])) >= (int(minimum.group(1)), int(minimum.group(2)))
     ignore = (RAY / "Dockerfile.dockerignore").read_text().splitlines()
