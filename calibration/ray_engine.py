@@ -6,8 +6,8 @@ once per actor) → ``write_parquet``. Inputs, by what the path (any URI that ``
 opens) holds:
 
 * an image folder (PNG/JPEG, recursive, hidden entries skipped, as ``abstain predict``
-  lists it): read as bytes by ``ray.data.read_binary_files`` and decoded in the actors, so
-  that an unreadable file is an error row of a finished job, not a failed read task;
+  lists it): listed on the driver, then read and decoded in the actors, so that an unreadable
+  file is an error row of a finished job, not a failed read task;
 * Parquet (a file, or a folder of ``*.parquet`` files) with a ``pixels`` column and
   optionally ``input`` and ``label`` (the columns a :class:`Selector` takes);
 * an ``.npz`` (``x``, optional ``y``), or a built-in array data set's split, read on the
@@ -130,15 +130,20 @@ class _ParquetRows:
 
 
 def _dataset(source: RayInput, batch_size: int) -> Any:
+    import pyarrow as pa
     import ray.data
 
     if source.kind == "images":
-        return ray.data.read_binary_files(
-            source.paths, filesystem=source.filesystem, include_paths=True, num_cpus=IO_TASK_CPUS
+        # The paths only: the actors read the files themselves (Selector's ``path`` column), so
+        # the bytes make no trip through a read task and the object store (docs/benchmarks.md,
+        # "Offline prediction on Ray": read_binary_files cost about as much as decoding).
+        paths = pa.array(source.paths)
+        step = batch_size * 4
+        return ray.data.from_arrow(
+            [pa.table({"path": paths.slice(i, step)}) for i in range(0, len(paths), step)]
         )
     if source.kind == "parquet":
         return ray.data.read_parquet(source.paths, filesystem=source.filesystem, num_cpus=IO_TASK_CPUS)
-    import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     assert source.x is not None
@@ -268,6 +273,7 @@ def run_predict_ray(
                 "intra_op_threads": max(1, int(cpus_per_actor)),
                 "folder_root": source.root,
                 "folder_labels": source.folder_labels,
+                "filesystem": source.filesystem,
             },
             batch_size=int(batch_size),
             compute=ray.data.ActorPoolStrategy(size=int(concurrency)),

@@ -20,6 +20,9 @@ Input columns (``B`` rows), exactly one of:
 * ``pixels``: each row the graph's ``C·H·W`` values, as ``[C, H, W]`` or flat, float in
   [0, 1] or uint8 0–255 (divided by 255, as ``/predict`` takes ``.npy`` uint8);
 
+or only ``path``: image files the selector reads itself (from its ``filesystem``, any
+``pyarrow.fs`` file system; default the local one) and decodes as ``bytes``;
+
 and optionally ``input`` (the row's id; default ``path`` when present, else the row's index
 in the batch) and ``label`` (the true class index, for risk and accuracy). A row that cannot
 be decided (an unreadable image, a wrong shape, NaN, a pixel outside its range, a label
@@ -49,8 +52,10 @@ from abstain.operating_points import (
 )
 from abstain.runtime import OnnxModel
 
-#: The columns that carry a row's image, one of which a batch must have.
+#: The columns that carry a row's image, one of which a batch must have (or else only ``path``).
 PIXEL_COLUMNS = ("bytes", "image", "pixels")
+#: Files a selector reads at once from a ``path`` column.
+READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -134,12 +139,14 @@ class Selector:
         intra_op_threads: int | None = None,
         folder_root: str | None = None,
         folder_labels: bool = False,
+        filesystem: Any = None,
     ) -> None:
         files = entry if isinstance(entry, EntryFiles) else EntryFiles.read(entry)
         self.model, self.calibration, self.point = load_entry(files, operating_point, intra_op_threads)
         self.class_names: list[str] = self.model.class_names
         self.folder_root = folder_root
         self.folder_labels = folder_labels
+        self.filesystem = filesystem
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return records_to_columns(self.records(batch))
@@ -162,15 +169,20 @@ class Selector:
                 mistake, not a record's: every row would fail alike).
         """
         present = [name for name in PIXEL_COLUMNS if name in batch]
+        if not present and "path" in batch:  # image files this selector reads itself
+            present = ["path"]
         if len(present) != 1:
             raise ValueError(
                 f"a batch should have exactly one of the columns {', '.join(PIXEL_COLUMNS)} "
-                f"(encoded image files, decoded images, or pixels), but has {sorted(batch)}"
+                f"(encoded image files, decoded images, or pixels), or only a path column "
+                f"(image files to read), but has {sorted(batch)}"
             )
-        column = batch[present[0]]
-        n = len(column)
+        n = len(batch[present[0]])
         ids = self._ids(batch, n)
         labels, label_errors = self._labels(batch, ids, n)
+        column: Any = batch[present[0]]
+        if present == ["path"]:
+            column, present = self._read_files(column, ids), ["bytes"]
         spec = self.model.input_spec
         x = np.empty((n, *spec.shape), dtype=np.float32)
         readable = np.zeros(n, dtype=bool)
@@ -185,6 +197,25 @@ class Selector:
                 errors[i] = str(exc)
         y = None if labels is None else labels[readable]
         return Batch(ids=ids, x=x[: int(readable.sum())], readable=readable, errors=errors, y=y)
+
+    def _read_files(self, paths: Sequence[Any], ids: Sequence[str]) -> list[bytes | ValueError]:
+        """Each file's bytes, or the ``ValueError`` that says why it cannot be read; up to
+        :data:`READ_THREADS` at once (object stores answer each read after a round trip)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.fs as pafs
+
+        filesystem = self.filesystem if self.filesystem is not None else pafs.LocalFileSystem()
+
+        def read(i: int) -> bytes | ValueError:
+            try:
+                with filesystem.open_input_stream(str(paths[i])) as stream:
+                    return bytes(stream.read())
+            except OSError as exc:  # missing, unreadable, a network error after retries
+                return ValueError(f"{ids[i]}: cannot read the file ({exc})")
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(paths)))) as pool:
+            return list(pool.map(read, range(len(paths))))
 
     def _ids(self, batch: Mapping[str, np.ndarray], n: int) -> list[str]:
         if "input" in batch:
@@ -224,6 +255,8 @@ class Selector:
 
         spec = self.model.input_spec
         if kind == "bytes":
+            if isinstance(value, ValueError):  # a file _read_files could not read
+                raise value
             return image_to_pixels(io.BytesIO(bytes(value)), spec, name=input_id)
         if kind == "image":
             from PIL import Image
