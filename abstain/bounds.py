@@ -11,6 +11,10 @@ deep neural networks", NeurIPS 2017) use exactly this inversion, ``B*(r̂, δ, S
 the selective risk in Selection with Guaranteed Risk (SGR): with probability >= 1 - δ the
 true rate is <= the bound. (For ``k = 0`` it is ``1 - δ^{1/n}``.)
 
+The same tail read the other way is a p-value of ``H: risk > target``, what Learn then Test
+(Angelopoulos, Bates, Candès, Jordan, Lei 2021) tests at each threshold:
+:func:`binomial_tail_p_value` (exact) and :func:`hoeffding_bentkus_p_value` (any bounded loss).
+
 The binomial CDF is summed in log space over the window of terms that matter (see
 :func:`binomial_cdf`), so a bound for ``n = 10^6`` costs a few milliseconds.
 """
@@ -18,6 +22,7 @@ The binomial CDF is summed in log space over the window of terms that matter (se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -203,3 +208,64 @@ def risk_exceeds_target(n_errors: int, n_selected: int, target: float, delta: fl
     _check_counts(n_errors, n_selected)
     _check_level(delta)
     return binomial_lower_bound(n_errors, n_selected, delta) > target
+
+
+def _empty_or_certain(n_errors: int, n_selected: int, target: float) -> bool:
+    """Validate a p-value's arguments; True when no test is needed: nothing selected (no
+    evidence, p = 1) or ``target = 1`` (``risk > 1`` is impossible, p = 0)."""
+    if not 0.0 < target <= 1.0 or math.isnan(target):
+        raise ValueError(f"target should be in (0, 1], but got {target!r}")
+    if n_selected == 0 and n_errors == 0:
+        return True
+    _check_counts(n_errors, n_selected)
+    return target == 1.0
+
+
+def binomial_tail_p_value(n_errors: int, n_selected: int, target: float) -> float:
+    """Exact p-value of ``H: risk > target`` from ``n_errors`` wrong answers among ``n_selected``:
+    ``P(Bin(n_selected, target) <= n_errors)`` (1 when nothing is selected).
+
+    Valid because the error count of ``n`` i.i.d. answers is ``Bin(n, R)`` and, under ``H``
+    (``R > target``), ``Bin(n, R)`` is stochastically larger than ``Bin(n, target)``, so
+    ``P(p <= α) <= α``. It is the p-value that inverts :func:`binomial_upper_bound`:
+    ``p <= δ  ⇔  binomial_upper_bound(n_errors, n_selected, δ) <= target`` (Learn then Test,
+    Angelopoulos et al. 2021, §3.2, binary losses). Example: 1 error in 4 against 0.5 →
+    ``P(Bin(4, 0.5) <= 1) = 5/16``.
+    """
+    if _empty_or_certain(n_errors, n_selected, target):
+        return 1.0 if n_selected == 0 else 0.0
+    return binomial_cdf(n_errors, n_selected, target)
+
+
+def hoeffding_bentkus_p_value(n_errors: int, n_selected: int, target: float) -> float:
+    """The Hoeffding–Bentkus p-value of ``H: risk > target`` (Learn then Test, Angelopoulos et
+    al. 2021, Proposition 3; Bates et al. 2021, RCPS): ``min(p_H, p_B)`` (1 when nothing is
+    selected), with ``r̂ = n_errors / n_selected`` and ``n = n_selected``
+
+    * Hoeffding: ``p_H = exp(-n h(min(r̂, target), target))``, ``h(a, b) = a log(a/b) +
+      (1 - a) log((1 - a)/(1 - b))`` (the binary relative entropy);
+    * Bentkus: ``p_B = e · P(Bin(n, target) <= n r̂)``.
+
+    Valid for any loss in [0, 1], not only 0/1 errors, and therefore never smaller than
+    :func:`binomial_tail_p_value` for 0/1 errors (Chernoff: ``P(Bin <= k) <= p_H``; and
+    ``p_B`` is ``e`` times it): an option for when the exact one is not wanted, at a cost in
+    coverage. Example: 1 error in 4 against 0.5 → ``p_H = 2 · (2/3)^3 = 16/27``,
+    ``p_B = 5e/16``, so ``16/27``; 0 errors in ``n`` → ``(1 - target)^n``, as exact.
+    """
+    if _empty_or_certain(n_errors, n_selected, target):
+        return 1.0 if n_selected == 0 else 0.0
+    n, a = n_selected, min(n_errors / n_selected, target)
+    # n · h(a, target), with 0 · log 0 = 0
+    kl = (a * math.log(a / target) if a > 0.0 else 0.0) + (1.0 - a) * math.log((1.0 - a) / (1.0 - target))
+    hoeffding = math.exp(-n * kl)
+    bentkus = math.e * binomial_cdf(n_errors, n_selected, target)
+    return min(1.0, hoeffding, bentkus)
+
+
+#: A p-value of ``H: risk > target``: ``(n_errors, n_selected, target) -> p``.
+PValue = Callable[[int, int, float], float]
+#: The p-values Learn-then-Test may use, by the name ``abstain calibrate --p-value`` takes.
+P_VALUES: dict[str, PValue] = {
+    "exact": binomial_tail_p_value,
+    "hoeffding_bentkus": hoeffding_bentkus_p_value,
+}

@@ -16,7 +16,8 @@ serve a graph whose hash differs. Schema (version 1)::
          "coverage": 0.9, "coverage_interval": [0.86, 0.93],
          "risk": 0.012, "risk_interval": [0.004, 0.03], "n_selected": 323},
         {"name": "risk-0.02", "method": "risk", ..., "target_risk": 0.02, "delta": 0.05,
-         "risk_bound": 0.019, ...}
+         "risk_method": "sgr", "risk_bound": 0.019, ...},
+        {"name": "risk-0.01", "method": "risk", ..., "risk_method": "ltt", "p_value": 0.04, ...}
       ],
       "default_operating_point": "coverage-0.9",
       "unmet_targets": [
@@ -25,13 +26,22 @@ serve a graph whose hash differs. Schema (version 1)::
       ]
     }
 
+A risk point says how its threshold was certified in ``risk_method``: ``"sgr"`` (Selection
+with Guaranteed Risk: ``risk_bound``, ``n_probes``, ``delta_per_probe``) or ``"ltt"`` (Learn
+then Test, fixed sequence: ``p_value`` of the chosen threshold, ``p_value_method``,
+``start_rule``, ``start_min_selected``, ``start_threshold``, ``n_tested``); both record
+``delta_per_score``. ``method`` stays ``"risk"`` for both — what a point promises, not how it
+was found — so every reader that only needs score and threshold (the service, ``evaluate``,
+the selective graph) is unchanged, and a risk point without ``risk_method`` (files written
+before it existed) is SGR.
+
 Each operating point may carry ``score_scale``: ``"logit"`` when its ``selection`` threshold is
 on g's logit (graphs with the ``selection_logit`` output), else ``"probability"`` — the value
 assumed when the field is absent (files written before it existed).
 
 A sample is answered iff ``score(sample) >= threshold``. ``unmet_targets`` (optional, may be
-empty) lists requested risk targets that SGR could not certify with the data given: they have
-no threshold and are not operating points.
+empty) lists requested risk targets that SGR or LTT could not certify with the data given: they
+have no threshold and are not operating points.
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ from abstain.io import atomic_write_json, sha256_file
 from abstain.risk_coverage import score_scale
 
 METHODS = ("coverage", "risk")
+#: How a risk point was certified; absent means ``"sgr"`` (calibrations older than the field).
+RISK_METHODS = ("sgr", "ltt")
 
 
 class CalibrationError(ValueError):
@@ -144,6 +156,11 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
     if raw["score"] not in SCORE_NAMES:
         raise CalibrationError(
             f"{where}: operating point {raw['name']!r} has score {raw['score']!r}; valid: {SCORE_NAMES}"
+        )
+    if "risk_method" in raw and (raw["method"] != "risk" or raw["risk_method"] not in RISK_METHODS):
+        raise CalibrationError(
+            f"{where}: operating point {raw['name']!r} has risk_method {raw['risk_method']!r} "
+            f"with method {raw['method']!r}; valid: one of {RISK_METHODS} on a 'risk' point"
         )
     scale = raw.get("score_scale", SCORE_SCALE_PROBABILITY)
     if scale not in (SCORE_SCALE_LOGIT, SCORE_SCALE_PROBABILITY) or (

@@ -3,8 +3,9 @@
 Flow: resolve ``MODEL_DIR`` → load ``model.onnx`` in ONNX Runtime (the service's own code,
 :class:`abstain.runtime.OnnxModel`) → load and check the data → refuse the training split
 (fingerprint recorded in the graph) → batched inference → the three scores and their AURC /
-E-AURC / AUGRC → one sort of the chosen score → coverage points and SGR risk points
-(:mod:`abstain.thresholds`) → ``calibration.json`` next to the graph, written atomically.
+E-AURC / AUGRC → one sort of the chosen score → coverage points and risk points, certified by
+Learn then Test or SGR (:mod:`abstain.thresholds`) → ``calibration.json`` next to the graph,
+written atomically.
 
 Default operating point: the first coverage point whose target is closest to 0.9 (the
 serving default most operators ask for), else the first risk point that could be certified.
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from abstain.bounds import P_VALUES
 from abstain.calibration.data_sources import LabelledSource, open_labelled_data
 from abstain.contract import (
     CALIBRATION_FILENAME,
@@ -29,10 +31,10 @@ from abstain.contract import (
     resolve_version_dir,
 )
 from abstain.datasets import ArraySplit
-from abstain.operating_points import Calibration, OperatingPoint, save_calibration
+from abstain.operating_points import RISK_METHODS, Calibration, OperatingPoint, save_calibration
 from abstain.risk_coverage import augrc, aurc, eaurc, risk_at_coverages, score_scale, selection_scores
 from abstain.runtime import GraphOutputs, OnnxModel
-from abstain.thresholds import RankedScores, coverage_point, sgr_point
+from abstain.thresholds import LTT_START_RULE, RankedScores, coverage_point, ltt_point, sgr_point
 from abstain.version import code_version
 
 #: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
@@ -40,6 +42,9 @@ from abstain.version import code_version
 MIN_CALIBRATION_SAMPLES = 30
 DEFAULT_COVERAGES = (0.8, 0.9, 0.95)
 DEFAULT_DELTA = 0.05
+#: How risk points are certified unless ``--method`` says otherwise (see docs/calibration.md).
+DEFAULT_RISK_METHOD = "ltt"
+DEFAULT_P_VALUE = "exact"
 #: The default operating point is the coverage point nearest this target.
 PREFERRED_DEFAULT_COVERAGE = 0.9
 
@@ -121,6 +126,136 @@ def choose_default(points: Sequence[OperatingPoint]) -> str:
     return points[0].name
 
 
+def _sgr_risk_point(
+    ranked: RankedScores,
+    target: float,
+    delta: float,
+    delta_per_score: float,
+    score: str,
+    scale: str,
+    n: int,
+    p_value: str,
+) -> tuple[OperatingPoint | None, dict[str, Any] | None]:
+    """SGR for one target: ``(operating point, None)`` when certified, else ``(None, unmet)``.
+
+    ``p_value`` is LTT's and unused here (one signature for both methods).
+    """
+    res = sgr_point(ranked, target, delta_per_score)
+    common = {
+        "risk_method": "sgr",
+        "n_probes": res.n_probes,
+        "delta_per_score": delta_per_score,
+        "delta_per_probe": res.delta_per_probe,
+    }
+    if res.threshold is not None:  # feasible (RiskResult leaves threshold None exactly when not)
+        return (
+            OperatingPoint(
+                name=point_name("risk", target),
+                method="risk",
+                score=score,
+                threshold=res.threshold,
+                target_risk=target,
+                delta=delta,
+                coverage=res.coverage,
+                risk=res.risk,
+                extra={
+                    "score_scale": scale,
+                    "risk_bound": res.risk_bound,
+                    "n_selected": res.n_selected,
+                    "n_errors": res.n_errors,
+                    **common,
+                },
+            ),
+            None,
+        )
+    unmet = {
+        "name": point_name("risk", target),
+        "method": "risk",
+        "score": score,
+        "target_risk": target,
+        "delta": delta,
+        "reason": (
+            f"no threshold has a selective-risk bound <= {target:g} at confidence "
+            f"{1.0 - delta:g} with these {n} samples (lowest bound reached: {res.best_bound:.4g})"
+        ),
+        "best_bound": res.best_bound,
+        "samples_needed": res.samples_needed,
+        **common,
+    }
+    return None, unmet
+
+
+def _ltt_risk_point(
+    ranked: RankedScores,
+    target: float,
+    delta: float,
+    delta_per_score: float,
+    score: str,
+    scale: str,
+    n: int,
+    p_value: str,
+) -> tuple[OperatingPoint | None, dict[str, Any] | None]:
+    """Learn then Test (fixed sequence) for one target: ``(point, None)`` or ``(None, unmet)``.
+
+    The p-value of the chosen threshold and the start rule's parameters are recorded, so the
+    certificate can be checked from the file: ``p_value <= delta_per_score``.
+    """
+    res = ltt_point(ranked, target, delta_per_score, p_value)
+    common = {
+        "risk_method": "ltt",
+        "p_value_method": res.p_value_method,
+        "delta_per_score": delta_per_score,
+        "start_rule": LTT_START_RULE,
+        "start_min_selected": res.start_min_selected,
+        "start_threshold": res.start_threshold,
+        "n_tested": res.n_tested,
+    }
+    if res.threshold is not None:
+        return (
+            OperatingPoint(
+                name=point_name("risk", target),
+                method="risk",
+                score=score,
+                threshold=res.threshold,
+                target_risk=target,
+                delta=delta,
+                coverage=res.coverage,
+                risk=res.risk,
+                extra={
+                    "score_scale": scale,
+                    "p_value": res.p_value,
+                    "n_selected": res.n_selected,
+                    "n_errors": res.n_errors,
+                    **common,
+                },
+            ),
+            None,
+        )
+    if res.start_p_value is None:
+        reason = (
+            f"fewer than {res.start_min_selected} samples ({n}): no threshold can show a selective "
+            f"risk <= {target:g} at confidence {1.0 - delta:g}"
+        )
+    else:
+        reason = (
+            f"the first threshold tested (the {res.start_min_selected}+ highest scores) has "
+            f"p-value {res.start_p_value:.4g} > {delta_per_score:.4g}: its errors do not show a "
+            f"selective risk <= {target:g} at confidence {1.0 - delta:g}"
+        )
+    unmet = {
+        "name": point_name("risk", target),
+        "method": "risk",
+        "score": score,
+        "target_risk": target,
+        "delta": delta,
+        "reason": reason,
+        "start_p_value": res.start_p_value,
+        "samples_needed": res.samples_needed,
+        **common,
+    }
+    return None, unmet
+
+
 @dataclass(frozen=True)
 class CalibrationRun:
     """What :func:`run_calibration` wrote, for the command line to report."""
@@ -144,6 +279,8 @@ def run_calibration(
     delta: float = DEFAULT_DELTA,
     score: str | None = None,
     batch_size: int = 256,
+    risk_method: str = DEFAULT_RISK_METHOD,
+    p_value: str = DEFAULT_P_VALUE,
 ) -> CalibrationRun:
     """Calibrate the graph in ``model_dir`` and write ``calibration.json`` next to it.
 
@@ -152,14 +289,18 @@ def run_calibration(
         dataset, split, data, data_root: the labelled held-out data (see
             :func:`abstain.calibration.data_sources.open_labelled_data`).
         coverages: target coverages in (0, 1] (SelectiveNet's calibration).
-        risks: target selective risks in (0, 1] certified by SGR at confidence ``1 - delta``.
-        delta: SGR's failure probability, and ``1 - delta`` is the confidence of the
-            Clopper–Pearson intervals reported for the coverage points.
+        risks: target selective risks in (0, 1] certified at confidence ``1 - delta``.
+        delta: the risk points' failure probability, and ``1 - delta`` is the confidence of
+            the Clopper–Pearson intervals reported for the coverage points.
         score: one of ``SCORE_NAMES``; default the one with the lowest AURC on this data.
-            That choice looks at the same data SGR then certifies on, so with the default
-            each score's SGR gets ``delta / len(SCORE_NAMES)`` (recorded as ``delta_per_score``
-            in each risk point's extra): by the union bound the bounds of all candidate
-            scores hold together with probability ``>= 1 - delta``, whichever is chosen.
+            That choice looks at the same data the risk points are then certified on, so with
+            the default each score's certificate gets ``delta / len(SCORE_NAMES)`` (recorded as
+            ``delta_per_score`` in each risk point's extra): by the union bound the
+            certificates of all candidate scores hold together with probability
+            ``>= 1 - delta``, whichever is chosen. The same for SGR and LTT.
+        risk_method: ``ltt`` (Learn then Test, fixed sequence: :func:`abstain.thresholds.ltt_point`)
+            or ``sgr`` (Selection with Guaranteed Risk: :func:`abstain.thresholds.sgr_point`).
+        p_value: LTT's p-value, ``exact`` (binomial tail) or ``hoeffding_bentkus``.
 
     Raises:
         ValueError: bad targets/delta/score, data problems, too few samples, the training
@@ -173,6 +314,10 @@ def run_calibration(
         raise ValueError(f"delta should be in (0, 1), but got {delta!r}")
     if score is not None and score not in SCORE_NAMES:
         raise ValueError(f"score should be one of {', '.join(SCORE_NAMES)}, but got {score!r}")
+    if risk_method not in RISK_METHODS:
+        raise ValueError(f"risk method should be one of {', '.join(RISK_METHODS)}, but got {risk_method!r}")
+    if p_value not in P_VALUES:
+        raise ValueError(f"p-value should be one of {', '.join(P_VALUES)}, but got {p_value!r}")
 
     version_dir = resolve_version_dir(Path(model_dir))
     model = OnnxModel(version_dir / "model.onnx")
@@ -235,50 +380,12 @@ def run_calibration(
     delta_per_score = delta if score else delta / len(SCORE_NAMES)
     unmet: list[dict[str, Any]] = []
     for target in risks:
-        risk_res = sgr_point(ranked, target, delta_per_score)
-        common = {
-            "n_probes": risk_res.n_probes,
-            "delta_per_score": delta_per_score,
-            "delta_per_probe": risk_res.delta_per_probe,
-        }
-        if risk_res.threshold is not None:  # feasible (RiskResult leaves threshold None exactly when not)
-            points.append(
-                OperatingPoint(
-                    name=point_name("risk", target),
-                    method="risk",
-                    score=chosen,
-                    threshold=risk_res.threshold,
-                    target_risk=target,
-                    delta=delta,
-                    coverage=risk_res.coverage,
-                    risk=risk_res.risk,
-                    extra={
-                        "score_scale": scale,
-                        "risk_bound": risk_res.risk_bound,
-                        "n_selected": risk_res.n_selected,
-                        "n_errors": risk_res.n_errors,
-                        **common,
-                    },
-                )
-            )
-        else:
-            unmet.append(
-                {
-                    "name": point_name("risk", target),
-                    "method": "risk",
-                    "score": chosen,
-                    "target_risk": target,
-                    "delta": delta,
-                    "reason": (
-                        f"no threshold has a selective-risk bound <= {target:g} at confidence "
-                        f"{confidence:g} with these {n} samples "
-                        f"(lowest bound reached: {risk_res.best_bound:.4g})"
-                    ),
-                    "best_bound": risk_res.best_bound,
-                    "samples_needed": risk_res.samples_needed,
-                    **common,
-                }
-            )
+        certify = _ltt_risk_point if risk_method == "ltt" else _sgr_risk_point
+        point, missed = certify(ranked, target, delta, delta_per_score, chosen, scale, n, p_value)
+        if point is not None:
+            points.append(point)
+        if missed is not None:
+            unmet.append(missed)
     if not points:
         raise ValueError(
             "no operating point could be calibrated: "

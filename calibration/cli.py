@@ -71,19 +71,33 @@ def calibrate(
         list[str] | None,
         typer.Option(
             "--risk",
-            help="Target selective risk(s) in (0, 1], certified by SGR with probability "
+            help="Target selective risk(s) in (0, 1], certified (--method) with probability "
             "1 - delta; several values as for --coverage.",
         ),
     ] = None,
     delta: Annotated[
         float,
-        typer.Option("--delta", help="SGR failure probability; 1 - delta is also the interval confidence."),
+        typer.Option(
+            "--delta", help="Risk points' failure probability; 1 - delta is also the interval confidence."
+        ),
     ] = 0.05,
     score: Annotated[
         str | None,
         typer.Option("--score", help="selection, softmax_response or combined (default: lowest AURC)."),
     ] = None,
     batch_size: BatchOpt = 256,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="How --risk points are certified: ltt (Learn then Test, fixed sequence) or sgr "
+            "(Selection with Guaranteed Risk).",
+        ),
+    ] = "ltt",
+    p_value: Annotated[
+        str,
+        typer.Option("--p-value", help="LTT's p-value: exact (binomial tail) or hoeffding_bentkus."),
+    ] = "exact",
 ) -> None:
     """Fit operating points on held-out labelled data; write calibration.json next to the graph.
 
@@ -106,6 +120,8 @@ def calibrate(
         delta=delta,
         score=score,
         batch_size=batch_size,
+        risk_method=method,
+        p_value=p_value,
     )
     _print_calibration(result)
 
@@ -146,7 +162,10 @@ def _print_calibration(result: Any) -> None:
                 f"{p.coverage:.4f}",
                 "",
                 f"{p.risk:.4f}",
-                f"≤ {p.extra['risk_bound']:.4f}",
+                # LTT certifies by a test (its p-value at δ), SGR by a bound
+                f"LTT p = {p.extra['p_value']:.3g}"
+                if p.extra.get("risk_method") == "ltt"
+                else f"≤ {p.extra['risk_bound']:.4f}",
             )
     console.print(table)
     for u in cal.unmet_targets:

@@ -16,8 +16,13 @@ import math
 
 import numpy as np
 
-from abstain.bounds import coverage_prediction_interval, risk_exceeds_target
-from abstain.thresholds import RankedScores, coverage_point, sgr_point
+from abstain.bounds import (
+    binomial_cdf,
+    binomial_tail_p_value,
+    coverage_prediction_interval,
+    risk_exceeds_target,
+)
+from abstain.thresholds import LttResult, RankedScores, coverage_point, ltt_point, sgr_point
 
 DELTA = 0.1
 
@@ -73,3 +78,62 @@ def test_sgr_risk_bound_fails_at_most_delta_of_the_time() -> None:
     # evaluate's risk check fails at most δ when SGR's promise holds (which fails at most δ)
     assert test_check_failures / trials <= _allowed(trials) + DELTA
     assert naive_failures / trials > 0.3  # the design sees a missing bound: it fails often
+
+
+def _allowed_failures(trials: int, rate: float, tail: float = 1e-3) -> int:
+    """The most failures a check that fails with probability ``<= rate`` shows in ``trials``
+    independent trials, but for probability ``<= tail``: the smallest ``f`` with
+    ``P(Bin(trials, rate) > f) <= tail`` (exact binomial, not a normal approximation)."""
+    f = 0
+    while 1.0 - binomial_cdf(f, trials, rate) > tail:
+        f += 1
+    return f
+
+
+def _population_risk(threshold: float) -> float:
+    """``R(t) = 0.15 (1 - t)`` for the module's synthetic scores (P(error | s) = 0.3 (1 - s))."""
+    return 0.15 * (1.0 - threshold)
+
+
+def test_ltt_fails_at_most_delta_of_the_time_wherever_it_starts() -> None:
+    """LTT's promise, ``P(R(threshold) > r) <= δ``, on scores whose risk is known.
+
+    ``R(t) = 0.15 (1 - t)`` grows as the threshold falls (condition C of ``ltt_point``), and
+    exceeds r = 0.08 once more than 53.3 % is answered (533 of 1,000). Starts: the rule's
+    ``m0`` (28 samples), 300 (well before the crossing), 540 (at it: null in about half the
+    trials) and 700 (always past it: the start's own test must then fail). Each may fail at
+    most ``δ`` of the time; two wrong p-values — a plain "empirical risk <= r" test and the
+    exact p-value divided by 3 (a test at 3δ) — make the same check fail, so it can fail.
+    """
+    rng = np.random.default_rng(22)
+    n, trials, target = 1000, 300, 0.08
+    starts: tuple[int | None, ...] = (None, 300, 540, 700)
+
+    def empirical(k: int, m: int, r: float) -> float:
+        return 0.0 if k <= r * m else 1.0
+
+    def third(k: int, m: int, r: float) -> float:
+        return binomial_tail_p_value(k, m, r) / 3.0
+
+    failures = dict.fromkeys((*starts, "empirical", "third"), 0)
+    answered_at_m0 = answered_from_top = 0
+    for _ in range(trials):
+        scores = rng.random(n)
+        errors = (rng.random(n) < 0.3 * (1.0 - scores)).astype(np.int64)
+        ranked = RankedScores.from_arrays(scores, errors)
+        runs: dict[int | str | None, LttResult] = {
+            start: ltt_point(ranked, target, DELTA, min_selected=start) for start in starts
+        }
+        runs["empirical"] = ltt_point(ranked, target, DELTA, p_value=empirical)
+        runs["third"] = ltt_point(ranked, target, DELTA, p_value=third)
+        for key, res in runs.items():
+            failures[key] += res.threshold is not None and _population_risk(res.threshold) > target
+        answered_at_m0 += runs[None].feasible
+        answered_from_top += ltt_point(ranked, target, DELTA, min_selected=1).feasible
+    allowed = _allowed_failures(trials, DELTA)
+    for start in starts:
+        assert failures[start] <= allowed, (start, failures[start], allowed)
+    assert failures["empirical"] > allowed and failures["third"] > allowed, (failures, allowed)
+    # the rule does not collapse: from the very top (1 answered sample, p = 0.92 > δ) nothing
+    # is ever certified; from m0 almost always something
+    assert answered_from_top == 0 and answered_at_m0 >= 0.8 * trials

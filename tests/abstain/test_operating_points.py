@@ -53,3 +53,28 @@ def test_non_finite_threshold_is_refused() -> None:
     raw["operating_points"][0]["threshold"] = float("nan")
     with pytest.raises(CalibrationError, match="should be a finite number"):
         calibration_from_dict(raw)
+
+
+def _with_risk_point(**fields: object) -> dict:
+    """A calibration dict with POINT and one risk point carrying ``fields``."""
+    risk = OperatingPoint(
+        name="risk-0.02", method="risk", score="combined", threshold=0.7, target_risk=0.02, delta=0.05
+    )
+    raw = Calibration(
+        graph_sha256="a" * 64, operating_points=(POINT, risk), default_operating_point="coverage-0.9"
+    ).to_dict()
+    raw["operating_points"][1].update(fields)
+    return raw
+
+
+def test_risk_method_is_read_and_checked() -> None:
+    # an LTT point keeps its certificate; a risk point without risk_method (older files) loads too
+    ltt = calibration_from_dict(_with_risk_point(risk_method="ltt", p_value=0.031))
+    assert ltt.operating_point("risk-0.02").extra == {"risk_method": "ltt", "p_value": 0.031}
+    assert "risk_method" not in calibration_from_dict(_with_risk_point()).operating_point("risk-0.02").extra
+    with pytest.raises(CalibrationError, match=r"risk_method 'conformal'.*valid: one of \('sgr', 'ltt'\)"):
+        calibration_from_dict(_with_risk_point(risk_method="conformal"))
+    raw = _with_risk_point()
+    raw["operating_points"][0]["risk_method"] = "ltt"  # on a coverage point
+    with pytest.raises(CalibrationError, match="risk_method 'ltt' with method 'coverage'"):
+        calibration_from_dict(raw)

@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abstain.calibration.calibrate import predict, run_calibration
+from abstain.bounds import binomial_tail_p_value, risk_exceeds_target
+from abstain.calibration.calibrate import DEFAULT_RISK_METHOD, predict, run_calibration
 from abstain.calibration.data_sources import image_to_pixels
+from abstain.calibration.evaluate import run_evaluation
 from abstain.contract import SCORE_NAMES
 from abstain.datasets import load_digits
 from abstain.io import sha256_file
 from abstain.operating_points import load_calibration
 from abstain.risk_coverage import aurc, coverage_and_risk
 from abstain.runtime import OnnxModel
+from abstain.thresholds import RankedScores, ltt_start_count
 from tests.graph_factory import write_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +45,7 @@ def calibrated(version_dir: Path):
         coverages=[0.8, 0.9, 0.95],
         risks=[0.2, 0.001],
         delta=0.05,
+        risk_method="sgr",
     )
 
 
@@ -222,8 +226,114 @@ def test_automatic_score_choice_splits_delta_over_the_candidate_scores(
         risks=[0.2],
         delta=0.05,
         score=calibrated.chosen_score,
+        risk_method="sgr",
     )
     (point,) = named.calibration.operating_points
     assert named.calibration.data["score_choice"] == "given"
     assert point.extra["delta_per_score"] == pytest.approx(0.05)
     assert point.extra["delta_per_probe"] == pytest.approx(0.05 / point.extra["n_probes"])
+
+
+@pytest.fixture(scope="module")
+def ltt_calibrated(version_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same graph and data as ``calibrated``, risk points by Learn then Test."""
+    copy = shutil.copytree(version_dir.parent, tmp_path_factory.mktemp("ltt") / version_dir.parent.name)
+    return run_calibration(
+        copy / version_dir.name,
+        dataset="digits",
+        split="val",
+        coverages=[0.9],
+        risks=[0.2, 0.001],
+        delta=0.05,
+        risk_method="ltt",
+    )
+
+
+def test_ltt_point_records_a_certificate_that_the_data_reproduces(version_dir: Path, ltt_calibrated) -> None:
+    cal = load_calibration(ltt_calibrated.path)
+    point = cal.operating_point("risk-0.2")
+    extra = point.extra
+    assert point.method == "risk" and extra["risk_method"] == "ltt" and extra["p_value_method"] == "exact"
+    # the score was chosen on this data: each candidate's test runs at δ/3, as SGR's does
+    assert extra["delta_per_score"] == pytest.approx(0.05 / 3) and point.delta == 0.05
+    assert extra["start_rule"] == "min_selected"
+    # (1 - 0.2)^m <= δ/3: m >= ln(1/60) / ln(0.8) = 18.3; 0.8^19 = 0.0144 <= 1/60 < 0.8^18 = 0.0180
+    assert extra["start_min_selected"] == ltt_start_count(0.2, 0.05 / 3) == 19
+    preds = predict(OnnxModel(version_dir / "model.onnx"), load_digits("val"))
+    scores = preds.scores(point.score)
+    answered = scores >= point.threshold
+    n_sel, n_err = int(answered.sum()), int(preds.errors[answered].sum())
+    assert (n_sel, n_err) == (extra["n_selected"], extra["n_errors"]) and n_sel >= 19
+    # the p-value written is the exact binomial tail of those counts, and it rejects at δ/3
+    assert extra["p_value"] == pytest.approx(binomial_tail_p_value(n_err, n_sel, 0.2))
+    assert extra["p_value"] <= extra["delta_per_score"]
+    # fixed sequence: every threshold from the start down to this one rejects, the next one not
+    ranked = RankedScores.from_arrays(scores, preds.errors)
+    tested = (ranked.n_selected >= 19) & (ranked.thresholds >= point.threshold)
+    assert extra["n_tested"] == int(tested.sum()) + (n_sel < 359)
+    assert all(
+        binomial_tail_p_value(int(k), int(m), 0.2) <= extra["delta_per_score"]
+        for k, m in zip(ranked.n_errors[tested], ranked.n_selected[tested], strict=True)
+    )
+    j = int(np.flatnonzero(ranked.thresholds == point.threshold)[0])
+    if n_sel < 359:
+        nxt = binomial_tail_p_value(int(ranked.n_errors[j + 1]), int(ranked.n_selected[j + 1]), 0.2)
+        assert nxt > extra["delta_per_score"]
+
+
+def test_ltt_unmet_target_says_how_many_samples_it_needs(ltt_calibrated) -> None:
+    (unmet,) = ltt_calibrated.calibration.unmet_targets
+    assert unmet["name"] == "risk-0.001" and unmet["risk_method"] == "ltt" and "threshold" not in unmet
+    # (1 - 0.001)^m <= δ/3: m >= ln(1/60) / ln(0.999) = 4092.3
+    assert unmet["samples_needed"] == ltt_start_count(0.001, 0.05 / 3) == 4093 > 359
+    assert unmet["reason"].startswith("fewer than 4093 samples (359)")
+
+
+def test_an_ltt_point_is_evaluated_and_served_like_any_risk_point(ltt_calibrated, tmp_path: Path) -> None:
+    """evaluate, the service's start-up check and the decision read only score and threshold."""
+    from abstain.decisions import decide_arrays
+    from abstain.serving.inference.artifacts import load_artifacts
+
+    version = ltt_calibrated.path.parent
+    report = run_evaluation(version, tmp_path, dataset="digits", split="test").report
+    (row,) = [r for r in report["operating_points"] if r["name"] == "risk-0.2"]
+    assert row["check"] == "risk not shown above target" and row["test_delta"] == 0.05
+    n_err = round(row["selective_risk"] * row["n_selected"])
+    assert row["check_passed"] == (not risk_exceeds_target(n_err, row["n_selected"], 0.2, 0.05))
+    artifacts = load_artifacts(version, operating_point="risk-0.2")
+    point = artifacts.calibration.operating_point("risk-0.2")
+    out = OnnxModel(version / "model.onnx").run(load_digits("test").x)
+    decided = decide_arrays(out.logits, out.selection, point, out.selection_logit)
+    assert decided.answered.mean() == pytest.approx(row["realized_coverage"])
+
+
+def test_default_risk_method_and_bad_method_or_p_value(version_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(version_dir.parent, tmp_path / version_dir.parent.name) / version_dir.name
+    run = run_calibration(copy, dataset="digits", split="val", coverages=[], risks=[0.2])
+    (point,) = run.calibration.operating_points
+    assert point.extra["risk_method"] == DEFAULT_RISK_METHOD
+    with pytest.raises(ValueError, match="risk method should be one of sgr, ltt, but got 'crc'"):
+        run_calibration(copy, dataset="digits", split="val", risks=[0.2], risk_method="crc")
+    with pytest.raises(ValueError, match="p-value should be one of exact, hoeffding_bentkus, but got 'hb'"):
+        run_calibration(copy, dataset="digits", split="val", risks=[0.2], p_value="hb")
+
+
+def test_cli_method_and_p_value_options(tmp_path: Path) -> None:
+    version = write_model_dir(tmp_path / "models")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "abstain", "calibrate", str(version.parent), "--dataset", "digits"]
+    ok = subprocess.run(
+        [*command, "--risk", "0.3", "--method", "ltt", "--p-value", "hoeffding_bentkus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "LTT p = " in ok.stdout
+    (point,) = json.loads((version / "calibration.json").read_text())["operating_points"]
+    assert (point["risk_method"], point["p_value_method"]) == ("ltt", "hoeffding_bentkus")
+    bad = subprocess.run(
+        [*command, "--risk", "0.3", "--method", "crc"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert bad.returncode == 2 and "risk method should be one of sgr, ltt, but got 'crc'" in bad.stderr
