@@ -222,6 +222,11 @@ def run_predict_ray(
         raise ValueError(f"concurrency (actors) should be at least 1, but got {concurrency!r}")
     if not cpus_per_actor > 0:
         raise ValueError(f"CPUs per actor should be positive, but got {cpus_per_actor!r}")
+    if posixpath.splitext(str(out))[1].lower() in (".jsonl", ".csv"):
+        raise ValueError(
+            f"--out {out}: --engine ray writes a folder of Parquet partitions, not one "
+            ".jsonl or .csv file; give a folder name (e.g. decisions/ or decisions.parquet/)"
+        )
     if (input_path is None) == (dataset is None):
         raise ValueError(
             "give exactly one input: INPUT (an image folder, Parquet or an .npz), "

@@ -174,10 +174,13 @@ def test_a_failed_job_leaves_nothing_at_its_path(local_ray, digits_test, tmp_pat
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
-def test_refuses_an_existing_output(local_ray, digits_test, tmp_path):
+def test_refuses_an_existing_output_and_a_single_file_format(local_ray, digits_test, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         run_predict_ray(MODEL_DIR, tmp_path / "out", input_path=digits_test, progress=False)
+    with pytest.raises(ValueError, match=r"a folder of Parquet partitions, not one \.jsonl or \.csv file"):
+        run_predict_ray(MODEL_DIR, tmp_path / "d.jsonl", input_path=digits_test, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def free_port() -> int:
