@@ -125,6 +125,8 @@ class Selector:
             (as ``abstain predict`` names a folder's files).
         folder_labels: the first folder of that relative path is the class name
             (``root/<class>/…``, an ImageFolder tree), giving ``true_label`` and ``correct``.
+        filesystem: the ``pyarrow.fs`` file system a ``path``-only batch is read from
+            (default: the local one).
 
     Calling it with ``dict[str, np.ndarray]`` columns of ``B`` rows returns ``B`` rows of
     :data:`~abstain.calibration.predict.COLUMNS`, as numpy arrays (object arrays where a
