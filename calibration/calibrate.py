@@ -14,7 +14,7 @@ serving default most operators ask for), else the first risk point that could be
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +34,15 @@ from abstain.datasets import ArraySplit
 from abstain.operating_points import RISK_METHODS, Calibration, OperatingPoint, save_calibration
 from abstain.risk_coverage import augrc, aurc, eaurc, risk_at_coverages, score_scale, selection_scores
 from abstain.runtime import GraphOutputs, OnnxModel
-from abstain.thresholds import LTT_START_RULE, RankedScores, coverage_point, ltt_point, sgr_point
+from abstain.thresholds import (
+    LTT_START_RULE,
+    LttResult,
+    RankedScores,
+    RiskResult,
+    coverage_point,
+    ltt_point,
+    sgr_point,
+)
 from abstain.version import code_version
 
 #: Fewer calibration samples than this is refused: the 95 % interval of a coverage measured
@@ -147,42 +155,20 @@ def _sgr_risk_point(
         "delta_per_score": delta_per_score,
         "delta_per_probe": res.delta_per_probe,
     }
-    if res.threshold is not None:  # feasible (RiskResult leaves threshold None exactly when not)
-        return (
-            OperatingPoint(
-                name=point_name("risk", target),
-                method="risk",
-                score=score,
-                threshold=res.threshold,
-                target_risk=target,
-                delta=delta,
-                coverage=res.coverage,
-                risk=res.risk,
-                extra={
-                    "score_scale": scale,
-                    "risk_bound": res.risk_bound,
-                    "n_selected": res.n_selected,
-                    "n_errors": res.n_errors,
-                    **common,
-                },
-            ),
-            None,
-        )
-    unmet = {
-        "name": point_name("risk", target),
-        "method": "risk",
-        "score": score,
-        "target_risk": target,
-        "delta": delta,
-        "reason": (
+    return _risk_outcome(
+        res,
+        target=target,
+        delta=delta,
+        score=score,
+        scale=scale,
+        common=common,
+        certificate={"risk_bound": res.risk_bound},
+        unmet_reason=lambda: (
             f"no threshold has a selective-risk bound <= {target:g} at confidence "
             f"{1.0 - delta:g} with these {n} samples (lowest bound reached: {res.best_bound:.4g})"
         ),
-        "best_bound": res.best_bound,
-        "samples_needed": res.samples_needed,
-        **common,
-    }
-    return None, unmet
+        unmet_evidence={"best_bound": res.best_bound},
+    )
 
 
 def _ltt_risk_point(
@@ -210,46 +196,70 @@ def _ltt_risk_point(
         "start_threshold": res.start_threshold,
         "n_tested": res.n_tested,
     }
-    if res.threshold is not None:
+
+    def unmet_reason() -> str:
+        if res.start_p_value is None:
+            return (
+                f"fewer than {res.start_min_selected} samples ({n}): no threshold can show a selective "
+                f"risk <= {target:g} at confidence {1.0 - delta:g}"
+            )
         return (
-            OperatingPoint(
-                name=point_name("risk", target),
-                method="risk",
-                score=score,
-                threshold=res.threshold,
-                target_risk=target,
-                delta=delta,
-                coverage=res.coverage,
-                risk=res.risk,
-                extra={
-                    "score_scale": scale,
-                    "p_value": res.p_value,
-                    "n_selected": res.n_selected,
-                    "n_errors": res.n_errors,
-                    **common,
-                },
-            ),
-            None,
-        )
-    if res.start_p_value is None:
-        reason = (
-            f"fewer than {res.start_min_selected} samples ({n}): no threshold can show a selective "
-            f"risk <= {target:g} at confidence {1.0 - delta:g}"
-        )
-    else:
-        reason = (
             f"the first threshold tested (the {res.start_min_selected}+ highest scores) has "
             f"p-value {res.start_p_value:.4g} > {delta_per_score:.4g}: its errors do not show a "
             f"selective risk <= {target:g} at confidence {1.0 - delta:g}"
         )
+
+    return _risk_outcome(
+        res,
+        target=target,
+        delta=delta,
+        score=score,
+        scale=scale,
+        common=common,
+        certificate={"p_value": res.p_value},
+        unmet_reason=unmet_reason,
+        unmet_evidence={"start_p_value": res.start_p_value},
+    )
+
+
+def _risk_outcome(
+    res: RiskResult | LttResult,
+    *,
+    target: float,
+    delta: float,
+    score: str,
+    scale: str,
+    common: dict[str, Any],
+    certificate: dict[str, Any],
+    unmet_reason: Callable[[], str],
+    unmet_evidence: dict[str, Any],
+) -> tuple[OperatingPoint | None, dict[str, Any] | None]:
+    """One risk target's result as ``(operating point, None)`` when a threshold was certified,
+    else ``(None, unmet)``; ``certificate`` (SGR's bound, LTT's p-value) and ``common`` (the
+    method's parameters) go into the point's extra, ``unmet_evidence`` into the unmet entry."""
+    name = point_name("risk", target)
+    if res.threshold is not None:  # both results leave threshold None exactly when unmet
+        extra = {"score_scale": scale, **certificate, "n_selected": res.n_selected, "n_errors": res.n_errors}
+        point = OperatingPoint(
+            name=name,
+            method="risk",
+            score=score,
+            threshold=res.threshold,
+            target_risk=target,
+            delta=delta,
+            coverage=res.coverage,
+            risk=res.risk,
+            extra={**extra, **common},
+        )
+        return point, None
     unmet = {
-        "name": point_name("risk", target),
+        "name": name,
         "method": "risk",
         "score": score,
         "target_risk": target,
         "delta": delta,
-        "reason": reason,
-        "start_p_value": res.start_p_value,
+        "reason": unmet_reason(),
+        **unmet_evidence,
         "samples_needed": res.samples_needed,
         **common,
     }

@@ -81,17 +81,28 @@ def list_images(root: Path) -> list[Path]:
         for p in root.rglob("*")
         if p.is_file()
         and p.suffix.lower() in PREDICT_IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not is_hidden(p.relative_to(root).parts)
     ]
     if not paths:
         raise ValueError(f"{root}: no images ({', '.join(PREDICT_IMAGE_SUFFIXES)}) in the folder or below it")
     return sorted(paths)
 
 
+def is_hidden(relative_parts: Sequence[str]) -> bool:
+    """A folder entry that listing skips: any part of its path below the folder starts with a dot."""
+    return any(part.startswith(".") for part in relative_parts)
+
+
+def in_class_folders(relative: Sequence[Sequence[str]], class_names: Sequence[str]) -> bool:
+    """Every file (its path's parts below the folder) sits in a folder named after a class: an
+    ImageFolder tree, whose folder names are the labels."""
+    return all(len(parts) >= 2 and parts[0] in class_names for parts in relative)
+
+
 def folder_labels(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> np.ndarray | None:
     """Labels when the folder is an ImageFolder tree (``root/<class name>/…``) of the graph's classes."""
     firsts = [p.relative_to(root).parts for p in paths]
-    if any(len(parts) < 2 or parts[0] not in class_names for parts in firsts):
+    if not in_class_folders(firsts, class_names):
         return None
     index = {name: i for i, name in enumerate(class_names)}
     return np.asarray([index[parts[0]] for parts in firsts], dtype=np.int64)

@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from abstain.calibration.predict import ERROR, PARQUET_SCHEMA, PREDICT_IMAGE_SUFFIXES, PredictSummary
+from abstain.calibration.predict import (
+    ERROR,
+    PARQUET_SCHEMA,
+    PREDICT_IMAGE_SUFFIXES,
+    PredictSummary,
+    in_class_folders,
+    is_hidden,
+)
 from abstain.calibration.selector import EntryFiles, Selector, load_entry
 
 #: How often Ray restarts a dead actor, and retries the batch it held, before the job fails:
@@ -97,8 +104,7 @@ def resolve_input(uri: str | Path, class_names: list[str]) -> RayInput:
     files = [
         f.path
         for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if f.type == pafs.FileType.File
-        and not any(part.startswith(".") for part in posixpath.relpath(f.path, path).split("/"))
+        if f.type == pafs.FileType.File and not is_hidden(posixpath.relpath(f.path, path).split("/"))
     ]
     parquet = sorted(p for p in files if p.lower().endswith(".parquet"))
     images = sorted(p for p in files if posixpath.splitext(p)[1].lower() in PREDICT_IMAGE_SUFFIXES)
@@ -110,8 +116,7 @@ def resolve_input(uri: str | Path, class_names: list[str]) -> RayInput:
             "in the folder or below it"
         )
     relative = [posixpath.relpath(p, path).split("/") for p in images]
-    labelled = all(len(parts) >= 2 and parts[0] in class_names for parts in relative)
-    return RayInput("images", fs, images, root=path, folder_labels=labelled)
+    return RayInput("images", fs, images, root=path, folder_labels=in_class_folders(relative, class_names))
 
 
 class _ParquetRows:

@@ -40,9 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from abstain.calibration.data_sources import image_to_pixels
 from abstain.calibration.predict import COLUMNS, Batch, batch_records
 from abstain.contract import CALIBRATION_FILENAME, MODEL_FILENAME, resolve_version_dir
 from abstain.decisions import decide_arrays
+from abstain.images import fit_image
 from abstain.operating_points import (
     Calibration,
     OperatingPoint,
@@ -255,9 +257,6 @@ class Selector:
 
     def _pixels(self, kind: str, value: Any, input_id: str) -> np.ndarray:
         """One row → float32 ``[C, H, W]`` in [0, 1]; ``ValueError`` saying what is wrong."""
-        from abstain.calibration.data_sources import image_to_pixels
-        from abstain.images import fit_image
-
         spec = self.model.input_spec
         if kind == "bytes":
             if isinstance(value, ValueError):  # a file _read_files could not read
