@@ -7,7 +7,10 @@ cannot drift apart: a sample is answered iff ``score >= threshold``
 (:func:`abstain.risk_coverage.selection_scores`: SelectiveNet's selection head g, Geifman &
 El-Yaniv ICML 2019; the softmax response; or their geometric mean). The candidate class is
 the arg-max of the prediction head f, and its softmax probability is the ``confidence``,
-reported for abstentions too so that a reviewer sees the model's top candidate.
+reported for abstentions too so that a reviewer sees the model's top candidate, with the
+conformal prediction set of the operating point (:mod:`abstain.conformal`) when its calibration
+has one; and, with a calibration temperature, each answer's calibrated confidence
+(:mod:`abstain.temperature`), which the live-risk estimate averages.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from abstain.conformal import prediction_sets
 from abstain.operating_points import OperatingPoint
 from abstain.risk_coverage import selection_scores, softmax
+from abstain.temperature import calibrated_confidence
 
 #: The two outcomes of a decision, as answers, the decision store and metrics name them.
 DecisionLabel = Literal["predict", "abstain"]
@@ -40,6 +45,10 @@ class Decisions:
         score_value: float64 ``[N]``, the score the operating point thresholds, on its
             threshold's scale (a logit for ``selection`` on a graph with ``selection_logit``).
         point: the operating point that decided.
+        prediction_set: bool ``[N, K]``, the classes of each sample's conformal set at the
+            point's level (``point.extra["prediction_set"]``); ``None`` when it has none.
+        calibrated_confidence: float64 ``[N]``, the temperature-scaled softmax probability of
+            ``class_index``; ``None`` without a temperature.
     """
 
     answered: np.ndarray
@@ -48,6 +57,8 @@ class Decisions:
     selection: np.ndarray
     score_value: np.ndarray
     point: OperatingPoint
+    prediction_set: np.ndarray | None = None
+    calibrated_confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.answered.shape[0])
@@ -68,6 +79,7 @@ def decide_arrays(
     *,
     score_value: np.ndarray | None = None,
     answered: np.ndarray | None = None,
+    temperature: float | None = None,
 ) -> Decisions:
     """Decide every row of ``logits``.
 
@@ -84,6 +96,8 @@ def decide_arrays(
         answered: bool ``[N]``, the decision already taken (a selective graph's ``accept``
             column); default ``score_value >= threshold``. Given with ``score_value``, the two
             must agree.
+        temperature: the calibration's softmax temperature; given, the decisions carry each
+            sample's :attr:`Decisions.calibrated_confidence`.
 
     Raises:
         ValueError: ``logits`` is not ``[N, K]``, ``selection``, ``score_value`` or ``answered``
@@ -117,6 +131,7 @@ def decide_arrays(
                 f"{point.name}: the decision and its score should come from the same place"
             )
         decided = answered
+    conformal = point.extra.get("prediction_set")
     return Decisions(
         answered=decided,
         class_index=top.astype(np.int64),
@@ -124,6 +139,10 @@ def decide_arrays(
         selection=selection,
         score_value=scores,
         point=point,
+        prediction_set=None
+        if conformal is None
+        else prediction_sets(probs, conformal.get("quantile"), conformal["method"]),
+        calibrated_confidence=None if temperature is None else calibrated_confidence(logits, temperature),
     )
 
 

@@ -20,6 +20,7 @@ serve a graph whose hash differs. Schema (version 1)::
         {"name": "risk-0.01", "method": "risk", ..., "risk_method": "ltt", "p_value": 0.04, ...}
       ],
       "default_operating_point": "coverage-0.9",
+      "confidence_calibration": {"method": "temperature", "temperature": 1.4, "nll": 0.21, ...},
       "unmet_targets": [
         {"name": "risk-0.001", "method": "risk", "target_risk": 0.001, "delta": 0.05,
          "reason": "no threshold meets the target ...", "samples_needed": 26000, ...}
@@ -39,6 +40,15 @@ Each operating point may carry ``score_scale``: ``"logit"`` when its ``selection
 on g's logit (graphs with the ``selection_logit`` output), else ``"probability"`` — the value
 assumed when the field is absent (files written before it existed).
 
+Each operating point may carry ``prediction_set`` (:mod:`abstain.conformal`): the conformal set
+given with each of its abstentions — ``{"method": "lac" | "aps", "alpha": 0.1, "quantile": q,
+"n_calibration": ..., "coverage": ..., "mean_size": ...}``, ``quantile`` ``null`` when too few
+calibration samples were abstained on (the set is then every class) — and ``estimated_risk``,
+the label-free estimate of its selective risk on the calibration data
+(:mod:`abstain.temperature`), beside the measured ``risk``. ``confidence_calibration``
+(optional) holds the temperature that makes the softmax calibrated, which the service uses for
+its label-free live-risk gauge.
+
 A sample is answered iff ``score(sample) >= threshold``. ``unmet_targets`` (optional, may be
 empty) lists requested risk targets that SGR or LTT could not certify with the data given: they
 have no threshold and are not operating points.
@@ -52,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abstain.conformal import SET_METHODS
 from abstain.contract import (
     CALIBRATION_SCHEMA_VERSION,
     SCORE_NAMES,
@@ -116,6 +127,14 @@ class Calibration:
     data: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
     unmet_targets: tuple[dict[str, Any], ...] = ()
+    #: how the softmax was calibrated (``{"method": "temperature", "temperature": T, ...}``); may be empty
+    confidence_calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float | None:
+        """The fitted softmax temperature, or ``None`` (calibrations older than the field)."""
+        value = self.confidence_calibration.get("temperature")
+        return None if value is None else float(value)
 
     def operating_point(self, name: str | None = None) -> OperatingPoint:
         """The named operating point (the default when ``name`` is None)."""
@@ -139,6 +158,7 @@ class Calibration:
             "scores": self.scores,
             "operating_points": [p.to_dict() for p in self.operating_points],
             "default_operating_point": self.default_operating_point,
+            "confidence_calibration": self.confidence_calibration,
             "unmet_targets": list(self.unmet_targets),
         }
 
@@ -170,12 +190,45 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
             f"{where}: operating point {raw['name']!r} has score_scale {scale!r}; valid: "
             f"{SCORE_SCALE_PROBABILITY!r} for any score, {SCORE_SCALE_LOGIT!r} for {SCORE_SELECTION!r}"
         )
+    if "prediction_set" in raw:
+        _validate_prediction_set(raw["prediction_set"], f"{where}: operating point {raw['name']!r}")
     threshold = raw["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
         raise CalibrationError(
             f"{where}: threshold of {raw['name']!r} should be a finite number, got {threshold!r}"
         )
     return OperatingPoint.from_dict(raw)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _validate_prediction_set(raw: Any, where: str) -> None:
+    """A point's ``prediction_set``: a known method, ``alpha`` in (0, 1), a finite or null quantile."""
+    if (
+        not isinstance(raw, dict)
+        or raw.get("method") not in SET_METHODS
+        or not _is_number(raw.get("alpha"))
+        or not 0 < raw["alpha"] < 1
+        or not (raw.get("quantile") is None or _is_number(raw["quantile"]))
+    ):
+        raise CalibrationError(
+            f"{where} has prediction_set {raw!r}; valid: an object with method one of {SET_METHODS}, "
+            "alpha in (0, 1) and quantile a finite number or null"
+        )
+
+
+def _validate_confidence_calibration(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None or raw == {}:  # absent: calibrations older than the field
+        return {}
+    temperature = raw.get("temperature") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not (_is_number(temperature) and temperature > 0):
+        raise CalibrationError(
+            f"{where}: confidence_calibration should be an object with a positive finite "
+            f"temperature, but got {raw!r}"
+        )
+    return dict(raw)
 
 
 def calibration_from_dict(raw: Any, where: str = "calibration") -> Calibration:
@@ -215,6 +268,7 @@ def calibration_from_dict(raw: Any, where: str = "calibration") -> Calibration:
         data=dict(raw.get("data") or {}),
         scores=dict(raw.get("scores") or {}),
         unmet_targets=tuple(unmet),
+        confidence_calibration=_validate_confidence_calibration(raw.get("confidence_calibration"), where),
     )
 
 

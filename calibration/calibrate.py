@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from abstain.bounds import P_VALUES
+from abstain.calibration.abstention_sets import SetSpec, fit_confidence, with_sets_and_estimate
 from abstain.calibration.data_sources import LabelledSource, open_labelled_data
+from abstain.conformal import DEFAULT_SET_ALPHA, SET_METHODS
 from abstain.contract import (
     CALIBRATION_FILENAME,
     META_TRAIN_DATA_FINGERPRINT,
@@ -53,16 +55,19 @@ DEFAULT_DELTA = 0.05
 #: How risk points are certified unless ``--method`` says otherwise (see docs/calibration.md).
 DEFAULT_RISK_METHOD = "ltt"
 DEFAULT_P_VALUE = "exact"
+#: Abstentions get LAC sets at 90 % unless told otherwise: the smallest sets on average.
+DEFAULT_SET_SPEC = SetSpec(method="lac", alpha=DEFAULT_SET_ALPHA)
 #: The default operating point is the coverage point nearest this target.
 PREFERRED_DEFAULT_COVERAGE = 0.9
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """Graph outputs on labelled data: ``errors`` ``[N]`` 0/1 of argmax(logits) vs ``y``."""
+    """Graph outputs on labelled data, ``labels`` ``[N]``, and ``errors`` ``[N]``: 0/1, argmax != label."""
 
     outputs: GraphOutputs
     errors: np.ndarray
+    labels: np.ndarray
 
     def scores(self, name: str) -> np.ndarray:
         """Score ``name`` ``[N]``; ``selection`` is g's logit when the graph exports it."""
@@ -88,8 +93,9 @@ def predict(model: OnnxModel, data: ArraySplit | LabelledSource, batch_size: int
         outputs = GraphOutputs.concat([model.run(x) for x in data.iter_batches(batch_size)])
         if outputs.logits.shape[0] != len(data):
             raise ValueError(f"{data.name}: {outputs.logits.shape[0]} outputs for {len(data)} labels")
-    errors = (outputs.logits.argmax(axis=1) != data.y).astype(np.int64)
-    return Predictions(outputs=outputs, errors=errors)
+    labels = np.asarray(data.y, dtype=np.int64)
+    errors = (outputs.logits.argmax(axis=1) != labels).astype(np.int64)
+    return Predictions(outputs=outputs, errors=errors, labels=labels)
 
 
 def score_metrics(scores: np.ndarray, errors: np.ndarray) -> dict[str, Any]:
@@ -291,6 +297,7 @@ def run_calibration(
     batch_size: int = 256,
     risk_method: str = DEFAULT_RISK_METHOD,
     p_value: str = DEFAULT_P_VALUE,
+    prediction_set: SetSpec | None = DEFAULT_SET_SPEC,
 ) -> CalibrationRun:
     """Calibrate the graph in ``model_dir`` and write ``calibration.json`` next to it.
 
@@ -311,6 +318,8 @@ def run_calibration(
         risk_method: ``ltt`` (Learn then Test, fixed sequence: :func:`abstain.thresholds.ltt_point`)
             or ``sgr`` (Selection with Guaranteed Risk: :func:`abstain.thresholds.sgr_point`).
         p_value: LTT's p-value, ``exact`` (binomial tail) or ``hoeffding_bentkus``.
+        prediction_set: the conformal set each point gives with its abstentions
+            (:mod:`abstain.calibration.abstention_sets`); ``None``: no sets.
 
     Raises:
         ValueError: bad targets/delta/score, data problems, too few samples, the training
@@ -328,6 +337,13 @@ def run_calibration(
         raise ValueError(f"risk method should be one of {', '.join(RISK_METHODS)}, but got {risk_method!r}")
     if p_value not in P_VALUES:
         raise ValueError(f"p-value should be one of {', '.join(P_VALUES)}, but got {p_value!r}")
+    if prediction_set is not None and (
+        prediction_set.method not in SET_METHODS or not 0.0 < prediction_set.alpha < 1.0
+    ):
+        raise ValueError(
+            f"prediction sets should have a method in {SET_METHODS} and alpha in (0, 1), but got "
+            f"{prediction_set.method!r} at alpha {prediction_set.alpha!r}"
+        )
 
     version_dir = resolve_version_dir(Path(model_dir))
     model = OnnxModel(version_dir / "model.onnx")
@@ -406,6 +422,10 @@ def run_calibration(
             )
         )
 
+    temperature = fit_confidence(preds.outputs, preds.labels)
+    points = [
+        with_sets_and_estimate(p, preds.outputs, preds.labels, temperature, prediction_set) for p in points
+    ]
     calibration = Calibration(
         graph_sha256=model.sha256,
         operating_points=tuple(points),
@@ -423,6 +443,7 @@ def run_calibration(
         },
         scores=per_score,
         unmet_targets=tuple(unmet),
+        confidence_calibration=temperature.to_dict(),
     )
     path = version_dir / CALIBRATION_FILENAME
     save_calibration(path, calibration)

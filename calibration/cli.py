@@ -98,11 +98,27 @@ def calibrate(
         str,
         typer.Option("--p-value", help="LTT's p-value: exact (binomial tail) or hoeffding_bentkus."),
     ] = "exact",
+    set_method: Annotated[
+        str,
+        typer.Option(
+            "--set-method",
+            help="Conformal prediction set given with each abstention: lac (smallest sets), aps "
+            "(adaptive), or none.",
+        ),
+    ] = "lac",
+    set_alpha: Annotated[
+        float,
+        typer.Option(
+            "--set-alpha",
+            help="Sets hold the true class of at least 1 - alpha of each point's abstentions.",
+        ),
+    ] = 0.1,
 ) -> None:
     """Fit operating points on held-out labelled data; write calibration.json next to the graph.
 
     Example: abstain calibrate models/digits --dataset digits --split val --coverage 0.8,0.9,0.95 --risk 0.02
     """
+    from abstain.calibration.abstention_sets import SetSpec
     from abstain.calibration.calibrate import DEFAULT_COVERAGES, run_calibration
 
     coverages = parse_targets(coverage)
@@ -122,6 +138,7 @@ def calibrate(
         batch_size=batch_size,
         risk_method=method,
         p_value=p_value,
+        prediction_set=None if set_method == "none" else SetSpec(method=set_method, alpha=set_alpha),
     )
     _print_calibration(result)
 
@@ -140,7 +157,16 @@ def _print_calibration(result: Any) -> None:
         scores.add_row(name + mark, f"{m['aurc']:.5f}", f"{m['eaurc']:.5f}", f"{m['augrc']:.5f}")
     console.print(scores)
     table = Table(title="operating points")
-    for col in ("name", "threshold", "coverage", "coverage CI", "risk", "risk CI / bound"):
+    for col in (
+        "name",
+        "threshold",
+        "coverage",
+        "coverage CI",
+        "risk",
+        "risk CI / bound",
+        "est. risk",
+        "set size / holds",
+    ):
         table.add_column(col)
     for p in cal.operating_points:
         default = " (default)" if p.name == cal.default_operating_point else ""
@@ -154,6 +180,7 @@ def _print_calibration(result: Any) -> None:
                 f"[{ci[0]:.4f}, {ci[1]:.4f}]",
                 f"{p.risk:.4f}",
                 f"[{rci[0]:.4f}, {rci[1]:.4f}]",
+                *_estimate_and_set(p),
             )
         else:
             table.add_row(
@@ -166,8 +193,39 @@ def _print_calibration(result: Any) -> None:
                 f"LTT p = {p.extra['p_value']:.3g}"
                 if p.extra.get("risk_method") == "ltt"
                 else f"≤ {p.extra['risk_bound']:.4f}",
+                *_estimate_and_set(p),
             )
     console.print(table)
+    if cal.temperature is not None:
+        fit = cal.confidence_calibration
+        console.print(
+            f"softmax temperature {fit['temperature']:.4f} (NLL {fit['nll_uncalibrated']:.4f} → "
+            f"{fit['nll']:.4f}): est. risk = mean(1 - calibrated confidence) of the answered, the "
+            "service's label-free live-risk estimate",
+            highlight=False,
+        )
+    sets = [p.extra["prediction_set"] for p in cal.operating_points if "prediction_set" in p.extra]
+    if sets:
+        console.print(
+            f"set: the {sets[0]['method'].upper()} conformal set given with each abstention, at "
+            f"{1 - sets[0]['alpha']:.0%} over the point's abstentions; its mean size and how often it "
+            "holds the true class, on this data",
+            highlight=False,
+        )
+    for p in cal.operating_points:
+        conformal = p.extra.get("prediction_set")
+        if conformal is not None and conformal["n_calibration"] == 0:
+            console.print(
+                f"{p.name} abstains on none of this data: its abstentions get every class as their set.",
+                highlight=False,
+            )
+        elif conformal is not None and conformal["quantile"] is None:
+            console.print(
+                f"[bold yellow]{p.name}: {conformal['n_calibration']} abstentions on this data, fewer "
+                f"than the {conformal['min_samples']} a {1 - conformal['alpha']:.0%} set needs[/]: its "
+                "abstentions get every class as their set.",
+                highlight=False,
+            )
     for u in cal.unmet_targets:
         console.print(
             f"[bold yellow]{u['name']}: not met[/] — {u['reason']}; at least "
@@ -175,6 +233,20 @@ def _print_calibration(result: Any) -> None:
             highlight=False,
         )
     console.print(f"wrote {result.path}")
+
+
+def _estimate_and_set(point: Any) -> tuple[str, str]:
+    """The table's "est. risk" and "set" cells: the label-free risk estimate, and the set's
+    level, mean size and coverage over the point's abstentions."""
+    estimate = point.extra.get("estimated_risk")
+    conformal = point.extra.get("prediction_set")
+    if conformal is None:
+        cell = ""
+    elif conformal["n_calibration"] == 0:
+        cell = "no abstentions"
+    else:
+        cell = f"{conformal['mean_size']:.2f} / {conformal['coverage']:.3f}"
+    return ("" if estimate is None else f"{estimate:.4f}", cell)
 
 
 def evaluate(

@@ -8,6 +8,7 @@ name                                   type       labels
 ``abstain_selection_logit_score``      histogram  model, version, score (logit scale)
 ``abstain_target_coverage``            gauge      model, version, operating_point
 ``abstain_abstention_rate``            gauge      model, version, operating_point
+``abstain_estimated_risk``             gauge      model, version, operating_point
 ``abstain_inference_seconds``          histogram  model, version, backend
 ``abstain_batch_size``                 histogram  model, version
 ``abstain_rejected_inputs_total``      counter    model, version, reason
@@ -41,6 +42,15 @@ edges thus depend on the calibration: compare ``le`` series within one model ver
 scores and edges may be negative, so, as OpenMetrics asks, ``prometheus_client`` exposes no
 ``_sum`` for the logit histogram (BentoML's multi-worker merge does, and it may fall, which
 Prometheus reads as a reset): read it from its buckets and ``_count``.
+
+``abstain_estimated_risk`` is the label-free estimate of the live selective risk
+(:mod:`abstain.temperature`): the mean of ``1 - p`` over this worker's last N *answered*
+decisions, ``p`` the temperature-scaled softmax probability of the answer (the temperature
+fitted by ``abstain calibrate``). It is there before any label arrives and rests on one
+assumption: the probabilities are as calibrated on live traffic as on the calibration data
+(docs/serving.md, "Is it still right?"). NaN before the first answer; absent for a calibration
+without a temperature (files older than it). ``AbstainEstimatedRiskAboveCalibrated``
+(deploy/prometheus/rules.yml) compares it with ``abstain_calibrated_risk``.
 
 A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
 the client's input, so it is not a rejected input: it has its own counter, and the request
@@ -163,6 +173,30 @@ class RollingRate:
         return self._true / len(self._items) if self._items else 0.0
 
 
+class RollingMean:
+    """Mean of the last ``window`` observed values (NaN before any)."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window should be a positive number of decisions, but got {window}")
+        self._items: deque[float] = deque(maxlen=window)
+        self._sum = 0.0
+
+    def extend(self, values: Iterable[float]) -> float:
+        for value in values:
+            if len(self._items) == self._items.maxlen:
+                self._sum -= self._items[0]  # the oldest falls out of the window
+            self._items.append(value)
+            self._sum += value
+        return self.value
+
+    @property
+    def value(self) -> float:
+        # a running sum: each step's rounding (~1e-16) is far below what the gauge means; clamped
+        # at 0 so that rounding never shows a negative risk
+        return max(self._sum, 0.0) / len(self._items) if self._items else math.nan
+
+
 class ServiceMetrics:
     """The service's metrics for one served model version; create inside the worker."""
 
@@ -206,6 +240,13 @@ class ServiceMetrics:
             ["model", "version", "operating_point"],
             multiprocess_mode="mostrecent",
         )
+        self.estimated_risk = Gauge(
+            "abstain_estimated_risk",
+            "Label-free estimate of the selective risk: mean(1 - calibrated confidence) over this "
+            "worker's last N answered decisions (assumes the probabilities stay calibrated).",
+            ["model", "version", "operating_point"],
+            multiprocess_mode="mostrecent",
+        )
         self.inference_seconds = Histogram(
             "abstain_inference_seconds",
             "Wall time of one backend forward pass (one batch).",
@@ -237,7 +278,11 @@ class ServiceMetrics:
         self.internal_errors.labels(model, version)
         self._window = window
         self._rolling: dict[str, RollingRate] = {}
+        self._answered_error: dict[str, RollingMean] = {}
+        self._estimates = calibration.temperature is not None
         for point in points:
+            if self._estimates:
+                self.estimated_risk.labels(model, version, point.name).set(math.nan)
             target = point.target_coverage if point.target_coverage is not None else point.coverage
             if target is not None:
                 self.target_coverage.labels(model, version, point.name).set(float(target))
@@ -249,11 +294,17 @@ class ServiceMetrics:
             self.rejected.labels(model, version, reason)
 
     def observe_decisions(
-        self, operating_point: str, answered: Sequence[bool], score: str, scores: Iterable[float]
+        self,
+        operating_point: str,
+        answered: Sequence[bool],
+        score: str,
+        scores: Iterable[float],
+        calibrated_confidence: Sequence[float] | None = None,
     ) -> None:
         """Count the decisions (``answered[i]``: predicted, else abstained), record the ``scores``
         the operating point thresholds (named ``score``) in the histogram of the point's scale
-        (a point the calibration does not name: ``probability``), and update the rolling rate."""
+        (a point the calibration does not name: ``probability``), update the rolling rate, and,
+        given each decision's ``calibrated_confidence``, the estimated risk of the answered."""
         labels = (self.model, self.version, operating_point)
         n_predict = int(sum(answered))
         if len(answered) - n_predict:
@@ -264,6 +315,10 @@ class ServiceMetrics:
         observe_many(histogram.labels(self.model, self.version, score), scores)
         rolling = self._rolling.setdefault(operating_point, RollingRate(self._window))
         self.abstention_rate.labels(*labels).set(rolling.extend(not a for a in answered))
+        if calibrated_confidence is not None and self._estimates and n_predict:
+            errors = self._answered_error.setdefault(operating_point, RollingMean(self._window))
+            expected = (1.0 - p for p, ok in zip(calibrated_confidence, answered, strict=True) if ok)
+            self.estimated_risk.labels(*labels).set(errors.extend(expected))
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.labels(self.model, self.version).observe(size)

@@ -313,9 +313,15 @@ class Abstain:
             getattr(out, "selection_logit", None),  # a selection point's threshold is then a logit
             score_value=None if scores is None else scores[:, column],
             answered=None if accept is None else accept[:, column],
+            temperature=self.artifacts.calibration.temperature,  # the label-free risk estimate's
         )
+        confidence = decisions.calibrated_confidence
         self.metrics.observe_decisions(
-            point.name, decisions.answered.tolist(), point.score, decisions.score_value.tolist()
+            point.name,
+            decisions.answered.tolist(),
+            point.score,
+            decisions.score_value.tolist(),
+            None if confidence is None else confidence.tolist(),
         )
         return answers(decisions, self.class_names, request_ids), decisions
 

@@ -4,23 +4,37 @@ The decision itself is :func:`abstain.decisions.decide_arrays` — the one decis
 the service, ``abstain predict`` and the tests; this module only turns its arrays into the
 answer's dicts. A sample is answered iff ``score >= threshold``; the arg-max class of the
 prediction head f and its softmax probability (``confidence``) are reported for abstentions
-too, as the ``candidate`` a human reviewer sees.
+too, as the ``candidate`` a human reviewer sees, with the operating point's conformal
+prediction set when its calibration has one (:mod:`abstain.conformal`): the classes that hold
+the true one for at least ``level`` of the point's abstentions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
+
+import numpy as np
 
 from abstain.decisions import Decisions
 
 
+class PredictionSet(TypedDict):
+    """An abstention's conformal set, classes in index order; ``level`` = 1 - alpha (may be empty)."""
+
+    labels: list[str]
+    class_indices: list[int]
+    level: float
+    method: str  # "lac" | "aps"
+
+
 class Candidate(TypedDict):
-    """The model's top class for an abstention, for human review."""
+    """The model's top class for an abstention, for human review, and its prediction set."""
 
     label: str
     class_index: int
     confidence: float
+    prediction_set: NotRequired[PredictionSet]
 
 
 class _AnswerBase(TypedDict):
@@ -71,6 +85,8 @@ def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]
     threshold, name, score = float(point.threshold), point.name, point.score
     if len(request_ids) != len(d):
         raise ValueError(f"{len(d)} decisions need {len(d)} request ids, but got {len(request_ids)}")
+    conformal = d.point.extra.get("prediction_set")
+    sets = d.prediction_set  # bool [N, K]; read for the abstentions only
     out: list[Answer] = []
     for i, (rid, k, conf, g, value, ok) in enumerate(
         zip(
@@ -92,11 +108,18 @@ def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]
                 )
             )  # fmt: skip
         else:
+            candidate = Candidate(label=class_names[k], class_index=k, confidence=conf)
+            if sets is not None and conformal is not None:
+                members = np.flatnonzero(sets[i]).tolist()
+                candidate["prediction_set"] = PredictionSet(
+                    labels=[class_names[j] for j in members], class_indices=members,
+                    level=1.0 - float(conformal["alpha"]), method=str(conformal["method"]),
+                )  # fmt: skip
             out.append(
                 Abstention(
                     request_id=rid, decision="abstain", confidence=conf, selection=g, score=score,
                     score_value=value, threshold=threshold, operating_point=name, reason=d.reason(i),
-                    candidate=Candidate(label=class_names[k], class_index=k, confidence=conf),
+                    candidate=candidate,
                 )
             )  # fmt: skip
     return out

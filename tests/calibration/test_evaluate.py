@@ -161,6 +161,7 @@ def test_a_hand_written_point_without_counts_falls_back_to_its_interval() -> Non
     preds = Predictions(
         GraphOutputs(np.zeros((4, 10), np.float32), np.array([0.9, 0.8, 0.7, 0.6], np.float32)),
         np.zeros(4, np.int64),
+        np.zeros(4, np.int64),
     )
     point = OperatingPoint(
         name="c",

@@ -11,7 +11,7 @@ DEPLOY = REPO / "deploy"
 #: The metric families the service exports (serving/metrics.py), as named in the contract
 #: the serving and deploy work share. Histograms also expose _bucket, _sum and _count.
 COUNTERS = ("abstain_decisions_total", "abstain_rejected_inputs_total")
-GAUGES = ("abstain_target_coverage", "abstain_abstention_rate")
+GAUGES = ("abstain_target_coverage", "abstain_abstention_rate", "abstain_estimated_risk")
 # live selective risk from delayed labels (serving/store/live.py)
 COUNTERS += ("abstain_feedback_total", "abstain_decisions_not_recorded_total")
 GAUGES += (

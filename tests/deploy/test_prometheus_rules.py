@@ -71,6 +71,7 @@ def test_every_alert_has_a_firing_case_in_the_unit_tests() -> None:
         "AbstainRejectedInputsSpike",
         "AbstainTargetDown",
         "AbstainLiveRiskAboveCalibrated",
+        "AbstainEstimatedRiskAboveCalibrated",
     }
     assert fired == alerts
 

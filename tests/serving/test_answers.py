@@ -41,6 +41,24 @@ def test_decide_predicts_above_and_abstains_below_threshold() -> None:
     assert a["reason"] == "selection score 0.2000 below threshold 0.5000 of operating point coverage-0.9"
 
 
+def test_an_abstention_carries_its_points_prediction_set() -> None:
+    # softmax([0, 1, 1.5]) = [0.1220, 0.3315, 0.5465]; LAC at quantile 0.7 keeps 1 - p <= 0.7,
+    # i.e. p >= 0.3: classes 1 and 2; softmax([3, 0, 0]) = [0.9094, 0.0453, 0.0453] keeps class 0
+    point = OperatingPoint(
+        name="c", method="coverage", score="selection", threshold=0.5,
+        extra={"prediction_set": {"method": "lac", "alpha": 0.2, "quantile": 0.7}},
+    )  # fmt: skip
+    logits = np.array([[0.0, 1.0, 1.5], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    abstained, confident, answered = decide(logits, np.array([0.1, 0.2, 0.9]), point, ["a", "b", "c"])
+    assert abstained["candidate"]["prediction_set"] == {
+        "labels": ["b", "c"], "class_indices": [1, 2], "level": pytest.approx(0.8), "method": "lac",
+    }  # fmt: skip
+    assert confident["candidate"]["prediction_set"]["class_indices"] == [0]
+    assert "candidate" not in answered and "prediction_set" not in str(answered)
+    # a point without a set (calibrations older than sets): the candidate as before
+    assert "prediction_set" not in decide(logits, np.array([0.1] * 3), POINT, ["a", "b", "c"])[0]["candidate"]
+
+
 def test_decide_uses_the_operating_points_score() -> None:
     # combined = sqrt(g · softmax response) = sqrt(0.9 · 0.8808) = 0.8904 >= 0.89 → predict;
     # the same sample abstains at 0.8905

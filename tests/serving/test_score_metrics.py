@@ -66,8 +66,9 @@ def metrics() -> Iterator[ServiceMetrics]:
 
 
 def _calibration():
-    class _Stub:  # ServiceMetrics reads only the operating points
+    class _Stub:  # ServiceMetrics reads only the operating points and the temperature
         operating_points = ()
+        temperature = None
 
     return _Stub()
 
@@ -94,6 +95,41 @@ def test_score_histogram_is_labelled_by_score_and_rejections_by_model(metrics: S
     metrics.reject("bad_npy")
     rejected = {"model": "digits", "version": "1", "reason": "bad_npy"}
     assert REGISTRY.get_sample_value("abstain_rejected_inputs_total", rejected) == 1
+
+
+def test_estimated_risk_is_the_mean_expected_error_of_the_last_answered() -> None:
+    """At T = 2 the two images' calibrated confidences are those of logits (1, 0) and (0, 0.5):
+    e/(1+e) = 0.731059 and e^0.5/(1+e^0.5) = 0.622459; only answered ones count."""
+    from prometheus_client import REGISTRY
+
+    sr_point = point("softmax_response", 0.8)
+    cal = Calibration("0" * 64, (sr_point,), sr_point.name, confidence_calibration={"temperature": 2.0})
+    m = ServiceMetrics("digits", "1", "onnxruntime", cal, window=2)
+    try:
+        labels = {"model": "digits", "version": "1", "operating_point": sr_point.name}
+        assert math.isnan(REGISTRY.get_sample_value("abstain_estimated_risk", labels))  # before any answer
+        d = decide_arrays(LOGITS, G, sr_point, temperature=2.0)
+        assert d.calibrated_confidence is not None
+        np.testing.assert_allclose(d.calibrated_confidence, [0.731059, 0.622459], atol=1e-6)
+        confidence = d.calibrated_confidence.tolist()
+        # image 0 answered (SR 0.881 >= 0.8), image 1 abstained (0.731): only 1 - 0.731059 counts
+        m.observe_decisions(sr_point.name, d.answered.tolist(), "softmax_response", [0.0, 0.0], confidence)
+        assert REGISTRY.get_sample_value("abstain_estimated_risk", labels) == pytest.approx(
+            0.268941, abs=1e-6
+        )
+        # a window of 2 answered: after two answered 0.622459 the first falls out
+        m.observe_decisions(sr_point.name, [True, True], "softmax_response", [0.0, 0.0], [confidence[1]] * 2)
+        assert REGISTRY.get_sample_value("abstain_estimated_risk", labels) == pytest.approx(
+            0.377541, abs=1e-6
+        )
+    finally:
+        _unregister(m)
+    old = ServiceMetrics("digits", "1", "onnxruntime", Calibration("0" * 64, (sr_point,), sr_point.name))
+    try:  # a calibration without a temperature: no estimate, no series
+        old.observe_decisions(sr_point.name, [True], "softmax_response", [0.9], [0.9])
+        assert REGISTRY.get_sample_value("abstain_estimated_risk", labels) is None
+    finally:
+        _unregister(old)
 
 
 @pytest.mark.parametrize("n", [3, 200])  # observe() itself, and the bucket counts of observe_many

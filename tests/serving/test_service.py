@@ -70,6 +70,47 @@ def test_answers_match_offline_decisions_on_the_digits_test_split(server: Server
     assert after["abstain"] - before["abstain"] == (~answered).sum()
 
 
+def test_abstentions_carry_their_sets_and_the_gauge_estimates_the_risk_of_the_answered(
+    server: Server,
+) -> None:
+    """One ``.npy`` request of 256 test images at coverage-0.8 (no other test uses it, so one
+    worker's window holds exactly these answers): each abstention's set is the LAC set computed
+    here from the logits and the calibrated quantile, and abstain_estimated_risk is mean(1 - p)
+    of the answered at the calibrated temperature."""
+    calibration = load_calibration(MODEL_DIR / CALIBRATION_FILENAME)
+    point = calibration.operating_point("coverage-0.8")
+    x = load_digits("test").x[:256]
+    body = io.BytesIO()
+    np.save(body, x)
+    with server.client() as client:
+        reply = client.post(
+            "/predict",
+            params={"operating_point": point.name},
+            content=body.getvalue(),
+            headers={"content-type": "application/x-npy"},
+        )
+    assert reply.status_code == 200, reply.text
+    preds = reply.json()["predictions"]
+    logits = OnnxModel(MODEL_DIR / MODEL_FILENAME).run_batched(x).logits.astype(np.float64)
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    quantile = point.extra["prediction_set"]["quantile"]
+    abstained = [i for i, p in enumerate(preds) if p["decision"] == "abstain"]
+    assert len(abstained) > 20
+    for i in abstained:
+        want = np.flatnonzero(1.0 - softmax(logits[i : i + 1])[0] <= quantile).tolist()
+        assert preds[i]["candidate"]["prediction_set"]["class_indices"] == want
+        assert preds[i]["candidate"]["prediction_set"]["level"] == pytest.approx(0.9)
+    answered = np.array([p["decision"] == "predict" for p in preds])
+    assert calibration.temperature is not None
+    expected = np.mean(1.0 - softmax(logits / calibration.temperature).max(axis=1)[answered])
+    estimate = server.metric("abstain_estimated_risk", operating_point=point.name, **LABELS)
+    assert estimate == pytest.approx(expected, rel=1e-9)
+
+
 def test_batch_and_score_metrics_count_every_image(server: Server) -> None:
     x = load_digits("test").x[:10]
     # the default point's score, as the service computes it: what the histogram records
