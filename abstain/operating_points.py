@@ -222,8 +222,8 @@ def _validate_prediction_set(raw: Any, where: str) -> None:
 def _validate_confidence_calibration(raw: Any, where: str) -> dict[str, Any]:
     if raw is None or raw == {}:  # absent: calibrations older than the field
         return {}
-    temperature = raw.get("temperature") if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or not (_is_number(temperature) and temperature > 0):
+    temperature: Any = raw.get("temperature") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not _is_number(temperature) or temperature <= 0:
         raise CalibrationError(
             f"{where}: confidence_calibration should be an object with a positive finite "
             f"temperature, but got {raw!r}"

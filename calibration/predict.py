@@ -42,6 +42,7 @@ COLUMNS: tuple[str, ...] = (
     "decision",  # predict | abstain | error
     "label",  # the predicted class name (decision == predict)
     "candidate",  # the arg-max class name of an abstention, for review
+    "prediction_set",  # an abstention's conformal set (class names), when its point has sets
     "class_index",  # index of label or candidate
     "confidence",  # softmax response of class_index
     "score",  # the score the operating point thresholds
@@ -223,6 +224,8 @@ def batch_records(batch: Batch, d: Decisions | None, class_names: Sequence[str])
         assert d is not None
         k = int(d.class_index[row])
         answered = bool(d.answered[row])
+        if not answered and d.prediction_set is not None:
+            rec["prediction_set"] = [class_names[j] for j in np.flatnonzero(d.prediction_set[row])]
         rec.update(
             decision="predict" if answered else "abstain",
             label=class_names[k] if answered else None,
@@ -256,8 +259,13 @@ class RecordWriter:
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.fmt == "jsonl":
             self.handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
-        elif self.fmt == "csv":
-            self._csv.writerows(records)
+        elif self.fmt == "csv":  # a set as a JSON list: CSV has no lists
+            self._csv.writerows(
+                {**r, "prediction_set": json.dumps(r["prediction_set"])}
+                if r["prediction_set"] is not None
+                else r
+                for r in records
+            )
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -287,6 +295,7 @@ def PARQUET_SCHEMA() -> Any:  # noqa: N802 — a constant, built lazily so pyarr
         "score_value": pa.float64(),
         "threshold": pa.float64(),
         "correct": pa.bool_(),
+        "prediction_set": pa.list_(pa.string()),
     }
     return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
 

@@ -12,7 +12,7 @@ the true one for at least ``level`` of the point's abstentions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, TypedDict
 
 import numpy as np
 
@@ -28,13 +28,17 @@ class PredictionSet(TypedDict):
     method: str  # "lac" | "aps"
 
 
-class Candidate(TypedDict):
-    """The model's top class for an abstention, for human review, and its prediction set."""
-
+class _CandidateBase(TypedDict):
     label: str
     class_index: int
     confidence: float
-    prediction_set: NotRequired[PredictionSet]
+
+
+class Candidate(_CandidateBase, total=False):
+    """The model's top class for an abstention, for human review, and its prediction set (present
+    when the operating point's calibration has sets)."""
+
+    prediction_set: PredictionSet
 
 
 class _AnswerBase(TypedDict):

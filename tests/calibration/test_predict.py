@@ -38,6 +38,7 @@ def read_records(path: Path) -> list[dict]:
             "score_value": float,
             "threshold": float,
             "correct": lambda v: v == "True",
+            "prediction_set": json.loads,
         }
         return [{k: (None if v == "" else types.get(k, str)(v)) for k, v in row.items()} for row in rows]
     import pyarrow.parquet as pq
@@ -77,6 +78,9 @@ def test_digits_test_split_equals_the_service_at_every_point(tmp_path: Path, suf
             assert (r["label"], r["candidate"]) == (
                 (e["label"], None) if e["decision"] == "predict" else (None, e["candidate"]["label"])
             )
+            # an abstention's conformal set, as the service gives it (every format: a list of names)
+            want_set = e["candidate"]["prediction_set"]["labels"] if e["decision"] == "abstain" else None
+            assert r["prediction_set"] == want_set
             assert r["true_label"] == test.class_names[int(test.y[int(r["input"])])]
         # the summary, worked out from the service's answers
         answered = np.array([e["decision"] == "predict" for e in expected])
