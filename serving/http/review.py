@@ -33,18 +33,26 @@ MAX_PAGE = 500
 
 
 def describe(item: ReviewItem, class_names: list[str]) -> dict[str, Any]:
-    """One item of the ``GET /review`` listing (without its pixels)."""
+    """One item of the ``GET /review`` listing (without its pixels); its candidate carries the
+    abstention's prediction set as the answer gave it, when its operating point had sets."""
+    candidate: dict[str, Any] = {
+        "label": class_names[item.candidate] if 0 <= item.candidate < len(class_names) else None,
+        "class_index": item.candidate,
+        "confidence": item.confidence,
+    }
+    if item.prediction_set is not None:
+        indices = item.prediction_set["class_indices"]
+        candidate["prediction_set"] = {
+            "labels": [class_names[k] if 0 <= k < len(class_names) else None for k in indices],
+            **item.prediction_set,
+        }
     return {
         "request_id": item.request_id,
         "time": item.t,
         "model": item.model,
         "version": item.version,
         "operating_point": item.operating_point,
-        "candidate": {
-            "label": class_names[item.candidate] if 0 <= item.candidate < len(class_names) else None,
-            "class_index": item.candidate,
-            "confidence": item.confidence,
-        },
+        "candidate": candidate,
         "score_value": item.score,
         "threshold": item.threshold,
         "shape": list(item.shape),

@@ -21,13 +21,14 @@ asks gets the same numbers.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 #: Columns of one recorded decision, in table order (both stores use the same schema).
 COLUMNS = (
@@ -81,12 +82,16 @@ class ReviewItem:
     shape: tuple[int, int, int]
     pixels: bytes
     label: int | None = None
+    #: the abstention's conformal set, ``{"class_indices": [...], "level": 0.9, "method": "lac"}``
+    #: (:mod:`abstain.conformal`); ``None`` when its operating point has none
+    prediction_set: dict[str, Any] | None = None
 
     def row(self) -> tuple:
-        """Values of :data:`REVIEW_COLUMNS`, in order."""
+        """Values of :data:`REVIEW_COLUMNS`, in order (the set as JSON text, or NULL)."""
         head = (self.request_id, self.t, self.model, self.version, self.operating_point)
         tail = (self.candidate, self.confidence, self.score, self.threshold)
-        return (*head, *tail, ",".join(map(str, self.shape)), self.pixels, len(self.pixels))
+        conformal = None if self.prediction_set is None else json.dumps(self.prediction_set)
+        return (*head, *tail, ",".join(map(str, self.shape)), self.pixels, len(self.pixels), conformal)
 
     @classmethod
     def from_row(cls, row: Sequence) -> ReviewItem:
@@ -95,15 +100,19 @@ class ReviewItem:
         rid, t, model, version, point, candidate, confidence, score, threshold = row[:9]
         return cls(
             rid, t, model, version, point, candidate, confidence, score, threshold,
-            shape=(channels, height, width), pixels=bytes(row[10]), label=row[12],
+            shape=(channels, height, width), pixels=bytes(row[10]), label=row[13],
+            prediction_set=None if row[12] is None else json.loads(row[12]),
         )  # fmt: skip
 
 
 #: Columns of one review item, in table order.
 REVIEW_COLUMNS = (
     "request_id", "t", "model", "version", "operating_point", "candidate", "confidence",
-    "score", "threshold", "shape", "pixels", "nbytes",
+    "score", "threshold", "shape", "pixels", "nbytes", "prediction_set",
 )  # fmt: skip
+#: Columns added to the review table after stores were first created: (name, SQL type), added
+#: to an older table when a store opens it (SQLite here; PostgreSQL's schema script).
+REVIEW_ADDED_COLUMNS = (("prediction_set", "TEXT"),)
 
 
 @dataclass(frozen=True)
@@ -262,9 +271,18 @@ class SqliteStore:
                 candidate INTEGER NOT NULL, confidence REAL NOT NULL,
                 score REAL NOT NULL, threshold REAL NOT NULL,
                 shape TEXT NOT NULL, pixels BLOB NOT NULL, nbytes INTEGER NOT NULL,
-                label INTEGER);
+                label INTEGER, prediction_set TEXT);
             """
         )
+        # a store file written before a column existed gets it (NULL for its old rows)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(review)")}
+        for name, sql_type in REVIEW_ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE review ADD COLUMN {name} {sql_type}")
+                except sqlite3.OperationalError as exc:  # another worker added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -80,6 +80,18 @@ def calibrated_risk(point: OperatingPoint) -> float | None:
     return point.risk
 
 
+def _prediction_sets(decisions: Decisions) -> list[dict[str, Any]] | None:
+    """Each decided image's conformal set as a review item keeps it; ``None`` without sets."""
+    conformal = decisions.point.extra.get("prediction_set")
+    if decisions.prediction_set is None or conformal is None:
+        return None
+    level, method = 1.0 - float(conformal["alpha"]), str(conformal["method"])
+    return [
+        {"class_indices": np.flatnonzero(row).tolist(), "level": level, "method": method}
+        for row in decisions.prediction_set
+    ]
+
+
 class LiveMetrics:
     """The Prometheus series of the module docstring for one served model version; create in the worker."""
 
@@ -202,6 +214,7 @@ class DecisionLog:
         reviews = []
         if self.review and x is not None:
             confidence = decisions.confidence.tolist()
+            sets = _prediction_sets(decisions)
             reviews = [
                 ReviewItem(
                     request_id=rid,
@@ -215,6 +228,7 @@ class DecisionLog:
                     threshold=threshold,
                     shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
                     pixels=np.ascontiguousarray(x[i], dtype=np.float32).tobytes(),
+                    prediction_set=None if sets is None else sets[i],
                 )
                 for i, rid in enumerate(request_ids)
                 if not answered[i]

@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS review (
     candidate INTEGER NOT NULL, confidence DOUBLE PRECISION NOT NULL,
     score DOUBLE PRECISION NOT NULL, threshold DOUBLE PRECISION NOT NULL,
     shape TEXT NOT NULL, pixels BYTEA NOT NULL, nbytes INTEGER NOT NULL,
-    label INTEGER);
+    label INTEGER, prediction_set TEXT);
+-- a database created before the column existed gets it (NULL for its old rows)
+ALTER TABLE review ADD COLUMN IF NOT EXISTS prediction_set TEXT;
 """
 
 

@@ -49,7 +49,8 @@ def test_abstentions_are_kept_listed_labelled_and_exported(review_server, tmp_pa
     reply = httpx.post(
         f"{server.url}/predict", json={"pixels": noise.tolist(), "request_id": ids}, timeout=30
     )
-    abstained = [p["request_id"] for p in reply.json()["predictions"] if p["decision"] == "abstain"]
+    answers = {p["request_id"]: p for p in reply.json()["predictions"]}
+    abstained = [rid for rid, p in answers.items() if p["decision"] == "abstain"]
     assert len(abstained) >= 12, "the test needs noise the model abstains on"
 
     page = wait_total(server, 10)
@@ -58,7 +59,11 @@ def test_abstentions_are_kept_listed_labelled_and_exported(review_server, tmp_pa
     assert kept == abstained[-10:]
     first = page["items"][0]
     assert first["shape"] == [1, 8, 8] and first["image"] == f"/review/{kept[0]}"
-    assert set(first["candidate"]) == {"label", "class_index", "confidence"}
+    # each item's candidate, prediction set included, is the one its answer gave
+    for item in page["items"]:
+        assert item["candidate"] == answers[item["request_id"]]["candidate"]
+    assert set(first["candidate"]) == {"label", "class_index", "confidence", "prediction_set"}
+    assert first["candidate"]["prediction_set"]["level"] == pytest.approx(0.9)
     # paging
     second = httpx.get(f"{server.url}/review", params={"offset": 8, "limit": 5}, timeout=30).json()
     assert [i["request_id"] for i in second["items"]] == kept[8:]

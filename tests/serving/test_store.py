@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -192,6 +193,43 @@ def test_review_queue_keeps_abstentions_until_labelled(make_store) -> None:
     (labelled,) = store.labelled_reviews()
     assert labelled.request_id == "r1" and labelled.label == 7
     assert store.review_item("nope") is None
+
+
+def test_a_review_items_prediction_set_round_trips(make_store) -> None:
+    store = make_store(review_items=10, review_bytes=1000)
+    conformal = {"class_indices": [3, 8], "level": 0.9, "method": "lac"}
+    empty = {"class_indices": [], "level": 0.9, "method": "lac"}  # an empty set is a set, not None
+    with_set, with_empty = (
+        dataclasses.replace(review_item(i), prediction_set=c) for i, c in ((0, conformal), (1, empty))
+    )
+    store.record([], [with_set, with_empty, review_item(2)])
+    assert [i.prediction_set for i in store.review_page(0, 10)[1]] == [conformal, empty, None]
+
+
+def test_an_sqlite_store_from_before_prediction_sets_gets_the_column(tmp_path: Path) -> None:
+    """A store file written by an older service (no prediction_set column) opens, keeps its rows
+    (their set NULL) and takes new items with a set."""
+    path = tmp_path / SqliteStore.FILENAME
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE review (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, t REAL NOT NULL, "
+            "model TEXT NOT NULL, version TEXT NOT NULL, operating_point TEXT NOT NULL, candidate INTEGER "
+            "NOT NULL, confidence REAL NOT NULL, score REAL NOT NULL, threshold REAL NOT NULL, shape TEXT "
+            "NOT NULL, pixels BLOB NOT NULL, nbytes INTEGER NOT NULL, label INTEGER)"
+        )
+        old = review_item(0)
+        db.execute("INSERT INTO review VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", old.row()[:-1])
+    store = open_store("sqlite", tmp_path, Retention(1000, DAY, 10, 1000))
+    try:
+        new = dataclasses.replace(
+            review_item(1), prediction_set={"class_indices": [1], "level": 0.9, "method": "aps"}
+        )
+        store.record([], [new])
+        assert [(i.request_id, i.prediction_set) for i in store.review_page(0, 10)[1]] == [
+            ("r0", None), ("r1", new.prediction_set),
+        ]  # fmt: skip
+    finally:
+        store.close()
 
 
 def test_review_queue_bounds_drop_the_oldest(make_store) -> None:
