@@ -15,6 +15,7 @@ has one; and, with a calibration temperature, each answer's calibrated confidenc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -49,6 +50,8 @@ class Decisions:
             point's level (``point.extra["prediction_set"]``); ``None`` when it has none.
         calibrated_confidence: float64 ``[N]``, the temperature-scaled softmax probability of
             ``class_index``; ``None`` without a temperature.
+        thresholds: float64 ``[N]``, the threshold each sample was held to: the point's, or, for
+            a class-conditional point, its predicted class's (``inf``: a class never answered).
     """
 
     answered: np.ndarray
@@ -59,16 +62,44 @@ class Decisions:
     point: OperatingPoint
     prediction_set: np.ndarray | None = None
     calibrated_confidence: np.ndarray | None = None
+    thresholds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.answered.shape[0])
 
+    def threshold(self, i: int) -> float | None:
+        """The threshold sample ``i`` was held to; ``None`` for a class that is never answered."""
+        if self.thresholds is None:
+            return float(self.point.threshold)
+        value = float(self.thresholds[i])
+        return None if math.isinf(value) else value
+
     def reason(self, i: int) -> str:
         """Why sample ``i`` was abstained on, in words (for the JSON answer and offline records)."""
+        if self.thresholds is None:
+            return (
+                f"{self.point.score} score {self.score_value[i]:.4f} below threshold "
+                f"{self.point.threshold:.4f} of operating point {self.point.name}"
+            )
+        k, threshold = int(self.class_index[i]), self.threshold(i)
+        if threshold is None:
+            return (
+                f"operating point {self.point.name} never answers class {k}: its calibration had "
+                "too few samples of that class to certify a threshold"
+            )
         return (
-            f"{self.point.score} score {self.score_value[i]:.4f} below threshold "
-            f"{self.point.threshold:.4f} of operating point {self.point.name}"
+            f"{self.point.score} score {self.score_value[i]:.4f} below class {k}'s threshold "
+            f"{threshold:.4f} of operating point {self.point.name}"
         )
+
+
+def class_thresholds(point: OperatingPoint) -> np.ndarray | None:
+    """A class-conditional point's thresholds, float64 ``[K]`` (``inf`` for a class it never
+    answers: ``null`` in ``calibration.json``); ``None`` for a point with one threshold."""
+    values = point.extra.get("class_thresholds")
+    if values is None:
+        return None
+    return np.array([math.inf if t is None else t for t in values], dtype=np.float64)
 
 
 def decide_arrays(
@@ -120,14 +151,23 @@ def decide_arrays(
         scores = selection_scores(logits, selection, point.score, selection_logit)  # [N]
     else:
         scores = _column(score_value, np.float64, n, "score_value")
-    decided = scores >= point.threshold
+    per_class = class_thresholds(point)
+    if per_class is not None and per_class.shape[0] != logits.shape[1]:
+        raise ValueError(
+            f"operating point {point.name} has {per_class.shape[0]} class thresholds, but the "
+            f"logits have {logits.shape[1]} classes"
+        )
+    # a class-conditional point holds each sample to its predicted class's threshold
+    thresholds = None if per_class is None else per_class[top]
+    decided = scores >= (point.threshold if thresholds is None else thresholds)
     if answered is not None:
         answered = _column(answered, bool, n, "answered")
         if score_value is not None and not np.array_equal(answered, decided):
             i = int(np.flatnonzero(answered != decided)[0])
+            held_to = point.threshold if thresholds is None else float(thresholds[i])
             raise ValueError(
                 f"answered[{i}] = {bool(answered[i])} but score_value[{i}] = {float(scores[i])!r} "
-                f"{'>=' if decided[i] else '<'} threshold {point.threshold!r} of operating point "
+                f"{'>=' if decided[i] else '<'} threshold {held_to!r} of operating point "
                 f"{point.name}: the decision and its score should come from the same place"
             )
         decided = answered
@@ -143,6 +183,7 @@ def decide_arrays(
         if conformal is None
         else prediction_sets(probs, conformal.get("quantile"), conformal["method"]),
         calibrated_confidence=None if temperature is None else calibrated_confidence(logits, temperature),
+        thresholds=thresholds,
     )
 
 

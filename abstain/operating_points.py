@@ -49,6 +49,10 @@ the label-free estimate of its selective risk on the calibration data
 (optional) holds the temperature that makes the softmax calibrated, which the service uses for
 its label-free live-risk gauge.
 
+A class-conditional point (``abstain calibrate --per-class``) carries ``class_thresholds``, one
+threshold per class (``null``: that class is never answered): a sample is held to its predicted
+class's threshold, and ``threshold`` is the lowest of them (:mod:`abstain.calibration.per_class`).
+
 A sample is answered iff ``score(sample) >= threshold``. ``unmet_targets`` (optional, may be
 empty) lists requested risk targets that SGR or LTT could not certify with the data given: they
 have no threshold and are not operating points.
@@ -192,6 +196,18 @@ def _validate_point(raw: Any, where: str) -> OperatingPoint:
         )
     if "prediction_set" in raw:
         _validate_prediction_set(raw["prediction_set"], f"{where}: operating point {raw['name']!r}")
+    if "class_thresholds" in raw:
+        values = raw["class_thresholds"]
+        if (
+            not isinstance(values, list)
+            or len(values) < 2
+            or not all(v is None or _is_number(v) for v in values)
+            or all(v is None for v in values)
+        ):
+            raise CalibrationError(
+                f"{where}: operating point {raw['name']!r} has class_thresholds {values!r}; valid: a "
+                "list with one finite number (or null: never answered) per class, not all null"
+            )
     threshold = raw["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
         raise CalibrationError(

@@ -134,8 +134,11 @@ def selection_counts(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray
     return s[last], (last + 1).astype(np.int64), cum_err[last]
 
 
-def coverage_and_risk(scores: np.ndarray, errors: np.ndarray, threshold: float) -> tuple[float, float, int]:
-    """``(coverage, selective risk, n_selected)`` of the selector ``scores >= threshold``.
+def coverage_and_risk(
+    scores: np.ndarray, errors: np.ndarray, threshold: float | np.ndarray
+) -> tuple[float, float, int]:
+    """``(coverage, selective risk, n_selected)`` of the selector ``scores >= threshold``
+    (``threshold`` a number, or ``[N]``, one per sample).
 
     The selective risk of an empty selection is undefined and returned as NaN.
     """

@@ -25,6 +25,7 @@ import numpy as np
 from abstain.bounds import P_VALUES
 from abstain.calibration.abstention_sets import SetSpec, fit_confidence, with_sets_and_estimate
 from abstain.calibration.data_sources import LabelledSource, open_labelled_data
+from abstain.calibration.per_class import per_class_point
 from abstain.conformal import DEFAULT_SET_ALPHA, SET_METHODS
 from abstain.contract import (
     CALIBRATION_FILENAME,
@@ -281,6 +282,8 @@ class CalibrationRun:
     chosen_score: str
     n: int
     accuracy: float
+    #: what the command should say beyond its tables (classes of a --per-class point never answered)
+    notes: tuple[str, ...] = ()
 
 
 def run_calibration(
@@ -298,6 +301,7 @@ def run_calibration(
     risk_method: str = DEFAULT_RISK_METHOD,
     p_value: str = DEFAULT_P_VALUE,
     prediction_set: SetSpec | None = DEFAULT_SET_SPEC,
+    per_class: bool = False,
 ) -> CalibrationRun:
     """Calibrate the graph in ``model_dir`` and write ``calibration.json`` next to it.
 
@@ -320,6 +324,8 @@ def run_calibration(
         p_value: LTT's p-value, ``exact`` (binomial tail) or ``hoeffding_bentkus``.
         prediction_set: the conformal set each point gives with its abstentions
             (:mod:`abstain.calibration.abstention_sets`); ``None``: no sets.
+        per_class: every point class-conditional, a threshold per predicted class
+            (:mod:`abstain.calibration.per_class`).
 
     Raises:
         ValueError: bad targets/delta/score, data problems, too few samples, the training
@@ -380,7 +386,29 @@ def run_calibration(
     confidence = 1.0 - delta
     # thresholds on g's logit when the graph has it: exact where float32 g ties at 1.0
     scale = preds.scale(chosen)
-    for target in coverages:
+    # a data-dependent choice among the candidate scores costs a share of delta (see Args)
+    delta_per_score = delta if score else delta / len(SCORE_NAMES)
+    unmet: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if per_class:
+        predicted = preds.outputs.logits.argmax(axis=1)
+        for method, target in [*(("coverage", t) for t in coverages), *(("risk", t) for t in risks)]:
+            point, class_notes = per_class_point(
+                method=method, target=target, scores=preds.scores(chosen), errors=preds.errors,
+                predicted=predicted, num_classes=preds.outputs.logits.shape[1], delta=delta,
+                delta_per_score=delta_per_score, score=chosen, scale=scale, risk_method=risk_method,
+                p_value=p_value,
+            )  # fmt: skip
+            label = f"{point_name(method, target)}-per-class"
+            notes.extend(f"{label}: {note}" for note in class_notes)
+            if point is not None:
+                points.append(point)
+            else:
+                target_key = "target_coverage" if method == "coverage" else "target_risk"
+                unmet.append({"name": label, "method": method, "score": chosen, target_key: target,
+                              "delta": delta, "reason": "no class could be given a threshold",
+                              "samples_needed": None})  # fmt: skip
+    for target in [] if per_class else coverages:
         res = coverage_point(ranked, target, confidence)
         points.append(
             OperatingPoint(
@@ -402,10 +430,7 @@ def run_calibration(
                 },
             )
         )
-    # a data-dependent choice among the candidate scores costs a share of delta (see Args)
-    delta_per_score = delta if score else delta / len(SCORE_NAMES)
-    unmet: list[dict[str, Any]] = []
-    for target in risks:
+    for target in [] if per_class else risks:
         certify = _ltt_risk_point if risk_method == "ltt" else _sgr_risk_point
         point, missed = certify(ranked, target, delta, delta_per_score, chosen, scale, n, p_value)
         if point is not None:
@@ -416,8 +441,12 @@ def run_calibration(
         raise ValueError(
             "no operating point could be calibrated: "
             + "; ".join(
-                f"{u['name']}: {u['reason']}; at least {u['samples_needed']} answered samples with "
-                "zero errors would be needed"
+                f"{u['name']}: {u['reason']}"
+                + (
+                    f"; at least {u['samples_needed']} answered samples with zero errors would be needed"
+                    if u["samples_needed"] is not None
+                    else ""
+                )
                 for u in unmet
             )
         )
@@ -453,4 +482,5 @@ def run_calibration(
         chosen_score=chosen,
         n=n,
         accuracy=float(1.0 - preds.errors.mean()),
+        notes=tuple(notes),
     )

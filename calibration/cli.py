@@ -113,6 +113,13 @@ def calibrate(
             help="Sets hold the true class of at least 1 - alpha of each point's abstentions.",
         ),
     ] = 0.1,
+    per_class: Annotated[
+        bool,
+        typer.Option(
+            "--per-class",
+            help="Class-conditional points: each target met per predicted class, one threshold each.",
+        ),
+    ] = False,
 ) -> None:
     """Fit operating points on held-out labelled data; write calibration.json next to the graph.
 
@@ -139,6 +146,7 @@ def calibrate(
         risk_method=method,
         p_value=p_value,
         prediction_set=None if set_method == "none" else SetSpec(method=set_method, alpha=set_alpha),
+        per_class=per_class,
     )
     _print_calibration(result)
 
@@ -170,7 +178,18 @@ def _print_calibration(result: Any) -> None:
         table.add_column(col)
     for p in cal.operating_points:
         default = " (default)" if p.name == cal.default_operating_point else ""
-        if p.method == "coverage":
+        if "class_thresholds" in p.extra:  # the class table below says what each class got
+            answered = sum(t is not None for t in p.extra["class_thresholds"])
+            table.add_row(
+                p.name + default,
+                f"≥ {p.threshold:.6g}",
+                f"{p.coverage:.4f}",
+                "",
+                f"{p.risk:.4f}",
+                f"{answered} of {len(p.extra['class_thresholds'])} classes",
+                *_estimate_and_set(p),
+            )
+        elif p.method == "coverage":
             ci = p.extra["coverage_interval"]
             rci = p.extra["risk_interval"]
             table.add_row(
@@ -226,13 +245,38 @@ def _print_calibration(result: Any) -> None:
                 "abstentions get every class as their set.",
                 highlight=False,
             )
+    _print_per_class(console, cal.operating_points)
+    for note in result.notes:
+        console.print(f"[bold yellow]{note}[/]", highlight=False)
     for u in cal.unmet_targets:
-        console.print(
-            f"[bold yellow]{u['name']}: not met[/] — {u['reason']}; at least "
-            f"{u['samples_needed']} answered samples with zero errors would be needed.",
-            highlight=False,
+        needed = (
+            f"; at least {u['samples_needed']} answered samples with zero errors would be needed"
+            if u.get("samples_needed") is not None
+            else ""
         )
+        console.print(f"[bold yellow]{u['name']}: not met[/] — {u['reason']}{needed}.", highlight=False)
     console.print(f"wrote {result.path}")
+
+
+def _print_per_class(console: Any, points: Any) -> None:
+    """One table per class-conditional point: each class's samples, threshold, coverage, risk."""
+    from rich.table import Table
+
+    for p in points:
+        if "per_class" not in p.extra:
+            continue
+        table = Table(title=f"{p.name}: per predicted class")
+        for col in ("class", "samples", "threshold", "coverage", "risk"):
+            table.add_column(col)
+        for c in p.extra["per_class"]:
+            table.add_row(
+                str(c["class_index"]),
+                str(c["n"]),
+                "never answered" if c["threshold"] is None else f"{c['threshold']:.6g}",
+                "" if c["coverage"] is None else f"{c['coverage']:.4f}",
+                "" if c["risk"] is None else f"{c['risk']:.4f}",
+            )
+        console.print(table)
 
 
 def _estimate_and_set(point: Any) -> tuple[str, str]:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from abstain.bounds import coverage_prediction_interval, risk_exceeds_target
 from abstain.calibration.calibrate import Predictions, predict, score_metrics
 from abstain.calibration.data_sources import open_labelled_data
@@ -45,6 +47,7 @@ from abstain.contract import (
     SCORE_NAMES,
     resolve_version_dir,
 )
+from abstain.decisions import class_thresholds
 from abstain.io import atomic_write_json, atomic_writer
 from abstain.operating_points import (
     Calibration,
@@ -64,6 +67,17 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def _class_row(
+    k: int, scores: np.ndarray, errors: np.ndarray, mine: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """Class ``k``'s realized coverage and risk among the samples predicted as it (``mine``)."""
+    cov, risk, n_sel = (
+        coverage_and_risk(scores[mine], errors[mine], threshold) if mine.any() else (math.nan, math.nan, 0)
+    )
+    return {"class_index": k, "n": int(mine.sum()), "realized_coverage": _nan_to_none(cov),
+            "selective_risk": _nan_to_none(risk), "n_selected": n_sel}  # fmt: skip
+
+
 def evaluate_point(
     point: OperatingPoint, preds: Predictions, n_calibration: int | None = None
 ) -> dict[str, Any]:
@@ -72,7 +86,11 @@ def evaluate_point(
     ``n_calibration``: the calibration set's size (``calibration.data["size"]``), needed for
     a coverage point's prediction interval.
     """
-    cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)
+    per_class = class_thresholds(point)
+    predicted = preds.outputs.logits.argmax(axis=1)
+    # a class-conditional point holds each sample to its predicted class's threshold
+    held_to = point.threshold if per_class is None else per_class[predicted]
+    cov, risk, n_sel = coverage_and_risk(preds.scores(point.score), preds.errors, held_to)
     row: dict[str, Any] = {
         "name": point.name,
         "method": point.method,
@@ -114,6 +132,12 @@ def evaluate_point(
             "calibration_risk": point.risk,
         }
     )
+    if per_class is not None:  # what each class got on this data (the checks above are overall)
+        scores = preds.scores(point.score)
+        row["per_class"] = [
+            _class_row(k, scores, preds.errors, predicted == k, per_class[k])
+            for k in range(per_class.shape[0])
+        ]
     return row
 
 

@@ -234,7 +234,7 @@ def batch_records(batch: Batch, d: Decisions | None, class_names: Sequence[str])
             confidence=float(d.confidence[row]),
             score=d.point.score,
             score_value=float(d.score_value[row]),
-            threshold=float(d.point.threshold),
+            threshold=d.threshold(row),  # a class-conditional point: the class's (None: never answered)
             operating_point=d.point.name,
         )
         if batch.y is not None:

@@ -7,7 +7,8 @@ selective graph keeps every base output and adds, for the ``P`` operating points
 * ``class_index`` int64 ``[N]`` — arg-max of the softmax (first index on ties, as numpy);
 * ``confidence`` float64 ``[N]`` — the softmax response (max probability);
 * ``scores`` float64 ``[N, P]`` — each point's score (``abstain.risk_coverage.selection_scores``);
-* ``accept`` bool ``[N, P]`` — ``scores >= thresholds``: answer with point ``p``.
+* ``accept`` bool ``[N, P]`` — ``scores >= thresholds``: answer with point ``p`` (a
+  class-conditional point compares with its threshold for the sample's ``class_index``).
 
 Exactness. The service (``serving/http/answers.py``) casts the float32 outputs to float64 and
 compares a float64 score with the float64 threshold. The decision here does the same: the
@@ -25,6 +26,7 @@ exact for ``selection`` but not for the softmax scores, which would lose 9 digit
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,8 @@ from abstain.contract import (
     SELECTION_NAME,
     SELECTIVE_OUTPUT_NAMES,
 )
-from abstain.operating_points import Calibration, check_score_scale
+from abstain.decisions import class_thresholds
+from abstain.operating_points import Calibration, OperatingPoint, check_score_scale
 
 #: Prefix of every node and tensor this module adds, so none collides with the base graph's.
 PREFIX = "abstain_decision/"
@@ -109,6 +112,24 @@ def _reduce(op: str, x: str, out: str, opset: int, axes_const: str) -> onnx.Node
     return helper.make_node(op, [x], [out], axes=[1], keepdims=1, name=PREFIX + out)
 
 
+def _class_threshold_table(points: Sequence[OperatingPoint]) -> np.ndarray | None:
+    """float64 ``[K, P]``: point ``p``'s threshold for a sample of class ``k`` (its class threshold
+    for a class-conditional point, ``inf`` where never answered; its one threshold otherwise);
+    ``None`` when no point is class-conditional."""
+    tables = [class_thresholds(p) for p in points]
+    sizes = {t.shape[0] for t in tables if t is not None}
+    if not sizes:
+        return None
+    if len(sizes) > 1:
+        raise ValueError(f"class-conditional points with different class counts {sorted(sizes)}")
+    k = sizes.pop()
+    columns = [
+        np.full(k, p.threshold, dtype=np.float64) if t is None else t
+        for p, t in zip(points, tables, strict=True)
+    ]
+    return np.stack(columns, axis=1)
+
+
 def point_records(calibration: Calibration) -> tuple[dict, ...]:
     """The operating points as stored in the metadata, in the calibration's order."""
     return tuple(
@@ -121,6 +142,7 @@ def point_records(calibration: Calibration) -> tuple[dict, ...]:
             "target_risk": p.target_risk,
             "delta": p.delta,
             "coverage": p.coverage,  # measured on the calibration data
+            **({"class_thresholds": p.extra["class_thresholds"]} if "class_thresholds" in p.extra else {}),
         }
         for p in calibration.operating_points
     )
@@ -173,13 +195,15 @@ def build_selective_model(
     def name(s: str) -> str:
         return PREFIX + s
 
+    # class-conditional points (abstain calibrate --per-class): a [K, P] table of thresholds,
+    # gathered by each sample's class; else [P], broadcast over [N, P]
+    per_class = _class_threshold_table(points)
+    thresholds = np.array([p.threshold for p in points], dtype=np.float64) if per_class is None else per_class
     consts = [
         numpy_helper.from_array(np.array([1], dtype=np.int64), name("axis1")),
         numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), name("column")),
-        # float64, bit-for-bit the calibration's thresholds; [P] broadcasts over [N, P]
-        numpy_helper.from_array(
-            np.array([p.threshold for p in points], dtype=np.float64), name("thresholds")
-        ),
+        # float64, bit-for-bit the calibration's thresholds (inf: a class never answered)
+        numpy_helper.from_array(thresholds, name("thresholds")),
     ]
     graph.initializer.extend(consts)
     a1 = name("axis1")
@@ -271,10 +295,18 @@ def build_selective_model(
         helper.make_node(
             "Gather", [stacked, name("point_score")], [SCORES_NAME], axis=1, name=name("gather")
         ),
-        helper.make_node(
-            "GreaterOrEqual", [SCORES_NAME, name("thresholds")], [ACCEPT_NAME], name=name("accept")
-        ),
     ]
+    held_to = name("thresholds")
+    if per_class is not None:  # row k of the table for a sample of class k: [N, P]
+        held_to = name("held_to")
+        nodes.append(
+            helper.make_node(
+                "Gather", [name("thresholds"), CLASS_INDEX_NAME], [held_to], axis=0, name=name("per_class")
+            )
+        )
+    nodes.append(
+        helper.make_node("GreaterOrEqual", [SCORES_NAME, held_to], [ACCEPT_NAME], name=name("accept"))
+    )
     graph.node.extend(nodes)
     batch = "batch"
     graph.output.extend(

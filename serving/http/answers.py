@@ -47,7 +47,7 @@ class _AnswerBase(TypedDict):
     selection: float  # the selection head's g
     score: str  # the name of the score the operating point thresholds
     score_value: float  # that score for this image, on the threshold's scale
-    threshold: float
+    threshold: float | None  # a class-conditional point: the class's (None: never answered)
     operating_point: str
 
 
@@ -91,6 +91,8 @@ def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]
         raise ValueError(f"{len(d)} decisions need {len(d)} request ids, but got {len(request_ids)}")
     conformal = d.point.extra.get("prediction_set")
     sets = d.prediction_set  # bool [N, K]; read for the abstentions only
+    # a class-conditional point holds each image to its class's threshold (Decisions.threshold)
+    held_to = [threshold] * len(d) if d.thresholds is None else [d.threshold(i) for i in range(len(d))]
     out: list[Answer] = []
     for i, (rid, k, conf, g, value, ok) in enumerate(
         zip(
@@ -107,7 +109,7 @@ def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]
             out.append(
                 Prediction(
                     request_id=rid, decision="predict", confidence=conf, selection=g, score=score,
-                    score_value=value, threshold=threshold, operating_point=name,
+                    score_value=value, threshold=held_to[i], operating_point=name,
                     label=class_names[k], class_index=k,
                 )
             )  # fmt: skip
@@ -122,7 +124,7 @@ def answers(d: Decisions, class_names: Sequence[str], request_ids: Sequence[str]
             out.append(
                 Abstention(
                     request_id=rid, decision="abstain", confidence=conf, selection=g, score=score,
-                    score_value=value, threshold=threshold, operating_point=name, reason=d.reason(i),
+                    score_value=value, threshold=held_to[i], operating_point=name, reason=d.reason(i),
                     candidate=candidate,
                 )
             )  # fmt: skip

@@ -14,6 +14,7 @@ id, candidate and score, in the decision store beside the decisions.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -54,7 +55,8 @@ def describe(item: ReviewItem, class_names: list[str]) -> dict[str, Any]:
         "operating_point": item.operating_point,
         "candidate": candidate,
         "score_value": item.score,
-        "threshold": item.threshold,
+        # inf: a class-conditional point's class that is never answered (JSON has no inf)
+        "threshold": None if math.isinf(item.threshold) else item.threshold,
         "shape": list(item.shape),
         "image": f"/review/{item.request_id}",
     }

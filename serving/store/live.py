@@ -207,7 +207,13 @@ class DecisionLog:
         """Queue one :class:`Decision` per decided image (never blocks, never fails the answer),
         and, with the review queue on, each abstained input of ``x`` (float32 ``[N, C, H, W]``)."""
         now = time.time()
-        point, threshold = decisions.point.name, float(decisions.point.threshold)
+        point = decisions.point.name
+        # each image's own threshold (a class-conditional point's class threshold; inf: never answered)
+        held_to = (
+            [float(decisions.point.threshold)] * len(decisions)
+            if decisions.thresholds is None
+            else decisions.thresholds.tolist()
+        )
         answered = decisions.answered.tolist()
         classes = decisions.class_index.tolist()
         scores = decisions.score_value.tolist()
@@ -225,7 +231,7 @@ class DecisionLog:
                     candidate=classes[i],
                     confidence=confidence[i],
                     score=scores[i],
-                    threshold=threshold,
+                    threshold=held_to[i],
                     shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
                     pixels=np.ascontiguousarray(x[i], dtype=np.float32).tobytes(),
                     prediction_set=None if sets is None else sets[i],
@@ -236,10 +242,8 @@ class DecisionLog:
         self.recorder.record(
             [
                 # positional, in COLUMNS order: the hot path of every answer
-                Decision(
-                    rid, now, self.model, self.version, point, PREDICT if ok else ABSTAIN, k, s, threshold
-                )
-                for rid, ok, k, s in zip(request_ids, answered, classes, scores, strict=True)
+                Decision(rid, now, self.model, self.version, point, PREDICT if ok else ABSTAIN, k, s, t)
+                for rid, ok, k, s, t in zip(request_ids, answered, classes, scores, held_to, strict=True)
             ],
             reviews,
         )
