@@ -9,6 +9,7 @@ name                                   type       labels
 ``abstain_target_coverage``            gauge      model, version, operating_point
 ``abstain_abstention_rate``            gauge      model, version, operating_point
 ``abstain_estimated_risk``             gauge      model, version, operating_point
+``abstain_class_decisions_total``      counter    model, version, operating_point, class_index, decision
 ``abstain_inference_seconds``          histogram  model, version, backend
 ``abstain_batch_size``                 histogram  model, version
 ``abstain_rejected_inputs_total``      counter    model, version, reason
@@ -51,6 +52,11 @@ assumption: the probabilities are as calibrated on live traffic as on the calibr
 (docs/serving.md, "Is it still right?"). NaN before the first answer; absent for a calibration
 without a temperature (files older than it). ``AbstainEstimatedRiskAboveCalibrated``
 (deploy/prometheus/rules.yml) compares it with ``abstain_calibrated_risk``.
+
+``abstain_class_decisions_total`` counts the decisions of a class-conditional operating point
+(``abstain calibrate --per-class``) by predicted class, so that a class answered far less (or
+more) than calibrated shows. Only for models of at most :data:`MAX_CLASS_LABELS` classes: each
+class multiplies the series of every such point by two, and Prometheus pays for every series.
 
 A backend failure (Triton down or past its timeout, an ONNX Runtime error) is not a fault of
 the client's input, so it is not a rejected input: it has its own counter, and the request
@@ -173,6 +179,10 @@ class RollingRate:
         return self._true / len(self._items) if self._items else 0.0
 
 
+#: The most classes a model may have for per-class decision counts (series = classes x 2 per point).
+MAX_CLASS_LABELS = 20
+
+
 class RollingMean:
     """Mean of the last ``window`` observed values (NaN before any)."""
 
@@ -247,6 +257,11 @@ class ServiceMetrics:
             ["model", "version", "operating_point"],
             multiprocess_mode="mostrecent",
         )
+        self.class_decisions = Counter(
+            "abstain_class_decisions",
+            "Decisions of class-conditional operating points, by predicted class.",
+            ["model", "version", "operating_point", "class_index", "decision"],
+        )
         self.inference_seconds = Histogram(
             "abstain_inference_seconds",
             "Wall time of one backend forward pass (one batch).",
@@ -280,7 +295,18 @@ class ServiceMetrics:
         self._rolling: dict[str, RollingRate] = {}
         self._answered_error: dict[str, RollingMean] = {}
         self._estimates = calibration.temperature is not None
+        #: class-conditional points whose decisions are counted per class (MAX_CLASS_LABELS)
+        self.per_class_points = {
+            p.name
+            for p in points
+            if "class_thresholds" in p.extra and len(p.extra["class_thresholds"]) <= MAX_CLASS_LABELS
+        }
         for point in points:
+            for k in range(
+                len(point.extra["class_thresholds"]) if point.name in self.per_class_points else 0
+            ):
+                for decision in ("predict", "abstain"):
+                    self.class_decisions.labels(model, version, point.name, str(k), decision)
             if self._estimates:
                 self.estimated_risk.labels(model, version, point.name).set(math.nan)
             target = point.target_coverage if point.target_coverage is not None else point.coverage
@@ -300,11 +326,13 @@ class ServiceMetrics:
         score: str,
         scores: Iterable[float],
         calibrated_confidence: Sequence[float] | None = None,
+        classes: Sequence[int] | None = None,
     ) -> None:
         """Count the decisions (``answered[i]``: predicted, else abstained), record the ``scores``
         the operating point thresholds (named ``score``) in the histogram of the point's scale
         (a point the calibration does not name: ``probability``), update the rolling rate, and,
-        given each decision's ``calibrated_confidence``, the estimated risk of the answered."""
+        given each decision's ``calibrated_confidence``, the estimated risk of the answered; with
+        each decision's predicted ``classes``, the per-class counts of a class-conditional point."""
         labels = (self.model, self.version, operating_point)
         n_predict = int(sum(answered))
         if len(answered) - n_predict:
@@ -315,6 +343,13 @@ class ServiceMetrics:
         observe_many(histogram.labels(self.model, self.version, score), scores)
         rolling = self._rolling.setdefault(operating_point, RollingRate(self._window))
         self.abstention_rate.labels(*labels).set(rolling.extend(not a for a in answered))
+        if classes is not None and operating_point in self.per_class_points:
+            counts: dict[tuple[int, bool], int] = {}
+            for k, ok in zip(classes, answered, strict=True):
+                counts[k, ok] = counts.get((k, ok), 0) + 1
+            for (k, ok), count in counts.items():
+                decision = "predict" if ok else "abstain"
+                self.class_decisions.labels(*labels, str(k), decision).inc(count)
         if calibrated_confidence is not None and self._estimates and n_predict:
             errors = self._answered_error.setdefault(operating_point, RollingMean(self._window))
             expected = (1.0 - p for p, ok in zip(calibrated_confidence, answered, strict=True) if ok)

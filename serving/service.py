@@ -322,6 +322,8 @@ class Abstain:
             point.score,
             decisions.score_value.tolist(),
             None if confidence is None else confidence.tolist(),
+            # per-class counts for a class-conditional point only (ServiceMetrics.per_class_points)
+            decisions.class_index.tolist() if point.name in self.metrics.per_class_points else None,
         )
         return answers(decisions, self.class_names, request_ids), decisions
 

@@ -319,3 +319,31 @@ def test_overload_answers_429_instead_of_hanging(start_server) -> None:
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 2
     assert httpx.get(f"{busy.url}/readyz", timeout=5).status_code == 200
+
+
+def test_a_class_conditional_point_answers_with_each_class_threshold(start_server, model_copy) -> None:
+    """The digits copy calibrated with --per-class: every answer equals the offline decision with its
+    predicted class's threshold (reported in the answer), and the per-class counters add up."""
+    from abstain.calibration.calibrate import run_calibration
+    from abstain.decisions import decide_arrays
+
+    run_calibration(model_copy.parent, dataset="digits", coverages=[0.9], per_class=True)
+    point = load_calibration(model_copy / CALIBRATION_FILENAME).operating_point("coverage-0.9-per-class")
+    server = start_server(model_dir=model_copy, workers=1, ort_threads=1, store="off")
+    test = load_digits("test")
+    with server.client() as client:
+        replies = [
+            client.post("/predict", json={"pixels": test.x[i : i + 60].tolist()}) for i in range(0, 360, 60)
+        ]
+    preds = [p for r in replies for p in r.json()["predictions"]]
+    out = OnnxModel(model_copy / MODEL_FILENAME).run_batched(test.x)
+    want = decide_arrays(out.logits, out.selection, point)
+    np.testing.assert_array_equal([p["decision"] == "predict" for p in preds], want.answered)
+    classes = point.extra["class_thresholds"]
+    assert [p["threshold"] for p in preds] == [classes[k] for k in want.class_index]
+    assert len(set(classes)) == 10  # ten different thresholds, not one
+    labels = dict(model="digits", version=model_copy.name, operating_point=point.name)
+    for k in (0, 7):
+        mine = want.class_index == k
+        got = server.metric("abstain_class_decisions_total", class_index=str(k), decision="predict", **labels)
+        assert got == int(want.answered[mine].sum())
