@@ -95,14 +95,18 @@ def per_class_point(
                 ltt = ltt_point(ranked, target, delta_per_score, p_value)
                 entry.update(threshold=ltt.threshold, coverage=ltt.coverage or 0.0, risk=ltt.risk)
                 entry.update(p_value=ltt.p_value, start_min_selected=ltt.start_min_selected)
+                entry["samples_needed"] = ltt.samples_needed
             else:
                 sgr = sgr_point(ranked, target, delta_per_score)
                 entry.update(threshold=sgr.threshold, coverage=sgr.coverage or 0.0, risk=sgr.risk)
-                entry.update(risk_bound=sgr.risk_bound)
+                entry.update(risk_bound=sgr.risk_bound, samples_needed=sgr.samples_needed)
             if entry["threshold"] is None:
+                needed = entry.get("samples_needed")
                 notes.append(
-                    f"class {k}: {n_k} calibration samples predicted as it cannot certify risk <= "
-                    f"{target:g} at confidence {1.0 - delta_per_score:g}: never answered"
+                    f"class {k}: {n_k} calibration samples predicted as it do not certify risk <= "
+                    f"{target:g} at confidence {1.0 - delta_per_score:.4g}"
+                    + (f" (at least {needed} answered would be needed)" if needed else "")
+                    + ": never answered"
                 )
         else:
             notes.append(f"class {k}: no calibration sample predicted as it: never answered")
