@@ -1,4 +1,36 @@
-"""Quality benchmark: SYNC against its baselines, and the sweep of what our SYNC leaves open.
+"""Quality benchmark: every method against the plain classifier's softmax response (CE-SR), paired
+by seed; and (older modes) SYNC against its baselines, and the sweep of what our SYNC leaves open.
+
+``compare`` (the default, issue 19's protocol) — Fashion-MNIST, the full 55,000-image training
+split, 12 epochs, ``--schedule cosine`` (1 warm-up epoch) for every arm, seeds 0-3. Arms:
+
+* CE-SR: ``--loss ce``, ranked by the softmax response;
+* SelectiveNet (``--loss selectivenet``) and SYNC (``--loss sync``, its default β), ranked by g;
+* SAT+EM: ``--loss sat --entropy-weight 0.001`` (Feng et al., ICLR 2023: 0.001 for the 10
+  classes of CIFAR-10, the size of Fashion-MNIST's label set), ranked by the softmax response;
+* CE+SWA: ``--loss ce --swa-epochs 3`` (the last quarter of the run, epochs // 4; BatchNorm
+  re-estimated);
+* Deep ensemble: the mean softmax of ``--ensemble-size`` (3) CE runs — the CE-SR run of the
+  same seed and CE runs of seeds s + 1000, s + 2000 —, ranked by its softmax response.
+
+Each arm is reported with its own score and with its best post-hoc score, chosen on
+*validation* only (lowest mean val AURC over the seeds) among: softmax response, margin
+(p₁ − p₂), negative Gini impurity Σ p², MaxLogit, MaxLogit-pNorm (Cattelan & Silva, "How to fix
+a broken confidence estimator", 2024: max of the centred logits over their p-norm, p ∈ {2, 4, 8})
+and g for the arms that train one. These post-hoc scores are computed here, in numpy, from the
+logits saved by each run (``predictions.npz`` beside its checkpoint). Statistics are the paired
+per-seed differences against CE-SR (same seed = same initialisation and data order: every arm
+builds its model and its sampler from the seed), mean Δ ± std (ddof = 1) and wins/seeds, for
+AURC, E-AURC, AUGRC and the risk at 80 % and 90 % coverage. Every finished run (and its
+predictions) is cached in ``--out``, so the table can be built up over several invocations
+(``--seeds 0,1`` today, ``--seeds 0,1,2,3`` tomorrow reuses the first two).
+
+    nice -n 10 python benchmarks/quality.py                     # 20 runs + 8 ensemble members
+    python benchmarks/quality.py --smoke                        # ~1 min: digits, 256 images, 2 epochs
+
+``--smoke`` writes its table to ``OUT/smoke/compare/benchmarks.md``, never to docs/benchmarks.md.
+``--dataset cifar100 --data-root DATA`` (or ``imagefolder``) runs the same protocol with that
+dataset's defaults (VGG-16-BN / ResNet-18, 300 epochs; SWA over the last quarter).
 
 Every run goes through the project's own training code (:func:`abstain.training.loop.run_training`,
 what ``abstain train`` calls) and is scored with :mod:`abstain.risk_coverage` on every score the
@@ -6,7 +38,7 @@ service can threshold (g, softmax response, combined): accuracy at full coverage
 risk at coverage 100/95/90/85/80/75/70 %, AURC, E-AURC, AUGRC, mean ± std over seeds
 (± is the sample standard deviation, ddof = 1).
 
-Two modes, one command each:
+The older modes, one command each:
 
 * ``table`` — ``ce``, ``selectivenet`` and ``sync`` (defaults), plus the sweep's choice when
   ``--sweep-choice`` names its JSON. Each method's score is chosen on *validation* (lowest
@@ -23,8 +55,8 @@ Runs are cached in ``--out`` (a run whose ``metrics.jsonl`` has its test line an
 checkpoint config matches is not trained again), so the table after the sweep reuses the
 sweep's runs of the same configuration.
 
-Reduced setting (the default, for a shared 2-core CPU): Fashion-MNIST, ``small_cnn`` width 16,
-a fixed 20,000-image subset of the training split, 4 epochs (lr 0.05 halved every 2),
+Reduced setting (the default of ``table`` and ``sweep``, for a shared 2-core CPU): Fashion-MNIST,
+``small_cnn`` width 16, a fixed 20,000-image subset of the training split, 4 epochs (lr 0.05 halved every 2),
 seeds 0, 1, 2; val 5,000 and test 10,000 images as always. ``--full`` uses the dataset's
 defaults (all 55,000 images, 12 epochs). The paper's setting, for a user with the data and a
 GPU::
@@ -63,6 +95,7 @@ from abstain.contract import CHECKPOINT_FILENAME, METRICS_FILENAME, SCORE_NAMES,
 from abstain.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DOC = ROOT / "docs" / "benchmarks.md"
 REDUCED = {"train_subset": 20_000, "epochs": 4, "lr_step": 2}
 #: Coverages of the paper's table, highest first (TABLE_COVERAGES holds their strings).
 COVERAGES = tuple(sorted(TABLE_COVERAGES, key=float, reverse=True))
@@ -149,14 +182,25 @@ def run(config: TrainConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any],
 
 #: Fields that only SYNC reads: a ce/selectivenet run trained under another default is the same run.
 _SYNC_ONLY = ("beta", "prior", "sync_term", "beta_warmup")
+#: Fields that only SelectiveNet and SYNC read (g's ablations), and only SAT reads.
+_SELECTIVE_ONLY = ("detach_selection", "divide_risk_by_coverage", "target_coverage", "alpha", "lam")
+_SAT_ONLY = ("sat_momentum", "sat_pretrain_epochs", "entropy_weight")
 
 
 def _relevant(config: TrainConfig) -> dict[str, Any]:
     """The fields of ``config`` that change what its loss trains (the run cache's key)."""
     data = config.to_dict()
+    unread = set()
     if config.loss != "sync":
-        for name in _SYNC_ONLY:
-            data.pop(name)
+        unread |= set(_SYNC_ONLY)
+    if config.loss not in ("selectivenet", "sync"):
+        unread |= set(_SELECTIVE_ONLY)
+    if config.loss != "sat":
+        unread |= set(_SAT_ONLY)
+    if config.schedule != "cosine":
+        unread.add("warmup_epochs")
+    for name in unread:
+        data.pop(name, None)
     return data
 
 
@@ -300,14 +344,285 @@ def setting(args: argparse.Namespace, base: dict[str, Any]) -> str:
     )
 
 
+# --- compare: issue 19's paired protocol --------------------------------------------------
+
+#: The paired protocol's setting (Fashion-MNIST's defaults: 55,000 images, 12 epochs), cosine.
+COMPARE_BASE: dict[str, Any] = {"schedule": "cosine", "warmup_epochs": 1}
+COMPARE_SEEDS = "0,1,2,3"
+SMOKE = {
+    "dataset": "digits",
+    "epochs": 2,
+    "width": 4,
+    "train_subset": 256,
+    "seeds": "0,1",
+    "ensemble_size": 2,
+}
+ENSEMBLE_SEED_STRIDE = 1000  # member j of seed s is the CE run of seed s + 1000·j
+METRICS = ("aurc", "eaurc", "augrc", "risk@0.8", "risk@0.9")  # all lower-is-better
+METRIC_NAMES = {
+    "aurc": "AURC",
+    "eaurc": "E-AURC",
+    "augrc": "AUGRC",
+    "risk@0.8": "risk @ 80 %",
+    "risk@0.9": "risk @ 90 %",
+}
+PNORMS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row group of the comparison: a training point, its own score, and ensemble members."""
+
+    name: str
+    point: Point
+    native: str  # the score the method ranks by
+    ensemble: int = 1  # > 1: the mean softmax of this many runs of ``point`` (seeds s + 1000·j)
+
+
+def compare_arms(epochs: int, ensemble_size: int) -> tuple[Arm, ...]:
+    swa = max(1, epochs // 4)
+    return (
+        Arm("CE-SR", Point("ce", {"loss": "ce"}), "softmax_response"),
+        Arm("SelectiveNet", Point("selectivenet", {"loss": "selectivenet"}), "selection"),
+        Arm("SYNC", Point("sync default", {"loss": "sync"}, folder="sync-default"), "selection"),
+        Arm("SAT+EM", Point("sat+em", {"loss": "sat", "entropy_weight": 0.001}), "softmax_response"),
+        Arm(f"CE+SWA ({swa} ep)", Point("ce+swa", {"loss": "ce", "swa_epochs": swa}), "softmax_response"),
+        Arm(
+            f"Deep ensemble ({ensemble_size}× CE)",
+            Point("ce", {"loss": "ce"}),
+            "softmax_response",
+            ensemble_size,
+        ),
+    )
+
+
+def np_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def posthoc_scores(logits: np.ndarray, selection: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Every candidate confidence score ``[N]`` (higher = answer first) of ``logits [N, K]``."""
+    p = np_softmax(logits)
+    top2 = np.sort(p, axis=1)[:, -2:]
+    z = logits.astype(np.float64)
+    centred = z - z.mean(axis=1, keepdims=True)
+    scores = {
+        "softmax_response": top2[:, 1],
+        "margin": top2[:, 1] - top2[:, 0],
+        "gini": (p**2).sum(axis=1),  # 1 − Gini impurity (Doctor, Granese et al. 2021)
+        "max_logit": z.max(axis=1),
+    }
+    for q in PNORMS:
+        norm = np.linalg.norm(centred, ord=q, axis=1)
+        scores[f"max_logit_pnorm{q}"] = centred.max(axis=1) / np.maximum(norm, 1e-12)
+    if selection is not None:
+        scores["selection"] = selection.astype(np.float64)
+    return scores
+
+
+def score_metrics(score: np.ndarray, errors: np.ndarray) -> dict[str, float]:
+    from abstain import risk_coverage as rc
+
+    risks = rc.risk_at_coverages(score, errors, ("0.8", "0.9"))
+    return {
+        "aurc": rc.aurc(score, errors),
+        "eaurc": rc.eaurc(score, errors),
+        "augrc": rc.augrc(score, errors),
+        "risk@0.8": risks["0.8"],
+        "risk@0.9": risks["0.9"],
+    }
+
+
+_DATA: dict[tuple[str, str | None], Any] = {}
+
+
+def predictions(run_dir: Path, dataset: str, data_root: str | None) -> dict[str, np.ndarray]:
+    """``{val,test}_{logits,selection,labels}`` of a finished run, cached in ``predictions.npz``
+    (recomputed when the checkpoint is newer)."""
+    from torch.utils.data import DataLoader
+
+    from abstain.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from abstain.training.data import load_data
+
+    cache, ckpt = run_dir / "predictions.npz", run_dir / CHECKPOINT_FILENAME
+    if cache.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
+        with np.load(cache) as stored:
+            return {k: stored[k] for k in stored.files}
+    key = (dataset, data_root)
+    if key not in _DATA:
+        _DATA[key] = load_data(dataset, Path(data_root) if data_root else None)
+    data = _DATA[key]
+    model = model_from_checkpoint(load_checkpoint(ckpt))
+    out: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for split in ("val", "test"):
+            logits, selection, labels = [], [], []
+            for x, y in DataLoader(getattr(data, split), batch_size=1000):
+                o = model(x)
+                logits.append(o.logits.float().numpy())
+                selection.append(o.selection.float().numpy())
+                labels.append(y.numpy())
+            out[f"{split}_logits"] = np.concatenate(logits)
+            out[f"{split}_selection"] = np.concatenate(selection)
+            out[f"{split}_labels"] = np.concatenate(labels)
+    np.savez(cache, **out)
+    return out
+
+
+def arm_seed_scores(
+    arm: Arm, preds: list[dict[str, np.ndarray]], split: str
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Candidate scores and 0/1 errors of one arm on one seed's ``split``; an ensemble averages the
+    members' softmax (its logits are log p̄, as the exported ensemble graph's)."""
+    labels = preds[0][f"{split}_labels"]
+    if arm.ensemble > 1:
+        mean = np.mean([np_softmax(p[f"{split}_logits"]) for p in preds], axis=0)
+        logits, selection = np.log(np.maximum(mean, 1e-300)), None
+    else:
+        logits = preds[0][f"{split}_logits"]
+        selection = preds[0][f"{split}_selection"] if arm.native == "selection" else None
+    errors = (logits.argmax(axis=1) != labels).astype(np.float64)
+    return posthoc_scores(logits, selection), errors
+
+
+def collect_compare(
+    arms: tuple[Arm, ...], base: dict[str, Any], seeds: list[int], out: Path
+) -> tuple[dict[str, Any], float]:
+    """Train (or reuse) every run; return per arm ``{"val": [per seed {score: metrics}], "test": …,
+    "accuracy": [per seed]}`` and the minutes of training of all runs."""
+    results: dict[str, Any] = {}
+    seconds = 0.0
+    done: dict[Path, float] = {}
+    for arm in arms:
+        rows: dict[str, list[Any]] = {"val": [], "test": [], "accuracy": []}
+        for seed in seeds:
+            preds = []
+            for j in range(arm.ensemble):
+                member_seed = seed + ENSEMBLE_SEED_STRIDE * j
+                run_dir = out / arm.point.slug / f"seed{member_seed}"
+                if run_dir not in done:
+                    config = TrainConfig(**{**base, **arm.point.overrides, "seed": member_seed})
+                    done[run_dir] = run(config, run_dir)[2]
+                    seconds += done[run_dir]
+                preds.append(predictions(run_dir, base["dataset"], base.get("data_root")))
+            for split in ("val", "test"):
+                scores, errors = arm_seed_scores(arm, preds, split)
+                rows[split].append({name: score_metrics(s, errors) for name, s in scores.items()})
+                if split == "test":
+                    rows["accuracy"].append(float(1.0 - errors.mean()))
+            test = rows["test"][-1][arm.native]
+            accuracy = rows["accuracy"][-1]
+            print(
+                f"{arm.name} seed {seed}: test acc {accuracy:.4f} AURC({arm.native}) {test['aurc']:.5f}",
+                flush=True,
+            )
+        results[arm.name] = rows
+    return results, seconds / 60
+
+
+def best_posthoc(rows: dict[str, Any]) -> str:
+    """The score with the lowest mean *validation* AURC over the seeds (test never consulted)."""
+    names = rows["val"][0].keys()
+    return min(names, key=lambda n: float(np.mean([v[n]["aurc"] for v in rows["val"]])))
+
+
+def compare_tables(arms: tuple[Arm, ...], results: dict[str, Any], seeds: list[int]) -> tuple[str, str, str]:
+    """(absolute table, paired-Δ table against CE-SR, one-paragraph summary) in Markdown."""
+    ref_rows = results[arms[0].name]
+    reference = [r[arms[0].native] for r in ref_rows["test"]]
+    head = "| method | score | test acc. | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |"
+    absolute = [head, "|" + "---|" * (head.count("|") - 1)]
+    dhead = "| method | score | " + " | ".join(f"Δ {METRIC_NAMES[m]} (wins)" for m in METRICS) + " |"
+    paired = [dhead, "|" + "---|" * (dhead.count("|") - 1)]
+    beats: list[str] = []
+    for arm in arms:
+        rows = results[arm.name]
+        best = best_posthoc(rows)
+        if best == arm.native:
+            choices = [(arm.native, f"{arm.native} (own; also val's best)")]
+        else:
+            choices = [(arm.native, f"{arm.native} (own)"), (best, f"{best} (best post-hoc, chosen on val)")]
+        for score, label in choices:
+            values = {m: [r[score][m] for r in rows["test"]] for m in METRICS}
+            absolute.append(
+                f"| {arm.name} | {label} | {fmt(rows['accuracy'])} | "
+                + " | ".join(fmt(values[m], 5) for m in METRICS)
+                + " |"
+            )
+            if (arm, score) == (arms[0], arms[0].native):
+                paired.append(f"| {arm.name} | {label} | " + " | ".join(["reference"] * len(METRICS)) + " |")
+                continue
+            cells = []
+            for m in METRICS:
+                deltas = [a - b[m] for a, b in zip(values[m], reference, strict=True)]
+                wins = sum(d < 0 for d in deltas)
+                cells.append(f"{fmt(deltas, 5)} ({wins}/{len(seeds)})")
+                if m == "aurc" and (arm, score) != (arms[0], arms[0].native) and wins == len(seeds):
+                    beats.append(f"{arm.name} by {score}")
+            paired.append(f"| {arm.name} | {label} | " + " | ".join(cells) + " |")
+    summary = (
+        "Lower AURC than CE-SR on every seed: " + (", ".join(beats) if beats else "none") + "."
+        " Δ = method − CE-SR on the same seed (negative = better than CE-SR); wins = seeds with Δ < 0."
+    )
+    return "\n".join(absolute), "\n".join(paired), summary
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    smoke = args.smoke
+    dataset = SMOKE["dataset"] if smoke else args.dataset
+    seeds_text = SMOKE["seeds"] if smoke else (args.seeds or COMPARE_SEEDS)
+    seeds = [int(x) for x in str(seeds_text).split(",")]
+    ensemble_size = int(SMOKE["ensemble_size"] if smoke else args.ensemble_size)
+    base: dict[str, Any] = {"dataset": dataset, "data_root": args.data_root, **COMPARE_BASE}
+    if smoke:
+        base.update(epochs=SMOKE["epochs"], width=SMOKE["width"], train_subset=SMOKE["train_subset"])
+    elif args.epochs:
+        base.update(epochs=args.epochs)
+    epochs = int(base.get("epochs") or TrainConfig(dataset=dataset).resolved().epochs)
+    if epochs < 12 and not smoke:
+        print(f"note: {epochs} epochs; issue 19's protocol asks for at least 12", flush=True)
+    arms = compare_arms(epochs, ensemble_size)
+    out = args.out / ("smoke" if smoke else dataset) / "compare"
+    doc = out / "benchmarks.md" if smoke and args.doc == DEFAULT_DOC else args.doc
+    out.mkdir(parents=True, exist_ok=True)
+    results, minutes = collect_compare(arms, base, seeds, out)
+    absolute, paired, summary = compare_tables(arms, results, seeds)
+    command = ("" if smoke else "nice -n 10 ") + "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    section = f"""## Quality: every method against CE-SR (paired seeds)
+
+{setting(argparse.Namespace(dataset=dataset, seeds=",".join(map(str, seeds))), base)}, deep ensemble of
+{ensemble_size}; produced by `{command}` on: {machine()}; {minutes:.0f} min of training in this
+invocation (cached runs count 0). Test split, mean ± std over the seeds. Each method appears
+with its own score and with the post-hoc score that validation picks (softmax response, margin,
+Σp², MaxLogit, MaxLogit-pNorm p ∈ {{2, 4, 8}}, g), computed by the benchmark from saved logits.
+
+{absolute}
+
+Paired differences against CE-SR (same seed = same initialisation and data order):
+
+{paired}
+
+{summary}
+
+"""
+    print(section)
+    replace_section("Quality: every method against CE-SR (paired seeds)", section, doc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=("table", "sweep"), default="table")
+    parser.add_argument("--mode", choices=("compare", "table", "sweep"), default="compare")
+    parser.add_argument("--smoke", action="store_true", help="compare: digits, 2 epochs, 2 seeds (seconds)")
+    parser.add_argument("--ensemble-size", type=int, default=3, help="compare: CE runs per deep ensemble")
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar100 or imagefolder")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for a spread)")
+    parser.add_argument(
+        "--seeds", default=None, help=f"comma-separated seeds (compare: {COMPARE_SEEDS}; table/sweep: 0,1,2)"
+    )
     parser.add_argument(
         "--full",
         action="store_true",
@@ -331,9 +646,13 @@ def main() -> None:
         help="JSON the sweep writes its choice to and the table reads it from "
         "(default: OUT/sweep_choice.json)",
     )
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.mode == "compare":
+        run_compare(args)
+        return
+    args.seeds = args.seeds or "0,1,2"
     seeds = [int(s) for s in args.seeds.split(",")]
     base: dict[str, Any] = {"dataset": args.dataset, "data_root": args.data_root}
     if not args.full:

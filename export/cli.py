@@ -13,7 +13,14 @@ import typer
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by `abstain train`.")],
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="checkpoint.pt written by `abstain train`; two or more: one graph of their deep "
+            "ensemble (mean softmax).",
+            metavar="CHECKPOINT",
+        ),
+    ],
     name: Annotated[
         str,
         typer.Option(
@@ -46,19 +53,34 @@ def export(
     The graph takes raw pixels float32 [N, C, H, W] in [0, 1] and returns logits [N, K] and
     selection [N]. Before anything is written it passes onnx.checker and matches PyTorch
     within 1e-4 (fp32) at batch sizes 1 and 64; a failed export leaves the repository unchanged.
+    Several checkpoints: one graph whose logits are the log of the members' mean softmax and
+    whose selection is its softmax response (a deep ensemble).
     """
-    from abstain.export.pipeline import describe, export_checkpoint, report_json
+    from abstain.export.pipeline import describe, export_checkpoint, export_ensemble, report_json
 
-    result = export_checkpoint(
-        checkpoint,
-        name,
-        repository,
-        version=version,
-        force=force,
-        optimize=optimize,
-        fp16=fp16,
-        max_batch_size=max_batch_size,
-    )
+    if len(checkpoints) > 1:
+        if fp16:
+            raise ValueError("--fp16 is not available for an ensemble export; export it in fp32")
+        result = export_ensemble(
+            checkpoints,
+            name,
+            repository,
+            version=version,
+            force=force,
+            optimize=optimize,
+            max_batch_size=max_batch_size,
+        )
+    else:
+        result = export_checkpoint(
+            checkpoints[0],
+            name,
+            repository,
+            version=version,
+            force=force,
+            optimize=optimize,
+            fp16=fp16,
+            max_batch_size=max_batch_size,
+        )
     typer.echo(report_json(result) if json_output else describe(result))
 
 

@@ -88,7 +88,13 @@ def export_graph(model: SelectiveNet, spec: InputSpec, fp16: bool = False) -> on
     import copy
 
     body = copy.deepcopy(model).half() if fp16 else model
-    wrapper = InferenceGraph(body.eval(), fp16=fp16).eval()
+    return export_module(InferenceGraph(body.eval(), fp16=fp16).eval(), spec)
+
+
+def export_module(wrapper: nn.Module, spec: InputSpec) -> onnx.ModelProto:
+    """Trace ``wrapper`` (``pixels [N, C, H, W] → (logits [N, K], selection [N], selection_logit
+    [N])``, eval mode) into the contract's graph: a dynamic batch, opset :data:`OPSET`, IR
+    :data:`IR_VERSION`, weights embedded. :func:`export_graph` and the ensemble export use it."""
     example = torch.rand(_TRACE_BATCH, *spec.shape, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
     # The exporter reports progress on stdout/stderr and warns about its own internals; an

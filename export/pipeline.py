@@ -256,3 +256,44 @@ def report_json(result: ExportResult) -> str:
         },
         indent=2,
     )
+
+
+def export_ensemble(
+    checkpoint_paths: list[Path],
+    name: str,
+    repository: Path = Path("models"),
+    version: int | None = None,
+    force: bool = False,
+    optimize: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> ExportResult:
+    """Export the deep ensemble of ``checkpoint_paths`` (≥ 2) as one graph (:mod:`abstain.export.ensemble`)
+    to ``repository/name/<version>/model.onnx``; the same checks, parity and atomic commit as
+    :func:`export_checkpoint`, and the same errors."""
+    from abstain.export.ensemble import build_verified_ensemble, consistent_members
+    from abstain.training.checkpoint import load_checkpoint
+
+    paths = [Path(p) for p in checkpoint_paths]
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble export needs at least 2 checkpoints, but got {len(paths)}")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    spec, class_names = consistent_members(checkpoints, paths)
+    config_text = render_triton_config(name, spec, len(class_names), max_batch_size)
+    plan = plan_entry(Path(repository), name, class_names, config_text, version=version, force=force)
+    model_bytes, report = build_verified_ensemble(
+        checkpoints, [sha256_file(p) for p in paths], paths, optimize=optimize
+    )
+    model_path = commit_entry(plan, model_bytes, config_text, class_names)
+    return ExportResult(
+        model_path,
+        plan.version,
+        sha256_bytes(model_bytes),
+        len(model_bytes),
+        report,
+        plan.replace_version,
+        None,
+        (
+            f"an ensemble of {len(paths)} members (mean softmax; selection = its softmax response); "
+            "no test metrics stored: calibrate and evaluate the entry",
+        ),
+    )

@@ -14,6 +14,10 @@ reads it)::
     code_version      abstain.code_version()
     epoch             epochs completed
     optimizer, scheduler, scaler, rng   (optional) state for resuming
+    loss_state        (``sat`` only) the per-sample EMA targets: ``targets`` [N], ``seen`` [N]
+    swa               (``--swa-epochs`` only) ``epochs``, ``averaged`` (snapshots so far),
+                      ``finalized`` (``state_dict`` is the average, BN re-estimated) and the
+                      running average's ``state_dict`` until then
 
 Export, calibration and serving need nothing but this file.
 """

@@ -56,6 +56,16 @@ def train(
         int | None, typer.Option(help="Multiply the lr by --lr-gamma every this many epochs.")
     ] = None,
     lr_gamma: Annotated[float, typer.Option(help="lr decay factor (paper: 0.5).")] = d.DEFAULT_LR_GAMMA,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="lr schedule: step (x --lr-gamma every --lr-step epochs; the paper's) or cosine "
+            "(per-step cosine decay to 0 after a linear warm-up)."
+        ),
+    ] = d.DEFAULT_SCHEDULE,
+    warmup_epochs: Annotated[
+        int, typer.Option(help="cosine: epochs of linear lr warm-up before the decay.")
+    ] = d.DEFAULT_WARMUP_EPOCHS,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay (paper: 5e-4).")] = (
         d.DEFAULT_WEIGHT_DECAY
     ),
@@ -90,6 +100,37 @@ def train(
             help="Weight decay on BatchNorm weights and biases too (SelectiveNet's reference: no).",
         ),
     ] = (d.DEFAULT_DECAY_NORM_BIAS),
+    detach_selection: Annotated[
+        bool,
+        typer.Option(help="selectivenet/sync ablation: g reads detached features (its terms train g only)."),
+    ] = False,
+    divide_risk_by_coverage: Annotated[
+        bool,
+        typer.Option(
+            "--divide-risk-by-coverage/--no-divide-risk-by-coverage",
+            help="selectivenet/sync: risk mean(l*g)/coverage (paper) or mean(l*g) (Keras reference).",
+        ),
+    ] = True,
+    sat_momentum: Annotated[
+        float, typer.Option(help="sat: momentum of the per-sample EMA targets (reference: 0.9).")
+    ] = d.DEFAULT_SAT_MOMENTUM,
+    sat_pretrain_epochs: Annotated[
+        int | None,
+        typer.Option(help="sat: epochs of plain cross-entropy first (default: 30 % of --epochs)."),
+    ] = None,
+    entropy_weight: Annotated[
+        float,
+        typer.Option(
+            help="sat: weight of the entropy-minimisation term (Feng et al.: 0.001, 0.01; 0 = SAT)."
+        ),
+    ] = d.DEFAULT_ENTROPY_WEIGHT,
+    swa_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Average the weights of the last N epochs (SWA) and re-estimate BatchNorm; the "
+            "checkpoint holds the average (0: off)."
+        ),
+    ] = 0,
     train_subset: Annotated[
         int | None,
         typer.Option(help="Train on this many images only (a fixed random subset; quick experiments)."),
@@ -158,6 +199,14 @@ def train(
         weight_decay=weight_decay,
         lr_step=lr_step,
         lr_gamma=lr_gamma,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        detach_selection=detach_selection,
+        divide_risk_by_coverage=divide_risk_by_coverage,
+        sat_momentum=sat_momentum,
+        sat_pretrain_epochs=sat_pretrain_epochs,
+        entropy_weight=entropy_weight,
+        swa_epochs=swa_epochs,
         target_coverage=target_coverage,
         alpha=alpha,
         lam=lam,

@@ -24,14 +24,20 @@ from abstain.training.defaults import (
     DEFAULT_BETA,
     DEFAULT_BETA_WARMUP,
     DEFAULT_DECAY_NORM_BIAS,
+    DEFAULT_ENTROPY_WEIGHT,
     DEFAULT_LAMBDA,
     DEFAULT_LR_GAMMA,
     DEFAULT_PRIOR,
+    DEFAULT_SAT_MOMENTUM,
+    DEFAULT_SAT_PRETRAIN_FRACTION,
+    DEFAULT_SCHEDULE,
     DEFAULT_SYNC_TERM,
     DEFAULT_TARGET_COVERAGE,
+    DEFAULT_WARMUP_EPOCHS,
     DEFAULT_WEIGHT_DECAY,
     LOSSES,
     PRIOR_HEADS,
+    SCHEDULES,
     SYNC_TERMS,
 )
 
@@ -58,6 +64,8 @@ class TrainConfig:
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     lr_step: int | None = None
     lr_gamma: float = DEFAULT_LR_GAMMA
+    schedule: str = DEFAULT_SCHEDULE  # step (lr_step, lr_gamma) or cosine (warmup_epochs)
+    warmup_epochs: int = DEFAULT_WARMUP_EPOCHS  # cosine only: linear warm-up, in epochs
     target_coverage: float = DEFAULT_TARGET_COVERAGE
     alpha: float = DEFAULT_ALPHA
     lam: float = DEFAULT_LAMBDA
@@ -69,6 +77,15 @@ class TrainConfig:
     train_subset: int | None = None  # first N of a fixed per-class-balanced shuffle of train
     selection_bn_gamma: float = 1.0  # initial γ of g's batch norm (SelectiveNet's reference: 0.1)
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA)
+    # selectivenet / sync ablations (docs/training.md): g on detached features (no gradient from
+    # g's terms into the body); the reference's risk mean(ℓ·g) instead of mean(ℓ·g)/φ̂
+    detach_selection: bool = False
+    divide_risk_by_coverage: bool = True
+    # sat: Self-Adaptive Training (+ entropy minimisation)
+    sat_momentum: float = DEFAULT_SAT_MOMENTUM
+    sat_pretrain_epochs: int | None = None  # None: round(DEFAULT_SAT_PRETRAIN_FRACTION · epochs)
+    entropy_weight: float = DEFAULT_ENTROPY_WEIGHT
+    swa_epochs: int = 0  # average the weights of the last N epochs (SWA), BN re-estimated
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: CUDA when present, else CPU
@@ -78,7 +95,13 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first invalid field; return ``self``."""
-        choices = {"dataset": DATASETS, "loss": LOSSES, "prior": PRIOR_HEADS, "sync_term": SYNC_TERMS}
+        choices = {
+            "dataset": DATASETS,
+            "loss": LOSSES,
+            "prior": PRIOR_HEADS,
+            "sync_term": SYNC_TERMS,
+            "schedule": SCHEDULES,
+        }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(
@@ -98,13 +121,42 @@ class TrainConfig:
             raise ValueError(f"beta should be >= 0, but got {self.beta}")
         if self.beta_warmup < 0:
             raise ValueError(f"beta_warmup should be >= 0 epochs, but got {self.beta_warmup}")
+        for name in ("warmup_epochs", "swa_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} should be >= 0 epochs, but got {getattr(self, name)}")
+        if self.sat_pretrain_epochs is not None and self.sat_pretrain_epochs < 0:
+            raise ValueError(f"sat_pretrain_epochs should be >= 0, but got {self.sat_pretrain_epochs}")
+        if not 0.0 <= self.sat_momentum < 1.0:
+            raise ValueError(f"sat_momentum should be in [0, 1), but got {self.sat_momentum}")
+        if self.entropy_weight < 0:
+            raise ValueError(f"entropy_weight should be >= 0, but got {self.entropy_weight}")
+        if self.epochs is not None:
+            if self.swa_epochs > self.epochs:
+                raise ValueError(
+                    f"swa_epochs ({self.swa_epochs}) should be at most the {self.epochs} epochs trained"
+                )
+            if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+                raise ValueError(
+                    f"warmup_epochs ({self.warmup_epochs}) should be fewer than the {self.epochs} epochs"
+                )
         return self
+
+    def sat_pretrain(self) -> int:
+        """Epochs of plain cross-entropy before SAT's targets start (``sat_pretrain_epochs``, or
+        ``round(0.3 · epochs)``, Feng et al.'s share); needs resolved ``epochs``."""
+        if self.sat_pretrain_epochs is not None:
+            return self.sat_pretrain_epochs
+        return round(DEFAULT_SAT_PRETRAIN_FRACTION * int(self.epochs or 0))
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` hyper-parameter replaced by the dataset's default."""
         defaults = DATASET_DEFAULTS[self.validate().dataset]
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return replace(self, **filled)
+        config = replace(self, **filled)
+        if config.loss == "sat" and config.sat_pretrain_epochs is None:
+            # fixed now, so the checkpoint records it and --resume --epochs does not move it
+            config = replace(config, sat_pretrain_epochs=config.sat_pretrain())
+        return config.validate()  # again: swa/warm-up epochs against the epochs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

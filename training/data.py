@@ -251,3 +251,22 @@ def load_data(name: str, data_root: Path | None = None, download: bool = False) 
             raise ValueError(f"dataset {name} needs --data-root (the folder that holds it)")
         return load_cifar100(data_root, download) if name == "cifar100" else load_imagefolder(data_root)
     raise ValueError(f"dataset should be one of {', '.join(DATASETS)}, but got {name!r}")
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` with each sample's position appended: ``(x, y, index)``, index an int.
+
+    For losses that keep per-sample state across epochs (SAT's EMA targets,
+    :class:`abstain.training.losses.SelfAdaptiveTrainingLoss`); the loader's default collate
+    turns the indices into an int64 ``[B]`` tensor.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]  # every DataBundle split has a length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = self.dataset[index]
+        return x, y, index

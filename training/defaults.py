@@ -8,7 +8,9 @@ and the losses (:mod:`abstain.training.losses`) all read them from here.
 from __future__ import annotations
 
 DATASETS = ("digits", "fashion-mnist", "cifar100", "imagefolder")
-LOSSES = ("ce", "selectivenet", "sync")
+#: ``sat``: Self-Adaptive Training's selective loss (Huang et al., NeurIPS 2020), optionally with
+#: entropy minimisation (Feng et al., ICLR 2023); ranked by the softmax response of f.
+LOSSES = ("ce", "selectivenet", "sync", "sat")
 BODIES = ("small_cnn", "vgg16_bn", "resnet18", "resnet34")
 PRIOR_HEADS = ("f", "h")
 #: How SYNC's prior enters the loss: ``bce`` (g pulled towards the softmax response) or
@@ -39,3 +41,19 @@ DEFAULT_WEIGHT_DECAY = 5e-4
 #: Weight decay on BatchNorm weights and on biases too (SelectiveNet's Keras reference decays
 #: only conv/dense kernels; off = the reference's choice).
 DEFAULT_DECAY_NORM_BIAS = True
+
+#: Learning-rate schedules: ``step`` (lr × γ every ``lr_step`` epochs: SelectiveNet's CIFAR
+#: schedule, the default) or ``cosine`` (per-step cosine decay to 0 after a linear warm-up).
+SCHEDULES = ("step", "cosine")
+DEFAULT_SCHEDULE = "step"
+#: Linear warm-up of the cosine schedule, in epochs (ignored by ``step``).
+DEFAULT_WARMUP_EPOCHS = 1
+#: Self-Adaptive Training (Huang et al. 2020; github.com/LayneH/SAT-selective-cls, and Feng et
+#: al. 2023's github.com/BorealisAI/towards-better-sel-cls): momentum of the per-sample EMA
+#: target (both references: ``--sat-momentum 0.9``) and the share of epochs trained with plain
+#: cross-entropy first (Feng et al.'s scripts: 60 of 300 epochs on CIFAR-10, 150 of 500 on
+#: ImageNet-100; 30 % here, as the issue).
+DEFAULT_SAT_MOMENTUM = 0.9
+DEFAULT_SAT_PRETRAIN_FRACTION = 0.3
+#: Weight of the entropy term of SAT + EM (Feng et al. use 0.001 and 0.01; 0: plain SAT).
+DEFAULT_ENTROPY_WEIGHT = 0.0

@@ -46,9 +46,11 @@ from abstain.contract import (
 from abstain.io import atomic_write_text
 from abstain.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from abstain.training.config import TrainConfig
-from abstain.training.data import DataBundle, load_data, subset_train
-from abstain.training.losses import LossOutput, SyncLoss, build_loss
+from abstain.training.data import DataBundle, IndexedDataset, load_data, subset_train
+from abstain.training.losses import LossOutput, SelfAdaptiveTrainingLoss, SyncLoss, build_loss
 from abstain.training.model import ModelConfig, SelectiveNet, load_body_weights
+from abstain.training.schedule import Schedule, build_schedule
+from abstain.training.swa import WeightAverage
 from abstain.version import code_version
 
 log = logging.getLogger("training")
@@ -199,8 +201,12 @@ def train_step(
     y: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     runtime: Runtime,
+    index: torch.Tensor | None = None,
 ) -> LossOutput:
     """One optimisation step on this process's batch ``x [B/W, C, H, W]``, ``y [B/W]``.
+
+    ``index`` (int64 ``[B/W]``, the samples' positions in the training split) goes to losses that
+    keep per-sample state (``needs_index``: SAT).
 
     Under DDP (``model`` wrapped, loss built with ``distributed=True``) the W processes'
     steps together equal one step on the global batch of B (``tests/training/test_ddp.py``).
@@ -208,7 +214,7 @@ def train_step(
     x, y = _to_device(x, y, runtime)
     with _autocast(runtime):
         output = model(x)
-        result = loss_fn(output, y)
+        result = loss_fn(output, y, index) if getattr(loss_fn, "needs_index", False) else loss_fn(output, y)
     optimizer.zero_grad(set_to_none=True)
     result.total.backward()
     optimizer.step()
@@ -240,8 +246,12 @@ def train_one_epoch(
     *,
     epoch: int,
     progress: bool = True,
+    schedule: Schedule | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term over batches (all processes).
+
+    Batches are ``(x, y)`` or ``(x, y, index)`` (:class:`~abstain.training.data.IndexedDataset`).
+    ``schedule``: stepped after every optimiser step when it is a per-step one (cosine).
 
     Forward and loss run under autocast; backward and the (single) optimiser step outside it.
     bf16 has float32's range, so no gradient scaler is needed.
@@ -250,8 +260,12 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor] = {}
     batches = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and runtime.is_main))
-    for x, y in bar:
-        result = train_step(model, loss_fn, x, y, optimizer, runtime)
+    for batch in bar:
+        x, y = batch[0], batch[1]
+        index = batch[2] if len(batch) > 2 else None
+        result = train_step(model, loss_fn, x, y, optimizer, runtime, index)
+        if schedule is not None:
+            schedule.after_step()
         for name, value in result.terms.items():
             sums[name] = sums.get(name, torch.zeros((), device=runtime.device)) + value.float()
         batches += 1
@@ -280,7 +294,8 @@ def predict(
     """
     model.eval()
     logits, selection, labels = [], [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch[0], batch[1]
         x, _ = _to_device(x, y, runtime)
         output = model(x)
         logits.append(output.logits.float().cpu())
@@ -370,6 +385,10 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
         std=spec.std,
         width=config.width,  # type: ignore[arg-type]
         selection_bn_gamma=config.selection_bn_gamma,
+        # SAT: K + 1 logits in training; ranked (and exported) by f's softmax response
+        abstain_head=config.loss == "sat",
+        selection_source="softmax_response" if config.loss == "sat" else "g",
+        detach_selection=config.detach_selection,
     )
     model = SelectiveNet(model_config)
     if config.pretrained:
@@ -432,13 +451,18 @@ def run_training(
         beta=config.beta,
         prior=config.prior,
         sync_term=config.sync_term,
+        divide_by_coverage=config.divide_risk_by_coverage,
+        num_samples=len(data.train),  # type: ignore[arg-type]
+        sat_momentum=config.sat_momentum,
+        sat_pretrain_epochs=config.sat_pretrain(),
+        entropy_weight=config.entropy_weight,
         distributed=runtime.distributed,
     )
     if config.sync_batchnorm and runtime.distributed:
         if not runtime.cuda:  # torch's SyncBatchNorm refuses CPU tensors
             raise ValueError("--sync-batchnorm needs CUDA devices; with gloo on CPU leave it off")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    score = SCORE_SOFTMAX_RESPONSE if config.loss == "ce" else SCORE_SELECTION
+    score = SCORE_SOFTMAX_RESPONSE if config.loss in ("ce", "sat") else SCORE_SELECTION
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
     # torch's stubs lack the to(device, memory_format=...) form that Module.to accepts
@@ -450,38 +474,54 @@ def run_training(
         nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer,
-        step_size=config.lr_step,  # type: ignore[arg-type]
-        gamma=config.lr_gamma,
-    )
-    start_epoch = 0
-    records: list[dict[str, Any]] = []
-    if checkpoint is not None:
-        # the optimiser casts its momentum buffers to the parameters' device (already moved)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = int(checkpoint["epoch"])
-        records = _read_metrics(metrics_path, start_epoch)
-        # no RNG state to restore: seed_epoch reseeds every stream at the start of each epoch
-    train_model: nn.Module = model
-    if runtime.distributed:
-        # `ce` leaves g and h without gradients: DDP must know, or it waits for them forever.
-        train_model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[runtime.device.index] if runtime.cuda else None,
-            find_unused_parameters=config.loss == "ce",
-        )
-
     workers = int(config.num_workers or 0)
     train_loader = make_loader(
-        data.train,
+        IndexedDataset(data.train) if getattr(loss_fn, "needs_index", False) else data.train,
         config.batch_size,  # type: ignore[arg-type]
         train=True,
         seed=config.seed,
         runtime=runtime,
         num_workers=workers,
     )
+    schedule = build_schedule(
+        optimizer,
+        config.schedule,
+        epochs=config.epochs,  # type: ignore[arg-type]
+        steps_per_epoch=len(train_loader),
+        lr_step=config.lr_step,  # type: ignore[arg-type]
+        lr_gamma=config.lr_gamma,
+        warmup_epochs=config.warmup_epochs,
+    )
+    scheduler = schedule.scheduler
+    # SWA: the average of the weights at the end of each of the last swa_epochs epochs
+    swa_start = config.epochs - config.swa_epochs + 1  # type: ignore[operator]
+    average = WeightAverage(model) if config.swa_epochs > 0 else None
+    start_epoch = 0
+    records: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        if checkpoint.get("swa", {}).get("finalized"):
+            raise ValueError(
+                f"{ckpt_path} is a finished SWA run: its weights are the average, not the last "
+                "epoch's, so it cannot be extended; train again with a larger --epochs"
+            )
+        # the optimiser casts its momentum buffers to the parameters' device (already moved)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch = int(checkpoint["epoch"])
+        records = _read_metrics(metrics_path, start_epoch)
+        if isinstance(loss_fn, SelfAdaptiveTrainingLoss) and "loss_state" in checkpoint:
+            loss_fn.load_state_dict(checkpoint["loss_state"])  # SAT's per-sample EMA targets
+        if average is not None and checkpoint.get("swa", {}).get("state_dict") is not None:
+            average.load_state_dict(checkpoint["swa"]["state_dict"])
+        # no RNG state to restore: seed_epoch reseeds every stream at the start of each epoch
+    train_model: nn.Module = model
+    if runtime.distributed:
+        # `ce` leaves g and h without gradients, `sat` g and h: DDP must know, or it waits forever.
+        train_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[runtime.device.index] if runtime.cuda else None,
+            find_unused_parameters=config.loss in ("ce", "sat") or config.detach_selection,
+        )
     eval_runtime = replace(runtime, rank=0, world_size=1)  # rank 0 evaluates every sample
     val_loader = make_loader(
         data.val,
@@ -516,8 +556,19 @@ def run_training(
             config.epochs,
         )
 
-    def checkpoint_dict(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint_dict(epoch: int, metrics: dict[str, Any], swa_finalized: bool = False) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if isinstance(loss_fn, SelfAdaptiveTrainingLoss):
+            extra["loss_state"] = {k: v.cpu() for k, v in loss_fn.state_dict().items()}
+        if average is not None:
+            extra["swa"] = {
+                "epochs": config.swa_epochs,
+                "averaged": average.count,
+                "finalized": swa_finalized,  # state_dict holds the average, BN re-estimated
+                "state_dict": None if swa_finalized else average.state_dict(),
+            }
         return {
+            **extra,
             "format": CHECKPOINT_FORMAT,
             "model_config": model.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -539,10 +590,21 @@ def run_training(
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(loss_fn, SyncLoss):  # the only loss with a β to warm up
             loss_fn.beta_scale = beta_scale(epoch, config.beta_warmup)
+        if isinstance(loss_fn, SelfAdaptiveTrainingLoss):  # CE first, then SAT's targets
+            loss_fn.epoch = epoch
         terms = train_one_epoch(
-            train_model, loss_fn, train_loader, optimizer, runtime, epoch=epoch, progress=progress
+            train_model,
+            loss_fn,
+            train_loader,
+            optimizer,
+            runtime,
+            epoch=epoch,
+            progress=progress,
+            schedule=schedule,
         )
-        scheduler.step()
+        schedule.after_epoch()
+        if average is not None and epoch >= swa_start:
+            average.update(model)
         if runtime.is_main:
             metrics = evaluate(model, val_loader, runtime, score)
             record = {
@@ -573,6 +635,13 @@ def run_training(
         if runtime.distributed:
             dist.barrier()  # the others wait for rank 0's evaluation and checkpoint
 
+    if average is not None:
+        # BN statistics of the averaged weights, from one pass over the training data with its
+        # own random stream (epoch "epochs + 1"); every rank computes them, rank 0's are saved
+        seed_epoch(train_loader, config.seed, config.epochs + 1, runtime.rank)  # type: ignore[operator]
+        averaged = average.finalize(train_loader, runtime.device)
+        model.load_state_dict(averaged.state_dict())  # export and evaluation use the average
+        log.info("SWA: averaged the weights of the last %d epochs, BatchNorm re-estimated", average.count)
     test_metrics: dict[str, Any] = {}
     if runtime.is_main:
         test_metrics = {
@@ -581,7 +650,10 @@ def run_training(
             **evaluate(model, test_loader, runtime, score),
         }
         records.append(test_metrics)
-        save_checkpoint(ckpt_path, checkpoint_dict(config.epochs, test_metrics))  # type: ignore[arg-type]
+        save_checkpoint(
+            ckpt_path,
+            checkpoint_dict(config.epochs, test_metrics, swa_finalized=True),  # type: ignore[arg-type]
+        )
         _write_metrics(metrics_path, records)
         log.info(
             "test acc %.4f, risk@80%% coverage %.4f, aurc %.4f (by %s); wrote %s and %s",

@@ -42,8 +42,10 @@ from torch import nn
 from abstain.training.defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
+    DEFAULT_ENTROPY_WEIGHT,
     DEFAULT_LAMBDA,
     DEFAULT_PRIOR,
+    DEFAULT_SAT_MOMENTUM,
     DEFAULT_SYNC_TERM,
     DEFAULT_TARGET_COVERAGE,
     LOSSES,
@@ -133,6 +135,10 @@ class SelectiveNetLoss(nn.Module):
         target_coverage: c in (0, 1].
         alpha: α in [0, 1] (paper: 0.5).
         lam: λ ≥ 0 (paper: 32).
+        divide_by_coverage: ``True`` (the paper's eq. 2): ``r̂ = mean(ℓ·g) / φ̂``. ``False``: the
+            Keras reference's ``r̂ = mean(ℓ·g)`` (github.com/geifmany/selectivenet: Keras'
+            categorical cross-entropy of the target ``g·onehot``, averaged over the batch, has
+            no division by the coverage) — an ablation flag.
         distributed: under DDP, compute φ̂ and r̂ from the sums over all processes (see the
             module docstring); every process must then call the loss on every step.
     """
@@ -143,6 +149,7 @@ class SelectiveNetLoss(nn.Module):
         alpha: float = DEFAULT_ALPHA,
         lam: float = DEFAULT_LAMBDA,
         *,
+        divide_by_coverage: bool = True,
         distributed: bool = False,
     ) -> None:
         super().__init__()
@@ -152,6 +159,7 @@ class SelectiveNetLoss(nn.Module):
             raise ValueError(f"lam (λ) should be >= 0, but got {lam}")
         self.target_coverage, self.alpha, self.lam = float(target_coverage), float(alpha), float(lam)
         self.distributed = bool(distributed)
+        self.divide_by_coverage = bool(divide_by_coverage)
 
     def forward(self, output: SelectiveOutput, target: torch.Tensor) -> LossOutput:
         _check_batch(output, target)
@@ -161,7 +169,7 @@ class SelectiveNetLoss(nn.Module):
         sums = _global_sum(torch.stack([g.sum(), (ce_f * g).sum()]), self.distributed)  # [2]
         n = target.shape[0] * (dist.get_world_size() if self.distributed else 1)
         coverage = sums[0] / n
-        risk = sums[1] / sums[0]
+        risk = sums[1] / sums[0] if self.divide_by_coverage else sums[1] / n
         penalty = self.lam * torch.clamp(self.target_coverage - coverage, min=0.0) ** 2
         aux = F.cross_entropy(output.aux_logits.float(), target)
         total = self.alpha * (risk + penalty) + (1.0 - self.alpha) * aux
@@ -216,6 +224,7 @@ class SyncLoss(nn.Module):
         prior: str = DEFAULT_PRIOR,
         term: str = DEFAULT_SYNC_TERM,
         *,
+        divide_by_coverage: bool = True,
         distributed: bool = False,
     ) -> None:
         super().__init__()
@@ -225,7 +234,9 @@ class SyncLoss(nn.Module):
             raise ValueError(f"prior should be one of {', '.join(PRIOR_HEADS)}, but got {prior!r}")
         if term not in SYNC_TERMS:
             raise ValueError(f"term should be one of {', '.join(SYNC_TERMS)}, but got {term!r}")
-        self.selectivenet = SelectiveNetLoss(target_coverage, alpha, lam, distributed=distributed)
+        self.selectivenet = SelectiveNetLoss(
+            target_coverage, alpha, lam, divide_by_coverage=divide_by_coverage, distributed=distributed
+        )
         self.beta, self.prior, self.term = float(beta), prior, term
         self.beta_scale = 1.0
 
@@ -242,6 +253,121 @@ class SyncLoss(nn.Module):
         total = base.total + self.beta * self.beta_scale * sync
         terms = dict(base.terms, loss=total.detach(), **{f"sync_{self.term}": sync.detach()})
         return LossOutput(total, terms)
+
+
+class SelfAdaptiveTrainingLoss(nn.Module):
+    """``sat``: Self-Adaptive Training's selective loss (Huang, Zhang & Zhang, NeurIPS 2020), with
+    Feng et al.'s entropy minimisation (ICLR 2023, "Towards Better Selective Classification").
+
+    The model has K + 1 outputs in training: f's logits ``z [B, K]`` and an abstain logit
+    ``a [B]`` (``SelectiveOutput.abstain_logit``). Every training sample i keeps a target
+    ``t_i`` (an EMA of f's probability of its label), and with ``q = log_softmax([z, a]) [B, K+1]``
+    and ``p = softmax(z) [B, K]``::
+
+        epochs ≤ pretrain:  L = mean_i CE(z_i, y_i)                       (the K class logits only)
+        afterwards:         t_i ← m · t_i + (1 − m) · sg[p_i,y_i]         (t_i = 1 before its first update)
+                            L = mean_i −(t_i · q_i,y_i + (1 − t_i) · q_i,K) + w · mean_i H(p_i)
+                            H(p) = −Σ_k p_k log p_k
+
+    The first line of the SAT phase is the references' ``prob_history`` update
+    (github.com/LayneH/SAT-selective-cls and github.com/BorealisAI/towards-better-sel-cls,
+    ``loss.py``) restricted to the label's column, the only one their soft label reads (its
+    label column ``t_y``, its abstain column ``1 − t_y``, all others 0, L1-normalised — already
+    sums to 1); so one float per sample is kept, not K. Confident-and-right samples keep t near 1
+    and are learnt as usual; samples f keeps getting wrong move their target mass to the abstain
+    column. Selection at test time is the softmax response of z (Feng et al.: it beats the
+    abstain logit), which is what the model reports (``ModelConfig.selection_source``).
+
+    Entropy: Feng et al.'s code adds ``w · mean(−Σ_k p_k z_k)``, which is ``H(p) − logsumexp(z)``,
+    not the entropy their paper writes; we use the paper's ``H(p)`` (docs/training.md).
+
+    Args:
+        num_samples: N, the training split's size; ``forward`` takes each sample's index in [0, N).
+        momentum: m in [0, 1) (references: 0.9).
+        pretrain_epochs: epochs of plain CE first (the loop sets :attr:`epoch`, 1-based).
+        entropy_weight: w ≥ 0 (Feng et al.: 0.001 or 0.01; 0 is plain SAT).
+        distributed: under DDP a sample visits different processes in different epochs, so every
+            process must hold every target: each step all-gathers the batch's indices and label
+            probabilities and applies all W processes' updates to every process's table (a few
+            bytes per sample). The loss itself is a per-sample mean, local as DDP expects.
+
+    The targets are buffers (``state_dict``), kept on the CPU and saved in the checkpoint, so a
+    resumed run continues them.
+    """
+
+    targets: torch.Tensor  # [N] float32, t_i
+    seen: torch.Tensor  # [N] bool, whether t_i has been updated once
+    needs_index = True  # the loop passes each sample's index in the training split (IndexedDataset)
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        momentum: float = DEFAULT_SAT_MOMENTUM,
+        pretrain_epochs: int = 0,
+        entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
+        distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples should be positive, but got {num_samples}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum should be in [0, 1), but got {momentum}")
+        if pretrain_epochs < 0 or entropy_weight < 0:
+            raise ValueError(
+                "pretrain_epochs and entropy_weight should be >= 0, "
+                f"but got {pretrain_epochs} and {entropy_weight}"
+            )
+        self.momentum, self.pretrain_epochs = float(momentum), int(pretrain_epochs)
+        self.entropy_weight = float(entropy_weight)
+        self.distributed = bool(distributed)
+        self.register_buffer("targets", torch.ones(num_samples))
+        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
+        self.epoch = 1  # set by the training loop before each epoch
+
+    def forward(self, output: SelectiveOutput, target: torch.Tensor, index: torch.Tensor) -> LossOutput:
+        """``index`` int64 ``[B]``: the batch's positions in the training split."""
+        _check_batch(output, target)
+        logits = output.logits.float()  # [B, K]
+        if self.epoch <= self.pretrain_epochs:
+            ce = F.cross_entropy(logits, target)
+            return LossOutput(ce, {"loss": ce.detach(), "ce": ce.detach()})
+        if output.abstain_logit is None or output.abstain_logit.shape != target.shape:
+            raise ValueError(
+                "loss sat needs the abstain logit [B] (a model built with ModelConfig(abstain_head=True))"
+            )
+        if index.shape != target.shape:
+            raise ValueError(f"index should be [B={target.shape[0]}], but got {tuple(index.shape)}")
+        rows = torch.arange(target.shape[0], device=logits.device)
+        with torch.no_grad():  # the target is sg[·], as the references' logits.detach()
+            p_label = torch.softmax(logits, dim=1)[rows, target]  # [B]
+            all_index, all_p, mine = self._gather(index.to(logits.device), p_label)
+            previous = torch.where(self.seen[all_index], self.targets[all_index], torch.ones_like(all_p))
+            updated = self.momentum * previous + (1.0 - self.momentum) * all_p
+            self.targets[all_index] = updated
+            self.seen[all_index] = True
+        t = updated[mine].to(logits.device)  # [B], this process's samples
+        full = torch.cat([logits, output.abstain_logit.float()[:, None]], dim=1)  # [B, K+1]
+        log_q = F.log_softmax(full, dim=1)
+        sat = -(t * log_q[rows, target] + (1.0 - t) * log_q[:, -1]).mean()
+        log_p = F.log_softmax(logits, dim=1)
+        entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+        total = sat + self.entropy_weight * entropy
+        terms = {"loss": total, "sat": sat, "entropy": entropy, "sat_target": t.mean()}
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+    def _gather(self, index: torch.Tensor, p_label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(indices, label probabilities) of every process's batch, on the CPU, and the slice that
+        is this process's. One process: its own. Under DDP every batch has the same size (the
+        training loader drops the last partial batch), so ``all_gather`` needs no padding."""
+        if not self.distributed:
+            return index.cpu(), p_label.cpu(), slice(None)
+        world, rank, b = dist.get_world_size(), dist.get_rank(), index.shape[0]
+        indices = [torch.empty_like(index) for _ in range(world)]
+        probs = [torch.empty_like(p_label) for _ in range(world)]
+        dist.all_gather(indices, index)  # on the loss's device: NCCL needs CUDA tensors
+        dist.all_gather(probs, p_label)
+        return torch.cat(indices).cpu(), torch.cat(probs).cpu(), slice(rank * b, (rank + 1) * b)
 
 
 def _pairwise_rank_loss(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -280,16 +406,44 @@ def build_loss(
     beta: float = DEFAULT_BETA,
     prior: str = DEFAULT_PRIOR,
     sync_term: str = DEFAULT_SYNC_TERM,
+    divide_by_coverage: bool = True,
+    num_samples: int | None = None,
+    num_classes: int | None = None,
+    sat_momentum: float = DEFAULT_SAT_MOMENTUM,
+    sat_pretrain_epochs: int = 0,
+    entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
     distributed: bool = False,
 ) -> nn.Module:
     """The loss called ``name`` (one of :data:`LOSSES`) with its hyper-parameters.
 
     ``distributed``: the loss runs under DDP with a process group (see the module docstring).
+    ``sat`` needs ``num_samples`` (the training split's size: one EMA target per sample).
     """
     if name == "ce":
         return CrossEntropyLoss()
     if name == "selectivenet":
-        return SelectiveNetLoss(target_coverage, alpha, lam, distributed=distributed)
+        return SelectiveNetLoss(
+            target_coverage, alpha, lam, divide_by_coverage=divide_by_coverage, distributed=distributed
+        )
     if name == "sync":
-        return SyncLoss(target_coverage, alpha, lam, beta, prior, sync_term, distributed=distributed)
+        return SyncLoss(
+            target_coverage,
+            alpha,
+            lam,
+            beta,
+            prior,
+            sync_term,
+            divide_by_coverage=divide_by_coverage,
+            distributed=distributed,
+        )
+    if name == "sat":
+        if num_samples is None:
+            raise ValueError("loss sat needs num_samples, the size of the training split")
+        return SelfAdaptiveTrainingLoss(
+            num_samples,
+            momentum=sat_momentum,
+            pretrain_epochs=sat_pretrain_epochs,
+            entropy_weight=entropy_weight,
+            distributed=distributed,
+        )
     raise ValueError(f"loss should be one of {', '.join(LOSSES)}, but got {name!r}")

@@ -35,6 +35,9 @@ from torch import nn
 
 from abstain.training.defaults import BODIES  # the CLI reads the same tuple
 
+#: What a model reports as ``selection`` (see :class:`ModelConfig`).
+SELECTION_SOURCES = ("g", "softmax_response")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,6 +53,14 @@ class ModelConfig:
         dropout: dropout before the heads (VGG body and small CNN).
         selection_bn_gamma: initial γ of g's batch norm (SelectiveNet's reference: 0.1, see
             the module docstring).
+        abstain_head: add Self-Adaptive Training's abstain logit (Huang et al., NeurIPS 2020):
+            a linear layer beside f, so training sees K + 1 logits; never exported.
+        selection_source: what the model reports as ``selection``: ``"g"`` (the selection head)
+            or ``"softmax_response"`` (max softmax of f, for models trained without a g, such as
+            SAT's: Feng et al., ICLR 2023, rank by it); ``selection_logit`` is then the softmax
+            response's logit (:func:`softmax_response_logit`).
+        detach_selection: g reads ``features.detach()``: the terms that involve g train only
+            g's head, not the body (an ablation of SelectiveNet/SYNC; no effect at inference).
     """
 
     body: str
@@ -62,8 +73,16 @@ class ModelConfig:
     width: int = 32
     dropout: float = 0.3
     selection_bn_gamma: float = 1.0
+    abstain_head: bool = False
+    selection_source: str = "g"
+    detach_selection: bool = False
 
     def __post_init__(self) -> None:
+        if self.selection_source not in SELECTION_SOURCES:
+            raise ValueError(
+                f"selection_source should be one of {', '.join(SELECTION_SOURCES)}, "
+                f"but got {self.selection_source!r}"
+            )
         if self.body not in BODIES:
             raise ValueError(f"body should be one of {', '.join(BODIES)}, but got {self.body!r}")
         if self.num_classes < 2:
@@ -101,6 +120,25 @@ class SelectiveOutput(NamedTuple):
     selection: torch.Tensor  # [N] selection head g, in [0, 1]
     aux_logits: torch.Tensor  # [N, K] auxiliary head h
     selection_logit: torch.Tensor | None = None  # [N] g before the sigmoid
+    abstain_logit: torch.Tensor | None = None  # [N] SAT's extra (K+1-th) logit, training only
+
+
+def softmax_response_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The logit of the softmax response: ``logits [N, K]`` → ``[N]``, with
+    ``sigmoid(result) == max_k softmax(logits)_k``.
+
+    ``s = e^{z_m} / (e^{z_m} + Σ_{k≠m} e^{z_k})`` for the arg-max m, so
+    ``logit(s) = log(s / (1 − s)) = z_m − logsumexp_{k≠m} z_k``. Computed this way it does not
+    saturate: in float32 ``s`` is exactly 1.0 once ``1 − s`` drops below 6e-8, and a coverage
+    threshold could not split the most confident inputs (the reason graphs export g's logit
+    too, docs/export.md). Only the arg-max column is masked, so a tie for the maximum gives
+    ``logit ≤ −log 2``, as the softmax response (≤ 1/2) says. Needs K ≥ 2.
+    """
+    top = logits.max(dim=1)  # values [N], indices [N]
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    is_top = columns[None, :] == top.indices[:, None]  # [N, K], one True per row
+    others = torch.logsumexp(logits.masked_fill(is_top, float("-inf")), dim=1)  # [N]
+    return top.values - others
 
 
 def _small_cnn(in_channels: int, width: int, dropout: float) -> tuple[nn.Module, int]:
@@ -202,6 +240,9 @@ class SelectiveNet(nn.Module):
             nn.Linear(hidden, 1),
         )
         self.auxiliary = nn.Linear(dim, k)  # h
+        # SAT's abstain logit: a (K+1)-th output of the classifier layer, kept apart from f so that
+        # f and the exported graph are the same with or without it (Huang et al. 2020)
+        self.abstain = nn.Linear(dim, 1) if config.abstain_head else None
         nn.init.constant_(selector_bn.weight, config.selection_bn_gamma)  # g's BN γ
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,12 +267,19 @@ class SelectiveNet(nn.Module):
         return self._heads(features)
 
     def _heads(self, features: torch.Tensor) -> SelectiveOutput:
-        selection_logit = self.selector(features).squeeze(-1)  # [N, 1] → [N], never [N, 1]
+        logits = self.predictor(features)  # [N, K]
+        if self.config.selection_source == "softmax_response":
+            selection_logit = softmax_response_logit(logits)  # [N]; g is not used
+        else:
+            g_input = features.detach() if self.config.detach_selection else features
+            selection_logit = self.selector(g_input).squeeze(-1)  # [N, 1] → [N], never [N, 1]
+        abstain_logit = self.abstain(features).squeeze(-1) if self.abstain is not None else None
         return SelectiveOutput(
-            self.predictor(features),
+            logits,
             torch.sigmoid(selection_logit),
             self.auxiliary(features),
             selection_logit,
+            abstain_logit,
         )
 
     def forward(self, x: torch.Tensor) -> SelectiveOutput:

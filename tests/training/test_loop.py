@@ -237,7 +237,7 @@ def test_selective_metrics_by_hand() -> None:
 
 
 def test_config_errors_list_the_choices() -> None:
-    with pytest.raises(ValueError, match="loss should be one of ce, selectivenet, sync, but got 'sn'"):
+    with pytest.raises(ValueError, match="loss should be one of ce, selectivenet, sync, sat, but got 'sn'"):
         TrainConfig(loss="sn").validate()
     with pytest.raises(ValueError, match="body should be one of small_cnn, vgg16_bn, resnet18, resnet34"):
         TrainConfig(body="vgg19").validate()
