@@ -48,6 +48,8 @@ def serve(
         OPTION["triton_probe_interval"].default
     ),
     triton_model: Annotated[str | None, _option("triton_model")] = OPTION["triton_model"].default,
+    grpc_port: Annotated[int, _option("grpc_port")] = OPTION["grpc_port"].default,
+    grpc_host: Annotated[str, _option("grpc_host")] = OPTION["grpc_host"].default,
     max_batch: Annotated[int, _option("max_batch")] = OPTION["max_batch"].default,
     max_json_batch: Annotated[int, _option("max_json_batch")] = OPTION["max_json_batch"].default,
     max_request_bytes: Annotated[int, _option("max_request_bytes")] = OPTION["max_request_bytes"].default,

@@ -1,10 +1,11 @@
 """The BentoML predict-or-abstain service: ``bentoml serve abstain.serving.service:Abstain``.
 
 Endpoints: ``POST /predict`` (JSON pixels, one image or a batch), ``POST /predict_image``
-(PNG/JPEG upload), ``GET /metadata``; BentoML adds ``/livez``, ``/readyz`` (ready only after
-the graph is loaded and, for Triton, verified) and ``/metrics`` (ours included, merged over
-workers). Configuration comes from ``ABSTAIN_*`` environment variables
-(:mod:`abstain.serving.config.settings`), which ``abstain serve`` sets.
+(PNG/JPEG upload), ``GET /metadata``, the Open Inference Protocol under ``/v2`` (and over gRPC
+with ``ABSTAIN_GRPC_PORT``: ``serving/http/v2_routes.py``, ``grpc_service.py``); BentoML adds
+``/livez``, ``/readyz`` (ready only after the graph is loaded and, for Triton, verified) and
+``/metrics`` (ours included, merged over workers). Configuration comes from ``ABSTAIN_*``
+environment variables (:mod:`abstain.serving.config.settings`), which ``abstain serve`` sets.
 
 Start-up refusal: importing this module checks the graph, its calibration (present, valid,
 same sha256) and the operating point; a failure raises before BentoML starts any worker, so
@@ -29,13 +30,13 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 
-from abstain.contract import InputSpec
+from abstain.contract import LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME, InputSpec
 from abstain.decisions import Decisions, decide_arrays
 from abstain.operating_points import OperatingPoint
 from abstain.serving.config.settings import ServeSettings
 from abstain.serving.http import client_errors
 from abstain.serving.http.answers import Answer, PredictResponse, answers
-from abstain.serving.http.contract import current_service
+from abstain.serving.http.contract import DecidedBatch, current_service
 from abstain.serving.http.middleware import (
     CheckUploadForms,
     CountFrameworkRejections,
@@ -44,6 +45,7 @@ from abstain.serving.http.middleware import (
     NpyPredict,
     install_request_timeout,
 )
+from abstain.serving.http.open_inference import EXTENSIONS as OPEN_INFERENCE_EXTENSIONS
 from abstain.serving.http.request_ids import new_request_ids, parse_request_ids
 from abstain.serving.http.responses import error_response
 from abstain.serving.http.routes import routes
@@ -117,7 +119,7 @@ metadata_app = Starlette(routes=routes(current_service))
     # (Prometheus counts requests) and an OpenTelemetry span for the hot endpoints (no exporter
     # is configured, yet the span, its lists and locks were built and dropped per request)
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ["/predict", "/predict_image", "/livez", "/readyz", "/metrics"]},
+    tracing={"excluded_urls": ["/predict", "/predict_image", "/livez", "/readyz", "/metrics", "/v2"]},
 )
 class Abstain:
     """Predict or abstain with the calibrated SelectiveNet graph (see the module docstring)."""
@@ -210,6 +212,22 @@ class Abstain:
         # (docs/benchmarks.md, "Measurements behind design choices")
         return min(need, self.settings.max_request_bytes // 2)
 
+    @bentoml.on_startup
+    async def _start_grpc(self) -> None:
+        """``ABSTAIN_GRPC_PORT``: this worker's Open Inference Protocol gRPC server, on its event
+        loop (the workers share the port: ``serving/http/grpc_service.py``)."""
+        self._grpc_server: Any = None
+        if self.settings.grpc_port:
+            from abstain.serving.http import grpc_service
+
+            settings = self.settings
+            self._grpc_server = await grpc_service.start(self, settings.grpc_port, settings.grpc_host)
+
+    @bentoml.on_shutdown
+    async def _stop_grpc(self) -> None:
+        if getattr(self, "_grpc_server", None) is not None:
+            await self._grpc_server.stop(grace=1.0)
+
     def __is_ready__(self) -> bool:
         # not ready while Triton is unreachable or serves another graph (TritonMonitor)
         monitor = getattr(self, "monitor", None)
@@ -230,6 +248,12 @@ class Abstain:
             "max_json_batch": self.settings.json_batch,
             "max_request_bytes": self.settings.max_request_bytes,
             "default_operating_point": self.settings.operating_point or cal.default_operating_point,
+            # the Open Inference Protocol (KServe / Triton v2): REST under /v2 (serving/http/v2_routes.py)
+            "open_inference": {
+                "rest": "/v2",
+                "grpc_port": self.settings.grpc_port or None,
+                "extensions": list(OPEN_INFERENCE_EXTENSIONS),
+            },
             "operating_points": [
                 {
                     "name": p.name,
@@ -281,16 +305,26 @@ class Abstain:
             monitor.report_failure(exc)
             raise
 
+    async def _decided(
+        self, x: np.ndarray, operating_point: str | None, request_ids: list[str] | None, with_answers: bool
+    ) -> tuple[OperatingPoint, Any, list[str], list[Answer], Decisions]:
+        """The one path of every endpoint: decide ``x`` (float32 ``[N, C, H, W]``, checked) at the
+        named operating point, count it, record it; ``(point, outputs, ids, answers, decisions)``,
+        the JSON answers built only ``with_answers`` (``/predict``; the ``/v2`` tensors need none)."""
+        point = self._operating_point(operating_point)
+        out = await self._forward(x)
+        ids = request_ids if request_ids is not None else new_request_ids(len(x))
+        big = len(x) >= OFFLOAD_IMAGES
+        predictions, decisions = await off_loop(big, self._answers, out, point, ids, with_answers)
+        if self.decision_log is not None:
+            self.decision_log.record(ids, decisions, x)
+        return point, out, ids, predictions, decisions
+
     async def _decide(
         self, x: np.ndarray, operating_point: str | None, request_ids: list[str] | None = None
     ) -> PredictResponse:
         """Decide ``x`` (float32 ``[N, C, H, W]``, checked) at the named operating point."""
-        point = self._operating_point(operating_point)
-        out = await self._forward(x)
-        ids = request_ids if request_ids is not None else new_request_ids(len(x))
-        predictions, decisions = await off_loop(len(x) >= OFFLOAD_IMAGES, self._answers, out, point, ids)
-        if self.decision_log is not None:
-            self.decision_log.record(ids, decisions, x)
+        point, _, _, predictions, _ = await self._decided(x, operating_point, request_ids, with_answers=True)
         return {
             "model": self.artifacts.name,
             "version": self.artifacts.version,
@@ -298,10 +332,25 @@ class Abstain:
             "predictions": predictions,
         }
 
+    async def decide_batch(
+        self, x: np.ndarray, operating_point: str | None, request_ids: list[str] | None
+    ) -> DecidedBatch:
+        """Decide ``x`` as :meth:`_decide` does, but return the arrays, for the Open Inference
+        Protocol's tensors (``serving/http/open_inference.py``)."""
+        _, out, ids, _, decisions = await self._decided(x, operating_point, request_ids, with_answers=False)
+        return DecidedBatch(self.artifacts.name, self.artifacts.version, out, decisions, ids)
+
+    @property
+    def graph_outputs(self) -> tuple[str, ...]:
+        """``logits``, ``selection`` and, when the calibrated graph has it, ``selection_logit``."""
+        names = (LOGITS_NAME, SELECTION_NAME)
+        return (*names, SELECTION_LOGIT_NAME) if self.model.has_selection_logit else names
+
     def _answers(
-        self, out: Any, point: OperatingPoint, request_ids: list[str]
+        self, out: Any, point: OperatingPoint, request_ids: list[str], with_answers: bool = True
     ) -> tuple[list[Answer], Decisions]:
-        """The answers to a forward pass's outputs, counted in the metrics, and their decisions."""
+        """The answers to a forward pass's outputs (none unless ``with_answers``), counted in the
+        metrics, and their decisions."""
         # a selective entry (Triton decides) returns, per point in calibration order, the decision
         # it took and the score it compared, which the answer reports on the threshold's scale
         column = self.artifacts.calibration.names.index(point.name)
@@ -325,7 +374,7 @@ class Abstain:
             # per-class counts for a class-conditional point only (ServiceMetrics.per_class_points)
             decisions.class_index.tolist() if point.name in self.metrics.per_class_points else None,
         )
-        return answers(decisions, self.class_names, request_ids), decisions
+        return (answers(decisions, self.class_names, request_ids) if with_answers else []), decisions
 
     async def predict_npy(
         self, body: bytes, operating_point: str | None, request_ids: list[str] | None = None

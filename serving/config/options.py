@@ -101,6 +101,16 @@ OPTIONS: tuple[Option, ...] = (
         "Triton decide",
         default_text="the served entry's name",
     ),
+    # the Open Inference Protocol over gRPC, beside /v2 over HTTP (serving/http/grpc_service.py)
+    Option(
+        "grpc_port",
+        int,
+        0,
+        "port of the Open Inference Protocol gRPC service (inference.GRPCInferenceService, as "
+        "tritonclient.grpc speaks it), shared by the workers; 0: off; needs the triton-client extra",
+        minimum=0,
+    ),
+    Option("grpc_host", str, "0.0.0.0", "address the gRPC service listens on (with grpc_port)"),
     Option("max_batch", int, 256, "most images one request may carry", minimum=1),
     # bound what one request holds: parsed JSON takes up to ~23 bytes of memory per body byte
     # (docs/benchmarks.md, "Measurements behind design choices"), a .npy body its own size

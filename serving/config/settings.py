@@ -35,6 +35,8 @@ class ServeSettings:
     triton_concurrency: int = _default("triton_concurrency")
     triton_probe_interval: float = _default("triton_probe_interval")
     triton_model: str | None = _default("triton_model")
+    grpc_port: int = _default("grpc_port")
+    grpc_host: str = _default("grpc_host")
     max_batch: int = _default("max_batch")
     max_json_batch: int = _default("max_json_batch")
     max_request_bytes: int = _default("max_request_bytes")

@@ -11,16 +11,35 @@ that satisfies :class:`ServiceContract`, so the request path runs in-process und
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
     from abstain.contract import InputSpec
+    from abstain.decisions import Decisions
     from abstain.serving.config.settings import ServeSettings
     from abstain.serving.http.answers import PredictResponse
     from abstain.serving.metrics import ServiceMetrics
     from abstain.serving.store.live import DecisionLog
+
+
+@dataclass(frozen=True)
+class DecidedBatch:
+    """One decided batch as arrays, for the Open Inference Protocol's tensors (not JSON answers).
+
+    ``outputs``: the backend's forward pass (``logits`` ``[N, K]``, ``selection`` ``[N]``,
+    ``selection_logit`` ``[N]`` or ``None``); ``decisions``: the service's one decision path
+    (:func:`abstain.decisions.decide_arrays`) at ``decisions.point``, counted in the metrics and
+    recorded in the decision store under ``request_ids`` (one per image).
+    """
+
+    model: str
+    version: str
+    outputs: Any
+    decisions: Decisions
+    request_ids: list[str]
 
 
 class ServiceContract(Protocol):
@@ -28,9 +47,13 @@ class ServiceContract(Protocol):
 
     settings: ServeSettings
     metrics: ServiceMetrics
-    class_names: Sequence[str]
     #: ``None`` when the decision store is off (``ABSTAIN_STORE=off``)
     decision_log: DecisionLog | None
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        """The class names, by class index (read-only here, so a ``list`` attribute satisfies it)."""
+        ...
 
     @property
     def input_spec(self) -> InputSpec:
@@ -51,6 +74,23 @@ class ServiceContract(Protocol):
         """Decide a checked float32 batch ``[N, C, H, W]``; ``request_id`` as the client sent it.
 
         Raises the domain errors that :func:`abstain.serving.http.responses.error_response` maps."""
+        ...
+
+    async def decide_batch(
+        self, x: np.ndarray, operating_point: str | None, request_ids: list[str] | None
+    ) -> DecidedBatch:
+        """Decide a checked float32 batch ``[N, C, H, W]`` as ``/predict`` does (metrics, decision
+        store), returning the arrays; ``request_ids``: one per image, else made here."""
+        ...
+
+    @property
+    def graph_outputs(self) -> tuple[str, ...]:
+        """The graph outputs a forward pass returns: ``logits``, ``selection`` and, when the graph
+        has it, ``selection_logit``."""
+        ...
+
+    def __is_ready__(self) -> bool:
+        """Whether the service answers requests (BentoML's ``/readyz``)."""
         ...
 
     async def predict_npy(
