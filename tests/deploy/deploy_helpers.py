@@ -30,3 +30,22 @@ OPTIONAL_HISTOGRAMS = ("abstain_selection_logit_score",)
 #: `abstain:...` and are checked against rules.yml instead.
 METRIC_NAME = re.compile(r"\babstain_[a-z_]+\b")
 RECORDING_NAME = re.compile(r"\babstain:[a-z0-9_:]+\b")
+
+#: Series of BentoML's own HTTP instruments the autoscalers read (bentoml/_internal/server/http/
+#: instruments.py: a livesum gauge over the workers, `endpoint` = the request path, /metrics
+#: not counted); tests/deploy/test_monitoring_end_to_end.py checks the real server exports them.
+BENTOML_METRICS = ("bentoml_service_request_in_progress",)
+#: Any raw metric name a PromQL query may read (abstain's or BentoML's).
+ANY_METRIC_NAME = re.compile(r"\b(?:abstain|bentoml)_[a-z_]+\b")
+
+SCALED_OBJECT = DEPLOY / "kubernetes" / "components" / "request-autoscaling" / "scaledobject.yaml"
+
+
+def scaled_object_queries() -> dict[str, str]:
+    """The PromQL of each Prometheus trigger of the KEDA ScaledObject, by trigger name."""
+    import yaml
+
+    scaled = yaml.safe_load(SCALED_OBJECT.read_text())
+    return {
+        t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"
+    }

@@ -75,7 +75,12 @@ def test_every_query_uses_the_datasource_variable(dashboard: dict) -> None:
 
 def test_has_the_live_risk_panels(dashboard: dict) -> None:
     exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard["panels"]}
-    live = exprs["Live selective risk vs what calibration vouches for"]
-    for name in ("abstain_live_selective_risk", "abstain_live_risk_lower_bound", "abstain_calibrated_risk"):
-        assert name in live  # the alert's two sides, on one panel
+    live = exprs["Live selective risk, its label-free estimate, and what calibration vouches for"]
+    for name in (
+        "abstain_live_selective_risk",
+        "abstain_live_risk_lower_bound",
+        "abstain_estimated_risk",
+        "abstain_calibrated_risk",
+    ):
+        assert name in live  # both alerts' two sides, on one panel
     assert "by (result)" in exprs["Labels posted and decisions not recorded"]

@@ -208,3 +208,21 @@ def test_triton_selective_overlay_points_abstain_at_a_shipped_selective_entry() 
     # Triton loads every entry of the image's models/, so the selective one must ship there
     assert (entry / "config.pbtxt").is_file() and (entry / "1" / "model.onnx").is_file()
     _find(objects, "Deployment", "triton")
+
+
+def test_prometheus_scrapes_triton_metrics_port_of_the_triton_overlay(triton: list[dict]) -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "triton")
+    assert job["metrics_path"] == "/metrics"
+    (sd,) = job["dns_sd_configs"]
+    (name,) = sd["names"]
+    service = _find(triton, "Service", name.split(".")[0])
+    abstain_job = next(j for j in config["scrape_configs"] if j["job_name"] == "abstain")
+    same_namespace = abstain_job["dns_sd_configs"][0]["names"][0].split(".")[1:]
+    assert name.split(".")[1:] == same_namespace
+    metrics = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
+    assert sd["port"] == metrics["port"] == 8002
+    server = _container(_find(triton, "Deployment", "triton"), "tritonserver")
+    assert _port_names(server)[metrics["targetPort"]] == 8002  # Triton's --metrics-port default
+    # one replica behind a ClusterIP: its one A record is that pod (see prometheus.yml)
+    assert _find(triton, "Deployment", "triton")["spec"]["replicas"] == 1

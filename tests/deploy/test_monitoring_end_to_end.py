@@ -10,6 +10,7 @@ always stopped.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_helpers import COUNTERS, DEPLOY, GAUGES, HISTOGRAMS, REPO
+from deploy_helpers import COUNTERS, DEPLOY, GAUGES, HISTOGRAMS, REPO, scaled_object_queries
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -129,7 +130,9 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(DEPLOY / "prometheus" / "rules.yml")]
     config.pop("alerting", None)
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "abstain"]
+    # only the abstain job: no Triton here (its job would only fail DNS discovery)
+    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] == "abstain"]
+    (job,) = config["scrape_configs"]
     job.pop("dns_sd_configs")
     job["static_configs"] = [{"targets": [service.removeprefix("http://")]}]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -240,3 +243,48 @@ def test_prometheus_sees_the_traffic_sent(service: str, prometheus: str) -> None
     expected = set(COUNTERS) | set(GAUGES) | {f"{h}_bucket" for h in HISTOGRAMS}
     result = _query(prometheus, 'count by (__name__) ({__name__=~"abstain_.+"})')
     assert expected <= {r["metric"]["__name__"] for r in result}
+
+
+def test_the_autoscaler_queries_read_the_real_service(service: str, prometheus: str) -> None:
+    """The KEDA ScaledObject's queries (deploy/kubernetes/components/request-autoscaling) find the
+    series of the real server: decisions per second after traffic, and the in-flight gauge of the
+    inference endpoints (/predict and /v2 infer) but not of the probes."""
+    from abstain.datasets import load_digits
+
+    images = load_digits("test").x[:4]
+    pixels = {
+        "name": "pixels",
+        "shape": list(images.shape),
+        "datatype": "FP32",
+        "data": images.ravel().tolist(),
+    }
+    with httpx.Client(base_url=service, timeout=30) as client:
+        assert client.post("/predict", json={"pixels": images.tolist()}).status_code == 200
+        assert client.post("/v2/models/digits/infer", json={"inputs": [pixels]}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+    queries = scaled_object_queries()
+    # the in-flight filter, to list which endpoints of the real server it selects
+    selector = re.search(r"bentoml_service_request_in_progress\{([^}]*)\}", queries["requests-in-flight"])
+    assert selector
+    wanted = {"/predict", "/v2/models/digits/infer"}
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        rate = _scalar(prometheus, queries["decisions-per-second"])
+        in_flight = _scalar(prometheus, queries["requests-in-flight"])
+        endpoints = {
+            r["metric"]["endpoint"]
+            for r in _query(prometheus, f"bentoml_service_request_in_progress{{{selector.group(1)}}}")
+        }
+        if rate and in_flight is not None and wanted <= endpoints:
+            break
+        assert time.monotonic() < deadline, f"autoscaler queries: {rate=}, {in_flight=}, {endpoints=}"
+        time.sleep(0.5)
+    assert rate > 0
+    assert in_flight >= 0  # a gauge; nothing is in flight between requests
+    # the real server's probes are there, and not selected
+    probes = {
+        r["metric"]["endpoint"]
+        for r in _query(prometheus, 'bentoml_service_request_in_progress{job="abstain"}')
+    }
+    assert "/readyz" in probes
+    assert not endpoints & {"/readyz", "/livez", "/metrics"}

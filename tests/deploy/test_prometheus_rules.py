@@ -26,6 +26,9 @@ def test_promtool_check_config_accepts_prometheus_yml(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     # the config loads rules.yml, so the check covered the rules too
     assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+    # the check covered both scrape jobs: the abstain pods and Triton's metrics port
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["abstain", "triton"]
 
 
 def test_promtool_check_rules_accepts_rules_yml(promtool: str) -> None:
