@@ -58,6 +58,9 @@ from tests.serving.triton_repository import write_python_backend_repository  # n
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+-- the Open Inference Protocol's binary extension: the JSON header's length
+local header = os.getenv("WRK_INFERENCE_HEADER_LENGTH")
+if header and header ~= "" then wrk.headers["Inference-Header-Content-Length"] = header end
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
 wrk.body = f:read("*a")
 f:close()
@@ -85,9 +88,15 @@ def _ms(text: str) -> float:
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
+#: content type of a binary-extension body; its JSON header's length travels in the body's file name
+V2_BINARY = "application/octet-stream"
+
+
 def wrk(url: str, body: Path, content_type: str, connections: int, seconds: float, lua: Path) -> Point:
     """One wrk run (one thread: the load generator must not take both cores)."""
     env = dict(os.environ, WRK_BODY=str(body), WRK_CONTENT_TYPE=content_type)
+    if content_type == V2_BINARY:  # <name>.h<header length>.bin, written by v2_binary_body
+        env["WRK_INFERENCE_HEADER_LENGTH"] = body.suffixes[-2][2:]
     done = subprocess.run(
         [
             "wrk",
@@ -215,6 +224,38 @@ def make_vgg(tmp: Path) -> Path:
     return repo / "vgg" / "1"
 
 
+def v2_binary_body(x: np.ndarray) -> tuple[bytes, int]:
+    """An Open Inference Protocol request for ``x`` as ``tritonclient.http`` sends it by default:
+    the pixels in the binary extension, every output asked for in binary; ``(body, header length)``."""
+    import tritonclient.http as triton_http
+
+    pixels = triton_http.InferInput("pixels", list(x.shape), "FP32")
+    pixels.set_data_from_numpy(x, binary_data=True)
+    # no outputs named: tritonclient asks for all of them in binary (binary_data_output)
+    body, header = triton_http.InferenceServerClient.generate_request_body([pixels])
+    return body, int(header or 0)
+
+
+def triton_config(config: str, delay_us: int, preferred: tuple[int, ...], threads: int) -> str:
+    """A Python-backend ``config.pbtxt`` with this dynamic batching and ONNX Runtime thread count."""
+    batching = f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n"
+    if preferred:
+        batching += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+    batching += "}\n"
+    config = re.sub(r"dynamic_batching\s*\{[^}]*\}\s*", batching, config)
+    return config + f'parameters: {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}\n'
+
+
+#: The Triton settings swept before Triton is compared with (a user tunes the peer first):
+#: queue delay (µs) x preferred batch sizes x ONNX Runtime threads in the Python-backend stub.
+TRITON_SWEEP = [
+    (delay, preferred, threads)
+    for delay in (0, 500, 2000, 5000)
+    for preferred in ((), (8, 16, 32))
+    for threads in (1, 2)
+]
+
+
 def npy_bytes(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, x)
@@ -268,32 +309,55 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         ).encode()
 
     tr1, tr64 = write("triton1.json", kserve(x1)), write("triton64.json", kserve(x64))
+    (b1, h1), (b64, h64) = v2_binary_body(x1), v2_binary_body(x64)
+    v2_1, v2_64 = write(f"v2-one.h{h1}.bin", b1), write(f"v2-64.h{h64}.bin", b64)
     results: dict = {"raw": raw_ort(version_dir, x64, args.seconds)}
     print(f"[{name}] raw ONNX Runtime img/s: {results['raw']}", flush=True)
 
-    def measure(url: str, *series: tuple[str, Path, Path, str]) -> None:
-        """Every point of each ``(label, one-image body, 64-image body, content type)`` series on one
-        server; several series run interleaved, repeat by repeat, so that a drift of the machine
-        or the server over the minutes of a run falls on both alike (JSON against .npy)."""
+    def measure(url: str, *series: tuple[str, Path, Path, str] | tuple[str, Path, Path, str, str]) -> None:
+        """Every point of each ``(label, one-image body, 64-image body, content type[, URL])`` series
+        on one server (``url`` unless the series names its own); several series run interleaved,
+        repeat by repeat, so that a drift of the machine or the server over the minutes of a run
+        falls on all alike (JSON against .npy against the v2 binary path)."""
         for c in (1, 8, 32, 64):
-            points: dict[str, list[Point]] = {label: [] for label, *_ in series}
+            points: dict[str, list[Point]] = {item[0]: [] for item in series}
             for _ in range(args.repeats):
-                for label, one, many, ctype in series:
+                for label, one, many, ctype, *own in series:
+                    target = own[0] if own else url
                     if c == 64:  # 64-image requests take long on a big graph: 2 connections, >= 6 s
-                        points[label].append(wrk(url, many, ctype, 2, max(args.seconds, 6), lua))
+                        points[label].append(wrk(target, many, ctype, 2, max(args.seconds, 6), lua))
                     else:
-                        points[label].append(wrk(url, one, ctype, c, args.seconds, lua))
+                        points[label].append(wrk(target, one, ctype, c, args.seconds, lua))
             for label in points:
                 results[(label, c)] = median_point(points[label])
                 where = "64 img c=2" if c == 64 else f"c={c:<3d}"
                 print(f"[{name}] {label:14s} {where} {results[(label, c)]}", flush=True)
 
     if pytriton_dir() is not None:
-        repo = tmp / f"triton-{name}"
-        write_python_backend_repository(version_dir, repo)
-        triton, http, _grpc, _log = start_triton(repo, tmp, [version_dir.parent.name])
+        model = version_dir.parent.name
+
+        def start(setting: tuple[int, tuple[int, ...], int]) -> tuple[subprocess.Popen, str]:
+            repo = tmp / f"triton-{name}-{len(list(tmp.glob(f'triton-{name}-*')))}"
+            entry = write_python_backend_repository(version_dir, repo)
+            config = entry / "config.pbtxt"
+            config.write_text(triton_config(config.read_text(), *setting))
+            triton, http, _grpc, _log = start_triton(repo, tmp, [model])
+            return triton, f"http://127.0.0.1:{http}/v2/models/{model}/versions/{version_dir.name}/infer"
+
+        # tuned as a user would before comparing: every setting at 32 single-image clients, the
+        # best kept (one run each: the sweep picks, the measurement below reports)
+        sweep = {}
+        for setting in TRITON_SWEEP:
+            triton, url = start(setting)
+            try:
+                sweep[setting] = wrk(url, tr1, "application/json", 32, args.seconds, lua)
+            finally:
+                stop(triton)
+            print(f"[{name}] Triton sweep {setting}: {sweep[setting]}", flush=True)
+        best = max(sweep, key=lambda s: sweep[s].rps)
+        results["triton sweep"], results["triton best"] = sweep, best
+        triton, url = start(best)
         try:
-            url = f"http://127.0.0.1:{http}/v2/models/{version_dir.parent.name}/versions/{version_dir.name}/infer"
             measure(url, ("Triton direct", tr1, tr64, "application/json"))
         finally:
             stop(triton)
@@ -312,10 +376,13 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
         tmp / f"abstain-{name}.log",
     )
     try:
+        v2_url = f"{url}/v2/models/{version_dir.parent.name}/infer"
         measure(
             f"{url}/predict",
             ("abstain JSON", json1, json64, "application/json"),
             ("abstain .npy", npy1, npy64, "application/x-npy"),
+            # the Open Inference Protocol's binary path (tritonclient.http's default), same server
+            ("abstain v2 binary", v2_1, v2_64, V2_BINARY, v2_url),
         )
         if name == "digits" and args.soak > 0:
             rss0 = worker_rss_mib(service)
@@ -360,7 +427,14 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
 def table(name: str, r: dict) -> list[str]:
     servers = [
         s
-        for s in ("Triton direct", "plain BentoML", "abstain JSON", "abstain .npy", WORKERS_ROW)
+        for s in (
+            "Triton direct",
+            "plain BentoML",
+            "abstain JSON",
+            "abstain .npy",
+            "abstain v2 binary",
+            WORKERS_ROW,
+        )
         if (s, 1) in r
     ]
     raw = r["raw"]
@@ -385,6 +459,37 @@ def table(name: str, r: dict) -> list[str]:
                 f"{p.max_ms:.1f} | {p.non2xx} | {vs_triton} | {vs_raw:.2f} |"
             )
     return lines
+
+
+def triton_sweep_lines(name: str, r: dict) -> list[str]:
+    """The Triton settings tried on ``name`` (32 single-image clients, one run each), best first."""
+    if "triton sweep" not in r:
+        return []
+    sweep, best = r["triton sweep"], r["triton best"]
+    lines = [
+        f"Triton tuned on {name} before the comparison: every setting at 32 single-image clients "
+        "(one run each), the best kept for the table above.",
+        "",
+        "| max_queue_delay µs | preferred_batch_size | ORT threads in the stub | rps |",
+        "|---|---|---|---|",
+    ]
+    for setting in sorted(sweep, key=lambda k: -sweep[k].rps):
+        delay, preferred, threads = setting
+        mark = " (kept)" if setting == best else ""
+        pref = ", ".join(map(str, preferred)) or "none"
+        lines.append(f"| {delay} | {pref} | {threads} | {sweep[setting].rps:,.0f}{mark} |")
+    return lines
+
+
+def v2_ratio_line(name: str, r: dict) -> str:
+    """The v2 binary path against abstain's own .npy path, per load point (target >= 0.9)."""
+    ratios = [r[("abstain v2 binary", c)].rps / r[("abstain .npy", c)].rps for c in (1, 8, 32, 64)]
+    met = "met" if min(ratios) >= 0.9 else "NOT met"
+    return (
+        f"{name}: abstain's Open Inference Protocol binary path against its own `.npy` path, rps ratio "
+        f"at 1 / 8 / 32 clients and 2 × 64-image: {' / '.join(f'{x:.2f}' for x in ratios)} "
+        f"(target ≥ 0.9 everywhere: {met})."
+    )
 
 
 def main() -> None:
@@ -415,12 +520,16 @@ def main() -> None:
         "abstain's JSON and .npy runs alternate on one server. "
         "Single-image requests at 1 / 8 / 32 connections; `2 × 64-image`: 2 connections sending "
         "64-image requests (runs of at least 6 s). Triton: nvidia-pytriton's tritonserver, "
-        "Python-backend ONNX Runtime model, dynamic batching, KServe v2 JSON. abstain: defaults (1 worker, "
-        "decision store on), except the last rows: one worker per usable CPU.",
+        "Python-backend ONNX Runtime model, dynamic batching tuned first (below), KServe v2 JSON. "
+        "abstain: defaults (1 worker, decision store on), except the last rows: one worker per usable "
+        "CPU; `abstain v2 binary` is its `/v2/models/<name>/infer` with the binary tensor extension, "
+        "as `tritonclient.http` sends it.",
         "",
     ]
     for g, r in results.items():
-        lines += [*table(g, r), ""]
+        lines += [*table(g, r), "", v2_ratio_line(g, r), ""]
+        if "triton sweep" in r:
+            lines += [*triton_sweep_lines(g, r), ""]
         off = r["npy64 store off"]
         lines += [
             f"Without the decision store (`ABSTAIN_STORE=off`), {g}'s 2 × 64-image `.npy` point: "

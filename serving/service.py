@@ -49,6 +49,7 @@ from abstain.serving.http.open_inference import EXTENSIONS as OPEN_INFERENCE_EXT
 from abstain.serving.http.request_ids import new_request_ids, parse_request_ids
 from abstain.serving.http.responses import error_response
 from abstain.serving.http.routes import routes
+from abstain.serving.http.v2_routes import V2Infer
 from abstain.serving.http.validation import (
     InputRejectedError,
     batch_length,
@@ -274,6 +275,10 @@ class Abstain:
     def input_spec(self) -> InputSpec:
         return self.model.input_spec
 
+    @property
+    def served_model(self) -> tuple[str, str]:
+        return self.artifacts.name, self.artifacts.version
+
     def _operating_point(self, name: str | None) -> OperatingPoint:
         calibration = self.artifacts.calibration
         try:
@@ -442,3 +447,4 @@ SERVICE.add_asgi_middleware(CheckUploadForms)
 SERVICE.add_asgi_middleware(LimitPredictBody)
 SERVICE.add_asgi_middleware(NpyPredict)  # inside the limit: its body is bounded already
 SERVICE.add_asgi_middleware(JsonPredict)
+SERVICE.add_asgi_middleware(V2Infer)  # POST /v2/…/infer, before BentoML's routing

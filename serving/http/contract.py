@@ -51,6 +51,11 @@ class ServiceContract(Protocol):
     decision_log: DecisionLog | None
 
     @property
+    def served_model(self) -> tuple[str, str]:
+        """``(name, version)`` of the model-repository entry served (cheap: per request)."""
+        ...
+
+    @property
     def class_names(self) -> Sequence[str]:
         """The class names, by class index (read-only here, so a ``list`` attribute satisfies it)."""
         ...

@@ -120,8 +120,8 @@ def servicer(service: ServiceContract) -> Any:
     in_flight = asyncio.Semaphore(service.settings.max_concurrency)
 
     def known(name: str, version: str) -> bool:
-        meta = service.metadata()
-        return name == meta["model"] and version in ("", meta["version"])
+        served, served_version = service.served_model  # per call: not the whole metadata()
+        return name == served and version in ("", served_version)
 
     async def not_found(context: Any, name: str, version: str) -> None:
         meta = service.metadata()

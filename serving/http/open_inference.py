@@ -28,6 +28,7 @@ request ``id``, image ``i``'s is ``<id>-<i>``; without, the service makes them.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import orjson
 
 from abstain.contract import INPUT_NAME, LOGITS_NAME, SELECTION_LOGIT_NAME, SELECTION_NAME
 from abstain.serving.http.request_ids import REQUEST_ID, REQUEST_ID_TEXT
-from abstain.serving.http.validation import InputRejectedError, parse_pixels
+from abstain.serving.http.validation import InputRejectedError, check_pixel_values, parse_pixels
 
 if TYPE_CHECKING:
     from abstain.contract import InputSpec
@@ -284,23 +285,27 @@ def _pixels(
         if "data" in tensor:
             raise bad_request(f"input {INPUT_NAME!r} has both 'data' and a 'binary_data_size' parameter")
         shape = _shape(tensor.get("shape"), spec, max_batch, "binary tensor data")
-        need = int(np.prod(shape)) * dtype.itemsize
+        need = math.prod(shape) * dtype.itemsize
         if size != need or len(binary) != size:
             raise bad_request(
                 f"input {INPUT_NAME!r} {datatype} {list(shape)} needs {need} bytes of binary data, but its "
                 f"'binary_data_size' is {size} and the body has {len(binary)} bytes after the JSON header"
             )
         values = np.frombuffer(binary, dtype=dtype)  # a view of the body, no copy
-    if values.size != int(np.prod(shape)):
+    if values.size != math.prod(shape):
         raise InputRejectedError(
             "bad_shape",
-            f"input {INPUT_NAME!r} declares shape {list(shape)} ({int(np.prod(shape))} values) but its data "
+            f"input {INPUT_NAME!r} declares shape {list(shape)} ({math.prod(shape)} values) but its data "
             f"has {values.size}; {_valid_pixels(spec)}",
         )
     x = values.reshape(shape)
     if datatype == "UINT8":  # 0-255 scaled into [0, 1], as /predict's uint8 .npy bodies
         x = np.divide(x, np.float32(255), dtype=np.float32)
-    # the checks of /predict: dtype, shape, NaN/Inf, range, batch limit (its messages and reasons)
+    if size is not None:
+        # binary data has its dtype and shape checked above, as a .npy body's: only the values
+        # are left (NaN/Inf, range), checked as /predict's .npy path does — not the list parser
+        return check_pixel_values(np.ascontiguousarray(x, dtype=np.float32), spec, max_batch)
+    # JSON data: the checks of /predict: dtype, shape, NaN/Inf, range, batch limit (its messages)
     return parse_pixels(x, spec, max_batch)
 
 

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import zlib
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from abstain import __version__
 from abstain.contract import INPUT_NAME
-from abstain.serving.http.contract import ServiceContract, ServiceProvider
+from abstain.serving.http.contract import ServiceContract, ServiceProvider, current_service
 from abstain.serving.http.open_inference import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -87,11 +89,11 @@ def error(message: str, status: int) -> JSONResponse:
 
 def unknown_model(service: ServiceContract, name: str, version: str | None) -> JSONResponse | None:
     """404 unless ``name`` (and ``version``, if given) is the model served."""
-    meta = service.metadata()
-    if name == meta["model"] and version in (None, meta["version"]):
+    served, served_version = service.served_model  # per request: not the whole metadata()
+    if name == served and version in (None, served_version):
         return None
     asked = name if version is None else f"{name} version {version}"
-    return error(f"unknown model {asked[:140]!r}; valid: {meta['model']} (version {meta['version']})", 404)
+    return error(f"unknown model {asked[:140]!r}; valid: {served} (version {served_version})", 404)
 
 
 def _codecs(encoding: str) -> list[int]:
@@ -213,18 +215,8 @@ def routes(service: ServiceProvider) -> list[Route]:
         return Response(status_code=200)
 
     async def infer(request: Request) -> Response:
-        current = service()
-        if current is None:
-            return error("service is starting", 503)
         p = request.path_params
-        if (missing := unknown_model(current, p["name"], p.get("version"))) is not None:
-            return missing
-        try:
-            return await _infer(current, request)
-        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to count
-            return error("the client disconnected before sending the whole body", 400)
-        except Exception as exc:  # one mapping of errors to answers, as /predict's
-            return error_response(exc, current.metrics)
+        return await infer_answer(service(), request, p["name"], p.get("version"))
 
     paths: list[Route] = [
         Route("/v2", server, methods=["GET"]),
@@ -238,6 +230,44 @@ def routes(service: ServiceProvider) -> list[Route]:
             Route(f"{base}/infer", infer, methods=["POST"]),
         ]
     return paths
+
+
+async def infer_answer(
+    current: ServiceContract | None, request: Request, name: str, version: str | None
+) -> Response:
+    """The answer to ``POST /v2/models/{name}[/versions/{version}]/infer`` (route and fast path)."""
+    if current is None:
+        return error("service is starting", 503)
+    if (missing := unknown_model(current, name, version)) is not None:
+        return missing
+    try:
+        return await _infer(current, request)
+    except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to count
+        return error("the client disconnected before sending the whole body", 400)
+    except Exception as exc:  # one mapping of errors to answers, as /predict's
+        return error_response(exc, current.metrics)
+
+
+#: ``/v2/models/{name}/infer`` and ``/v2/models/{name}/versions/{version}/infer``
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+
+
+class V2Infer:
+    """ASGI middleware: ``POST …/infer`` answered before BentoML routes the request to the mounted
+    Starlette app, as :class:`abstain.serving.http.middleware.NpyPredict` answers ``.npy`` bodies
+    (that routing cost ~30 % of a one-image request: docs/benchmarks.md, "Serving against its
+    peers"); the same :func:`infer_answer` as the route."""
+
+    def __init__(self, app: ASGIApp, service: ServiceProvider = current_service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        answer = await infer_answer(self.service(), request, match["name"], match["version"])
+        await answer(scope, receive, send)
 
 
 async def _infer(service: ServiceContract, request: Request) -> Response:

@@ -79,6 +79,12 @@ def _check_values(x: np.ndarray, valid: str) -> np.ndarray:
     return x
 
 
+def check_pixel_values(x: np.ndarray, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Refuse NaN/Inf and pixels outside [0, 1] of a float32 batch whose shape is already checked
+    (binary tensor data: a ``.npy`` body, the Open Inference Protocol's binary extension)."""
+    return _check_values(x, _valid_text(spec, max_batch))
+
+
 def batch_length(raw: Any) -> int:
     """``len(raw)`` when ``raw`` looks like a batch ``[N, C, H, W]`` of nested lists, else 0."""
     try:

@@ -35,6 +35,7 @@ from abstain.serving.http.middleware import (
     NpyPredict,
 )
 from abstain.serving.http.routes import routes
+from abstain.serving.http.v2_routes import V2Infer
 from tests.digits import load_digits
 
 
@@ -74,7 +75,14 @@ def app_for(service: Any) -> Starlette:
     provider = lambda: service  # noqa: E731
     inner = Starlette(routes=[Route("/predict", _framework, methods=["POST"]), *routes(provider)])
     app: Any = inner
-    for middleware in (JsonPredict, NpyPredict, LimitPredictBody, CheckUploadForms, CountFrameworkRejections):
+    for middleware in (
+        V2Infer,
+        JsonPredict,
+        NpyPredict,
+        LimitPredictBody,
+        CheckUploadForms,
+        CountFrameworkRejections,
+    ):
         app = middleware(app, service=provider)
     return app
 

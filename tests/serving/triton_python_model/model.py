@@ -30,12 +30,15 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.config = json.loads(args["model_config"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # tests share 2 cores with the service and pytest
+        # 1 by default: tests share 2 cores with the service and pytest; the config's parameter
+        # intra_op_threads overrides it (benchmarks/serve_peers.py tunes it)
+        threads = self.config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "1")
+        options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(
             str(version_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self.config = json.loads(args["model_config"])
         # every output the config declares, in its order: logits and selection for an exported
         # graph, plus class_index, confidence, scores and accept for a selective graph
         # (`abstain export-selective`); dtypes are the graph's, which the config states
