@@ -70,13 +70,12 @@ def test_answers_match_offline_decisions_on_the_digits_test_split(server: Server
     assert after["abstain"] - before["abstain"] == (~answered).sum()
 
 
-def test_abstentions_carry_their_sets_and_the_gauge_estimates_the_risk_of_the_answered(
-    server: Server,
-) -> None:
-    """One ``.npy`` request of 256 test images at coverage-0.8 (no other test uses it, so one
-    worker's window holds exactly these answers): each abstention's set is the LAC set computed
+def test_abstentions_carry_their_sets_and_the_gauge_estimates_the_risk_of_the_answered(start_server) -> None:
+    """One ``.npy`` request of 256 test images at coverage-0.8 to a server of its own (one worker,
+    so its window holds exactly these answers): each abstention's set is the LAC set computed
     here from the logits and the calibrated quantile, and abstain_estimated_risk is mean(1 - p)
     of the answered at the calibrated temperature."""
+    server = start_server(model_dir=MODEL_DIR, workers=1, ort_threads=1, store="off")
     calibration = load_calibration(MODEL_DIR / CALIBRATION_FILENAME)
     point = calibration.operating_point("coverage-0.8")
     x = load_digits("test").x[:256]
@@ -324,6 +323,7 @@ def test_overload_answers_429_instead_of_hanging(start_server) -> None:
 def test_a_class_conditional_point_answers_with_each_class_threshold(start_server, model_copy) -> None:
     """The digits copy calibrated with --per-class: every answer equals the offline decision with its
     predicted class's threshold (reported in the answer), and the per-class counters add up."""
+    pytest.importorskip("sklearn", reason="calibrating on digits needs the calibrate extra (scikit-learn)")
     from abstain.calibration.calibrate import run_calibration
     from abstain.decisions import decide_arrays
 
