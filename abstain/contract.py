@@ -71,7 +71,15 @@ META_IMPORTED = "abstain.imported"
 SCORE_SELECTION = "selection"  # g, the selection head
 SCORE_SOFTMAX_RESPONSE = "softmax_response"  # max softmax of the logits
 SCORE_COMBINED = "combined"  # geometric mean sqrt(g * softmax_response)
-SCORE_NAMES = (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE, SCORE_COMBINED)
+# post-hoc scores of the softmax p alone (no selection head), for `abstain calibrate --scores`
+SCORE_MARGIN = "margin"  # p_(1) - p_(2), the top-two gap
+SCORE_GINI = "gini"  # sum_k p_k^2 = 1 - Gini impurity (DOCTOR, Granese et al., NeurIPS 2021)
+#: Every score an operating point may threshold.
+SCORE_NAMES = (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE, SCORE_COMBINED, SCORE_MARGIN, SCORE_GINI)
+#: The scores `abstain calibrate` chooses among by default (lowest AURC), δ split over them.
+#: The post-hoc ones are opt-in (`--scores`): each candidate costs every risk point a share of δ,
+#: and on the CE models of issue 19 margin and Gini never beat the softmax response.
+DEFAULT_CANDIDATE_SCORES = (SCORE_SELECTION, SCORE_SOFTMAX_RESPONSE, SCORE_COMBINED)
 #: An operating point's ``score_scale`` (in its extra fields): what its threshold is compared
 #: with. ``logit``: the ``selection`` score is g's logit z (graphs with ``selection_logit``);
 #: ``probability``: a value in [0, 1] (every other score, and ``selection`` on older graphs).

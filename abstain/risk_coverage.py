@@ -19,6 +19,8 @@ import numpy as np
 
 from abstain.contract import (
     SCORE_COMBINED,
+    SCORE_GINI,
+    SCORE_MARGIN,
     SCORE_NAMES,
     SCORE_SCALE_LOGIT,
     SCORE_SCALE_PROBABILITY,
@@ -42,6 +44,15 @@ def softmax_response(logits: np.ndarray) -> np.ndarray:
     return softmax(logits).max(axis=1)
 
 
+def top_two_margin(probs: np.ndarray) -> np.ndarray:
+    """``p_(1) − p_(2)`` ``[N]`` of float ``[N, K]`` probabilities: the gap between the two most
+    likely classes (``p_(1)`` alone when ``K = 1``)."""
+    if probs.shape[1] < 2:
+        return probs[:, 0].copy()
+    top_two = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """``1 / (1 + exp(-z))`` in float64, without overflow for large negative ``z``."""
     z = np.asarray(z, dtype=np.float64)
@@ -62,7 +73,9 @@ def selection_scores(
     """The named score ``[N]`` from the graph's outputs (see ``abstain.contract.SCORE_NAMES``).
 
     ``combined`` is the geometric mean ``sqrt(g · softmax_response)``: high only when both
-    the selection head and the classifier are confident; stays in [0, 1].
+    the selection head and the classifier are confident; stays in [0, 1]. ``margin`` and
+    ``gini`` are post-hoc scores of the softmax p alone: ``p_(1) − p_(2)`` and ``Σ_k p_k²``
+    (one minus DOCTOR's Gini impurity, Granese et al., NeurIPS 2021), both in [0, 1].
 
     With ``selection_logit`` (float ``[N]``, g's logit z, from graphs that export it):
     ``selection`` is z itself — a monotone function of g, so it ranks exactly as g does, but
@@ -80,6 +93,11 @@ def selection_scores(
         else:
             g = sigmoid(np.asarray(selection_logit).reshape(-1))
         return np.sqrt(g * softmax_response(logits))
+    if score == SCORE_MARGIN:
+        return top_two_margin(softmax(logits))
+    if score == SCORE_GINI:
+        p = softmax(logits)
+        return (p * p).sum(axis=1)
     raise ValueError(f"score should be one of {', '.join(SCORE_NAMES)}, but got {score!r}")
 
 

@@ -29,6 +29,7 @@ from abstain.calibration.per_class import per_class_point
 from abstain.conformal import DEFAULT_SET_ALPHA, SET_METHODS
 from abstain.contract import (
     CALIBRATION_FILENAME,
+    DEFAULT_CANDIDATE_SCORES,
     META_TRAIN_DATA_FINGERPRINT,
     SCORE_NAMES,
     resolve_version_dir,
@@ -117,6 +118,17 @@ def _check_targets(values: Sequence[float], name: str) -> list[float]:
     if len(set(out)) != len(out):
         raise ValueError(f"{name} targets should be distinct, but got {out}")
     return out
+
+
+def _check_candidates(names: Sequence[str]) -> tuple[str, ...]:
+    """The candidate scores in ``SCORE_NAMES`` order: known, at least one, none twice."""
+    unknown = [n for n in names if n not in SCORE_NAMES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"candidate scores should be distinct names from {', '.join(SCORE_NAMES)}, "
+            f"at least one, but got {', '.join(names) or 'none'}"
+        )
+    return tuple(s for s in SCORE_NAMES if s in names)
 
 
 def point_name(method: str, target: float) -> str:
@@ -297,6 +309,7 @@ def run_calibration(
     risks: Sequence[float] = (),
     delta: float = DEFAULT_DELTA,
     score: str | None = None,
+    candidate_scores: Sequence[str] = DEFAULT_CANDIDATE_SCORES,
     batch_size: int = 256,
     risk_method: str = DEFAULT_RISK_METHOD,
     p_value: str = DEFAULT_P_VALUE,
@@ -313,12 +326,15 @@ def run_calibration(
         risks: target selective risks in (0, 1] certified at confidence ``1 - delta``.
         delta: the risk points' failure probability, and ``1 - delta`` is the confidence of
             the Clopper–Pearson intervals reported for the coverage points.
-        score: one of ``SCORE_NAMES``; default the one with the lowest AURC on this data.
-            That choice looks at the same data the risk points are then certified on, so with
-            the default each score's certificate gets ``delta / len(SCORE_NAMES)`` (recorded as
-            ``delta_per_score`` in each risk point's extra): by the union bound the
+        score: one of ``SCORE_NAMES``; default the one of ``candidate_scores`` with the lowest
+            AURC on this data. That choice looks at the same data the risk points are then
+            certified on, so each candidate's certificate gets ``delta / len(candidate_scores)``
+            (recorded as ``delta_per_score`` in each risk point's extra): by the union bound the
             certificates of all candidate scores hold together with probability
             ``>= 1 - delta``, whichever is chosen. The same for SGR and LTT.
+        candidate_scores: the scores the lowest AURC is chosen among when ``score`` is not given
+            (default ``DEFAULT_CANDIDATE_SCORES``; the post-hoc ``margin`` and ``gini`` are
+            opt-in: every candidate makes each certificate's share of ``delta`` smaller).
         risk_method: ``ltt`` (Learn then Test, fixed sequence: :func:`abstain.thresholds.ltt_point`)
             or ``sgr`` (Selection with Guaranteed Risk: :func:`abstain.thresholds.sgr_point`).
         p_value: LTT's p-value, ``exact`` (binomial tail) or ``hoeffding_bentkus``.
@@ -339,6 +355,7 @@ def run_calibration(
         raise ValueError(f"delta should be in (0, 1), but got {delta!r}")
     if score is not None and score not in SCORE_NAMES:
         raise ValueError(f"score should be one of {', '.join(SCORE_NAMES)}, but got {score!r}")
+    candidates = _check_candidates(candidate_scores)
     if risk_method not in RISK_METHODS:
         raise ValueError(f"risk method should be one of {', '.join(RISK_METHODS)}, but got {risk_method!r}")
     if p_value not in P_VALUES:
@@ -377,9 +394,11 @@ def run_calibration(
     preds = predict(model, labelled, batch_size)
     data_fp = labelled.fingerprint
     refuse_training_data(data_fp)
-    per_score = {name: score_metrics(preds.scores(name), preds.errors) for name in SCORE_NAMES}
+    # the default candidates are always reported, beside any others asked for
+    reported = [s for s in SCORE_NAMES if s in {*DEFAULT_CANDIDATE_SCORES, *candidates, score}]
+    per_score = {name: score_metrics(preds.scores(name), preds.errors) for name in reported}
     # lowest AURC wins; SCORE_NAMES order breaks exact ties (min keeps the first)
-    chosen = score or min(SCORE_NAMES, key=lambda name: per_score[name]["aurc"])
+    chosen = score or min(candidates, key=lambda name: per_score[name]["aurc"])
     ranked = RankedScores.from_arrays(preds.scores(chosen), preds.errors)
 
     points: list[OperatingPoint] = []
@@ -387,7 +406,7 @@ def run_calibration(
     # thresholds on g's logit when the graph has it: exact where float32 g ties at 1.0
     scale = preds.scale(chosen)
     # a data-dependent choice among the candidate scores costs a share of delta (see Args)
-    delta_per_score = delta if score else delta / len(SCORE_NAMES)
+    delta_per_score = delta if score else delta / len(candidates)
     unmet: list[dict[str, Any]] = []
     notes: list[str] = []
     if per_class:
@@ -468,6 +487,7 @@ def run_calibration(
             "accuracy": float(1.0 - preds.errors.mean()),
             "score": chosen,
             "score_choice": "given" if score else "lowest AURC",
+            "candidate_scores": [score] if score else list(candidates),
             "delta_per_score": delta_per_score,
         },
         scores=per_score,

@@ -83,8 +83,20 @@ def calibrate(
     ] = 0.05,
     score: Annotated[
         str | None,
-        typer.Option("--score", help="selection, softmax_response or combined (default: lowest AURC)."),
+        typer.Option(
+            "--score",
+            help="selection, softmax_response, combined, margin or gini (default: the lowest AURC of "
+            "--scores).",
+        ),
     ] = None,
+    scores: Annotated[
+        str,
+        typer.Option(
+            "--scores",
+            help="Candidates the lowest AURC is chosen among, comma-separated; delta is split over "
+            "them. Add the post-hoc margin and gini here.",
+        ),
+    ] = "selection,softmax_response,combined",
     batch_size: BatchOpt = 256,
     method: Annotated[
         str,
@@ -142,6 +154,7 @@ def calibrate(
         risks=risks,
         delta=delta,
         score=score,
+        candidate_scores=[s.strip() for s in scores.split(",") if s.strip()],
         batch_size=batch_size,
         risk_method=method,
         p_value=p_value,

@@ -16,10 +16,10 @@ outputs are cast to DOUBLE (exact: every float32 is a float64), the scores are c
 float64 with numpy's formula, step by step, and compared with the float64 thresholds stored as
 DOUBLE constants (bit-for-bit the JSON value). For the ``selection`` score the graph's score
 *is* ``float64(g)``, so ``accept`` equals the service's decision for every possible input,
-including a score exactly at the threshold. For ``softmax_response``/``combined`` the float64
-``exp``/sum of ONNX Runtime may differ from numpy's by an ulp (~1e-16), so a decision could
-differ only for a score within a few float64 ulps of its threshold (none on the digits test
-split; tested). Storing a float32 threshold (the smallest float32 ``>= t``) would be equally
+including a score exactly at the threshold. For the softmax scores (``softmax_response``,
+``combined``, ``margin``, ``gini``) the float64 ``exp``/sum of ONNX Runtime may differ from
+numpy's by an ulp (~1e-16), so a decision could differ only for a score within a few float64
+ulps of its threshold (none on the digits test split; tested). Storing a float32 threshold (the smallest float32 ``>= t``) would be equally
 exact for ``selection`` but not for the softmax scores, which would lose 9 digits.
 """
 
@@ -41,6 +41,8 @@ from abstain.contract import (
     LOGITS_NAME,
     META_SELECTIVE,
     SCORE_COMBINED,
+    SCORE_GINI,
+    SCORE_MARGIN,
     SCORE_NAMES,
     SCORE_SELECTION,
     SCORE_SOFTMAX_RESPONSE,
@@ -272,6 +274,32 @@ def build_selective_model(
             helper.make_node("Sqrt", [name("g_sr")], [name("combined")], name=name("sqrt")),
         ]
         columns[SCORE_COMBINED] = name("combined")
+    if SCORE_MARGIN in needed:
+        # p_(1) - p_(2), as abstain.risk_coverage.top_two_margin: the top two, largest first
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([2], dtype=np.int64), name("two")),
+                numpy_helper.from_array(np.array(0, dtype=np.int64), name("first")),
+                numpy_helper.from_array(np.array(1, dtype=np.int64), name("second")),
+            ]
+        )
+        nodes += [
+            helper.make_node(
+                "TopK", [name("probs"), name("two")], [name("top2"), name("top2_index")], axis=1,
+                largest=1, sorted=1, name=name("top2"),
+            ),
+            helper.make_node("Gather", [name("top2"), name("first")], [name("p1")], axis=1, name=name("p1")),
+            helper.make_node("Gather", [name("top2"), name("second")], [name("p2")], axis=1, name=name("p2")),
+            helper.make_node("Sub", [name("p1"), name("p2")], [name("margin")], name=name("margin")),
+        ]  # fmt: skip
+        columns[SCORE_MARGIN] = name("margin")
+    if SCORE_GINI in needed:
+        # sum_k p_k^2, as abstain.risk_coverage.selection_scores
+        nodes += [
+            helper.make_node("Mul", [name("probs"), name("probs")], [name("p_sq")], name=name("p_sq")),
+            helper.make_node("ReduceSum", [name("p_sq"), a1], [name("gini")], keepdims=0, name=name("gini")),
+        ]
+        columns[SCORE_GINI] = name("gini")
     # each distinct score once as an [N, 1] column, stacked [N, S]; one Gather picks the column
     # of every operating point ([N, P]): fewer nodes than a column per point (the per-node
     # dispatch cost is what the decision costs at batch 1, see benchmarks/selective_graph.py)

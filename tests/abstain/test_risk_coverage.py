@@ -93,6 +93,18 @@ def test_scores_from_graph_outputs() -> None:
         selection_scores(logits, np.array([0.5]), "entropy")
 
 
+def test_post_hoc_scores_by_hand() -> None:
+    # softmax [0.5, 0.3, 0.2] and [0.1, 0.1, 0.8]: margins 0.2 and 0.7; sum p^2 0.38 and 0.66
+    logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    g = np.array([0.9, 0.1])  # the selection head plays no part in either
+    assert selection_scores(logits, g, "margin") == pytest.approx([0.2, 0.7])
+    assert selection_scores(logits, g, "gini") == pytest.approx([0.38, 0.66])
+    # a tie at the top has no margin; the Gini score of a uniform softmax is 1 / K
+    tied = np.zeros((1, 4))
+    assert selection_scores(tied, np.array([0.5]), "margin") == pytest.approx([0.0])
+    assert selection_scores(tied, np.array([0.5]), "gini") == pytest.approx([0.25])
+
+
 def test_invalid_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="same length"):
         aurc([0.1, 0.2], [0])

@@ -17,7 +17,7 @@ from abstain.bounds import binomial_tail_p_value, risk_exceeds_target
 from abstain.calibration.calibrate import DEFAULT_RISK_METHOD, predict, run_calibration
 from abstain.calibration.data_sources import image_to_pixels
 from abstain.calibration.evaluate import run_evaluation
-from abstain.contract import SCORE_NAMES
+from abstain.contract import DEFAULT_CANDIDATE_SCORES
 from abstain.datasets import load_digits
 from abstain.io import sha256_file
 from abstain.operating_points import load_calibration
@@ -108,6 +108,9 @@ def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
         ({"coverages": [0.9, 0.9]}, "should be distinct"),
         ({"delta": 1.0}, r"delta should be in \(0, 1\)"),
         ({"score": "entropy"}, "score should be one of selection, softmax_response, combined"),
+        ({"candidate_scores": ["margin", "entropy"]}, "candidate scores should be distinct names from"),
+        ({"candidate_scores": []}, "at least one, but got none"),
+        ({"candidate_scores": ["gini", "gini"]}, "but got gini, gini"),
     ],
 )
 def test_bad_arguments(version_dir: Path, kwargs: dict, message: str) -> None:
@@ -209,7 +212,11 @@ def test_automatic_score_choice_splits_delta_over_the_candidate_scores(
     # the score is chosen on the calibration data itself, so each candidate's SGR gets δ/3;
     # its probes then split that again: δ/3/K per probe
     assert calibrated.calibration.data["score_choice"] == "lowest AURC"
-    assert calibrated.calibration.data["delta_per_score"] == pytest.approx(0.05 / len(SCORE_NAMES))
+    assert calibrated.calibration.data["delta_per_score"] == pytest.approx(
+        0.05 / len(DEFAULT_CANDIDATE_SCORES)
+    )
+    assert calibrated.calibration.data["candidate_scores"] == list(DEFAULT_CANDIDATE_SCORES)
+    assert set(calibrated.calibration.scores) == set(DEFAULT_CANDIDATE_SCORES)  # post-hoc ones opt-in
     risk_points = [p.extra for p in calibrated.calibration.operating_points if p.method == "risk"]
     risk_points += list(calibrated.calibration.unmet_targets)
     assert len(risk_points) == 2
@@ -232,6 +239,38 @@ def test_automatic_score_choice_splits_delta_over_the_candidate_scores(
     assert named.calibration.data["score_choice"] == "given"
     assert point.extra["delta_per_score"] == pytest.approx(0.05)
     assert point.extra["delta_per_probe"] == pytest.approx(0.05 / point.extra["n_probes"])
+
+
+def test_post_hoc_candidates_are_chosen_among_and_each_pays_its_share_of_delta(
+    version_dir: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(version_dir.parent, tmp_path / version_dir.parent.name) / version_dir.name
+    run = run_calibration(
+        copy, dataset="digits", split="val", coverages=[0.9], risks=[0.2], delta=0.05,
+        candidate_scores=["softmax_response", "margin", "gini"],
+    )  # fmt: skip
+    data, scores = run.calibration.data, run.calibration.scores
+    assert data["candidate_scores"] == ["softmax_response", "margin", "gini"]
+    assert data["delta_per_score"] == pytest.approx(0.05 / 3)
+    # every candidate measured on the same data; the lowest AURC among them (not g) is chosen
+    preds = predict(OnnxModel(copy / "model.onnx"), load_digits("val"))
+    for name in ("margin", "gini"):
+        assert scores[name]["aurc"] == pytest.approx(aurc(preds.scores(name), preds.errors))
+    assert run.chosen_score == min(data["candidate_scores"], key=lambda n: scores[n]["aurc"])
+    assert {p.score for p in run.calibration.operating_points} == {run.chosen_score}
+    # a point on a post-hoc score is decided like any other: it answers what its threshold says
+    (point,) = [p for p in run.calibration.operating_points if p.method == "coverage"]
+    expected = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)[0]
+    assert point.coverage == pytest.approx(expected)
+
+
+def test_cli_default_candidates_are_the_contract_default() -> None:
+    import inspect
+
+    from abstain.calibration.cli import calibrate
+
+    default = inspect.signature(calibrate).parameters["scores"].default
+    assert tuple(default.split(",")) == DEFAULT_CANDIDATE_SCORES
 
 
 @pytest.fixture(scope="module")

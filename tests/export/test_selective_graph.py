@@ -185,7 +185,7 @@ def test_selection_score_at_and_around_the_threshold(threshold: float) -> None:
         assert expected.tolist() == [False, True, True]
 
 
-@pytest.mark.parametrize("score", ["softmax_response", "combined"])
+@pytest.mark.parametrize("score", ["softmax_response", "combined", "margin", "gini"])
 def test_softmax_scores_agree_to_an_ulp_and_decide_alike_off_the_threshold(score: str) -> None:
     """The float64 softmax of ONNX Runtime and numpy's differ by at most an ulp or two (their
     ``exp`` differ), so: scores agree to 1e-15 relative; with thresholds 1e-12 (relative) either
