@@ -20,6 +20,8 @@ It writes the "Serving against its peers" section of docs/benchmarks.md (machine
 tables). Needs torch (for the VGG export) and nvidia-pytriton (for Triton; skipped without).
 
     nice -n 10 python benchmarks/serve_peers.py                  # ≈ 17 min on 2 cores
+    nice -n 10 python benchmarks/serve_peers.py --v2-only --graphs vgg --seconds 10 --repeats 9 \
+        --many-seconds 20                                         # the v2 path alone, ≈ 8 min
 
 The load generator shares the machine's cores with the servers: the figures compare servers
 with each other on this machine, they are not a capacity figure for a dedicated host.
@@ -426,6 +428,59 @@ def bench_graph(name: str, version_dir: Path, tmp: Path, args: argparse.Namespac
     return results
 
 
+def v2_against_npy(name: str, version_dir: Path, tmp: Path, args: argparse.Namespace, lua: Path) -> list[str]:
+    """``--v2-only``: abstain's v2 binary path against its own ``.npy`` path alone, on one server:
+    ``--repeats`` pairs of interleaved runs at one client (``--seconds`` each) and at 2 × 64-image
+    (``--many-seconds`` each), the median of each series and of the paired ratios."""
+    spec = OnnxModel(version_dir / "model.onnx", prefer_cuda=False).input_spec
+    rng = np.random.default_rng(1)
+    bodies = tmp / f"{name}-v2"
+    bodies.mkdir()
+    series = {}
+    for label, x in (("1", rng.random((1, *spec.shape), dtype=np.float32)),
+                     ("64", rng.random((64, *spec.shape), dtype=np.float32))):  # fmt: skip
+        npy = bodies / f"{label}.npy"
+        npy.write_bytes(npy_bytes(x[0] if label == "1" else x))
+        body, header = v2_binary_body(x)
+        v2 = bodies / f"v2-{label}.h{header}.bin"
+        v2.write_bytes(body)
+        series[label] = (npy, v2)
+    service, url = start_bentoml(
+        "abstain.serving.service:Abstain",
+        {"ABSTAIN_MODEL_DIR": str(version_dir), "ABSTAIN_MAX_CONCURRENCY": "1000"},
+        tmp / f"abstain-{name}-v2.log",
+    )
+    v2_url = f"{url}/v2/models/{version_dir.parent.name}/infer"
+    lines = []
+    try:
+        for label, connections, seconds in (("1", 1, args.seconds), ("64", 2, args.many_seconds)):
+            npy, v2 = series[label]
+            wrk(f"{url}/predict", npy, "application/x-npy", connections, 2, lua)  # warm both paths
+            wrk(v2_url, v2, V2_BINARY, connections, 2, lua)
+            pairs = [
+                (
+                    wrk(f"{url}/predict", npy, "application/x-npy", connections, seconds, lua),
+                    wrk(v2_url, v2, V2_BINARY, connections, seconds, lua),
+                )
+                for _ in range(args.repeats)
+            ]
+            n_rps = statistics.median(a.rps for a, _ in pairs)
+            v_rps = statistics.median(b.rps for _, b in pairs)
+            ratios = [b.rps / a.rps for a, b in pairs]
+            errors = sum(a.non2xx + b.non2xx for a, b in pairs)
+            point = "one client" if label == "1" else "2 × 64-image"
+            lines.append(
+                f"{name}, {point} ({args.repeats} pairs of {seconds:g}-s runs): .npy {n_rps:,.2f} rps, v2 "
+                f"binary {v_rps:,.2f} rps, ratio of medians **{v_rps / n_rps:.3f}**; paired ratios median "
+                f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
+                f"{errors} non-2xx."
+            )
+            print(lines[-1], flush=True)
+    finally:
+        stop(service)
+    return lines
+
+
 def table(name: str, r: dict) -> list[str]:
     servers = [
         s
@@ -507,8 +562,26 @@ def main() -> None:
     )
     parser.add_argument("--graphs", default="digits,vgg", help="comma-separated: digits, vgg")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument(
+        "--v2-only",
+        action="store_true",
+        help="only abstain's v2 binary path against its .npy path (one client, 2 × 64-image); prints, "
+        "writes nothing",
+    )
     args = parser.parse_args()
     started = time.monotonic()
+    if args.v2_only:
+        with tempfile.TemporaryDirectory(prefix="serve-peers-") as name:
+            tmp = Path(name)
+            (lua := tmp / "post.lua").write_text(LUA)
+            graphs = {"digits": REPO / "models" / "digits" / "1"}
+            if "vgg" in args.graphs:
+                graphs["vgg"] = make_vgg(tmp)
+            for g, d in graphs.items():
+                if g in args.graphs:
+                    v2_against_npy(g, d, tmp, args, lua)
+        print(f"{(time.monotonic() - started) / 60:.1f} min")
+        return
     with tempfile.TemporaryDirectory(prefix="serve-peers-") as name:
         tmp = Path(name)
         lua = tmp / "post.lua"

@@ -194,24 +194,29 @@ def routes(service: ServiceProvider) -> list[Route]:
             return error("the service is not ready (starting, or its backend is unavailable)", 400)
         return Response(status_code=200)
 
-    async def model(request: Request) -> Response:
+    def addressed(request: Request) -> ServiceContract | Response:
+        """The service a model route addresses, or the answer why not (503 starting, 404 unknown)."""
         current = service()
         if current is None:
             return error("service is starting", 503)
         p = request.path_params
-        if (missing := unknown_model(current, p["name"], p.get("version"))) is not None:
-            return missing
+        missing = unknown_model(current, p["name"], p.get("version"))
+        return current if missing is None else missing
+
+    async def model(request: Request) -> Response:
+        current = addressed(request)
+        if isinstance(current, Response):
+            return current
         return JSONResponse(model_metadata(current))
 
     async def model_ready(request: Request) -> Response:
-        current = service()
-        if current is None:
-            return error("service is starting", 503)
-        p = request.path_params
-        if (missing := unknown_model(current, p["name"], p.get("version"))) is not None:
-            return missing
+        current = addressed(request)
+        if isinstance(current, Response):
+            return current
         if not current.__is_ready__():
-            return error(f"model {p['name']!r} is not ready (its backend is unavailable)", 400)
+            return error(
+                f"model {request.path_params['name']!r} is not ready (its backend is unavailable)", 400
+            )
         return Response(status_code=200)
 
     async def infer(request: Request) -> Response:
