@@ -19,8 +19,9 @@ DOUBLE constants (bit-for-bit the JSON value). For the ``selection`` score the g
 including a score exactly at the threshold. For the softmax scores (``softmax_response``,
 ``combined``, ``margin``, ``gini``) the float64 ``exp``/sum of ONNX Runtime may differ from
 numpy's by an ulp (~1e-16), so a decision could differ only for a score within a few float64
-ulps of its threshold (none on the digits test split; tested). Storing a float32 threshold (the smallest float32 ``>= t``) would be equally
-exact for ``selection`` but not for the softmax scores, which would lose 9 digits.
+ulps of its threshold (none on the digits test split; tested). Storing a float32 threshold (the
+smallest float32 ``>= t``) would be equally exact for ``selection`` but not for the softmax
+scores, which would lose 9 digits.
 """
 
 from __future__ import annotations
