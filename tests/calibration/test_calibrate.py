@@ -258,7 +258,7 @@ def test_post_hoc_candidates_are_chosen_among_and_each_pays_its_share_of_delta(
         assert scores[name]["aurc"] == pytest.approx(aurc(preds.scores(name), preds.errors))
     assert run.chosen_score == min(data["candidate_scores"], key=lambda n: scores[n]["aurc"])
     assert {p.score for p in run.calibration.operating_points} == {run.chosen_score}
-    # a point on a post-hoc score is decided like any other: it answers what its threshold says
+    # the chosen score's point answers, on its data, what its threshold says
     (point,) = [p for p in run.calibration.operating_points if p.method == "coverage"]
     expected = coverage_and_risk(preds.scores(point.score), preds.errors, point.threshold)[0]
     assert point.coverage == pytest.approx(expected)
