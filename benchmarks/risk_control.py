@@ -78,7 +78,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,13 +278,19 @@ def pool_risk(pool: Pool, threshold: float) -> float:
     return float(pool.errors[answered].mean()) if answered.any() else 0.0
 
 
-def run_pool(pool: Pool, splits: int, seed: int) -> dict[tuple[str, float], Tally]:
-    methods = {name: make() for name, make in METHODS.items()}
-    tallies = {(name, r): Tally() for name in methods for r in pool.risks}
+def random_splits(pool: Pool, splits: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``splits`` seeded (calibration ``[n_cal]``, test ``[N - n_cal]``) index pairs of the pool:
+    the same for every method and, by the seed, for the global and the per-class comparison."""
     rng = np.random.default_rng(seed)
     for _ in range(splits):
         order = rng.permutation(pool.scores.size)
-        cal, test = order[: pool.n_cal], order[pool.n_cal :]
+        yield order[: pool.n_cal], order[pool.n_cal :]
+
+
+def run_pool(pool: Pool, splits: int, seed: int) -> dict[tuple[str, float], Tally]:
+    methods = {name: make() for name, make in METHODS.items()}
+    tallies = {(name, r): Tally() for name in methods for r in pool.risks}
+    for cal, test in random_splits(pool, splits, seed):
         for r in pool.risks:
             for name, method in methods.items():
                 tally = tallies[(name, r)]
@@ -512,10 +518,7 @@ def run_per_class(pool: Pool, splits: int, seed: int) -> dict[tuple[str, float],
     """The same splits as :func:`run_pool` (same seed); per class: the pool risk of the answers
     that predict it, at each split's decision."""
     tallies = {(n, r): ClassTally(pool.num_classes) for n in PER_CLASS_METHODS for r in pool.class_risks}
-    rng = np.random.default_rng(seed)
-    for split in range(splits):
-        order = rng.permutation(pool.scores.size)
-        cal, test = order[: pool.n_cal], order[pool.n_cal :]
+    for split, (cal, test) in enumerate(random_splits(pool, splits, seed)):
         for r in pool.class_risks:
             if split < CREPES_CHECKED_SPLITS:
                 ours = mondrian_sets(pool.probs[cal], pool.labels[cal], pool.probs, 1.0 - r)
