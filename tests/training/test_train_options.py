@@ -1,4 +1,5 @@
-"""`abstain train`'s issue-19 options reach the run: cosine schedule, SAT, SWA, the ablation flags."""
+"""`abstain train`'s issue-19 options reach the run: cosine schedule, SAT, SWA, channels_last, the
+ablation flags."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def test_options_are_recorded_in_the_checkpoint(tmp_path: Path) -> None:
         "1",
         "--swa-epochs",
         "1",
+        "--channels-last",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -29,6 +31,7 @@ def test_options_are_recorded_in_the_checkpoint(tmp_path: Path) -> None:
     config = ckpt["train_config"]
     assert (config["loss"], config["entropy_weight"], config["sat_momentum"]) == ("sat", 0.01, 0.8)
     assert (config["schedule"], config["warmup_epochs"], config["swa_epochs"]) == ("cosine", 1, 1)
+    assert config["channels_last"] is True  # off by default on CPU
     assert (
         ckpt["model_config"]["abstain_head"]
         and ckpt["model_config"]["selection_source"] == "softmax_response"
