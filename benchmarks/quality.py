@@ -154,12 +154,14 @@ def sweep_points(epochs: int, extended: bool = False) -> tuple[Point, ...]:
     return points
 
 
-def machine() -> str:
+def machine(shared: bool = True) -> str:
+    """The machine in words; ``shared``: the older modes ran beside other jobs, compare does not."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return (
         f"{cpu_count()} CPU cores (`nproc`), {cpu_model()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads, no GPU (the cores were shared with other jobs)"
+        f"{torch.get_num_threads()} torch threads, no GPU"
+        + (" (the cores were shared with other jobs)" if shared else "")
     )
 
 
@@ -700,8 +702,9 @@ def run_compare(args: argparse.Namespace) -> None:
 
 {setting(argparse.Namespace(dataset=dataset, seeds=",".join(map(str, seeds))), base)}, deep ensemble of
 {ensemble_size} (its members: the CE-SR runs of seed s and the next {ensemble_size - 1} seed(s), cyclically,
-shared between seeds); produced by `{command}` on: {machine()}; {minutes:.0f} min of training in all (a run
-cached from an earlier invocation counts the epoch times it recorded). Test split, mean ± std
+shared between seeds); produced by `{command}` on: {machine(shared=False)};
+{minutes:.0f} min of training in all (a run cached from an earlier invocation counts the epoch
+times it recorded). Test split, mean ± std
 over the seeds. Each method appears with its own score and with the post-hoc score that
 validation picks (softmax response, margin, Σp², MaxLogit, MaxLogit-pNorm p ∈ {{2, 4, 8}}, g,
 SAT's abstain probability), computed by the benchmark from saved logits.{sat_line(arms, results)}
