@@ -691,7 +691,9 @@ def run_compare(args: argparse.Namespace) -> None:
     epochs = int(base.get("epochs") or TrainConfig(dataset=dataset).resolved().epochs)
     if epochs < 12 and not smoke:
         print(f"note: {epochs} epochs; issue 19's protocol asks for at least 12", flush=True)
-    arms = select_arms(compare_arms(epochs, ensemble_size), args.arms)
+    every_arm = compare_arms(epochs, ensemble_size)
+    arms = select_arms(every_arm, args.arms)
+    left_out = [arm.name for arm in every_arm if arm not in arms]
     out = args.out / ("smoke" if smoke else dataset) / "compare"
     doc = out / "benchmarks.md" if smoke and args.doc == DEFAULT_DOC else args.doc
     out.mkdir(parents=True, exist_ok=True)
@@ -716,7 +718,7 @@ Paired differences against CE-SR (same seed = same initialisation and data order
 {paired}
 
 {summary}
-
+{f"{chr(10)}Not in this table (left out by `--arms`): {', '.join(left_out)}.{chr(10)}" if left_out else ""}
 """
     print(section)
     replace_section("Quality: every method against CE-SR (paired seeds)", section, doc)
