@@ -11,6 +11,12 @@ DATASETS = ("digits", "fashion-mnist", "cifar100", "imagefolder")
 #: ``sat``: Self-Adaptive Training's selective loss (Huang et al., NeurIPS 2020), optionally with
 #: entropy minimisation (Feng et al., ICLR 2023); ranked by the softmax response of f.
 LOSSES = ("ce", "selectivenet", "sync", "sat")
+#: ``abstain train``'s loss when none is named: plain cross-entropy, ranked by its softmax
+#: response (CE-SR). Issue 19's paired benchmark (benchmarks/quality.py, Fashion-MNIST, 12 epochs,
+#: 4 seeds; docs/benchmarks.md "Quality: every method against CE-SR") found no single model that
+#: beats CE-SR (SAT+EM, CE+SWA, SYNC and SelectiveNet all lost on average), and CE-SR had the best
+#: validation AURC of the single models, so it is the default: the best found, not a proven winner.
+DEFAULT_LOSS = "ce"
 BODIES = ("small_cnn", "vgg16_bn", "resnet18", "resnet34")
 PRIOR_HEADS = ("f", "h")
 #: How SYNC's prior enters the loss: ``bce`` (g pulled towards the softmax response) or
@@ -43,9 +49,10 @@ DEFAULT_WEIGHT_DECAY = 5e-4
 DEFAULT_DECAY_NORM_BIAS = True
 
 #: Learning-rate schedules: ``step`` (lr × γ every ``lr_step`` epochs: SelectiveNet's CIFAR
-#: schedule, the default) or ``cosine`` (per-step cosine decay to 0 after a linear warm-up).
+#: schedule) or ``cosine`` (per-step cosine decay to 0 after a linear warm-up). The default is
+#: per dataset (:data:`abstain.training.config.DATASET_DEFAULTS`): cosine for digits and
+#: Fashion-MNIST, where the benchmark measured it, step (the paper's) for CIFAR-100 and image folders.
 SCHEDULES = ("step", "cosine")
-DEFAULT_SCHEDULE = "step"
 #: Linear warm-up of the cosine schedule, in epochs (ignored by ``step``).
 DEFAULT_WARMUP_EPOCHS = 1
 #: Self-Adaptive Training (Huang et al. 2020; github.com/LayneH/SAT-selective-cls, and Feng et

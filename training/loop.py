@@ -385,9 +385,10 @@ def build_model(config: TrainConfig, data: DataBundle) -> SelectiveNet:
         std=spec.std,
         width=config.width,  # type: ignore[arg-type]
         selection_bn_gamma=config.selection_bn_gamma,
-        # SAT: K + 1 logits in training; ranked (and exported) by f's softmax response
+        # SAT: K + 1 logits in training. ce and sat are ranked (and exported) by f's softmax
+        # response: their g is never trained, so a graph whose selection were g would rank by noise
         abstain_head=config.loss == "sat",
-        selection_source="softmax_response" if config.loss == "sat" else "g",
+        selection_source="softmax_response" if config.loss in ("ce", "sat") else "g",
         detach_selection=config.detach_selection,
     )
     model = SelectiveNet(model_config)
@@ -485,12 +486,12 @@ def run_training(
     )
     schedule = build_schedule(
         optimizer,
-        config.schedule,
+        config.schedule,  # type: ignore[arg-type]
         epochs=config.epochs,  # type: ignore[arg-type]
         steps_per_epoch=len(train_loader),
         lr_step=config.lr_step,  # type: ignore[arg-type]
         lr_gamma=config.lr_gamma,
-        warmup_epochs=config.warmup_epochs,
+        warmup_epochs=config.warmup_epochs,  # type: ignore[arg-type]
     )
     scheduler = schedule.scheduler
     # SWA: the average of the weights at the end of each of the last swa_epochs epochs

@@ -56,8 +56,8 @@ class ModelConfig:
         abstain_head: add Self-Adaptive Training's abstain logit (Huang et al., NeurIPS 2020):
             a linear layer beside f, so training sees K + 1 logits; never exported.
         selection_source: what the model reports as ``selection``: ``"g"`` (the selection head)
-            or ``"softmax_response"`` (max softmax of f, for models trained without a g, such as
-            SAT's: Feng et al., ICLR 2023, rank by it); ``selection_logit`` is then the softmax
+            or ``"softmax_response"`` (max softmax of f, for models trained without a g, ``ce``'s
+            and SAT's: Feng et al., ICLR 2023, rank by it); ``selection_logit`` is then the softmax
             response's logit (:func:`softmax_response_logit`).
         detach_selection: g reads ``features.detach()``: the terms that involve g train only
             g's head, not the body (an ablation of SelectiveNet/SYNC; no effect at inference).

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -70,6 +71,29 @@ def test_run_writes_a_checkpoint_that_rebuilds_the_model(tmp_path: Path) -> None
     with torch.inference_mode():
         logits = model(torch.from_numpy(split.x)).logits.numpy()
     assert float((logits.argmax(1) == split.y).mean()) == pytest.approx(test["accuracy"], abs=1e-9)
+
+
+def test_the_default_loss_is_ce_ranked_and_exported_by_its_softmax_response(tmp_path: Path) -> None:
+    """Issue 19: with no loss named, ``ce``; its ``selection`` is f's softmax response, never its
+    untrained g."""
+    from abstain.export.pipeline import build_verified_graph
+
+    test = run_training(
+        TrainConfig(dataset="digits", width=4, batch_size=64, epochs=1), tmp_path, progress=False
+    )
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["train_config"]["loss"] == "ce" and test["score"] == "softmax_response"
+    assert ckpt["model_config"]["selection_source"] == "softmax_response"
+    assert not ckpt["model_config"]["abstain_head"]
+    graph, _ = build_verified_graph(ckpt, "0" * 64)
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    logits, selection, _ = session.run(None, {"pixels": x})
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(selection, p.max(1), atol=1e-6)
+    # the recorded metrics rank by that score: AURC by selection and by softmax response agree
+    assert test["aurc_by_score"]["selection"] == pytest.approx(test["aurc_by_score"]["softmax_response"])
 
 
 def test_resume_two_plus_one_equals_three(tmp_path: Path) -> None:

@@ -66,6 +66,18 @@ def test_unknown_schedule_and_too_long_warmup_are_refused() -> None:
         TrainConfig(schedule="cosine", epochs=2, warmup_epochs=2).validate()
 
 
+def test_the_schedule_defaults_per_dataset_and_a_one_epoch_run_has_no_warm_up() -> None:
+    # cosine where issue 19's benchmark measured it; the paper's step schedule for CIFAR-100-sized runs
+    resolved = {ds: TrainConfig(dataset=ds).resolved() for ds in ("fashion-mnist", "cifar100", "imagefolder")}
+    assert [r.schedule for r in resolved.values()] == ["cosine", "step", "step"]
+    assert resolved["fashion-mnist"].warmup_epochs == 1
+    assert TrainConfig(dataset="fashion-mnist", schedule="step").resolved().schedule == "step"
+    # the default warm-up shrinks to fit a 1-epoch run; an explicit one that does not fit is refused
+    assert TrainConfig(dataset="fashion-mnist", epochs=1).resolved().warmup_epochs == 0
+    with pytest.raises(ValueError, match=r"warmup_epochs \(1\) should be fewer than the 1 epochs"):
+        TrainConfig(dataset="fashion-mnist", epochs=1, warmup_epochs=1).resolved()
+
+
 def test_training_loop_logs_the_cosine_lr_of_each_epochs_first_step(tmp_path: Path) -> None:
     # digits train has 1,078 images: 16 full batches of 64 per epoch; 3 epochs, W = 16, T = 48
     config = TrainConfig(
