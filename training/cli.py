@@ -65,7 +65,7 @@ def train(
         typer.Option(
             help="lr schedule: step (x --lr-gamma every --lr-step epochs; the paper's) or cosine "
             "(per-step cosine decay to 0 after a linear warm-up). Default per dataset: cosine for "
-            "fashion-mnist, step for cifar100 and imagefolder."
+            "fashion-mnist, step for digits, cifar100 and imagefolder."
         ),
     ] = None,
     warmup_epochs: Annotated[

@@ -7,7 +7,8 @@ datasets get shorter schedules so they finish in minutes on a 2-core CPU (timing
 accuracies: docs/training.md):
 
 * ``digits`` (1,078 training images of 8×8): 40 epochs of 16 batches, lr 0.05 halved every
-  10 epochs; the paper's 300 epochs would only spend more time on a set this small.
+  10 epochs (step: digits' validation preferred it to cosine, benchmarks/train_digits.py); the
+  paper's 300 epochs would only spend more time on a set this small.
 * ``fashion-mnist`` (55,000 of 28×28): ``small_cnn`` of width 16, 12 epochs, lr 0.05 with a
   one-epoch warm-up and cosine decay (issue 19's benchmark protocol; ``--schedule step`` halves it
   every 4 epochs).

@@ -50,8 +50,9 @@ DEFAULT_DECAY_NORM_BIAS = True
 
 #: Learning-rate schedules: ``step`` (lr × γ every ``lr_step`` epochs: SelectiveNet's CIFAR
 #: schedule) or ``cosine`` (per-step cosine decay to 0 after a linear warm-up). The default is
-#: per dataset (:data:`abstain.training.config.DATASET_DEFAULTS`): cosine for digits and
-#: Fashion-MNIST, where the benchmark measured it, step (the paper's) for CIFAR-100 and image folders.
+#: per dataset (:data:`abstain.training.config.DATASET_DEFAULTS`): cosine for Fashion-MNIST (issue
+#: 19's benchmark protocol), step for digits (validation preferred it: benchmarks/train_digits.py)
+#: and, the paper's, for CIFAR-100 and image folders.
 SCHEDULES = ("step", "cosine")
 #: Linear warm-up of the cosine schedule, in epochs (ignored by ``step``).
 DEFAULT_WARMUP_EPOCHS = 1

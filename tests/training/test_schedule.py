@@ -67,9 +67,11 @@ def test_unknown_schedule_and_too_long_warmup_are_refused() -> None:
 
 
 def test_the_schedule_defaults_per_dataset_and_a_one_epoch_run_has_no_warm_up() -> None:
-    # cosine where issue 19's benchmark measured it; the paper's step schedule for CIFAR-100-sized runs
-    resolved = {ds: TrainConfig(dataset=ds).resolved() for ds in ("fashion-mnist", "cifar100", "imagefolder")}
+    # cosine where issue 19's benchmark measured it; step where digits' validation preferred it and,
+    # the paper's, for CIFAR-100-sized runs
+    resolved = {ds: TrainConfig(dataset=ds).resolved() for ds in ("fashion-mnist", "digits", "cifar100")}
     assert [r.schedule for r in resolved.values()] == ["cosine", "step", "step"]
+    assert TrainConfig(dataset="imagefolder").resolved().schedule == "step"
     assert resolved["fashion-mnist"].warmup_epochs == 1
     assert TrainConfig(dataset="fashion-mnist", schedule="step").resolved().schedule == "step"
     # the default warm-up shrinks to fit a 1-epoch run; an explicit one that does not fit is refused
