@@ -140,6 +140,13 @@ def train(
             "checkpoint holds the average (0: off)."
         ),
     ] = 0,
+    swa_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="With --swa-epochs: hold the lr at this value over the averaged epochs (SWA's schedule; "
+            "--schedule then runs over the epochs before them). Default: --schedule runs to the end."
+        ),
+    ] = None,
     train_subset: Annotated[
         int | None,
         typer.Option(help="Train on this many images only (a fixed random subset; quick experiments)."),
@@ -224,6 +231,7 @@ def train(
         sat_pretrain_epochs=sat_pretrain_epochs,
         entropy_weight=entropy_weight,
         swa_epochs=swa_epochs,
+        swa_lr=swa_lr,
         target_coverage=target_coverage,
         alpha=alpha,
         lam=lam,

@@ -92,6 +92,7 @@ class TrainConfig:
     sat_pretrain_epochs: int | None = None  # None: round(DEFAULT_SAT_PRETRAIN_FRACTION · epochs)
     entropy_weight: float = DEFAULT_ENTROPY_WEIGHT
     swa_epochs: int = 0  # average the weights of the last N epochs (SWA), BN re-estimated
+    swa_lr: float | None = None  # a constant lr over those N epochs (None: --schedule runs to the end)
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: CUDA when present, else CPU
@@ -137,14 +138,27 @@ class TrainConfig:
             raise ValueError(f"sat_momentum should be in [0, 1), but got {self.sat_momentum}")
         if self.entropy_weight < 0:
             raise ValueError(f"entropy_weight should be >= 0, but got {self.entropy_weight}")
+        if self.swa_lr is not None:
+            if self.swa_lr <= 0:
+                raise ValueError(f"swa_lr should be positive, but got {self.swa_lr}")
+            if self.swa_epochs < 1:
+                raise ValueError("swa_lr is the lr of the averaged epochs: it needs swa_epochs >= 1")
         if self.epochs is not None:
             if self.swa_epochs > self.epochs:
                 raise ValueError(
                     f"swa_epochs ({self.swa_epochs}) should be at most the {self.epochs} epochs trained"
                 )
-            if self.schedule == "cosine" and (self.warmup_epochs or 0) >= self.epochs:
+            # with swa_lr the schedule runs over the epochs before the averaged ones only
+            scheduled = self.epochs - self.swa_epochs if self.swa_lr is not None else self.epochs
+            if self.swa_lr is not None and scheduled < 1:
                 raise ValueError(
-                    f"warmup_epochs ({self.warmup_epochs}) should be fewer than the {self.epochs} epochs"
+                    f"with swa_lr, swa_epochs ({self.swa_epochs}) should be fewer than the "
+                    f"{self.epochs} epochs"
+                )
+            if self.schedule == "cosine" and (self.warmup_epochs or 0) >= scheduled:
+                raise ValueError(
+                    f"warmup_epochs ({self.warmup_epochs}) should be fewer than the {scheduled} epochs "
+                    "the schedule runs over"
                 )
         return self
 
@@ -162,7 +176,8 @@ class TrainConfig:
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         config = replace(self, **filled)
         if config.warmup_epochs is None:  # a default warm-up never makes a short run an error
-            config = replace(config, warmup_epochs=min(DEFAULT_WARMUP_EPOCHS, int(config.epochs or 1) - 1))
+            scheduled = int(config.epochs or 1) - (config.swa_epochs if config.swa_lr is not None else 0)
+            config = replace(config, warmup_epochs=max(0, min(DEFAULT_WARMUP_EPOCHS, scheduled - 1)))
         if config.loss == "sat" and config.sat_pretrain_epochs is None:
             # fixed now, so the checkpoint records it and --resume --epochs does not move it
             config = replace(config, sat_pretrain_epochs=config.sat_pretrain())

@@ -492,6 +492,8 @@ def run_training(
         lr_step=config.lr_step,  # type: ignore[arg-type]
         lr_gamma=config.lr_gamma,
         warmup_epochs=config.warmup_epochs,  # type: ignore[arg-type]
+        swa_epochs=config.swa_epochs,
+        swa_lr=config.swa_lr,
     )
     scheduler = schedule.scheduler
     # SWA: the average of the weights at the end of each of the last swa_epochs epochs

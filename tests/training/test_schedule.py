@@ -59,6 +59,37 @@ def test_step_decay_halves_per_epoch_block_not_per_step() -> None:
     assert seen == pytest.approx([0.1] * 4 + [0.05] * 4)
 
 
+def test_swa_lr_holds_a_constant_lr_after_a_cosine_compressed_to_the_other_epochs() -> None:
+    # 4 epochs of 2 steps, the last one averaged at 0.02: the cosine runs over T = 6 steps (W = 2),
+    # t = 3: ½(1 + cos(π/4))·0.1 = 0.0853553, t = 4: ½(1 + cos(π/2))·0.1, t = 5: ½(1 + cos(3π/4))·0.1
+    seen = lrs_per_step(
+        "cosine", 8, 2, epochs=4, lr_step=1, lr_gamma=0.5, warmup_epochs=1, swa_epochs=1, swa_lr=0.02
+    )
+    assert seen == pytest.approx([0.05, 0.1, 0.1, 0.0853553, 0.05, 0.0146447, 0.02, 0.02], abs=1e-7)
+
+
+def test_swa_lr_after_step_decay() -> None:
+    # halved after 2 epochs, then the averaged 4th epoch at 0.02
+    seen = lrs_per_step(
+        "step", 8, 2, epochs=4, lr_step=2, lr_gamma=0.5, warmup_epochs=0, swa_epochs=1, swa_lr=0.02
+    )
+    assert seen == pytest.approx([0.1] * 4 + [0.05] * 2 + [0.02] * 2)
+
+
+def test_swa_lr_needs_averaged_epochs_and_some_scheduled_ones() -> None:
+    with pytest.raises(ValueError, match="it needs swa_epochs >= 1"):
+        TrainConfig(swa_lr=0.01).validate()
+    with pytest.raises(ValueError, match="swa_lr should be positive"):
+        TrainConfig(swa_lr=0.0, swa_epochs=1).validate()
+    with pytest.raises(ValueError, match=r"swa_epochs \(3\) should be fewer than the 3 epochs"):
+        TrainConfig(epochs=3, swa_epochs=3, swa_lr=0.01).validate()
+    # the cosine's warm-up must fit the epochs before the averaged ones; the default one shrinks
+    with pytest.raises(ValueError, match=r"warmup_epochs \(1\) should be fewer than the 1 epochs"):
+        TrainConfig(schedule="cosine", epochs=3, swa_epochs=2, swa_lr=0.01, warmup_epochs=1).validate()
+    shrunk = TrainConfig(dataset="fashion-mnist", epochs=3, swa_epochs=2, swa_lr=0.01).resolved()
+    assert shrunk.warmup_epochs == 0
+
+
 def test_unknown_schedule_and_too_long_warmup_are_refused() -> None:
     with pytest.raises(ValueError, match="schedule should be one of step, cosine"):
         TrainConfig(schedule="linear").validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +56,16 @@ def test_training_with_swa_checkpoints_the_mean_of_the_last_epochs(tmp_path: Pat
     model_from_checkpoint(swa)  # the checkpoint rebuilds (and exports) like any other
     with pytest.raises(ValueError, match="finished SWA run"):
         run_training(TrainConfig(epochs=4), tmp_path / "swa", resume=True, progress=False)
+
+
+def test_swa_lr_reaches_the_averaged_epochs_of_a_run(tmp_path: Path) -> None:
+    config = TrainConfig(
+        dataset="digits", loss="ce", width=4, batch_size=64, epochs=3, lr=0.05, schedule="step", lr_step=10
+    )
+    run_training(replace(config, swa_epochs=1, swa_lr=0.01), tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in lines if x["split"] == "val"] == pytest.approx([0.05, 0.05, 0.01])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["train_config"]["swa_lr"] == 0.01
 
 
 def test_swa_epochs_beyond_the_run_are_refused() -> None:
