@@ -711,7 +711,9 @@ def run_compare(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results, minutes = collect_compare(arms, base, seeds, out)
     absolute, paired, summary = compare_tables(arms, results, seeds)
-    command = ("" if smoke else "nice -n 10 ") + shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+    command = ("" if smoke else "nice -n 10 ") + shlex.join(
+        ["python", "benchmarks/quality.py", *sys.argv[1:]]
+    )
     section = f"""## Quality: every method against CE-SR (paired seeds)
 
 {setting(argparse.Namespace(dataset=dataset, seeds=",".join(map(str, seeds))), base)}, deep ensemble of
