@@ -29,7 +29,7 @@ import torch
 from report import cpu_count, cpu_model, replace_section
 
 from abstain.contract import METRICS_FILENAME
-from abstain.training.config import TrainConfig
+from abstain.training.config import DATASET_DEFAULTS, TrainConfig
 from abstain.training.loop import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +87,13 @@ def main() -> None:
         for name, runs in rows.items()
     )
     threads = torch.get_num_threads()
+    epochs = args.epochs or DATASET_DEFAULTS["digits"]["epochs"]
     command = shlex.join(["python", "benchmarks/train_digits.py", *sys.argv[1:]])
     section = f"""## Training: the digits default
 
 `nice -n 10 {command}` on {cpu_count()} CPU cores
 (`nproc`), {cpu_model()}, torch {torch.__version__}, {threads} torch threads, no GPU. Digits' defaults
-otherwise (small_cnn width 32, {args.epochs or 40} epochs, batch 64, lr 0.05), seeds {args.seeds}
+otherwise (small_cnn width 32, {epochs} epochs, batch 64, lr 0.05), seeds {args.seeds}
 (paired), each recipe ranked by its own score (g for sync, softmax response for ce); validation
 359 images, test 360. Mean ± std over the seeds.
 
